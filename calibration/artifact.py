@@ -1,0 +1,160 @@
+"""The ``Calibration`` artifact: per-site ``theta``/``psi``/``phi``, saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from spike_modules.quantizer import check_init_mem, check_timesteps
+from spike_modules.site import iter_sites
+from stac_io import atomic_dir, sha256_file, write_json
+
+from .thresholds import check_rule
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "calibration.safetensors"
+META_FILE = "calibration.json"
+PARAMS = ("theta", "psi", "phi")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How a calibration was made; saved beside the tensors and checked on load."""
+
+    T: int
+    rule: str = "percentile"
+    percentile: float = 99.9
+    n_samples: int = 0
+    seed: int = 0
+    init_mem: float = 0.5
+    fit_affine: bool = True
+    reservoir_rows: int = 1024
+
+    def __post_init__(self):
+        check_timesteps(self.T)
+        check_rule(self.rule, self.percentile)
+        check_init_mem(self.init_mem)
+        if self.n_samples < 0 or self.reservoir_rows < 0:
+            raise ValueError("n_samples and reservoir_rows must be >= 0")
+
+
+@dataclass
+class SiteParams:
+    theta: torch.Tensor
+    psi: torch.Tensor
+    phi: torch.Tensor
+    signed: bool
+
+    @property
+    def channels(self) -> int:
+        return self.theta.numel()
+
+
+@dataclass
+class Calibration:
+    """Per-site parameters plus how they were obtained. ``stats`` holds JSON-able per-site facts."""
+
+    config: CalibrationConfig
+    sites: dict[str, SiteParams]
+    model_id: str = ""
+    stats: dict[str, dict] = field(default_factory=dict)
+
+    def check_against(self, model: nn.Module, T: int | None = None) -> None:
+        """Raise ``ValueError`` listing every way ``model`` (its sites) or ``T`` differs from this calibration."""
+        problems = []
+        if T is not None and T != self.config.T:
+            problems.append(f"calibrated for T={self.config.T}, asked for T={T}")
+        found = {name: site for name, site in iter_sites(model)}
+        for name in sorted(set(self.sites) - set(found)):
+            problems.append(f"site {name!r} is in the calibration but not in the model")
+        for name in sorted(set(found) - set(self.sites)):
+            problems.append(f"site {name!r} is in the model but not in the calibration")
+        for name in sorted(set(found) & set(self.sites)):
+            p, s = self.sites[name], found[name]
+            if p.channels != s.num_channels:
+                problems.append(f"site {name!r}: calibrated for {p.channels} channels, model has {s.num_channels}")
+            if p.signed != s.signed:
+                problems.append(f"site {name!r}: calibrated signed={p.signed}, model site signed={s.signed}")
+        if problems:
+            head = f"calibration (model {self.model_id!r}) does not match this model/config:\n  - "
+            raise ValueError(head + "\n  - ".join(problems) + "\nre-run calibration for this model and T")
+
+    def apply_to(self, model: nn.Module) -> None:
+        """Check, then copy every site's parameters into ``model`` (T is set from the config)."""
+        self.check_against(model)
+        for name, site in iter_sites(model):
+            p = self.sites[name]
+            site.set_params(p.theta, p.psi, p.phi)
+            site.T = self.config.T
+
+    def write_files(self, directory: str | Path) -> None:
+        """Write the two files into an existing directory (callers that build a larger output
+        directory atomically use this; :meth:`save` is the atomic stand-alone form)."""
+        directory = Path(directory)
+        tensors = {f"{name}.{k}": getattr(p, k).detach().cpu().float().contiguous()
+                   for name, p in self.sites.items() for k in PARAMS}
+        save_file(tensors, str(directory / TENSORS_FILE))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "model_id": self.model_id,
+            "sites": {name: {"channels": p.channels, "signed": p.signed} for name, p in self.sites.items()},
+            "stats": self.stats,
+            "tensors_sha256": sha256_file(directory / TENSORS_FILE),
+            "versions": _versions(),
+        }
+        write_json(directory / META_FILE, meta)  # written last: its presence marks a complete save
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Save atomically to ``directory``; an interrupted save leaves nothing that loads."""
+        with atomic_dir(directory, overwrite) as tmp:
+            self.write_files(tmp)
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Calibration":
+        """Load and verify (format, checksum, keys, shapes, values); ``ValueError`` says what is wrong."""
+        directory = Path(directory)
+        bad = f"calibration in {directory} is unusable"
+        meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise ValueError(f"{bad}: expected {META_FILE} and {TENSORS_FILE} there; re-run calibration")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{bad}: {META_FILE} is not valid JSON ({e})") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{bad}: format_version {meta.get('format_version')!r}, this STAC reads "
+                             f"{FORMAT_VERSION}; re-run calibration with this version")
+        if sha256_file(tensor_path) != meta.get("tensors_sha256"):
+            raise ValueError(f"{bad}: {TENSORS_FILE} does not match its checksum (truncated or edited)")
+        try:
+            tensors = load_file(str(tensor_path))
+            config = CalibrationConfig(**meta["config"])
+            declared = meta["sites"]
+        except (SafetensorError, KeyError, TypeError) as e:
+            raise ValueError(f"{bad}: {e}") from None
+        expected = {f"{n}.{k}" for n in declared for k in PARAMS}
+        if set(tensors) != expected:
+            raise ValueError(f"{bad}: tensors {sorted(set(tensors) ^ expected)[:6]} missing or unexpected")
+        sites = {}
+        for name, d in declared.items():
+            p = SiteParams(*(tensors[f"{name}.{k}"] for k in PARAMS), signed=bool(d["signed"]))
+            if any(getattr(p, k).shape != (d["channels"],) for k in PARAMS):
+                raise ValueError(f"{bad}: site {name!r} tensors are not all of shape [{d['channels']}]")
+            if not bool((p.theta > 0).all()) or not all(bool(torch.isfinite(getattr(p, k)).all()) for k in PARAMS):
+                raise ValueError(f"{bad}: site {name!r} has non-finite or non-positive thresholds")
+            sites[name] = p
+        return cls(config, sites, meta.get("model_id", ""), meta.get("stats", {}))
+
+
+def _versions() -> dict[str, str]:
+    return {pkg: version(pkg) for pkg in ("torch", "safetensors", "spikingjelly")}

@@ -1,0 +1,87 @@
+"""``calibrate``: run data through a model's sites in ANN mode and fit every site per channel."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from spike_modules.site import SiteMode, iter_sites
+
+from .affine import fit_affine, site_error
+from .artifact import Calibration, CalibrationConfig, SiteParams
+from .observer import ChannelObserver
+from .thresholds import choose_thresholds
+
+
+def default_run_batch(model: nn.Module, batch: Any) -> None:
+    """A dict batch is passed as keyword arguments, anything else positionally."""
+    model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def _batch_size(batch: Any) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def calibrate(model: nn.Module, batches: Iterable, config: CalibrationConfig, *, model_id: str = "",
+              run_batch: Callable[[nn.Module, Any], None] = default_run_batch,
+              progress: bool = True) -> Calibration:
+    """Observe every DA-QCFS site of ``model`` over ``batches`` and return a :class:`Calibration`.
+
+    Sites run in ANN mode while observed (their modes are restored afterwards), so each sees
+    the float activations of the model. ``config.n_samples`` is filled in from the data.
+
+    Raises:
+        ValueError: no sites in the model, no data, or NaN/inf activations (naming the site).
+    """
+    sites = list(iter_sites(model))
+    if not sites:
+        raise ValueError("the model has no DA-QCFS sites to calibrate; convert it first")
+    modes = {name: site.mode for name, site in sites}
+    observers = {}
+    for i, (name, site) in enumerate(sites):
+        observers[name] = site.observer = ChannelObserver(
+            site.num_channels, name, reservoir_rows=config.reservoir_rows, seed=config.seed + i)
+        site.mode = SiteMode.ANN
+    n_samples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("calibrating", total=None)
+            for batch in batches:
+                run_batch(model, batch)
+                n_samples += _batch_size(batch)
+                bar.advance(task)
+    finally:
+        for name, site in sites:
+            site.observer = None
+            site.mode = modes[name]
+        model.train(was_training)
+    if n_samples == 0:
+        raise ValueError("calibration got no batches; give at least one batch of data")
+    unseen = [name for name, obs in observers.items() if obs.rows == 0]
+    if unseen:
+        raise ValueError(f"sites never reached by the calibration data: {unseen[:8]}")
+    config = CalibrationConfig(**{**config.__dict__, "n_samples": n_samples})
+    params, stats = {}, {}
+    for name, site in sites:
+        params[name], stats[name] = fit_site(observers[name], config, site.signed)
+    return Calibration(config, params, model_id=model_id, stats=stats)
+
+
+def fit_site(obs: ChannelObserver, config: CalibrationConfig, signed: bool) -> tuple[SiteParams, dict]:
+    """Thresholds by the configured rule, then (optionally) the ``psi``/``phi`` fit on the reservoir."""
+    theta = choose_thresholds(obs, config.rule, config.T, signed, config.percentile, config.init_mem)
+    psi, phi = torch.zeros_like(theta), torch.ones_like(theta)
+    if config.fit_affine:
+        psi, phi = fit_affine(obs.reservoir, theta, config.T, signed, config.init_mem)
+    stats = {"rows": obs.rows, "batches": obs.batches,
+             "silent_channels": int((obs.absmax(signed) <= 0).sum())}
+    if obs.reservoir.shape[0]:
+        err = site_error(obs.reservoir, theta, psi, phi, config.T, signed, config.init_mem)
+        stats["reservoir_mean_abs_error"] = float(err.abs().mean())
+    return SiteParams(theta, psi, phi, signed), stats

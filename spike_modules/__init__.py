@@ -1,0 +1,11 @@
+"""Spiking neurons and DA-QCFS sites on top of SpikingJelly (see DESIGN.md section 1)."""
+
+from .neurons import IFNeuron, ParaInfNeuron, SignedIFNeuron, SpikeStats
+from .site import DAQCFSSite, SiteMode, iter_sites, set_mode, set_timesteps, spike_rates
+from .quantizer import MAX_TIMESTEPS, check_timesteps, decode, quantize, spike_count
+
+__all__ = [
+    "IFNeuron", "ParaInfNeuron", "SignedIFNeuron", "SpikeStats",
+    "DAQCFSSite", "SiteMode", "iter_sites", "set_mode", "set_timesteps", "spike_rates",
+    "MAX_TIMESTEPS", "check_timesteps", "decode", "quantize", "spike_count",
+]

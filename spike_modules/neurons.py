@@ -1,0 +1,176 @@
+"""Spiking neurons: sequential (SpikingJelly) and parallel (closed form).
+
+Per-channel thresholds: SpikingJelly's neurons take one scalar threshold, so
+every neuron here integrates the normalised input ``u = x / theta`` against a
+unit threshold and scales its spikes back by ``theta``. With a soft reset this
+is the same dynamics as integrating ``x`` against ``theta``.
+"""
+
+from __future__ import annotations
+
+import torch
+from spikingjelly.activation_based import surrogate
+from spikingjelly.activation_based.neuron import IFNode, STBIFNode
+
+from .quantizer import as_threshold, check_channels, check_init_mem, check_timesteps, decode, spike_count
+
+
+class SpikeStats:
+    """Running spike statistics of one neuron, kept apart from its membrane state.
+
+    ``functional.reset_net`` clears membranes between samples; statistics keep
+    accumulating until :meth:`reset_stats`.
+    """
+
+    def _init_stats(self) -> None:
+        self.spikes_total = 0.0
+        self.neuron_steps_total = 0
+
+    def _record(self, n_spikes: torch.Tensor, numel: int, T: int) -> None:
+        self.spikes_total += float(n_spikes)
+        self.neuron_steps_total += numel * T
+
+    @property
+    def spike_rate(self) -> float:
+        """Spikes per neuron per timestep since the last :meth:`reset_stats` (NaN before any call)."""
+        if self.neuron_steps_total == 0:
+            return float("nan")
+        return self.spikes_total / self.neuron_steps_total
+
+    def reset_stats(self) -> None:
+        self._init_stats()
+
+
+def _check_seq(x_seq: torch.Tensor, T: int, who: str) -> None:
+    if x_seq.dim() < 2 or x_seq.shape[0] != T:
+        raise ValueError(
+            f"{who} is multi-step: expected input shaped [T={T}, ..., H], got {tuple(x_seq.shape)}; "
+            "repeat a constant input with x.expand(T, *x.shape)"
+        )
+
+
+class IFNeuron(IFNode, SpikeStats):
+    r"""Sequential integrate-and-fire neuron, multi-step, on SpikingJelly's ``IFNode``.
+
+    Update (soft reset, per channel threshold :math:`\theta`, :math:`V[0]=init\_mem\cdot\theta`):
+        :math:`H[t] = V[t-1] + X[t]`, :math:`S[t] = \Theta(H[t]-\theta)`, :math:`V[t] = H[t] - \theta S[t]`.
+
+    Args:
+        T: timesteps expected in the leading dimension of the input.
+        th: float or per-channel tensor ``[H]``.
+        init_mem: initial membrane as a fraction of ``th``.
+
+    Called on ``[T, ..., H]`` it returns spikes of the same shape with values in ``{0, th}``.
+    Clear the membrane with ``spikingjelly.activation_based.functional.reset_net``.
+    """
+
+    def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5,
+                 surrogate_function: surrogate.SurrogateFunctionBase | None = None):
+        super().__init__(v_threshold=1.0, v_reset=None, step_mode="m",
+                         surrogate_function=surrogate_function or surrogate.Sigmoid())
+        self.T = check_timesteps(T)
+        self.init_mem = check_init_mem(init_mem)
+        self.register_buffer("th", as_threshold(th))
+        self.set_reset_value("v", self.init_mem)
+        self.v = self.init_mem
+        self._init_stats()
+
+    def forward(self, x_seq: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
+        """Spikes ``[T, ..., H]``; ``th`` overrides the stored threshold (a site passes its own)."""
+        th = self.th if th is None else th
+        _check_seq(x_seq, self.T, "IFNeuron")
+        check_channels(x_seq, th, "IFNeuron")
+        spikes = super().multi_step_forward(x_seq / th)
+        self._record(spikes.detach().sum(), spikes[0].numel(), self.T)
+        return spikes * th
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}"
+
+
+class SignedIFNeuron(STBIFNode, SpikeStats):
+    r"""Sequential signed IF neuron with a spike-count tracer (ST-BIF), on SpikingJelly's ``STBIFNode``.
+
+    Update (normalised membrane :math:`q = V/\theta`, tracer :math:`A` of net spikes so far):
+        :math:`q \leftarrow q + X[t]/\theta`;
+        :math:`S[t] = +1` if :math:`q \ge 1` and :math:`A < T`; :math:`-1` if :math:`q < 0` and :math:`A > -T`;
+        :math:`q \leftarrow q - S[t]`, :math:`A \leftarrow A + S[t]`. Output :math:`\theta S[t]`.
+
+    For constant input the tracer ends at ``clamp(floor(T x/theta + init_mem), -T, T)``.
+    Inference only (SpikingJelly's ST-BIF has no backward).
+    """
+
+    def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5):
+        T = check_timesteps(T)
+        super().__init__(1.0, level=2 * T + 1, sym=True, pos_max=float(T), neg_min=-float(T), step_mode="m")
+        self.T = T
+        self.init_mem = check_init_mem(init_mem)
+        self.register_buffer("th", as_threshold(th))
+        self._init_stats()
+
+    def materialize_states(self, inputs, states, step_mode):
+        q, acc_q, cur = super().materialize_states(inputs, states, step_mode)
+        if states[0] is None or states[0].shape != q.shape:
+            q = torch.full_like(q, self.init_mem)  # STBIFNode starts at 0.5; honour init_mem
+        return q, acc_q, cur
+
+    def forward(self, x_seq: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
+        """Signed spikes ``[T, ..., H]``; ``th`` overrides the stored threshold."""
+        th = self.th if th is None else th
+        _check_seq(x_seq, self.T, "SignedIFNeuron")
+        check_channels(x_seq, th, "SignedIFNeuron")
+        # ST-BIF has no backward in SpikingJelly; this neuron is for inference
+        signs = super().multi_step_forward((x_seq / th).detach())
+        self._record(signs.detach().abs().sum(), signs[0].numel(), self.T)
+        return signs * th
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}"
+
+
+class ParaInfNeuron(torch.nn.Module, SpikeStats):
+    r"""Parallel IF neuron: all T steps of constant input in closed form, one pass.
+
+    Count after :math:`t` steps: :math:`c_t = \mathrm{clamp}(\lfloor t x/\theta + init\_mem \rfloor, lo\cdot t, t)`,
+    spike at step :math:`t`: :math:`s_t = c_t - c_{t-1}` (``lo`` = -1 if ``signed`` else 0).
+    Identical counts to :class:`IFNeuron` / :class:`SignedIFNeuron` fed ``x`` for T steps.
+
+    Called on ``[..., H]`` it returns the decoded value :math:`\theta c_T / T` (mean of its spikes).
+    ``last_counts`` keeps the spike counts of the last call.
+    """
+
+    def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False):
+        super().__init__()
+        self.T = check_timesteps(T)
+        self.init_mem = check_init_mem(init_mem)
+        self.signed = bool(signed)
+        self.register_buffer("th", as_threshold(th))
+        self.last_counts: torch.Tensor | None = None
+        self._init_stats()
+
+    def counts(self, x: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
+        """Spike counts ``c_T`` (float tensor, same shape as ``x``); negative for signed spikes."""
+        th = self.th if th is None else th
+        check_channels(x, th, "ParaInfNeuron")
+        return spike_count(x / th, self.T, self.signed, self.init_mem)
+
+    def forward(self, x: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded value ``th * c_T / T``; ``th`` overrides the stored threshold (a site passes its own)."""
+        th = self.th if th is None else th
+        c = self.counts(x, th)
+        # int16 holds any count up to T=4096 at half the memory of float32
+        self.last_counts = c.detach().to(torch.int16)
+        self._record(c.detach().abs().sum(), c.numel(), self.T)
+        return decode(c, th, self.T)
+
+    def spike_train(self, x: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
+        """All T spikes at once: ``[T, ..., H]`` with values in ``{0, th}`` (``{-th, 0, th}`` if signed)."""
+        th = self.th if th is None else th
+        check_channels(x, th, "ParaInfNeuron")
+        t = torch.arange(0, self.T + 1, dtype=x.dtype, device=x.device).view(-1, *([1] * x.dim()))
+        c = spike_count((x / th).unsqueeze(0), t, self.signed, self.init_mem)
+        # c_0 = floor(init_mem) = 0 for init_mem in [0, 1), so the diff starts from zero spikes
+        return torch.diff(c, dim=0) * th
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}"

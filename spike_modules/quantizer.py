@@ -1,0 +1,113 @@
+"""The one quantizer every spiking site agrees on (DESIGN.md section 1).
+
+An integrate-and-fire neuron with soft reset and membrane starting at
+``init_mem * theta``, fed the constant input ``x`` for ``t`` steps, has emitted
+
+    c_t = clamp(floor(t * x / theta + init_mem), lo * t, t)
+
+spikes, where ``lo`` is 0 for an unsigned site and -1 for a signed one. The
+decoded value ``theta * c_T / T`` is the QCFS quantizer. Everything here works
+on the *normalised* input ``u = x / theta`` so that the sequential neurons, the
+parallel neuron and the quantizer do the same float operations and agree bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_TIMESTEPS = 4096
+
+
+def check_timesteps(T: int) -> int:
+    """Return ``T`` as an int, or raise ``ValueError`` saying what is allowed."""
+    if isinstance(T, bool) or not isinstance(T, int):
+        raise ValueError(f"T must be an integer number of timesteps, got {T!r} ({type(T).__name__})")
+    if not 1 <= T <= MAX_TIMESTEPS:
+        raise ValueError(f"T must be between 1 and {MAX_TIMESTEPS} timesteps, got {T}")
+    return T
+
+
+def check_init_mem(init_mem: float) -> float:
+    """Initial membrane as a fraction of the threshold; 0.5 gives round-to-nearest."""
+    init_mem = float(init_mem)
+    if not 0.0 <= init_mem < 1.0 or math.isnan(init_mem):
+        raise ValueError(f"init_mem is a fraction of the threshold in [0, 1), got {init_mem}")
+    return init_mem
+
+
+def as_threshold(th: float | torch.Tensor, name: str = "th") -> torch.Tensor:
+    """A positive finite threshold as a float32 tensor: a scalar or one value per channel ``[H]``.
+
+    Raises:
+        ValueError: if any value is not finite and positive, or the tensor is not 0-d or 1-d.
+    """
+    t = th.detach().clone() if isinstance(th, torch.Tensor) else torch.tensor(float(th))
+    if not t.is_floating_point():
+        t = t.float()
+    if t.dim() > 1:
+        raise ValueError(f"{name} must be a float or a per-channel tensor of shape [H], got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is an empty tensor; give a float or one value per channel")
+    bad = ~torch.isfinite(t) | (t <= 0)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"{name} must be finite and > 0 everywhere; {int(bad.sum())} bad value(s), "
+            f"e.g. at channel(s) {idx}: {t.flatten()[idx].tolist()}"
+        )
+    return t.float()
+
+
+def check_channels(x: torch.Tensor, th: torch.Tensor, what: str) -> None:
+    """A per-channel threshold must match the last dimension of the input."""
+    if th.dim() == 1 and (x.dim() == 0 or x.shape[-1] != th.numel()):
+        got = x.shape[-1] if x.dim() else "a scalar"
+        raise ValueError(
+            f"{what}: input has {got} channels in its last dimension but the thresholds "
+            f"were set for {th.numel()} channels (input shape {tuple(x.shape)}); "
+            "pass an input shaped [..., H] with the calibrated H"
+        )
+
+
+class _FloorSTE(torch.autograd.Function):
+    """floor in the forward pass, identity gradient (straight-through) in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.floor(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def spike_count(u: torch.Tensor, t: int | torch.Tensor, signed: bool, init_mem: float = 0.5) -> torch.Tensor:
+    """Spikes emitted after ``t`` steps of constant normalised input ``u``.
+
+    ``t`` is an int, or a tensor broadcastable against ``u`` to get every step at once.
+    """
+    return _clamp_levels(torch.floor(u * t + init_mem), t, signed)
+
+
+def quantize(u: torch.Tensor, T: int, signed: bool, init_mem: float = 0.5, ste: bool = False) -> torch.Tensor:
+    """QCFS levels ``c_T`` of the normalised input, optionally with a straight-through floor.
+
+    The forward value is bit-identical to :func:`spike_count` with ``t=T``.
+    """
+    pre = u * T + init_mem
+    return _clamp_levels(_FloorSTE.apply(pre) if ste else torch.floor(pre), T, signed)
+
+
+def _clamp_levels(floored: torch.Tensor, t: int | torch.Tensor, signed: bool) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        t = t.to(floored.dtype)
+        return torch.minimum(torch.maximum(floored, -t if signed else torch.zeros_like(t)), t)
+    return torch.clamp(floored, min=-float(t) if signed else 0.0, max=float(t))
+
+
+def decode(counts: torch.Tensor, th: torch.Tensor, T: int) -> torch.Tensor:
+    """Decoded value of ``counts`` spikes of height ``th`` over ``T`` steps."""
+    return counts * th / T

@@ -1,0 +1,161 @@
+"""DA-QCFS spiking site: where a real activation becomes spikes before a linear layer."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .neurons import IFNeuron, ParaInfNeuron, SignedIFNeuron
+from .quantizer import as_threshold, check_channels, check_init_mem, check_timesteps, decode, quantize
+
+
+class SiteMode(str, Enum):
+    """How a site computes: ``ann`` passes through, ``quant`` is QCFS with straight-through
+    gradients, ``parallel`` uses :class:`ParaInfNeuron` on ``[..., H]``, ``sequential`` runs
+    SpikingJelly neurons on ``[T, ..., H]`` and returns the spike train."""
+
+    ANN = "ann"
+    QUANT = "quant"
+    PARALLEL = "parallel"
+    SEQUENTIAL = "sequential"
+
+
+class DAQCFSSite(nn.Module):
+    r"""Distribution-aware QCFS site with per-channel :math:`\theta, \psi, \phi`.
+
+    The site maps :math:`v = \phi (x + \psi)` per channel, then quantizes to
+    :math:`\theta\, \mathrm{clamp}(\lfloor T v/\theta + init\_mem \rfloor, lo\,T, T) / T`
+    (``lo`` = -1 for a signed site). ``quant`` and ``parallel`` give bit-identical values;
+    ``sequential`` gives spike trains whose mean over T equals them for constant input.
+
+    Args:
+        num_channels: H, the size of the last input dimension.
+        T: timesteps.
+        signed: allow negative spikes (for inputs that are not post-ReLU).
+        mode: a :class:`SiteMode` or its string value.
+        name: the site's name in the model, used in error messages and reports.
+
+    An attached ``observer`` (see ``calibration``) sees every input ``x`` before the mapping.
+    """
+
+    def __init__(self, num_channels: int, T: int, signed: bool = False, mode: SiteMode | str = SiteMode.ANN,
+                 init_mem: float = 0.5, name: str = ""):
+        super().__init__()
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        self.num_channels = num_channels
+        self.signed = bool(signed)
+        self.name = name
+        self.init_mem = check_init_mem(init_mem)
+        self._T = check_timesteps(T)
+        self.theta = nn.Parameter(torch.ones(num_channels), requires_grad=False)
+        self.psi = nn.Parameter(torch.zeros(num_channels), requires_grad=False)
+        self.phi = nn.Parameter(torch.ones(num_channels), requires_grad=False)
+        self.parallel = ParaInfNeuron(T, 1.0, init_mem, signed=self.signed)
+        self.sequential = (SignedIFNeuron if self.signed else IFNeuron)(T, 1.0, init_mem)
+        self.observer = None
+        self.mode = mode
+
+    @property
+    def T(self) -> int:
+        return self._T
+
+    @T.setter
+    def T(self, T: int) -> None:
+        self._T = self.parallel.T = self.sequential.T = check_timesteps(T)
+        if self.signed:  # the ST-BIF tracer bounds follow T
+            self.sequential.pos_max.fill_(float(T))
+            self.sequential.neg_min.fill_(-float(T))
+
+    @property
+    def mode(self) -> SiteMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: SiteMode | str) -> None:
+        try:
+            self._mode = SiteMode(mode)
+        except ValueError:
+            allowed = ", ".join(m.value for m in SiteMode)
+            raise ValueError(f"site {self.name!r}: unknown mode {mode!r}; allowed: {allowed}") from None
+
+    def set_params(self, theta: torch.Tensor | float, psi: torch.Tensor | float = 0.0,
+                   phi: torch.Tensor | float = 1.0) -> None:
+        """Set per-channel parameters (scalars broadcast); raises ``ValueError`` on bad shapes or values."""
+        H = self.num_channels
+        theta = as_threshold(theta, f"site {self.name!r} theta")
+        values = {"theta": theta, "psi": torch.as_tensor(psi, dtype=torch.float32),
+                  "phi": torch.as_tensor(phi, dtype=torch.float32)}
+        for key, v in values.items():
+            if v.dim() > 1 or (v.dim() == 1 and v.numel() != H):
+                raise ValueError(f"site {self.name!r}: {key} must be a scalar or have {H} channels, "
+                                 f"got shape {tuple(v.shape)}")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"site {self.name!r}: {key} has non-finite values")
+        if bool((values["phi"] <= 0).any()):
+            raise ValueError(f"site {self.name!r}: phi must be > 0 (it scales the input)")
+        with torch.no_grad():
+            for key, v in values.items():
+                getattr(self, key).copy_(v.to(self.theta.device).expand(H))
+
+    def _mapped(self, x: torch.Tensor) -> torch.Tensor:
+        return self.phi * (x + self.psi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_channels(x, self.theta, f"site {self.name!r}")
+        if self.observer is not None:
+            self.observer.update(x)
+        mode = self._mode
+        if mode is SiteMode.ANN:
+            return x
+        if mode is SiteMode.QUANT:
+            v = self._mapped(x)
+            return decode(quantize(v / self.theta, self._T, self.signed, self.init_mem, ste=True), self.theta, self._T)
+        if mode is SiteMode.PARALLEL:
+            return self.parallel(self._mapped(x), self.theta)
+        return self.sequential(self._mapped(x), self.theta)
+
+    @property
+    def spike_rate(self) -> float:
+        """Spikes per neuron per step of the neuron used by the current mode (NaN for ann/quant)."""
+        if self._mode is SiteMode.PARALLEL:
+            return self.parallel.spike_rate
+        if self._mode is SiteMode.SEQUENTIAL:
+            return self.sequential.spike_rate
+        return float("nan")
+
+    def reset_stats(self) -> None:
+        self.parallel.reset_stats()
+        self.sequential.reset_stats()
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, channels={self.num_channels}, T={self._T}, signed={self.signed}, "
+                f"mode={self._mode.value}")
+
+
+def iter_sites(model: nn.Module) -> Iterator[tuple[str, DAQCFSSite]]:
+    """Every DA-QCFS site in ``model`` with its qualified name, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, DAQCFSSite):
+            yield name, module
+
+
+def set_mode(model: nn.Module, mode: SiteMode | str) -> None:
+    """Switch every site of ``model`` to ``mode``."""
+    for _, site in iter_sites(model):
+        site.mode = mode
+
+
+def set_timesteps(model: nn.Module, T: int) -> None:
+    """Set T on every site of ``model`` (the neurons are kept, so ``reset_net`` still finds them)."""
+    T = check_timesteps(T)
+    for _, site in iter_sites(model):
+        site.T = T
+
+
+def spike_rates(model: nn.Module) -> dict[str, float]:
+    """Spike rate per site since the last ``reset_stats``."""
+    return {name: site.spike_rate for name, site in iter_sites(model)}
