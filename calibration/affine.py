@@ -17,13 +17,16 @@ def site_error(x: torch.Tensor, theta: torch.Tensor, psi: torch.Tensor, phi: tor
 
 
 def fit_affine(samples: torch.Tensor, theta: torch.Tensor, T: int, signed: bool, init_mem: float = 0.5,
-               phi_grid: tuple[float, ...] = DEFAULT_PHI_GRID, iters: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+               bias_weight: float = 4.0, phi_grid: tuple[float, ...] = DEFAULT_PHI_GRID,
+               iters: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit ``psi``, ``phi`` ``[H]`` so that the decoded value tracks ``x`` per channel.
 
+    Objective per channel: ``mean(err^2) + bias_weight * mean(err)^2``. A channel's mean error
+    is the same for every token, so it adds up coherently through the next linear layer
+    where rounding noise does not; ``bias_weight`` says how much more it counts.
     For each ``phi`` on the grid, ``psi`` is moved (within one quantization step) until the
-    channel's mean error is zero; the pair with the lowest mean squared error wins. The
-    identity (``psi=0, phi=1``) is always a candidate, so the fit never does worse than no
-    fit on the calibration samples.
+    mean error is zero; the best pair wins. The identity (``psi=0, phi=1``) is always a
+    candidate, so the fit never scores worse than no fit on the calibration samples.
     """
     H = theta.numel()
     if samples.dim() != 2 or samples.shape[1] != H:
@@ -33,7 +36,12 @@ def fit_affine(samples: torch.Tensor, theta: torch.Tensor, T: int, signed: bool,
     best_psi, best_phi = zero.clone(), torch.ones(H)
     if x.shape[0] == 0:
         return best_psi, best_phi
-    best_err = site_error(x, theta, zero, best_phi, T, signed, init_mem).pow(2).mean(0)
+
+    def score(psi, phi):
+        err = site_error(x, theta, psi, phi, T, signed, init_mem)
+        return err.pow(2).mean(0) + bias_weight * err.mean(0).pow(2)
+
+    best = score(best_psi, best_phi)
     step = theta / T
     for p in phi_grid:
         phi = torch.full((H,), float(p))
@@ -41,9 +49,9 @@ def fit_affine(samples: torch.Tensor, theta: torch.Tensor, T: int, signed: bool,
         for _ in range(iters):
             bias = site_error(x, theta, psi, phi, T, signed, init_mem).mean(0)
             psi = torch.clamp(psi - bias / phi, -step, step)
-        err = site_error(x, theta, psi, phi, T, signed, init_mem).pow(2).mean(0)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
+        s = score(psi, phi)
+        better = s < best
+        best = torch.where(better, s, best)
         best_psi = torch.where(better, psi, best_psi)
         best_phi = torch.where(better, phi, best_phi)
     return best_psi, best_phi

@@ -36,14 +36,15 @@ class CalibrationConfig:
     seed: int = 0
     init_mem: float = 0.5
     fit_affine: bool = True
+    bias_weight: float = 4.0
     reservoir_rows: int = 1024
 
     def __post_init__(self):
         check_timesteps(self.T)
         check_rule(self.rule, self.percentile)
         check_init_mem(self.init_mem)
-        if self.n_samples < 0 or self.reservoir_rows < 0:
-            raise ValueError("n_samples and reservoir_rows must be >= 0")
+        if self.n_samples < 0 or self.reservoir_rows < 0 or not self.bias_weight >= 0:
+            raise ValueError("n_samples, reservoir_rows and bias_weight must be >= 0")
 
 
 @dataclass

@@ -78,7 +78,7 @@ def fit_site(obs: ChannelObserver, config: CalibrationConfig, signed: bool) -> t
     theta = choose_thresholds(obs, config.rule, config.T, signed, config.percentile, config.init_mem)
     psi, phi = torch.zeros_like(theta), torch.ones_like(theta)
     if config.fit_affine:
-        psi, phi = fit_affine(obs.reservoir, theta, config.T, signed, config.init_mem)
+        psi, phi = fit_affine(obs.reservoir, theta, config.T, signed, config.init_mem, config.bias_weight)
     stats = {"rows": obs.rows, "batches": obs.batches,
              "silent_channels": int((obs.absmax(signed) <= 0).sum())}
     if obs.reservoir.shape[0]:
