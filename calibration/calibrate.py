@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -66,7 +67,7 @@ def calibrate(model: nn.Module, batches: Iterable, config: CalibrationConfig, *,
     unseen = [name for name, obs in observers.items() if obs.rows == 0]
     if unseen:
         raise ValueError(f"sites never reached by the calibration data: {unseen[:8]}")
-    config = CalibrationConfig(**{**config.__dict__, "n_samples": n_samples})
+    config = replace(config, n_samples=n_samples)
     params, stats = {}, {}
     for name, site in sites:
         params[name], stats[name] = fit_site(observers[name], config, site.signed)

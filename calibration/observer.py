@@ -28,7 +28,7 @@ class ChannelObserver:
     """
 
     def __init__(self, num_channels: int, name: str, bins_per_octave: int = 16,
-                 reservoir_rows: int = 1024, seed: int = 0):
+                 reservoir_rows: int = 4096, seed: int = 0):
         if num_channels < 1:
             raise ValueError(f"observer {name!r}: num_channels must be >= 1, got {num_channels}")
         self.H, self.name, self.bpo = num_channels, name, int(bins_per_octave)

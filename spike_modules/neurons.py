@@ -157,11 +157,18 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
     def forward(self, x: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
         """Decoded value ``th * c_T / T``; ``th`` overrides the stored threshold (a site passes its own)."""
         th = self.th if th is None else th
-        c = self.counts(x, th)
+        check_channels(x, th, "ParaInfNeuron")
+        if torch.is_grad_enabled() and x.requires_grad:
+            c = self.counts(x, th)
+            out = decode(c, th, self.T)
+        else:
+            # inference: the same operations as spike_count/decode, in place on one temporary
+            c = (x / th).mul_(self.T).add_(self.init_mem).floor_().clamp_(-self.T if self.signed else 0, self.T)
+            out = None
         # int16 holds any count up to T=4096 at half the memory of float32
         self.last_counts = c.detach().to(torch.int16)
-        self._record(c.detach().abs().sum(), c.numel(), self.T)
-        return decode(c, th, self.T)
+        self._record(c.detach().abs().sum() if self.signed else c.detach().sum(), c.numel(), self.T)
+        return out if out is not None else c.mul_(th).div_(self.T)
 
     def spike_train(self, x: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
         """All T spikes at once: ``[T, ..., H]`` with values in ``{0, th}`` (``{-th, 0, th}`` if signed)."""

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from spikingjelly.activation_based import functional
 
-from spike_modules import DAQCFSSite, IFNeuron, ParaInfNeuron, SignedIFNeuron
+from spike_modules import DAQCFSSite, IFNeuron, ParaInfNeuron, SignedIFNeuron, decode, spike_count
 
 GRID = 64  # inputs are multiples of theta/64: every sum the neurons form is exact in float32
 
@@ -132,3 +132,16 @@ def test_spike_rate_counts_every_spike():
     assert math.isclose(n.spike_rate, 6 / 16)
     n.reset_stats()
     assert math.isnan(n.spike_rate)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_inference_path_equals_autograd_path(signed):
+    """ParaInfNeuron runs in place when no gradient is needed; both paths give the same bits."""
+    th = torch.rand(7) + 0.3
+    x = torch.randn(3, 5, 7)
+    para = ParaInfNeuron(16, th, signed=signed)
+    with torch.no_grad():
+        fast, fast_counts = para(x), para.last_counts.clone()
+    slow = para(x.clone().requires_grad_(True))
+    assert torch.equal(fast, slow.detach()) and torch.equal(fast_counts, para.last_counts)
+    assert torch.equal(fast, decode(spike_count(x / th, 16, signed), th, 16))
