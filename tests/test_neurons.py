@@ -45,6 +45,20 @@ def test_parallel_spike_trains_equal_sequential_exactly(case, signed):
     torch.testing.assert_close(decoded.double(), ref * th.double() / T, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_every_T_from_1_to_64_on_the_whole_grid(signed):
+    """No T is left to chance: every T, every grid input in [-1.4, 1.4]*theta (all ties included)."""
+    th = torch.tensor([0.25, 1.0, 8.0])
+    x = (torch.arange(-90, 91, dtype=torch.float32) / GRID).view(-1, 1) * th
+    for T in range(1, 65):
+        train = sequential(T, th, signed)(x.expand(T, *x.shape))
+        para = ParaInfNeuron(T, th, signed=signed)
+        assert torch.equal(para.spike_train(x), train), f"T={T}"
+        site = DAQCFSSite(3, T, signed=signed, mode="quant")
+        site.set_params(th)
+        assert torch.equal(para(x), site(x)), f"T={T}"
+
+
 @settings(max_examples=150, deadline=None)
 @given(case=grid_case(), signed=st.booleans(), data=st.data())
 def test_parallel_decoded_equals_daqcfs_quantizer(case, signed, data):
