@@ -38,14 +38,27 @@ def calibrate(model: nn.Module, batches: Iterable, config: CalibrationConfig, *,
     Raises:
         ValueError: no sites in the model, no data, or NaN/inf activations (naming the site).
     """
+    observers, n_samples = observe_sites(model, batches, config, run_batch=run_batch, progress=progress)
+    return fit_calibration(observers, replace(config, n_samples=n_samples), model_id=model_id)
+
+
+def observe_sites(model: nn.Module, batches: Iterable, config: CalibrationConfig, *,
+                  run_batch: Callable[[nn.Module, Any], None] = default_run_batch,
+                  progress: bool = True) -> tuple[dict[str, tuple[ChannelObserver, bool]], int]:
+    """Stream ``batches`` through ``model`` with an observer on every site.
+
+    Returns ``({site name: (observer, signed)}, number of samples)``; the observers do not
+    depend on T, so one pass serves calibrations for several T (:func:`fit_calibration`).
+    """
     sites = list(iter_sites(model))
     if not sites:
         raise ValueError("the model has no DA-QCFS sites to calibrate; convert it first")
     modes = {name: site.mode for name, site in sites}
     observers = {}
     for i, (name, site) in enumerate(sites):
-        observers[name] = site.observer = ChannelObserver(
-            site.num_channels, name, reservoir_rows=config.reservoir_rows, seed=config.seed + i)
+        site.observer = ChannelObserver(site.num_channels, name, reservoir_rows=config.reservoir_rows,
+                                        seed=config.seed + i)
+        observers[name] = (site.observer, site.signed)
         site.mode = SiteMode.ANN
     n_samples = 0
     was_training = model.training
@@ -64,13 +77,18 @@ def calibrate(model: nn.Module, batches: Iterable, config: CalibrationConfig, *,
         model.train(was_training)
     if n_samples == 0:
         raise ValueError("calibration got no batches; give at least one batch of data")
-    unseen = [name for name, obs in observers.items() if obs.rows == 0]
+    unseen = [name for name, (obs, _) in observers.items() if obs.rows == 0]
     if unseen:
         raise ValueError(f"sites never reached by the calibration data: {unseen[:8]}")
-    config = replace(config, n_samples=n_samples)
+    return observers, n_samples
+
+
+def fit_calibration(observers: dict[str, tuple[ChannelObserver, bool]], config: CalibrationConfig,
+                    model_id: str = "") -> Calibration:
+    """Fit every observed site by ``config`` (rule, T, psi/phi) into a :class:`Calibration`."""
     params, stats = {}, {}
-    for name, site in sites:
-        params[name], stats[name] = fit_site(observers[name], config, site.signed)
+    for name, (obs, signed) in observers.items():
+        params[name], stats[name] = fit_site(obs, config, signed)
     return Calibration(config, params, model_id=model_id, stats=stats)
 
 
