@@ -10,15 +10,15 @@ DEFAULT_PHI_GRID = (0.9, 0.94, 0.97, 1.0, 1.03, 1.06, 1.1)
 
 
 def site_error(x: torch.Tensor, theta: torch.Tensor, psi: torch.Tensor, phi: torch.Tensor, T: int,
-               signed: bool, init_mem: float = 0.5) -> torch.Tensor:
+               signed: bool, init_mem: float = 0.5, burst: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Decoded minus true value, ``[N, H]``, for samples ``x`` of one site."""
-    q = quantize(phi * (x + psi) / theta, T, signed, init_mem)
+    q = quantize(phi * (x + psi) / theta, T, signed, init_mem, burst=burst)
     return decode(q, theta, T) - x
 
 
 def fit_affine(samples: torch.Tensor, theta: torch.Tensor, T: int, signed: bool, init_mem: float = 0.5,
                bias_weight: float = 4.0, phi_grid: tuple[float, ...] = DEFAULT_PHI_GRID,
-               iters: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+               iters: int = 4, burst: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit ``psi``, ``phi`` ``[H]`` so that the decoded value tracks ``x`` per channel.
 
     Objective per channel: ``mean(err^2) + bias_weight * mean(err)^2``. A channel's mean error
@@ -38,7 +38,7 @@ def fit_affine(samples: torch.Tensor, theta: torch.Tensor, T: int, signed: bool,
         return best_psi, best_phi
 
     def score(psi, phi):
-        err = site_error(x, theta, psi, phi, T, signed, init_mem)
+        err = site_error(x, theta, psi, phi, T, signed, init_mem, burst)
         return err.pow(2).mean(0) + bias_weight * err.mean(0).pow(2)
 
     best = score(best_psi, best_phi)
@@ -47,7 +47,7 @@ def fit_affine(samples: torch.Tensor, theta: torch.Tensor, T: int, signed: bool,
         phi = torch.full((H,), float(p))
         psi = zero.clone()
         for _ in range(iters):
-            bias = site_error(x, theta, psi, phi, T, signed, init_mem).mean(0)
+            bias = site_error(x, theta, psi, phi, T, signed, init_mem, burst).mean(0)
             psi = torch.clamp(psi - bias / phi, -step, step)
         s = score(psi, phi)
         better = s < best

@@ -1,4 +1,4 @@
-"""The ``Calibration`` artifact: per-site ``theta``/``psi``/``phi``, saved as safetensors + JSON."""
+"""The ``Calibration`` artifact: per-site ``theta``/``psi``/``phi``/``burst``, saved as safetensors + JSON."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from stac_io import atomic_dir, sha256_file, write_json
 
 from .thresholds import check_rule
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
-PARAMS = ("theta", "psi", "phi")
+PARAMS = ("theta", "psi", "phi", "burst")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class CalibrationConfig:
     1536-channel site take 25 MB. Fewer rows make the per-channel mean-error estimate too noisy
     for the fit to carry over to new text (bench/calibration_smollm2.py).
     ``bias_weight``: see :func:`calibration.affine.fit_affine`.
+    ``max_burst``: the most spikes a neuron may fire per step. 1 is the plain IF neuron (values
+    beyond ``theta`` are clipped); above 1, each channel gets the burst cap that covers the
+    largest value seen in calibration (up to ``max_burst``), so the rare huge activations of
+    some tokens pass with the same step ``theta/T`` instead of being clipped. Thresholds are
+    chosen by ``rule`` either way; bursts only add the spikes those outliers need.
     """
 
     T: int
@@ -44,6 +49,7 @@ class CalibrationConfig:
     fit_affine: bool = True
     bias_weight: float = 4.0
     reservoir_rows: int = 4096
+    max_burst: int = 1
 
     def __post_init__(self):
         check_timesteps(self.T)
@@ -51,6 +57,8 @@ class CalibrationConfig:
         check_init_mem(self.init_mem)
         if self.n_samples < 0 or self.reservoir_rows < 0 or not self.bias_weight >= 0:
             raise ValueError("n_samples, reservoir_rows and bias_weight must be >= 0")
+        if isinstance(self.max_burst, bool) or not isinstance(self.max_burst, int) or self.max_burst < 1:
+            raise ValueError(f"max_burst is the most spikes per neuron per step: an integer >= 1, got {self.max_burst!r}")
 
 
 @dataclass
@@ -59,6 +67,11 @@ class SiteParams:
     psi: torch.Tensor
     phi: torch.Tensor
     signed: bool
+    burst: torch.Tensor | None = None  # per-channel cap; None means 1 everywhere
+
+    def __post_init__(self):
+        if self.burst is None:
+            self.burst = torch.ones_like(self.theta)
 
     @property
     def channels(self) -> int:
@@ -99,7 +112,7 @@ class Calibration:
         self.check_against(model)
         for name, site in iter_sites(model):
             p = self.sites[name]
-            site.set_params(p.theta, p.psi, p.phi)
+            site.set_params(p.theta, p.psi, p.phi, p.burst)
             site.T = self.config.T
 
     def write_files(self, directory: str | Path) -> None:
@@ -154,11 +167,14 @@ class Calibration:
             raise ValueError(f"{bad}: tensors {sorted(set(tensors) ^ expected)[:6]} missing or unexpected")
         sites = {}
         for name, d in declared.items():
-            p = SiteParams(*(tensors[f"{name}.{k}"] for k in PARAMS), signed=bool(d["signed"]))
+            p = SiteParams(*(tensors[f"{name}.{k}"] for k in PARAMS[:3]), signed=bool(d["signed"]),
+                           burst=tensors[f"{name}.burst"])
             if any(getattr(p, k).shape != (d["channels"],) for k in PARAMS):
                 raise ValueError(f"{bad}: site {name!r} tensors are not all of shape [{d['channels']}]")
             if not bool((p.theta > 0).all()) or not all(bool(torch.isfinite(getattr(p, k)).all()) for k in PARAMS):
                 raise ValueError(f"{bad}: site {name!r} has non-finite or non-positive thresholds")
+            if not bool(((p.burst >= 1) & (p.burst == torch.floor(p.burst))).all()):
+                raise ValueError(f"{bad}: site {name!r} has burst caps that are not whole numbers >= 1")
             sites[name] = p
         return cls(config, sites, meta.get("model_id", ""), meta.get("stats", {}))
 

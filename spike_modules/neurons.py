@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from spikingjelly.activation_based import surrogate
 from spikingjelly.activation_based.neuron import IFNode, STBIFNode
+from spikingjelly.activation_based.neuron.base_node import SimpleBaseNode
 
-from .quantizer import as_threshold, check_channels, check_init_mem, check_timesteps, decode, spike_count
+from .quantizer import as_burst, as_threshold, check_channels, check_init_mem, check_timesteps, decode, spike_count
 
 
 class SpikeStats:
@@ -131,53 +132,133 @@ class SignedIFNeuron(STBIFNode, SpikeStats):
 class ParaInfNeuron(torch.nn.Module, SpikeStats):
     r"""Parallel IF neuron: all T steps of constant input in closed form, one pass.
 
-    Count after :math:`t` steps: :math:`c_t = \mathrm{clamp}(\lfloor t x/\theta + init\_mem \rfloor, lo\cdot t, t)`,
-    spike at step :math:`t`: :math:`s_t = c_t - c_{t-1}` (``lo`` = -1 if ``signed`` else 0).
-    Identical counts to :class:`IFNeuron` / :class:`SignedIFNeuron` fed ``x`` for T steps.
+    Count after :math:`t` steps: :math:`c_t = \mathrm{clamp}(\lfloor t x/\theta + init\_mem \rfloor, lo\cdot B t, B t)`,
+    spike at step :math:`t`: :math:`s_t = c_t - c_{t-1}` (``lo`` = -1 if ``signed`` else 0; ``B`` the
+    burst cap, 1 by default). Identical counts to :class:`IFNeuron` / :class:`SignedIFNeuron`
+    (B = 1) or :class:`BurstIFNeuron` fed ``x`` for T steps.
 
     Called on ``[..., H]`` it returns the decoded value :math:`\theta c_T / T` (mean of its spikes).
     ``last_counts`` keeps the spike counts of the last call.
     """
 
-    def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False):
+    def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False,
+                 burst: float | torch.Tensor = 1.0):
         super().__init__()
         self.T = check_timesteps(T)
         self.init_mem = check_init_mem(init_mem)
         self.signed = bool(signed)
         self.register_buffer("th", as_threshold(th))
+        self.register_buffer("burst", as_burst(burst))
         self.last_counts: torch.Tensor | None = None
         self._init_stats()
 
-    def counts(self, x: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
+    def counts(self, x: torch.Tensor, th: torch.Tensor | None = None,
+               burst: torch.Tensor | None = None) -> torch.Tensor:
         """Spike counts ``c_T`` (float tensor, same shape as ``x``); negative for signed spikes."""
         th = self.th if th is None else th
+        burst = self.burst if burst is None else burst
         check_channels(x, th, "ParaInfNeuron")
-        return spike_count(x / th, self.T, self.signed, self.init_mem)
+        return spike_count(x / th, self.T, self.signed, self.init_mem, burst)
 
-    def forward(self, x: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoded value ``th * c_T / T``; ``th`` overrides the stored threshold (a site passes its own)."""
+    def forward(self, x: torch.Tensor, th: torch.Tensor | None = None,
+                burst: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded value ``th * c_T / T``; ``th`` and ``burst`` override the stored ones (a site passes its own)."""
         th = self.th if th is None else th
+        burst = self.burst if burst is None else burst
         check_channels(x, th, "ParaInfNeuron")
         if torch.is_grad_enabled() and x.requires_grad:
-            c = self.counts(x, th)
+            c = self.counts(x, th, burst)
             out = decode(c, th, self.T)
         else:
             # inference: the same operations as spike_count/decode, in place on one temporary
-            c = (x / th).mul_(self.T).add_(self.init_mem).floor_().clamp_(-self.T if self.signed else 0, self.T)
+            c = (x / th).mul_(self.T).add_(self.init_mem).floor_()
+            if burst.dim() == 0 and float(burst) == 1.0:
+                c.clamp_(-self.T if self.signed else 0, self.T)
+            else:
+                hi = burst.to(c.dtype) * self.T
+                c = torch.minimum(c, hi, out=c)
+                c = torch.maximum(c, -hi if self.signed else torch.zeros_like(hi), out=c)
             out = None
-        # int16 holds any count up to T=4096 at half the memory of float32
-        self.last_counts = c.detach().to(torch.int16)
+        # int16 holds any count up to 32767 (T=4096 without bursts) at half the memory of int32
+        big = float(burst.max()) * self.T > torch.iinfo(torch.int16).max
+        self.last_counts = c.detach().to(torch.int32 if big else torch.int16)
         self._record(c.detach().abs().sum() if self.signed else c.detach().sum(), c.numel(), self.T)
         return out if out is not None else c.mul_(th).div_(self.T)
 
-    def spike_train(self, x: torch.Tensor, th: torch.Tensor | None = None) -> torch.Tensor:
-        """All T spikes at once: ``[T, ..., H]`` with values in ``{0, th}`` (``{-th, 0, th}`` if signed)."""
+    def spike_train(self, x: torch.Tensor, th: torch.Tensor | None = None,
+                    burst: torch.Tensor | None = None) -> torch.Tensor:
+        """All T steps at once: ``[T, ..., H]``, each the number of spikes in that step times ``th``
+        (values in ``{0, th}``, or ``{-th, 0, th}`` if signed, without bursts)."""
         th = self.th if th is None else th
+        burst = self.burst if burst is None else burst
         check_channels(x, th, "ParaInfNeuron")
         t = torch.arange(0, self.T + 1, dtype=x.dtype, device=x.device).view(-1, *([1] * x.dim()))
-        c = spike_count((x / th).unsqueeze(0), t, self.signed, self.init_mem)
+        c = spike_count((x / th).unsqueeze(0), t, self.signed, self.init_mem, burst)
         # c_0 = floor(init_mem) = 0 for init_mem in [0, 1), so the diff starts from zero spikes
         return torch.diff(c, dim=0) * th
 
     def extra_repr(self) -> str:
-        return f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}"
+        return (f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}, "
+                f"max_burst={float(self.burst.max()):g}")
+
+
+class BurstIFNeuron(SimpleBaseNode, SpikeStats):
+    r"""Sequential IF neuron that may fire up to ``B`` spikes in one step, on SpikingJelly's ``SimpleBaseNode``.
+
+    Update (normalised membrane :math:`q = V/\theta`, starting at ``init_mem``; tracer :math:`A`):
+        :math:`q \leftarrow q + X[t]/\theta`; :math:`S[t] = \mathrm{clamp}(\lfloor q \rfloor, lo\cdot B, B)`,
+        further limited so that :math:`lo\cdot B T \le A + S[t] \le B T`;
+        :math:`q \leftarrow q - S[t]`, :math:`A \leftarrow A + S[t]`. Output :math:`\theta S[t]`.
+
+    With ``B = 1`` this is the IF neuron (unsigned, ``lo = 0``) or the ST-BIF neuron (signed,
+    ``lo = -1``); a per-channel ``B > 1`` lets rare large inputs through without clipping, at
+    the honest cost of one spike per unit. For constant input the tracer ends at
+    ``clamp(floor(T x/theta + init_mem), lo B T, B T)``, the count of :class:`ParaInfNeuron`.
+    Inference only (the fire function has no surrogate gradient).
+    """
+
+    def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False,
+                 burst: float | torch.Tensor = 1.0):
+        super().__init__(v_threshold=1.0, v_reset=None, step_mode="m")
+        self.T = check_timesteps(T)
+        self.init_mem = check_init_mem(init_mem)
+        self.signed = bool(signed)
+        self.register_buffer("th", as_threshold(th))
+        self.register_buffer("burst", as_burst(burst))
+        self.register_memory("acc", 0.0)
+        self.v = self.init_mem
+        self.set_reset_value("v", self.init_mem)
+        self._init_stats()
+        self._b: torch.Tensor | None = None
+
+    def neuronal_charge(self, x: torch.Tensor) -> None:
+        if not isinstance(self.v, torch.Tensor):
+            self.v = torch.full_like(x, self.v)
+            self.acc = torch.zeros_like(x)
+        self.v = self.v + x
+
+    def neuronal_fire(self) -> torch.Tensor:
+        b, total = self._b, self._b * self.T
+        hi = torch.minimum(b, total - self.acc)
+        lo = torch.maximum(-b, -total - self.acc) if self.signed else torch.zeros_like(hi)
+        return torch.minimum(torch.maximum(torch.floor(self.v), lo), hi)
+
+    def neuronal_reset(self, spike: torch.Tensor) -> None:
+        self.v = self.v - spike
+        self.acc = self.acc + spike
+
+    def forward(self, x_seq: torch.Tensor, th: torch.Tensor | None = None,
+                burst: torch.Tensor | None = None) -> torch.Tensor:
+        """Spikes per step times ``th``, ``[T, ..., H]``; ``th`` and ``burst`` override the stored ones."""
+        th = self.th if th is None else th
+        self._b = (self.burst if burst is None else burst).to(x_seq.dtype)
+        _check_seq(x_seq, self.T, "BurstIFNeuron")
+        check_channels(x_seq, th, "BurstIFNeuron")
+        with torch.no_grad():
+            spikes = super().multi_step_forward((x_seq / th).detach())
+        self._record(spikes.abs().sum(), spikes[0].numel(), self.T)
+        return spikes * th
+
+    def extra_repr(self) -> str:
+        return (f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}, "
+                f"max_burst={float(self.burst.max()):g}")

@@ -3,10 +3,13 @@
 An integrate-and-fire neuron with soft reset and membrane starting at
 ``init_mem * theta``, fed the constant input ``x`` for ``t`` steps, has emitted
 
-    c_t = clamp(floor(t * x / theta + init_mem), lo * t, t)
+    c_t = clamp(floor(t * x / theta + init_mem), lo * B * t, B * t)
 
-spikes, where ``lo`` is 0 for an unsigned site and -1 for a signed one. The
-decoded value ``theta * c_T / T`` is the QCFS quantizer. Everything here works
+spikes, where ``lo`` is 0 for an unsigned site and -1 for a signed one, and
+``B`` is the burst cap: the most spikes a neuron may fire in one step (1 for a
+plain IF neuron; per channel). The decoded value ``theta * c_T / T`` is the
+QCFS quantizer; a burst cap B > 1 widens its range to ``B * theta`` with the
+same step ``theta / T``, so rare large activations are not clipped. Everything here works
 on the *normalised* input ``u = x / theta`` so that the sequential neurons, the
 parallel neuron and the quantizer do the same float operations and agree bit
 for bit.
@@ -72,6 +75,23 @@ def check_channels(x: torch.Tensor, th: torch.Tensor, what: str) -> None:
         )
 
 
+def as_burst(burst: float | torch.Tensor, name: str = "burst") -> torch.Tensor:
+    """A burst cap as a float32 tensor (scalar or ``[H]``): whole numbers >= 1.
+
+    Raises:
+        ValueError: non-integer, below 1, non-finite, or not 0-d / 1-d.
+    """
+    b = burst.detach().clone().float() if isinstance(burst, torch.Tensor) else torch.tensor(float(burst))
+    if b.dim() > 1 or b.numel() == 0:
+        raise ValueError(f"{name} must be a number or a per-channel tensor of shape [H], got shape {tuple(b.shape)}")
+    bad = ~torch.isfinite(b) | (b < 1) | (b != torch.floor(b))
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name} is the most spikes a neuron may fire per step: whole numbers >= 1; "
+                         f"{int(bad.sum())} bad value(s), e.g. {b.flatten()[idx].tolist()}")
+    return b
+
+
 class _FloorSTE(torch.autograd.Function):
     """floor in the forward pass, identity gradient (straight-through) in the backward pass."""
 
@@ -84,28 +104,53 @@ class _FloorSTE(torch.autograd.Function):
         return grad
 
 
-def spike_count(u: torch.Tensor, t: int | torch.Tensor, signed: bool, init_mem: float = 0.5) -> torch.Tensor:
+def spike_count(u: torch.Tensor, t: int | torch.Tensor, signed: bool, init_mem: float = 0.5,
+                burst: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Spikes emitted after ``t`` steps of constant normalised input ``u``.
 
-    ``t`` is an int, or a tensor broadcastable against ``u`` to get every step at once.
+    ``t`` is an int, or a tensor broadcastable against ``u`` to get every step at once;
+    ``burst`` is the per-step cap B (a number or a per-channel tensor).
     """
-    return _clamp_levels(torch.floor(u * t + init_mem), t, signed)
+    return _clamp_levels(torch.floor(u * t + init_mem), t, signed, burst)
 
 
-def quantize(u: torch.Tensor, T: int, signed: bool, init_mem: float = 0.5, ste: bool = False) -> torch.Tensor:
-    """QCFS levels ``c_T`` of the normalised input, optionally with a straight-through floor.
+def surrogate_floor(y: torch.Tensor, surrogate: torch.nn.Module) -> torch.Tensor:
+    """``floor(y)`` whose gradient is a SpikingJelly surrogate at the nearest step.
 
-    The forward value is bit-identical to :func:`spike_count` with ``t=T``.
+    Near the integer ``j = round(y)``, ``floor(y) = (j - 1) + H(y - j)``; ``surrogate`` (a
+    ``spikingjelly.activation_based.surrogate`` function in spiking mode) gives ``H`` its
+    forward value exactly and its smooth derivative backward.
+    """
+    j = torch.round(y).detach()
+    return (j - 1) + surrogate(y - j)
+
+
+def quantize(u: torch.Tensor, T: int, signed: bool, init_mem: float = 0.5, ste: bool = False,
+             burst: float | torch.Tensor = 1.0, surrogate: torch.nn.Module | None = None) -> torch.Tensor:
+    """QCFS levels ``c_T`` of the normalised input, optionally with a trainable floor.
+
+    ``ste=True`` passes gradients straight through the floor, or through ``surrogate`` when
+    one is given (:func:`surrogate_floor`). The forward value is bit-identical to
+    :func:`spike_count` with ``t=T``.
     """
     pre = u * T + init_mem
-    return _clamp_levels(_FloorSTE.apply(pre) if ste else torch.floor(pre), T, signed)
+    if not ste:
+        floored = torch.floor(pre)
+    elif surrogate is not None:
+        floored = surrogate_floor(pre, surrogate)
+    else:
+        floored = _FloorSTE.apply(pre)
+    return _clamp_levels(floored, T, signed, burst)
 
 
-def _clamp_levels(floored: torch.Tensor, t: int | torch.Tensor, signed: bool) -> torch.Tensor:
-    if isinstance(t, torch.Tensor):
-        t = t.to(floored.dtype)
-        return torch.minimum(torch.maximum(floored, -t if signed else torch.zeros_like(t)), t)
-    return torch.clamp(floored, min=-float(t) if signed else 0.0, max=float(t))
+def _clamp_levels(floored: torch.Tensor, t: int | torch.Tensor, signed: bool,
+                  burst: float | torch.Tensor = 1.0) -> torch.Tensor:
+    if isinstance(t, torch.Tensor) or isinstance(burst, torch.Tensor):
+        hi = torch.as_tensor(t, dtype=floored.dtype, device=floored.device) * torch.as_tensor(
+            burst, dtype=floored.dtype, device=floored.device)
+        return torch.minimum(torch.maximum(floored, -hi if signed else torch.zeros_like(hi)), hi)
+    hi = float(t) * float(burst)
+    return torch.clamp(floored, min=-hi if signed else 0.0, max=hi)
 
 
 def decode(counts: torch.Tensor, th: torch.Tensor, T: int) -> torch.Tensor:

@@ -8,8 +8,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .neurons import IFNeuron, ParaInfNeuron, SignedIFNeuron
-from .quantizer import as_threshold, check_channels, check_init_mem, check_timesteps, decode, quantize
+from .neurons import BurstIFNeuron, IFNeuron, ParaInfNeuron, SignedIFNeuron
+from .quantizer import as_burst, as_threshold, check_channels, check_init_mem, check_timesteps, decode, quantize
 
 
 class SiteMode(str, Enum):
@@ -27,8 +27,9 @@ class DAQCFSSite(nn.Module):
     r"""Distribution-aware QCFS site with per-channel :math:`\theta, \psi, \phi`.
 
     The site maps :math:`v = \phi (x + \psi)` per channel, then quantizes to
-    :math:`\theta\, \mathrm{clamp}(\lfloor T v/\theta + init\_mem \rfloor, lo\,T, T) / T`
-    (``lo`` = -1 for a signed site). ``quant`` and ``parallel`` give bit-identical values;
+    :math:`\theta\, \mathrm{clamp}(\lfloor T v/\theta + init\_mem \rfloor, lo\,B T, B T) / T`
+    (``lo`` = -1 for a signed site; ``B`` the per-channel burst cap, 1 unless calibration
+    gives a channel bursts for its rare large values). ``quant`` and ``parallel`` give bit-identical values;
     ``sequential`` gives spike trains whose mean over T equals them for constant input.
 
     Args:
@@ -54,9 +55,12 @@ class DAQCFSSite(nn.Module):
         self.theta = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.psi = nn.Parameter(torch.zeros(num_channels), requires_grad=False)
         self.phi = nn.Parameter(torch.ones(num_channels), requires_grad=False)
+        self.burst = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.parallel = ParaInfNeuron(T, 1.0, init_mem, signed=self.signed)
         self.sequential = (SignedIFNeuron if self.signed else IFNeuron)(T, 1.0, init_mem)
+        self.sequential_burst = BurstIFNeuron(T, 1.0, init_mem, signed=self.signed)
         self.observer = None
+        self.surrogate: nn.Module | None = None  # gradient of the floor in quant mode; None = straight through
         self.mode = mode
 
     @property
@@ -65,7 +69,7 @@ class DAQCFSSite(nn.Module):
 
     @T.setter
     def T(self, T: int) -> None:
-        self._T = self.parallel.T = self.sequential.T = check_timesteps(T)
+        self._T = self.parallel.T = self.sequential.T = self.sequential_burst.T = check_timesteps(T)
         if self.signed:  # the ST-BIF tracer bounds follow T
             self.sequential.pos_max.fill_(float(T))
             self.sequential.neg_min.fill_(-float(T))
@@ -83,12 +87,13 @@ class DAQCFSSite(nn.Module):
             raise ValueError(f"site {self.name!r}: unknown mode {mode!r}; allowed: {allowed}") from None
 
     def set_params(self, theta: torch.Tensor | float, psi: torch.Tensor | float = 0.0,
-                   phi: torch.Tensor | float = 1.0) -> None:
+                   phi: torch.Tensor | float = 1.0, burst: torch.Tensor | float = 1.0) -> None:
         """Set per-channel parameters (scalars broadcast); raises ``ValueError`` on bad shapes or values."""
         H = self.num_channels
         theta = as_threshold(theta, f"site {self.name!r} theta")
         values = {"theta": theta, "psi": torch.as_tensor(psi, dtype=torch.float32),
-                  "phi": torch.as_tensor(phi, dtype=torch.float32)}
+                  "phi": torch.as_tensor(phi, dtype=torch.float32),
+                  "burst": as_burst(burst, f"site {self.name!r} burst")}
         for key, v in values.items():
             if v.dim() > 1 or (v.dim() == 1 and v.numel() != H):
                 raise ValueError(f"site {self.name!r}: {key} must be a scalar or have {H} channels, "
@@ -113,10 +118,23 @@ class DAQCFSSite(nn.Module):
             return x
         if mode is SiteMode.QUANT:
             v = self._mapped(x)
-            return decode(quantize(v / self.theta, self._T, self.signed, self.init_mem, ste=True), self.theta, self._T)
+            q = quantize(v / self.theta, self._T, self.signed, self.init_mem, ste=True, burst=self._burst(),
+                         surrogate=self.surrogate)
+            return decode(q, self.theta, self._T)
         if mode is SiteMode.PARALLEL:
-            return self.parallel(self._mapped(x), self.theta)
+            return self.parallel(self._mapped(x), self.theta, self._burst())
+        if self.bursts:
+            return self.sequential_burst(self._mapped(x), self.theta, self.burst)
         return self.sequential(self._mapped(x), self.theta)
+
+    @property
+    def bursts(self) -> bool:
+        """Whether any channel may fire more than one spike per step."""
+        return bool((self.burst > 1).any())
+
+    def _burst(self) -> torch.Tensor:
+        # a scalar 1 keeps the parallel neuron on its cheaper clamp when no channel bursts
+        return self.burst if self.bursts else self.burst.new_ones(())
 
     @property
     def spike_rate(self) -> float:
@@ -124,16 +142,17 @@ class DAQCFSSite(nn.Module):
         if self._mode is SiteMode.PARALLEL:
             return self.parallel.spike_rate
         if self._mode is SiteMode.SEQUENTIAL:
-            return self.sequential.spike_rate
+            return (self.sequential_burst if self.bursts else self.sequential).spike_rate
         return float("nan")
 
     def reset_stats(self) -> None:
         self.parallel.reset_stats()
         self.sequential.reset_stats()
+        self.sequential_burst.reset_stats()
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, channels={self.num_channels}, T={self._T}, signed={self.signed}, "
-                f"mode={self._mode.value}")
+                f"mode={self._mode.value}, max_burst={float(self.burst.max()):g}")
 
 
 def iter_sites(model: nn.Module) -> Iterator[tuple[str, DAQCFSSite]]:

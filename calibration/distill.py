@@ -1,0 +1,165 @@
+"""Spike-aware distillation: learn the sites' thresholds (and shifts) from the ANN's outputs.
+
+The converted model runs with its sites in ``quant`` mode, which computes exactly the
+values of ``parallel`` mode (the spike counts) with a trainable floor: straight-through,
+or a SpikingJelly surrogate gradient. The loss is the KL divergence from the ANN's
+next-token distribution to the SNN's on the calibration text. Weights stay frozen; what
+is learned per channel is ``log theta`` (so thresholds stay positive, and channels whose
+scales differ by orders of magnitude learn at the same relative rate) and ``psi`` in
+units of ``theta``. Burst caps are recomputed afterwards from the new thresholds so that
+values that passed before still pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from spike_modules.site import DAQCFSSite, SiteMode, iter_sites
+
+
+class _LogParam(nn.Module):
+    """``theta = exp(log_theta)`` as a ``torch.nn.utils.parametrize`` parametrization."""
+
+    def forward(self, log_theta: torch.Tensor) -> torch.Tensor:
+        return log_theta.exp()
+
+    def right_inverse(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta.log()
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    t = teacher_logits.float().log_softmax(-1)
+    s = student_logits.float().log_softmax(-1)
+    return nn.functional.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], steps: int, lr: float = 2e-3,
+              surrogate: nn.Module | None = None, train_psi: bool = True, progress: bool = True) -> dict:
+    """Distil ``ann`` into the calibrated ``snn`` for ``steps`` optimizer steps, in place.
+
+    Args:
+        snn: a converted, calibrated model (sites' thresholds set).
+        ann: the original model (frozen; its logits are the targets).
+        batches: token-id batches ``[B, S]``, cycled until ``steps`` is reached.
+        steps: optimizer steps (>= 1).
+        lr: Adam learning rate on ``log theta`` (and on ``psi / theta``).
+        surrogate: a SpikingJelly surrogate function for the floor; None = straight-through.
+        train_psi: learn the per-channel shift as well as the threshold.
+
+    Returns:
+        ``{"steps", "seconds", "loss_first", "loss_last", "lr", "surrogate", "trained"}``; the
+        sites keep their modes from before the call.
+
+    Raises:
+        ValueError: ``steps < 1``, no batches, or a model without sites.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"finetune steps must be an integer >= 1, got {steps!r}")
+    sites = [site for _, site in iter_sites(snn)]
+    if not sites:
+        raise ValueError("the model has no spiking sites to fine-tune; convert and calibrate it first")
+    data = list(batches)
+    if not data:
+        raise ValueError("fine-tuning got no batches of calibration text")
+    start = time.time()
+    modes = [site.mode for site in sites]
+    frozen = [(p, p.requires_grad) for p in snn.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    params = _attach(sites, surrogate, train_psi)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    was_training = snn.training
+    snn.eval()  # no dropout: the trained values are the ones inference uses
+    ann.eval()
+    try:
+        columns = [TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                   TimeRemainingColumn()]
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task("distil", total=steps, loss="-")
+            for step in range(steps):
+                ids = data[step % len(data)]
+                with torch.no_grad():
+                    target = ann(ids).logits
+                loss = _kl(snn(ids).logits, target)
+                if not math.isfinite(float(loss)):
+                    raise ValueError(f"distillation diverged at step {step + 1} (loss {float(loss)}); "
+                                     "use a smaller learning rate or fewer steps")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+                bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
+    finally:
+        _detach(sites, train_psi)
+        for site, mode in zip(sites, modes):
+            site.mode = mode
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        snn.train(was_training)
+    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
+    return {"steps": steps, "seconds": time.time() - start, "lr": lr, "loss_first": sum(head) / len(head),
+            "loss_last": sum(tail) / len(tail),
+            "surrogate": type(surrogate).__name__ if surrogate is not None else "straight-through",
+            "trained": ["log_theta", "psi"] if train_psi else ["log_theta"]}
+
+
+def _attach(sites: list[DAQCFSSite], surrogate: nn.Module | None, train_psi: bool) -> list[torch.Tensor]:
+    from torch.nn.utils import parametrize
+
+    params = []
+    for site in sites:
+        site.mode = SiteMode.QUANT
+        site.surrogate = surrogate
+        # the caps that pass the calibration maxima, in input units, so they survive new thresholds
+        site._peak = site.burst * site.theta.detach()
+        parametrize.register_parametrization(site, "theta", _LogParam())
+        original = site.parametrizations.theta.original
+        original.requires_grad_(True)
+        params.append(original)
+        if train_psi:
+            # learn psi in units of theta: a shift of a fraction of a step means the same everywhere
+            site._psi_unit = nn.Parameter(site.psi.detach() / site.theta.detach())
+            parametrize.register_parametrization(site, "psi", _ScaledBy(site))
+            params.append(site._psi_unit)
+    return params
+
+
+class _ScaledBy(nn.Module):
+    """``psi = psi_unit * theta`` where ``psi_unit`` is the trained tensor (the stored original is unused)."""
+
+    def __init__(self, site: DAQCFSSite):
+        super().__init__()
+        self._site = [site]  # a list, so the site is not registered as a submodule of itself
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        site = self._site[0]
+        return site._psi_unit * site.theta
+
+
+def _detach(sites: list[DAQCFSSite], train_psi: bool) -> None:
+    from torch.nn.utils import parametrize
+
+    for site in sites:
+        if train_psi and parametrize.is_parametrized(site, "psi"):
+            psi = site.psi.detach().clone()
+            parametrize.remove_parametrizations(site, "psi", leave_parametrized=False)
+            with torch.no_grad():
+                site.psi.copy_(psi)
+            del site._psi_unit
+        if parametrize.is_parametrized(site, "theta"):
+            parametrize.remove_parametrizations(site, "theta", leave_parametrized=True)
+        site.theta.requires_grad_(False)
+        site.psi.requires_grad_(False)
+        with torch.no_grad():
+            # keep every calibration maximum inside the burst range of the new threshold
+            need = torch.ceil(site._peak / site.theta).clamp(min=1)
+            site.burst.copy_(torch.where(site.burst > 1, torch.maximum(site.burst, need), site.burst))
+        del site._peak
+        site.surrogate = None

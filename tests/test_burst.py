@@ -1,0 +1,108 @@
+"""Burst neurons: up to B spikes per step, parallel == sequential == quantizer, and calibration
+gives bursts only to channels whose calibration values exceed the threshold."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from spikingjelly.activation_based import functional
+
+from calibration import CalibrationConfig, ChannelObserver, fit_site
+from spike_modules import DAQCFSSite, ParaInfNeuron
+from spike_modules.neurons import BurstIFNeuron, IFNeuron, SignedIFNeuron
+
+GRID = 64
+
+
+@st.composite
+def burst_case(draw):
+    T = draw(st.integers(1, 40))
+    H = draw(st.integers(1, 5))
+    rows = draw(st.integers(1, 4))
+    th = torch.tensor([2.0 ** draw(st.integers(-3, 3)) for _ in range(H)])
+    burst = torch.tensor([float(draw(st.integers(1, 6))) for _ in range(H)])
+    m = draw(st.lists(st.integers(-600, 600), min_size=rows * H, max_size=rows * H))
+    x = torch.tensor(m, dtype=torch.float32).view(rows, H) / GRID * th
+    return T, th, burst, x
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=burst_case(), signed=st.booleans())
+def test_burst_neuron_equals_parallel_and_reference(case, signed):
+    T, th, burst, x = case
+    seq = BurstIFNeuron(T, th, signed=signed, burst=burst)
+    train = seq(x.expand(T, *x.shape))
+    para = ParaInfNeuron(T, th, signed=signed, burst=burst)
+    assert torch.equal(para.spike_train(x), train)  # every step
+    para(x)
+    hi = burst.double() * T
+    ref = torch.floor(x.double() * T / th.double() + 0.5)
+    ref = torch.minimum(torch.maximum(ref, -hi if signed else torch.zeros_like(hi)), hi)
+    assert torch.equal(para.last_counts.double(), ref)
+    per_step = (train / th).round().abs()
+    assert bool((per_step <= burst).all())  # never more than B spikes in one step
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_burst_of_one_is_the_plain_if_neuron(signed):
+    th = torch.tensor([0.5, 1.0, 2.0])
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0)) * 2
+    for T in (1, 4, 16, 33):
+        plain = (SignedIFNeuron(T, th) if signed else IFNeuron(T, th))(x.expand(T, *x.shape))
+        burst = BurstIFNeuron(T, th, signed=signed, burst=1.0)(x.expand(T, *x.shape))
+        assert torch.equal(plain, burst), f"T={T}"
+
+
+def test_bursts_pass_what_plain_neurons_clip_and_count_their_spikes():
+    T, th = 8, torch.ones(2)
+    x = torch.tensor([[0.5, 30.0]])
+    plain = ParaInfNeuron(T, th, signed=True)
+    assert plain(x)[0, 1] == 1.0  # clipped at theta
+    bursty = ParaInfNeuron(T, th, signed=True, burst=torch.tensor([1.0, 30.0]))
+    assert bursty(x)[0, 1] == 30.0
+    assert bursty.spikes_total == 4 + 240 and plain.spikes_total == 4 + 8
+    assert bursty.spike_rate > 1  # spikes per neuron per step may exceed 1 with bursts
+
+
+def test_burst_state_resets_with_reset_net():
+    n = BurstIFNeuron(4, torch.ones(3), signed=True, burst=torch.tensor([1.0, 2.0, 5.0]))
+    x = torch.tensor([[0.3, 1.7, -4.2]]).expand(4, 1, 3)
+    first = n(x)
+    functional.reset_net(n)
+    assert torch.equal(n(x), first)
+
+
+def test_site_bursts_in_every_mode():
+    site = DAQCFSSite(2, 4, signed=True, mode="quant")
+    site.set_params(torch.ones(2), burst=torch.tensor([1.0, 3.0]))
+    x = torch.tensor([[2.6, 2.6], [-2.6, -2.6]])
+    q = site(x)
+    assert torch.equal(q, torch.tensor([[1.0, 2.5], [-1.0, -2.5]]))
+    site.mode = "parallel"
+    assert torch.equal(site(x), q)
+    site.mode = "sequential"
+    train = site(x.expand(4, *x.shape))
+    torch.testing.assert_close(train.mean(0), q)
+    assert site.spike_rate > 0
+    with pytest.raises(ValueError, match="whole numbers >= 1"):
+        site.set_params(1.0, burst=torch.tensor([1.0, 0.5]))
+
+
+def test_calibration_gives_bursts_only_to_channels_with_outliers():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 3, generator=g)
+    x[7, 1] = 40.0  # one token with a huge value in channel 1
+    obs = ChannelObserver(3, "site")
+    obs.update(x)
+    plain, _ = fit_site(obs, CalibrationConfig(T=8, rule="percentile", fit_affine=False), signed=True)
+    assert torch.equal(plain.burst, torch.ones(3))
+    cfg = CalibrationConfig(T=8, rule="percentile", fit_affine=False, max_burst=64)
+    params, stats = fit_site(obs, cfg, signed=True)
+    assert torch.equal(params.theta, plain.theta)  # thresholds come from the rule either way
+    assert params.burst[1] == torch.ceil(40.0 / params.theta[1])
+    assert params.burst[0] <= 2 and params.burst[2] <= 2
+    assert stats["burst_channels"] >= 1
+    capped, _ = fit_site(obs, CalibrationConfig(T=8, rule="percentile", fit_affine=False, max_burst=4), signed=True)
+    assert float(capped.burst.max()) == 4.0
+    with pytest.raises(ValueError, match="max_burst"):
+        CalibrationConfig(T=8, max_burst=0)
