@@ -96,24 +96,23 @@ def fit_site(obs: ChannelObserver, config: CalibrationConfig, signed: bool) -> t
     """Thresholds by the configured rule, then (optionally) the ``psi``/``phi`` fit on the reservoir."""
     theta = choose_thresholds(obs, config.rule, config.T, signed, config.percentile, config.init_mem)
     psi, phi = torch.zeros_like(theta), torch.ones_like(theta)
-    burst = burst_caps(obs, theta, psi, phi, signed, config.max_burst)
+    burst = torch.full_like(theta, float(config.max_burst))
     if config.fit_affine:
         psi, phi = fit_affine(obs.reservoir, theta, config.T, signed, config.init_mem, config.bias_weight,
                               burst=burst)
-        burst = burst_caps(obs, theta, psi, phi, signed, config.max_burst)
     stats = {"rows": obs.rows, "batches": obs.batches,
              "silent_channels": int((obs.absmax(signed) <= 0).sum()),
-             "burst_channels": int((burst > 1).sum()), "max_burst": float(burst.max())}
+             "burst_channels_seen": int((burst_needed(obs, theta, psi, phi, signed) > 1).sum())}
     if obs.reservoir.shape[0]:
         err = site_error(obs.reservoir, theta, psi, phi, config.T, signed, config.init_mem, burst)
         stats["reservoir_mean_abs_error"] = float(err.abs().mean())
     return SiteParams(theta, psi, phi, signed, burst), stats
 
 
-def burst_caps(obs: ChannelObserver, theta: torch.Tensor, psi: torch.Tensor, phi: torch.Tensor,
-               signed: bool, max_burst: int) -> torch.Tensor:
-    """Per-channel burst cap: the fewest spikes per step that pass the largest mapped value seen
-    in calibration, ``ceil(max |phi (x + psi)| / theta)``, between 1 and ``max_burst``."""
+def burst_needed(obs: ChannelObserver, theta: torch.Tensor, psi: torch.Tensor, phi: torch.Tensor,
+                 signed: bool) -> torch.Tensor:
+    """Per channel, the spikes per step that the largest calibration value needs,
+    ``ceil(max |phi (x + psi)| / theta)`` (at least 1): a statistic for reports."""
     hi = phi * (obs.max + psi)
     peak = torch.maximum(hi, -phi * (obs.min + psi)) if signed else hi
-    return torch.ceil(peak.clamp(min=0).float() / theta).clamp(1, max_burst)
+    return torch.ceil(peak.clamp(min=0).float() / theta).clamp(min=1)

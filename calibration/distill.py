@@ -3,10 +3,11 @@
 The converted model runs with its sites in ``quant`` mode, which computes exactly the
 values of ``parallel`` mode (the spike counts) with a trainable floor: straight-through,
 or a SpikingJelly surrogate gradient. The loss is the KL divergence from the ANN's
-next-token distribution to the SNN's on the calibration text. Weights stay frozen; what
-is learned per channel is ``log theta`` (so thresholds stay positive, and channels whose
-scales differ by orders of magnitude learn at the same relative rate) and ``psi`` in
-units of ``theta``. Burst caps are recomputed afterwards from the new thresholds so that
+next-token distribution to the SNN's on the calibration text. What is learned per channel
+is ``log theta`` (so thresholds stay positive, and channels whose scales differ by orders
+of magnitude learn at the same relative rate) and ``psi`` in units of ``theta``; with
+``weight_lr`` the float weights of the decoder learn too (embeddings, norms and 8-bit
+layers stay frozen), which is what recovers a model whose activations were swapped to ReLU. Burst caps are recomputed afterwards from the new thresholds so that
 values that passed before still pass.
 """
 
@@ -40,7 +41,8 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
 
 
 def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], steps: int, lr: float = 2e-3,
-              surrogate: nn.Module | None = None, train_psi: bool = True, progress: bool = True) -> dict:
+              surrogate: nn.Module | None = None, train_psi: bool = True, weight_lr: float = 0.0,
+              progress: bool = True) -> dict:
     """Distil ``ann`` into the calibrated ``snn`` for ``steps`` optimizer steps, in place.
 
     Args:
@@ -51,9 +53,10 @@ def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], s
         lr: Adam learning rate on ``log theta`` (and on ``psi / theta``).
         surrogate: a SpikingJelly surrogate function for the floor; None = straight-through.
         train_psi: learn the per-channel shift as well as the threshold.
+        weight_lr: if > 0, also train the decoder's float linear weights at this learning rate.
 
     Returns:
-        ``{"steps", "seconds", "loss_first", "loss_last", "lr", "surrogate", "trained"}``; the
+        ``{"steps", "seconds", "loss_first", "loss_last", "lr", "weight_lr", "surrogate", "trained"}``; the
         sites keep their modes from before the call.
 
     Raises:
@@ -73,7 +76,13 @@ def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], s
     for p, _ in frozen:
         p.requires_grad_(False)
     params = _attach(sites, surrogate, train_psi)
-    opt = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": params, "lr": lr}]
+    weights = _decoder_weights(snn) if weight_lr > 0 else []
+    if weights:
+        for w in weights:
+            w.requires_grad_(True)
+        groups.append({"params": weights, "lr": weight_lr})
+    opt = torch.optim.Adam(groups)
     losses = []
     was_training = snn.training
     snn.eval()  # no dropout: the trained values are the ones inference uses
@@ -88,13 +97,13 @@ def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], s
                 with torch.no_grad():
                     target = ann(ids).logits
                 loss = _kl(snn(ids).logits, target)
-                if not math.isfinite(float(loss)):
-                    raise ValueError(f"distillation diverged at step {step + 1} (loss {float(loss)}); "
+                if not math.isfinite(float(loss.detach())):
+                    raise ValueError(f"distillation diverged at step {step + 1} (loss {float(loss.detach())}); "
                                      "use a smaller learning rate or fewer steps")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
     finally:
         _detach(sites, train_psi)
@@ -104,10 +113,26 @@ def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], s
             p.requires_grad_(flag)
         snn.train(was_training)
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    return {"steps": steps, "seconds": time.time() - start, "lr": lr, "loss_first": sum(head) / len(head),
-            "loss_last": sum(tail) / len(tail),
+    trained = ["log_theta", "psi"] if train_psi else ["log_theta"]
+    if weights:
+        trained.append(f"{len(weights)} decoder weight matrices")
+    return {"steps": steps, "seconds": time.time() - start, "lr": lr, "weight_lr": weight_lr,
+            "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail),
             "surrogate": type(surrogate).__name__ if surrogate is not None else "straight-through",
-            "trained": ["log_theta", "psi"] if train_psi else ["log_theta"]}
+            "trained": trained}
+
+
+def _decoder_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Float weight matrices of linear layers (nn.Linear / Conv1D), except the (tied) head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = {id(head.weight)} if head is not None else set()
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if inputs is not None:
+        tied.add(id(inputs.weight))
+    return [m.weight for m in model.modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and m.weight.is_floating_point() and id(m.weight) not in tied]
 
 
 def _attach(sites: list[DAQCFSSite], surrogate: nn.Module | None, train_psi: bool) -> list[torch.Tensor]:
@@ -117,8 +142,6 @@ def _attach(sites: list[DAQCFSSite], surrogate: nn.Module | None, train_psi: boo
     for site in sites:
         site.mode = SiteMode.QUANT
         site.surrogate = surrogate
-        # the caps that pass the calibration maxima, in input units, so they survive new thresholds
-        site._peak = site.burst * site.theta.detach()
         parametrize.register_parametrization(site, "theta", _LogParam())
         original = site.parametrizations.theta.original
         original.requires_grad_(True)
@@ -157,9 +180,4 @@ def _detach(sites: list[DAQCFSSite], train_psi: bool) -> None:
             parametrize.remove_parametrizations(site, "theta", leave_parametrized=True)
         site.theta.requires_grad_(False)
         site.psi.requires_grad_(False)
-        with torch.no_grad():
-            # keep every calibration maximum inside the burst range of the new threshold
-            need = torch.ceil(site._peak / site.theta).clamp(min=1)
-            site.burst.copy_(torch.where(site.burst > 1, torch.maximum(site.burst, need), site.burst))
-        del site._peak
         site.surrogate = None

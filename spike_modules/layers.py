@@ -1,4 +1,5 @@
-"""Spiking linear layers: a DA-QCFS site in front of an unchanged linear layer."""
+"""Spiking linear layers (a DA-QCFS site in front of an unchanged linear layer) and the gated
+MLP whose ``act(gate) * up`` product runs in the rate domain in the sequential simulation."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .site import DAQCFSSite
+from .temporal import apply_site, rate_op
 
 
 def in_features(linear: nn.Module) -> int:
@@ -45,7 +47,7 @@ class SharedInput:
             if not self._left:
                 self._x = self._y = None  # do not keep activations alive past the last reader
             return y
-        y = self.site(x)
+        y = apply_site(self.site, x)
         self._x, self._y, self._version, self._left = x, y, version, self.readers - 1
         if not self._left:
             self._x = self._y = None
@@ -73,3 +75,30 @@ class SpikeLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self._shared.site.name!r}"
+
+
+class SpikeGatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` (Llama's MLP) whose elementwise part ``act(g) * u`` runs
+    causally in the rate domain in the sequential simulation; outside it, exactly the original.
+
+    The children keep the original names (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``),
+    so the parameter names do not change. ``act_fn`` must not be a ``RateActivation`` itself:
+    the product and the activation form one rate-domain op.
+    """
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        missing = [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(mlp, n)]
+        if missing:
+            raise ValueError(f"SpikeGatedMLP needs a gated MLP with gate_proj, up_proj, down_proj and act_fn; "
+                             f"{type(mlp).__name__} lacks {missing}")
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.stac_sim_T: int | None = None
+
+    def _gated(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(g) * u
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        h = self._gated(g, u) if self.stac_sim_T is None else rate_op(self._gated, self.stac_sim_T, g, u)
+        return self.down_proj(h)

@@ -1,4 +1,7 @@
-"""Conversion of tiny random Llama and GPT-2 models: wiring proven by large-T agreement."""
+"""Conversion of tiny random Llama and GPT-2 models: wiring proven by large-T agreement, configs, the log."""
+
+import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -6,9 +9,11 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from calibration import CalibrationConfig, calibrate
-from smollm2_converter import ConversionConfig, convert, convert_
+from smollm2_converter import MODE_DEFAULTS, ConversionConfig, conversion_log, convert, convert_, swap_log
 from spike_modules import iter_sites, set_mode, set_timesteps, spike_rates
-from spike_modules.layers import SpikeLinear
+from spike_modules.layers import SpikeGatedMLP, SpikeLinear
+from spike_modules.norm import SpikeNorm
+from spike_modules.temporal import RateActivation
 from stac_eval import evaluate_lm, windows
 
 VOCAB = 64
@@ -29,7 +34,9 @@ def tiny_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
-MODELS = {"llama": (tiny_llama, 4 * 2), "gpt2": (tiny_gpt2, 4 * 2)}  # sites: 4 per layer, 2 layers
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+# sites per layer: 4 at block linear inputs, q/k/v, and one on the probabilities when spiked; 2 layers
+SITES_PER_LAYER = {"full": 4 + 3, "simplified": 4 + 3 + 1}
 
 
 def data(n=6, seq=24, seed=1):
@@ -37,9 +44,9 @@ def data(n=6, seq=24, seed=1):
     return torch.randint(2, VOCAB, (n, seq), generator=g)
 
 
-def converted(make, T, rule="max"):
+def converted(make, T, rule="max", **structure):
     ann = make()
-    snn = convert(ann, ConversionConfig(T=T))
+    snn = convert(ann, ConversionConfig(T=T, **structure))
     calibrate(snn, data().split(2), CalibrationConfig(T=T, rule=rule, fit_affine=False), progress=False).apply_to(snn)
     set_mode(snn, "parallel")
     return ann, snn
@@ -48,10 +55,10 @@ def converted(make, T, rule="max"):
 @pytest.mark.parametrize("arch", MODELS)
 def test_large_T_matches_ann_and_T1_does_not(arch):
     """With max thresholds (no clipping on this data) the only error is rounding, which
-    vanishes as T grows: any miswired weight, transposition or position would not."""
-    make, n_sites = MODELS[arch]
-    ann, snn = converted(make, 512)
-    assert len(list(iter_sites(snn))) == n_sites
+    vanishes as T grows: any miswired weight, transposition, position, head or mask would not.
+    Every structural option is on: sites on q/k/v, on the probabilities and at the head."""
+    ann, snn = converted(MODELS[arch], 512, mode="simplified", spike_head=True)
+    assert len(list(iter_sites(snn))) == 2 * SITES_PER_LAYER["simplified"] + 1
     x = data()
     with torch.no_grad():
         ref, out = ann(x).logits, snn(x).logits
@@ -66,17 +73,66 @@ def test_large_T_matches_ann_and_T1_does_not(arch):
 
 
 @pytest.mark.parametrize("arch", MODELS)
-def test_convert_returns_a_new_model_and_wraps_every_block_linear(arch):
-    make, n_sites = MODELS[arch]
-    ann = make()
-    snn = convert(ann, ConversionConfig(T=8))
-    assert not any(isinstance(m, SpikeLinear) for m in ann.modules()), "the original is untouched"
+@pytest.mark.parametrize("mode", ["full", "simplified"])
+def test_convert_returns_a_new_model_and_swaps_every_part(arch, mode):
+    ann = MODELS[arch]()
+    snn = convert(ann, ConversionConfig(T=8, mode=mode))
+    assert not any(isinstance(m, (SpikeLinear, SpikeNorm)) for m in ann.modules()), "the original is untouched"
+    assert ann.config._attn_implementation != "stac_spike"
+    assert snn.config._attn_implementation == "stac_spike"
     wrapped = [n for n, m in snn.named_modules() if isinstance(m, SpikeLinear)]
     assert len(wrapped) == (7 if arch == "llama" else 4) * 2  # q,k,v,o,gate,up,down | c_attn,c_proj,c_fc,c_proj
-    # shared inputs: q/k/v read one site, so the site is registered once
-    assert len(list(iter_sites(snn))) == n_sites
+    assert sum(isinstance(m, SpikeNorm) for m in snn.modules()) == 2 * 2 + 1
+    if arch == "llama":
+        assert sum(isinstance(m, SpikeGatedMLP) for m in snn.modules()) == 2
+        assert not any(isinstance(m, RateActivation) for m in snn.modules()), "the gated MLP runs its activation"
+    else:
+        assert sum(isinstance(m, RateActivation) for m in snn.modules()) == 2
+    # shared inputs: q/k/v projections read one site, so it is registered once
+    names = [name for name, _ in iter_sites(snn)]
+    assert len(names) == 2 * SITES_PER_LAYER[mode]
+    attn = "model.layers.1.self_attn" if arch == "llama" else "transformer.h.1.attn"
+    assert f"{attn}.q_site" in names and (f"{attn}.p_site" in names) == (mode == "simplified")
     with pytest.raises(ValueError, match="already has spiking sites"):
         convert_(snn, ConversionConfig(T=8))
+
+
+def test_config_modes_defaults_and_json_round_trip():
+    full, simple = ConversionConfig(), ConversionConfig(mode="simplified")
+    assert (full.spike_probs, simple.spike_probs) == (False, True)
+    assert all(getattr(full, k) == v for k, v in MODE_DEFAULTS["full"].items())
+    custom = ConversionConfig(T=32, mode="simplified", spike_probs=False, spike_norm=False, activation="relu")
+    assert (custom.spike_probs, custom.spike_norm, custom.spike_qkv, custom.activation) == (False, False, True, "relu")
+    for cfg in (full, simple, custom):
+        assert ConversionConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg
+    for bad, match in [({"mode": "fast"}, "mode must be one of full, simplified"),
+                       ({"activation": "gelu"}, "activation must be one of keep, relu"),
+                       ({"spike_probs": 1}, "spike_probs must be True or False"),
+                       ({"T": 0}, "T must be between")]:
+        with pytest.raises(ValueError, match=match):
+            ConversionConfig(**bad)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_conversion_log_records_every_change(arch):
+    snn = convert(MODELS[arch](), ConversionConfig(T=8, mode="simplified", spike_head=True))
+    log = conversion_log(snn)
+    paths = {r.path: r for r in log}
+    swapped = [n for n, m in snn.named_modules() if isinstance(m, (SpikeLinear, SpikeNorm, SpikeGatedMLP, RateActivation))]
+    assert set(swapped) <= set(paths), set(swapped) - set(paths)
+    assert {n for n, _ in iter_sites(snn)} <= set(paths)
+    assert paths["config._attn_implementation"].new == "stac_spike"
+    assert paths["lm_head"].new == "SpikeLinear"
+    text = swap_log(snn)
+    assert text.count("\n") == len(log) and "lm_head: Linear -> SpikeLinear" in text
+    with pytest.raises(ValueError, match="was not converted by STAC"):
+        conversion_log(MODELS[arch]())
+
+
+def test_spike_head_keeps_the_tied_weight():
+    snn = convert(tiny_llama(), ConversionConfig(T=8, spike_head=True))
+    assert snn.lm_head.linear.weight is snn.model.embed_tokens.weight
+    assert snn.lm_head.site.num_channels == 32 and snn.lm_head.site.signed
 
 
 def test_gpt2_conv1d_weights_are_wrapped_not_copied():
@@ -87,20 +143,36 @@ def test_gpt2_conv1d_weights_are_wrapped_not_copied():
     assert snn.transformer.h[0].attn.c_attn.site.num_channels == 32
 
 
+def test_norm_parameters_keep_their_tensors_under_the_wrapper():
+    ann = tiny_llama()
+    w = ann.model.layers[0].input_layernorm.weight
+    snn = convert_(ann, ConversionConfig(T=8))
+    assert snn.model.layers[0].input_layernorm.norm.weight is w
+    assert "model.layers.0.input_layernorm.norm.weight" in snn.state_dict()
+
+
 def test_relu_activation_swap_makes_gpt2_mlp_output_site_unsigned():
     snn = convert(tiny_gpt2(), ConversionConfig(T=8, activation="relu"))
-    assert isinstance(snn.transformer.h[0].mlp.act, nn.ReLU)
+    assert isinstance(snn.transformer.h[0].mlp.act, RateActivation)
+    assert isinstance(snn.transformer.h[0].mlp.act.act, nn.ReLU)
+    assert ("transformer.h.0.mlp.act", "NewGELUActivation", "ReLU") in conversion_log(snn)
     sites = dict(iter_sites(snn))
     assert not sites["transformer.h.0.mlp.c_proj.site"].signed and sites["transformer.h.0.mlp.c_fc.site"].signed
 
 
-def test_unsupported_architecture_lists_supported_ones():
+def test_unsupported_architecture_and_modules_are_errors_not_skips():
     from transformers import BertConfig, BertModel
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
     with pytest.raises(ValueError, match=r"unsupported architecture 'bert'.*gpt2 \(gpt2\); llama \(llama\)"):
         convert(bert, ConversionConfig(T=8))
-    with pytest.raises(ValueError, match="activation must be one of keep, relu"):
-        ConversionConfig(T=8, activation="gelu")
+    odd = tiny_llama()
+    odd.model.layers[1].post_attention_layernorm = nn.Identity()
+    with pytest.raises(ValueError, match=r"model.layers.1.post_attention_layernorm is a Identity; as a norm STAC "
+                                         r"converts: LayerNorm, LlamaRMSNorm"):
+        convert(odd, ConversionConfig(T=8))
+    cross = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, add_cross_attention=True))
+    with pytest.raises(ValueError, match="cross-attention"):
+        convert(cross, ConversionConfig(T=8))
 
 
 def test_evaluate_lm_protocol_and_agreement():

@@ -1,7 +1,9 @@
 """One adapter per architecture, behind one registry keyed by ``config.model_type``.
 
-An adapter says where the spiking sites go: groups of linear layers inside the
-blocks that read the same input, and whether that input can be negative.
+An adapter says *where* things go: groups of linear layers inside the blocks that read the
+same input through one site (and whether that input can be negative), the activations, the
+gated MLPs, the norms, the attention modules and the head. *What* replaces a module of a
+given type is the swap registry's job (``spike_modules.conversion.SWAPS``).
 """
 
 from __future__ import annotations
@@ -22,11 +24,34 @@ class SiteGroup:
 
 
 @dataclass(frozen=True)
+class AttentionSpec:
+    """An attention module (qualified name) and its head layout."""
+
+    path: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
 class Adapter:
+    """Where conversion acts in one architecture family; every callable takes the model.
+
+    ``site_groups(model, activation)``: sites at the block linears' inputs.
+    ``activation_paths``: the MLP activations (replaced by ReLU under ``activation='relu'``).
+    ``gated_mlp_paths``: MLPs computing ``down(act(gate) * up)``; their activation is part of
+    the gated MLP's rate-domain op and is not wrapped on its own.
+    ``norm_paths``, ``attentions``, ``head``: the norms, attention modules and output head.
+    """
+
     family: str
     model_types: tuple[str, ...]
-    site_groups: Callable[[nn.Module, str], list[SiteGroup]]   # (model, activation) -> groups
-    activation_paths: Callable[[nn.Module], list[str]]          # modules replaced by --activation relu
+    site_groups: Callable[[nn.Module, str], list[SiteGroup]]
+    activation_paths: Callable[[nn.Module], list[str]]
+    gated_mlp_paths: Callable[[nn.Module], list[str]]
+    norm_paths: Callable[[nn.Module], list[str]]
+    attentions: Callable[[nn.Module], list[AttentionSpec]]
+    head: str
 
 
 ADAPTERS: dict[str, Adapter] = {}

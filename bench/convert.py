@@ -1,0 +1,107 @@
+"""Conversion benchmark: perplexity, agreement, spikes, energy and latency against T, both modes.
+
+Runs ``run_conversion``'s pipeline (``stac_lm.run``) on the embedded SmolLM2-135M-Instruct for
+every mode and T asked, with the same calibration text (Hamlet, Macbeth, Othello) and the
+same held-out evaluation text (The Tempest), and collects from each report: perplexity ratio,
+top-1 agreement, mean spike rate, coverage, energy ratio, conversion seconds, and the
+parallel-SNN forward latency against the ANN's, timed side by side (interleaved, median).
+Optionally runs SpikingJelly's own Qwen2SNNRecipe on the same model and texts
+(``bench/peer_spikingjelly.py``) for the peer comparison of DESIGN.md section 3.
+
+    python bench/convert.py --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stac_io import check_output_free, write_json  # noqa: E402
+from stac_lm import ConvertOptions, run  # noqa: E402
+
+FIELDS = ("ppl_ann", "ppl_snn", "ppl_ratio", "top1_agreement", "mean_spike_rate", "coverage", "energy_ratio",
+          "conversion_seconds")
+
+
+@torch.inference_mode()
+def latency_ratio(ann, snn, ids: torch.Tensor, repeats: int = 5) -> dict:
+    """Median forward time of the parallel SNN and the ANN on one window, interleaved runs."""
+    times = {"ann": [], "snn": []}
+    ann(ids), snn(ids)  # warm-up
+    for _ in range(repeats):
+        for name, model in (("ann", ann), ("snn", snn)):
+            t0 = time.perf_counter()
+            model(ids)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"ann_seconds": med["ann"], "snn_seconds": med["snn"], "ratio": med["snn"] / med["ann"],
+            "tokens": int(ids.numel()), "repeats": repeats}
+
+
+def one_run(mode: str, T: int, args, workdir: Path) -> dict:
+    opts = ConvertOptions(simplified=mode == "simplified", timesteps=T, calib_tokens=args.calib_tokens,
+                          eval_tokens=args.eval_tokens, finetune_steps=args.finetune_steps,
+                          output_dir=str(workdir / f"{mode}_T{T}"), overwrite=True, device="cpu")
+    out = run(opts, progress=False)
+    report = out.report
+    row = {"mode": mode, "T": T, **{k: report[k] for k in FIELDS}}
+    row["options"] = opts.to_dict()
+    row["sequential"] = report.get("sequential")
+    row["spike_checks"] = [c for c in report.get("checks", [])]
+    row["latency"] = latency_ratio(out.ann, out.snn, out.eval_stream.ids[:512][None])
+    print(f"{mode:10s} T={T:3d} ratio {row['ppl_ratio']:.3f} agree {row['top1_agreement']:.3f} "
+          f"rate {row['mean_spike_rate']:.3f} energy {row['energy_ratio']:.3f} "
+          f"latency x{row['latency']['ratio']:.2f} convert {row['conversion_seconds']:.0f}s", flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--timesteps", default="4,8,16,32")
+    p.add_argument("--modes", default="full,simplified")
+    p.add_argument("--calib_tokens", type=int, default=8192)
+    p.add_argument("--eval_tokens", type=int, default=4096)
+    p.add_argument("--finetune_steps", type=int, default=0)
+    p.add_argument("--peer", action="store_true", help="also run SpikingJelly's Qwen2SNNRecipe at T >= 16")
+    p.add_argument("--out", default="docs/bench_convert.json")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args()
+    out = check_output_free(args.out, args.overwrite)
+    Ts = [int(t) for t in args.timesteps.split(",")]
+    modes = args.modes.split(",")
+    t0 = time.time()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stac_bench_") as tmp:
+        for mode in modes:
+            for T in Ts:
+                rows.append(one_run(mode, T, args, Path(tmp)))
+    peer = None
+    if args.peer:
+        from bench.peer_spikingjelly import run_peer_on_embedded
+
+        peer = run_peer_on_embedded([T for T in Ts if T >= 16], args.calib_tokens, args.eval_tokens)
+    result = {
+        "benchmark": "bench/convert.py", "command": " ".join(["python", *sys.argv]),
+        "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)",
+        "calibration_text": "Shakespeare: hamlet, macbeth, othello", "eval_text": "Shakespeare: tempest",
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "seconds": time.time() - t0, "results": rows, "peer_spikingjelly": peer,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Convert a causal language model into a spiking network, verify it against the original, save it.
+
+  python run_conversion.py                                   # embedded SmolLM2-135M-Instruct, full mode, T=16
+  python run_conversion.py --simplified --timesteps 8
+  python run_conversion.py --model_name distilgpt2 --output_dir out/distilgpt2_T16
+  python run_conversion.py --verify --model_dir out/snn_SmolLM2-135M-Instruct_T16_full
+
+Every flag also takes dashes (--model-name). Exit codes: 0 done, 3 done but a verification check
+failed (report.json says which), 2 bad input (one line on stderr), 1 a STAC component missing from
+this checkout, 130 interrupted (nothing half-written is left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stac_lm.options import ACTIVATIONS, DEVICES, MAX_CLI_TIMESTEPS, QUANT_BACKENDS, THRESHOLD_RULES
+
+PROG = "run_conversion.py"
+# flags that still mean something when verifying a saved directory
+VERIFY_FLAGS = {"model_dir", "verify", "eval_text", "eval_tokens", "device", "use_sparse"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str, code: int = 2):
+    one_line = " ".join(str(message).replace("\n  - ", "; ").split())
+    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """``--name`` and, for names with underscores, ``--name-with-dashes``; unset flags stay unset so
+    the defaults live in one place (``stac_lm.options.ConvertOptions``)."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    p.add_argument(*spellings, dest=name, default=argparse.SUPPRESS, **kw)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and mode")
+    flag(g, "model_name", metavar="NAME", help="source model: 'embedded' (default: SmolLM2-135M-Instruct, offline), "
+                                               "a local Hugging Face folder, or a hub name (online or cached)")
+    flag(g, "simplified", action="store_true", help="fast structural swap: ReLU, quick thresholds "
+                                                     "(percentile), no 8-bit weights")
+    flag(g, "timesteps", type=int, metavar="T", help=f"spike timesteps, 1..{MAX_CLI_TIMESTEPS} (default 16)")
+    flag(g, "activation", choices=ACTIVATIONS, help="keep the model's SiLU/GELU or swap them for ReLU "
+                                                    "(default: keep; relu with --simplified)")
+    flag(g, "device", choices=DEVICES, help="auto = CUDA when present (default auto)")
+    g = p.add_argument_group("calibration and evaluation text (kept apart)")
+    flag(g, "calib_text", metavar="PATH", help="UTF-8 text for calibration (default: embedded Shakespeare: "
+                                                "Hamlet, Macbeth, Othello)")
+    flag(g, "calib_tokens", type=int, metavar="N", help="calibration tokens (default 8192; 2048 with --simplified)")
+    flag(g, "eval_text", metavar="PATH", help="UTF-8 text for evaluation (default: embedded The Tempest)")
+    flag(g, "eval_tokens", type=int, metavar="N", help="evaluation tokens, >= 512 (default 4096)")
+    g = p.add_argument_group("thresholds, weights, fine-tune")
+    flag(g, "threshold_rule", choices=THRESHOLD_RULES, help="per-channel threshold rule "
+                                                            "(default: mse; percentile with --simplified)")
+    flag(g, "percentile", type=float, metavar="Q", help="percentile of the percentile rule (default 99.9)")
+    flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
+    flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
+    flag(g, "surrogate_function", metavar="NAME", help="SpikingJelly surrogate gradient for the fine-tune, e.g. "
+                                                       "Sigmoid, ATan (default Sigmoid)")
+    flag(g, "seed", type=int, help="seed of the calibration sampling (default 0)")
+    g = p.add_argument_group("verification and output")
+    flag(g, "verify", action=argparse.BooleanOptionalAction,
+         help="measure the SNN against the ANN and write report.json (default: on); with --model_dir, "
+              "verify a saved directory instead of converting")
+    flag(g, "model_dir", metavar="DIR", help="a saved SNN directory to verify (with --verify)")
+    flag(g, "use_sparse", action="store_true", help="event-driven accumulation in the sequential simulation "
+                                                     "that verification runs")
+    flag(g, "output_dir", metavar="DIR", help="where to save (default: out/snn_<model>_T<T>_<mode>)")
+    flag(g, "overwrite", action="store_true", help="replace an existing output directory")
+    return p
+
+
+def _verify_saved(given: dict) -> dict:
+    extra = sorted(set(given) - VERIFY_FLAGS)
+    if extra:
+        fail(f"--model_dir verifies a saved SNN; conversion flags do not apply: {', '.join('--' + e for e in extra)}")
+    if given.get("verify") is False:
+        fail("--model_dir with --no-verify does nothing; use --verify --model_dir DIR")
+    from stac_lm.pipeline import verify_saved
+
+    return verify_saved(given["model_dir"], given.get("eval_text"), given.get("eval_tokens"),
+                        given.get("device", "auto"), use_sparse=given.get("use_sparse"))
+
+
+def _convert(given: dict) -> tuple[dict | None, str]:
+    from stac_lm.options import ConvertOptions
+
+    from stac_io import check_output_free
+
+    opts = ConvertOptions(**given)  # bad flags fail here, before torch is imported
+    check_output_free(opts.output_dir, opts.overwrite)
+    from stac_lm.pipeline import run
+
+    out = run(opts)
+    return out.report, opts.output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = vars(build_parser().parse_args(argv))
+    from stac_assets import MissingAssetError  # light: no torch until the work needs it
+    from stac_lm.integration import NotIntegratedError, user_error_types
+
+    target = given.get("model_dir") or given.get("output_dir") or "the output directory"
+    try:
+        if "model_dir" in given:
+            report, where = _verify_saved(given), f"report written to {given['model_dir']}/report.json"
+        else:
+            report, saved = _convert(given)
+            where = f"saved to {saved}"
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written to {target}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # ValueError covers OutputExistsError; MissingAssetError is a FileNotFoundError
+        if isinstance(e, (ValueError, FileNotFoundError, MissingAssetError, *user_error_types())):
+            fail(str(e))
+        if isinstance(e, NotIntegratedError):
+            fail(str(e), code=1)
+        raise  # anything else is a bug: let it show its traceback
+    if report is not None:
+        from rich.console import Console
+
+        from stac_lm.report import report_table
+
+        Console().print(report_table(report))
+    failed = [c["name"] for c in (report or {}).get("checks", []) if not c["passed"]]
+    print(where + (f"; FAILED checks: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 3 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

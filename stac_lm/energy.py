@@ -1,0 +1,230 @@
+"""Operation counts and the energy estimate of DESIGN.md (45 nm: MAC 4.6 pJ, accumulate 0.9 pJ).
+
+Conventions (stated in every report):
+
+- A linear layer behind a spiking site is spike-driven: each spike adds one weight row,
+  so it costs ``spikes x out_features`` accumulates (ACs). A site shared by several
+  readers (q/k/v, gate/up) feeds all of them: ``spikes x sum of their out_features``.
+  A signed site counts ``|spikes|``; a neuron that fires several spikes in a step counts
+  every spike (the site's own spike counter).
+- Every other linear layer (the LM head included) costs ``tokens x in x out`` MACs.
+- Attention matmuls (``QK^T`` and ``PV``) cost MACs by shape, causal: only the
+  ``S(S+1)/2`` query-key pairs a causal kernel needs, per batch row and query head,
+  ``head_dim`` MACs each, for each of the two matmuls. Spiking sites inside attention do
+  not make these matmuls cheaper here (a conservative count).
+- Element-wise work (norms, activations, softmax, residual adds, embedding lookups) and
+  memory traffic are not counted.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from spike_modules import DAQCFSSite, SpikeStats
+from spike_modules.layers import SpikeLinear
+
+E_MAC_PJ = 4.6
+E_AC_PJ = 0.9
+CONVENTION = (
+    "ops counted with forward hooks over the whole evaluation text; MAC 4.6 pJ, accumulate (spike x weight) 0.9 pJ "
+    "(45 nm); a linear layer behind a spiking site costs |spikes| x (sum of its readers' out_features) "
+    "accumulates; other linear layers (LM head included) cost tokens x in x out MACs; attention matmuls "
+    "QK^T and PV cost MACs by shape over the causal S(S+1)/2 query-key pairs per head; element-wise ops "
+    "(norms, activations, softmax, residual adds) and memory traffic are not counted")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear-like leaf layer, else None.
+
+    GPT-2's ``Conv1D`` stores its weight ``[in, out]``. Other linear layers (8-bit ones
+    included) are recognised by integer ``in_features``/``out_features`` attributes.
+    """
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(i, int) and isinstance(o, int) and not isinstance(i, bool):
+        return i, o
+    return None
+
+
+def group_name(path: str) -> str:
+    """A module path with its layer index replaced by ``*`` (``model.layers.*.mlp.down_proj``)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", path)
+
+
+def site_neurons(site: DAQCFSSite) -> list[SpikeStats]:
+    """The site's neurons (parallel, sequential, burst...); only the active mode's one counts."""
+    return [m for m in site.modules() if isinstance(m, SpikeStats)]
+
+
+def site_spikes(site: DAQCFSSite) -> float:
+    """Spikes counted so far by all of the site's neurons (every spike of a burst counts)."""
+    return sum(n.spikes_total for n in site_neurons(site))
+
+
+def _attention_dims(config) -> tuple[int, int]:
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, int(head_dim)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Attention")
+
+
+@dataclass
+class OpCounts:
+    """Operation counts of one forward pass.
+
+    ``dense_macs`` includes ``attention_macs``; ``spike_driven_macs`` is what the spike-driven
+    layers would cost as dense MACs (the ANN's cost of the same layers).
+    """
+
+    tokens: int
+    dense_macs: int = 0
+    attention_macs: int = 0
+    spike_acs: float = 0.0
+    spike_driven_macs: int = 0
+    per_module: dict[str, dict] = field(default_factory=dict)
+    predictions: torch.Tensor | None = None  # top-1 tokens of the last counted forward [B, S]
+
+    @property
+    def total_macs_equivalent(self) -> int:
+        """Dense MACs plus the MACs the spike-driven layers replace: the ANN's count for the same net."""
+        return self.dense_macs + self.spike_driven_macs
+
+    @property
+    def energy_pj(self) -> float:
+        return self.dense_macs * E_MAC_PJ + self.spike_acs * E_AC_PJ
+
+    def per_group(self) -> dict[str, dict]:
+        """Per-module counts summed over layers (``model.layers.*.mlp.down_proj``)."""
+        out: dict[str, dict] = {}
+        for path, d in self.per_module.items():
+            g = out.setdefault(group_name(path), {"kind": d["kind"], "macs": 0, "acs": 0.0, "mac_equivalent": 0})
+            for k in ("macs", "acs", "mac_equivalent"):
+                g[k] += d[k]
+        return out
+
+
+@contextmanager
+def counting(model: nn.Module) -> Iterator[OpCounts]:
+    """Count the operations of every forward of ``model`` inside the block (conventions in the
+    module docstring). The yielded :class:`OpCounts` is filled in when the block ends;
+    ``predictions`` holds the top-1 tokens of the last forward.
+
+    Raises:
+        ValueError: the model's attention modules cannot be found (one per layer), so the count
+            would silently miss them.
+    """
+    readers: dict[int, list[str]] = {}   # id(site) -> paths of its spike-driven linear layers
+    sites: dict[int, DAQCFSSite] = {}
+    driven: set[str] = set()             # paths of the linear layers behind a site
+    shapes: dict[str, tuple[int, int]] = {}
+    attentions = []
+    for path, m in model.named_modules():
+        if isinstance(m, SpikeLinear):
+            site, lin_path = m._shared.site, f"{path}.linear" if path else "linear"
+            sites[id(site)] = site
+            readers.setdefault(id(site), []).append(lin_path)
+            driven.add(lin_path)
+        shape = linear_shape(m)
+        if shape is not None:
+            shapes[path] = shape
+        elif _is_attention(m):
+            attentions.append(m)
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if len(attentions) != layers:
+        raise ValueError(f"found {len(attentions)} attention modules (classes named *Attention) for {layers} "
+                         "layers; the attention op count would be wrong")
+    heads, head_dim = _attention_dims(model.config)
+    counts = OpCounts(tokens=0)
+    seen_tokens: dict[str, int] = {}
+
+    def linear_hook(path, width):
+        def hook(module, args, output):
+            seen_tokens[path] = seen_tokens.get(path, 0) + args[0].numel() // width
+        return hook
+
+    def attention_hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        B, S = int(hidden.shape[0]), int(hidden.shape[1])
+        counts.attention_macs += 2 * B * heads * head_dim * S * (S + 1) // 2
+
+    def model_hook(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        counts.tokens += int(ids.numel())
+        counts.predictions = output.logits.detach().argmax(-1)
+
+    handles = [model.register_forward_hook(model_hook, with_kwargs=True)]
+    handles += [model.get_submodule(p).register_forward_hook(linear_hook(p, shape[0])) for p, shape in shapes.items()]
+    handles += [m.register_forward_pre_hook(attention_hook, with_kwargs=True) for m in attentions]
+    before = {k: site_spikes(s) for k, s in sites.items()}
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+    spikes = {k: site_spikes(s) - before[k] for k, s in sites.items()}
+    for path, tokens in seen_tokens.items():
+        i, o = shapes[path]
+        macs = tokens * i * o
+        spiking = path in driven
+        counts.per_module[path] = {"kind": "spike" if spiking else "dense", "macs": 0 if spiking else macs,
+                                   "acs": 0.0, "mac_equivalent": macs}
+        if spiking:
+            counts.spike_driven_macs += macs
+        else:
+            counts.dense_macs += macs
+    for key, paths in readers.items():
+        for p in paths:
+            if p in counts.per_module:  # a reader that ran: its weights were read for every spike
+                acs = spikes[key] * shapes[p][1]
+                counts.per_module[p]["acs"] = acs
+                counts.spike_acs += acs
+    counts.dense_macs += counts.attention_macs
+
+
+@torch.no_grad()
+def count_ops(model: nn.Module, input_ids: torch.Tensor) -> OpCounts:
+    """Run ``model(input_ids)`` once and count its operations (see :func:`counting`).
+
+    Raises:
+        ValueError: ``input_ids`` is not ``[B, S]``, or see :func:`counting`.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    with counting(model) as counts:
+        model(input_ids)
+    return counts
+
+
+def energy_summary(ann: OpCounts, snn: OpCounts) -> dict:
+    """The report's energy section: coverage, energy ratio and the counts behind them."""
+    e_ann, e_snn = ann.energy_pj, snn.energy_pj
+    ann_macs = ann.total_macs_equivalent
+    return {
+        "convention": CONVENTION,
+        "memory_traffic_counted": False,
+        "pj_per_mac": E_MAC_PJ,
+        "pj_per_ac": E_AC_PJ,
+        "tokens": snn.tokens,
+        "ann_macs": ann_macs,
+        "snn_dense_macs": snn.dense_macs,
+        "snn_attention_macs": snn.attention_macs,
+        "snn_spike_acs": snn.spike_acs,
+        "snn_spike_driven_macs": snn.spike_driven_macs,
+        "coverage": snn.spike_driven_macs / ann_macs if ann_macs else 0.0,
+        "ann_energy_uj_per_token": e_ann / ann.tokens * 1e-6,
+        "snn_energy_uj_per_token": e_snn / snn.tokens * 1e-6,
+        "energy_ratio": e_snn / e_ann if e_ann else float("nan"),
+        "op_counts_consistent": ann_macs == snn.total_macs_equivalent,
+        "per_group": snn.per_group(),
+    }

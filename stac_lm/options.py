@@ -1,0 +1,171 @@
+"""``ConvertOptions``: every parameter of one conversion run, validated, saved as JSON.
+
+Mode-dependent defaults (``None`` below) are resolved in ``__post_init__``, so a saved
+options file always holds the concrete values that were used:
+
+=================  ===========  ==============
+option             full mode    ``--simplified``
+=================  ===========  ==============
+threshold_rule     mse          percentile
+quant_backend      own          none (int8 is refused)
+activation         keep         relu
+calib_tokens       8192         2048
+=================  ===========  ==============
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from stac_assets import EMBEDDED_LM, is_embedded_lm
+
+MAX_CLI_TIMESTEPS = 512
+DEVICES = ("auto", "cpu", "cuda")
+THRESHOLD_RULES = ("max", "percentile", "mse")
+QUANT_BACKENDS = ("own", "bnb", "torchao", "none")
+ACTIVATIONS = ("keep", "relu")
+EVAL_WINDOW = 512  # the fixed perplexity protocol of stac_eval
+FORMAT_VERSION = 1
+
+
+def surrogate_names() -> tuple[str, ...]:
+    """Surrogate-gradient classes SpikingJelly offers (``spikingjelly.activation_based.surrogate``)."""
+    import inspect
+
+    from spikingjelly.activation_based import surrogate
+
+    base = surrogate.SurrogateFunctionBase
+    return tuple(sorted(n for n, c in inspect.getmembers(surrogate, inspect.isclass)
+                        if issubclass(c, base) and c is not base))
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """One conversion run (the CLI's flags, same names). ``None`` means "the mode's default".
+
+    Raises:
+        ValueError: any value out of range, an unknown choice, int8 asked in simplified mode,
+            a missing text file, or the same file given for calibration and evaluation.
+    """
+
+    model_name: str = "embedded"
+    simplified: bool = False
+    timesteps: int = 16
+    output_dir: str | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    calib_text: str | None = None
+    calib_tokens: int | None = None
+    eval_text: str | None = None
+    eval_tokens: int = 4096
+    threshold_rule: str | None = None
+    percentile: float = 99.9
+    quant_backend: str | None = None
+    activation: str | None = None
+    finetune_steps: int = 0
+    surrogate_function: str = "Sigmoid"
+    use_sparse: bool = False
+    verify: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        full = not self.simplified
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: resolve defaults once)
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise ValueError("model_name must be a non-empty string (a hub name, a local folder, or 'embedded')")
+        _check_int("timesteps", self.timesteps, 1, MAX_CLI_TIMESTEPS)
+        _check_choice("device", self.device, DEVICES)
+        if self.threshold_rule is None:
+            set_("threshold_rule", "mse" if full else "percentile")
+        _check_choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if self.quant_backend is None:
+            set_("quant_backend", "own" if full else "none")
+        _check_choice("quant_backend", self.quant_backend, QUANT_BACKENDS)
+        if self.simplified and self.quant_backend != "none":
+            raise ValueError(f"--simplified does not quantize weights (quant_backend {self.quant_backend!r} asked); "
+                             "drop --quant_backend, or drop --simplified for 8-bit weights")
+        if self.activation is None:
+            set_("activation", "keep" if full else "relu")
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        if self.calib_tokens is None:
+            set_("calib_tokens", 8192 if full else 2048)
+        _check_int("calib_tokens", self.calib_tokens, 1)
+        _check_int("eval_tokens", self.eval_tokens, EVAL_WINDOW)
+        _check_int("finetune_steps", self.finetune_steps, 0)
+        _check_int("seed", self.seed, 0)
+        for key in ("simplified", "overwrite", "use_sparse", "verify"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.use_sparse and not self.verify:
+            raise ValueError("--use_sparse applies to the sequential simulation, which only verification runs; "
+                             "drop --no-verify or --use_sparse")
+        self._check_texts()
+        names = surrogate_names()  # last: the only check that imports SpikingJelly (and torch)
+        if self.surrogate_function not in names:
+            raise ValueError(f"unknown surrogate_function {self.surrogate_function!r}; SpikingJelly offers: "
+                             f"{', '.join(names)}")
+        if self.output_dir is None:
+            set_("output_dir", str(Path("out") / f"snn_{self.model_slug}_T{self.timesteps}_{self.mode}"))
+
+    def _check_texts(self) -> None:
+        for key in ("calib_text", "eval_text"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{key} {path}: no such file")
+        if self.calib_text is not None and self.eval_text is not None \
+                and Path(self.calib_text).resolve() == Path(self.eval_text).resolve():
+            raise ValueError(f"--calib_text and --eval_text are the same file ({self.calib_text}); evaluation "
+                             "text must be kept apart from calibration text: give another file for one of them")
+
+    @property
+    def mode(self) -> str:
+        return "simplified" if self.simplified else "full"
+
+    @property
+    def model_slug(self) -> str:
+        """A file-name-safe short name of the source model."""
+        name = EMBEDDED_LM if is_embedded_lm(self.model_name) else Path(self.model_name.rstrip("/")).name
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "model"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConvertOptions":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a file from another version)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"conversion options must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown conversion option(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ConvertOptions":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"conversion options are not valid JSON ({e})") from None

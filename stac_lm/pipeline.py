@@ -1,0 +1,252 @@
+"""The conversion pipeline: load -> convert -> calibrate -> (int8) -> (finetune) -> verify -> save.
+
+Every step is timed and logged; long steps show rich progress bars. The output
+directory is checked before any work, and written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from calibration import Calibration, CalibrationConfig, calibrate
+from spike_modules import set_mode
+from stac_assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, smollm2_gguf
+from stac_io import check_output_free, sha256_file, write_json
+
+from . import integration
+from .options import EVAL_WINDOW, ConvertOptions
+from .texts import TokenStream, calibration_batches, load_streams
+from .verify import input_device, verify
+
+CALIB_SEQ = 512  # tokens per calibration window (shorter only if the model or the text is shorter)
+
+
+class StepTimer:
+    """Times named steps and logs each one to a rich console (stderr).
+
+    ``spinner=True`` shows a rich status spinner for a step that has no progress bar of its
+    own (rich allows one live display at a time, so never around a step that draws a bar).
+    """
+
+    def __init__(self, console: Console | None = None, progress: bool = True):
+        self.console = console or Console(stderr=True)
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, spinner: bool = False) -> Iterator[None]:
+        self.console.print(f"[bold cyan]>[/] {name} ...")
+        t0 = time.perf_counter()
+        with self.console.status(name) if spinner and self.progress else nullcontext():
+            yield
+        dt = time.perf_counter() - t0
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+        self.console.print(f"  [green]done[/] {name} in {dt:.1f} s")
+
+
+@dataclass
+class Converted:
+    """Everything a run produced; :func:`stac_lm.saving.save_snn` writes it out."""
+
+    options: ConvertOptions
+    ann: nn.Module
+    snn: nn.Module
+    tokenizer: object
+    conversion_config: object
+    calibration: Calibration
+    calib_stream: TokenStream
+    eval_stream: TokenStream
+    source: dict
+    device: torch.device
+    quantization: dict | None = None
+    finetune: dict | None = None
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    conversion_seconds: float = 0.0
+    report: dict | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present; ``cuda`` asked without one is a ``ValueError``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked but this machine has no CUDA GPU that torch can use "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    return torch.device(device)
+
+
+def place(model: nn.Module, device: torch.device, share: float = 0.4) -> nn.Module:
+    """Move ``model`` to ``device``. On CUDA a model larger than ``share`` of the free GPU memory
+    goes through accelerate's device placement (whole decoder layers per device, CPU offload)."""
+    if device.type == "cpu":
+        return model.to(device)
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    free, _ = torch.cuda.mem_get_info(device)
+    if need <= share * free:
+        return model.to(device)
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    budget = {device.index or 0: int(share * free), "cpu": int(64 * 2**30)}
+    device_map = infer_auto_device_map(model, max_memory=budget,
+                                       no_split_module_classes=getattr(model, "_no_split_modules", None))
+    return dispatch_model(model, device_map=device_map)
+
+
+def source_info(model_name: str, model: nn.Module) -> dict:
+    """Where the source weights came from: id, and the revision or file checksum where known."""
+    if is_embedded_lm(model_name):
+        gguf = smollm2_gguf()
+        pkg = PACKAGES["smollm2"]
+        return {"model_name": model_name, "model_id": EMBEDDED_LM, "package": f"{pkg.dist}=={pkg.pin}",
+                "file": gguf.name, "sha256": sha256_file(gguf)}
+    info = {"model_name": model_name, "model_id": getattr(model.config, "_name_or_path", model_name)}
+    path = Path(model_name)
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors"))
+        info["path"] = str(path.resolve())
+        info["sha256"] = {w.name: sha256_file(w) for w in weights}
+    else:
+        info["revision"] = getattr(model.config, "_commit_hash", None)
+    return info
+
+
+def max_positions(model: nn.Module) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def load_source(model_name: str) -> tuple[nn.Module, object]:
+    """The source model (float32, eval mode) and its tokenizer."""
+    model, tok = load_causal_lm(None if is_embedded_lm(model_name) else model_name, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def run(opts: ConvertOptions, console: Console | None = None, progress: bool = True) -> Converted:
+    """Convert ``opts.model_name`` as ``opts`` say, verify (if asked) and save to ``opts.output_dir``.
+
+    Raises:
+        ValueError: bad input of any kind (the message says what and what is allowed);
+            ``OutputExistsError`` before any work if the output exists without ``overwrite``.
+        MissingAssetError: the model or text asset is not available offline.
+    """
+    from .saving import SAVEABLE_INT8, save_snn
+
+    # everything that can be refused is refused before the first minute of work
+    check_output_free(opts.output_dir, opts.overwrite)
+    device = resolve_device(opts.device)
+    if opts.quant_backend not in SAVEABLE_INT8:
+        raise ValueError(f"--quant_backend {opts.quant_backend}: such a model cannot be saved yet (load_snn rebuilds "
+                         f"only {', '.join(SAVEABLE_INT8)} 8-bit layers); use --quant_backend own")
+    if opts.use_sparse:
+        integration.check_sparse()
+    if opts.finetune_steps:
+        integration.finetune_fn()
+    torch.manual_seed(opts.seed)
+    step = StepTimer(console, progress)
+
+    with step("load model", spinner=True):
+        ann, tok = load_source(opts.model_name)
+        source = source_info(opts.model_name, ann)
+    positions = max_positions(ann)
+    if positions is not None and positions < EVAL_WINDOW:
+        raise ValueError(f"the model handles at most {positions} positions; the evaluation protocol needs "
+                         f"{EVAL_WINDOW}-token windows")
+    with step("read texts", spinner=True):
+        calib, evals = load_streams(tok, opts.calib_text, opts.calib_tokens, opts.eval_text, opts.eval_tokens)
+        seq = min(CALIB_SEQ, opts.calib_tokens, positions or CALIB_SEQ)
+        batches = calibration_batches(calib.ids, seq)
+    with step("convert", spinner=True):
+        cfg = integration.conversion_config(opts.timesteps, opts.activation, opts.simplified)
+        snn = integration.convert(ann, cfg)
+        ann, snn = place(ann, device), place(snn, device)
+    dev = input_device(snn)
+    batches = [b.to(dev) for b in batches]
+    with step("calibrate"):
+        # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
+        ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
+                                 seed=opts.seed, fit_affine=not opts.simplified)
+        calibration = calibrate(snn, batches, ccfg, model_id=source["model_id"], progress=progress)
+        calibration.apply_to(snn)
+        set_mode(snn, "parallel")
+    out = Converted(opts, ann, snn, tok, cfg, calibration, calib, evals, source, device)
+    if opts.quant_backend != "none":
+        with step(f"8-bit weights ({opts.quant_backend})"):
+            out.quantization = integration.quantize_weights(snn, opts.quant_backend, progress)
+    if opts.finetune_steps:
+        with step(f"fine-tune ({opts.finetune_steps} steps)"):
+            out.finetune = integration.finetune(snn, ann, batches, opts.finetune_steps, opts.surrogate_function,
+                                                progress)  # sites keep their (parallel) mode
+    out.conversion_seconds = sum(step.seconds.values())
+    if opts.verify:
+        with step("verify"):
+            out.report = verify(ann, snn, tok, evals.ids, T=opts.timesteps, activation=opts.activation,
+                                use_sparse=opts.use_sparse, progress=progress, console=step.console)
+    out.step_seconds = dict(step.seconds)
+    with step("save", spinner=True):
+        save_snn(out, opts.output_dir, overwrite=opts.overwrite)
+    return out
+
+
+def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_tokens: int | None = None,
+                 device: str = "auto", use_sparse: bool | None = None, console: Console | None = None,
+                 progress: bool = True) -> dict:
+    """Verify a saved SNN directory against its source model and (re)write its ``report.json``.
+
+    The evaluation text is the saved run's unless ``eval_text``/``eval_tokens`` are given; it must
+    differ from the saved calibration text.
+
+    Raises:
+        ValueError: an unusable directory (see :func:`stac_lm.saving.load_snn`), a source model
+            whose weights changed since conversion, or an evaluation text equal to the calibration text.
+    """
+    from .report import assemble_report
+    from .saving import REPORT_FILE, load_snn
+    from .texts import EVAL_PLAYS, read_text, tokenize
+
+    dev = resolve_device(device)
+    if use_sparse:
+        integration.check_sparse()
+    step = StepTimer(console, progress)
+    with step("load saved SNN", spinner=True):
+        snn, tok, config = load_snn(model_dir, "cpu")
+    with step("load source model", spinner=True):
+        source = config["source"]
+        ann, _ = load_source(source["model_name"])
+        now = source_info(source["model_name"], ann)
+        changed = [k for k in ("sha256", "revision") if now.get(k) != source.get(k)]
+        if changed:
+            raise ValueError(f"the source model {source['model_name']!r} changed since this SNN was converted "
+                             f"(its {' and '.join(changed)} differ); verify against the model it came from")
+    saved = config["options"]
+    if eval_text is None and eval_tokens is None:
+        eval_text, eval_tokens = saved["eval_text"], saved["eval_tokens"]
+    elif eval_tokens is None:
+        eval_tokens = saved["eval_tokens"]
+    if eval_tokens < EVAL_WINDOW:
+        raise ValueError(f"eval_tokens must be >= {EVAL_WINDOW} (one evaluation window), got {eval_tokens}")
+    with step("read evaluation text", spinner=True):
+        text, src, files = read_text(eval_text, EVAL_PLAYS)
+        evals = tokenize(tok, text, eval_tokens, "eval", src, files)
+        calib = config["texts"]["calibration"]
+        if evals.text_sha256 == calib["text_sha256"] or (saved["calib_text"] is not None and eval_text is not None
+                                                         and Path(saved["calib_text"]).resolve() == Path(eval_text).resolve()):
+            raise ValueError(f"the evaluation text ({src}) is the calibration text of this SNN; evaluation text "
+                             "must be kept apart from calibration text")
+    ann, snn = place(ann, dev), place(snn, dev)
+    with step("verify"):
+        measured = verify(ann, snn, tok, evals.ids, T=config["timesteps"], activation=saved["activation"],
+                          use_sparse=saved["use_sparse"] if use_sparse is None else use_sparse, progress=progress,
+                          console=step.console)
+    config = dict(config, texts=dict(config["texts"], evaluation=evals.describe()))
+    report = assemble_report(measured, config)
+    report["verify_seconds"] = dict(step.seconds)
+    write_json(Path(model_dir) / REPORT_FILE, report)
+    return report

@@ -1,0 +1,175 @@
+"""The verification report: the SNN measured against the ANN it came from.
+
+Perplexity and top-1 agreement on the evaluation text (stac_eval's fixed protocol),
+spike rates per site with fire/saturation checks, the energy estimate with its
+coverage, parallel-vs-sequential agreement on a short sequence, and one greedy
+continuation of a fixed prompt from each model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from contextlib import nullcontext
+from importlib.metadata import version
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from spike_modules import iter_sites, set_mode, spike_rates
+from stac_eval import evaluate_lm
+
+from . import integration
+from .energy import counting, energy_summary, group_name, site_neurons, site_spikes
+from .options import EVAL_WINDOW
+
+SATURATION_BOUND = 0.95     # spikes per neuron per step; signed sites count |spikes|
+SEQUENTIAL_TOKENS = 16      # length of the parallel-vs-sequential comparison
+VARIED_MAX_SHARE = 0.5      # a network that collapsed predicts one token (commas) almost everywhere
+PROMPT = "The night was cold and the castle walls were silent, when"
+NEW_TOKENS = 24
+SEQUENTIAL_NOTE = ("parallel mode equals the time-stepped simulation only where every site sees a constant input "
+                   "over the T steps; behind the first sites the inputs vary over time, so the two differ, and this "
+                   "measures by how much (top-1 agreement of the two on the first tokens of the evaluation text)")
+RELU_NOTE = ("--activation relu replaced the model's SiLU/GELU by ReLU without fine-tuning; this damages a "
+             "pretrained model, and ppl_relu_ann (the ReLU network without spikes) measures that damage apart "
+             "from the spiking error")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, tokenizer, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -> str:
+    """Greedy continuation with the KV cache (sites act per element, so cached decoding
+    computes what a full pass would)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(input_device(model))
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    new = []
+    for i in range(new_tokens):
+        new.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        if i + 1 < new_tokens:
+            out = model(new[-1], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    return tokenizer.decode(torch.cat(new, dim=1)[0], skip_special_tokens=False)
+
+
+def reset_spike_stats(model: nn.Module) -> None:
+    for _, site in iter_sites(model):
+        for neuron in site_neurons(site):
+            neuron.reset_stats()
+
+
+def spike_section(model: nn.Module) -> dict:
+    """Per-site rates since the last reset, per-group summaries and the overall rate."""
+    rates = spike_rates(model)
+    spikes = steps = 0.0
+    groups: dict[str, list[float]] = {}
+    for name, site in iter_sites(model):
+        spikes += site_spikes(site)
+        steps += sum(n.neuron_steps_total for n in site_neurons(site))
+        groups.setdefault(group_name(name), []).append(rates[name])
+    per_group = {g: {"sites": len(r), "min": min(r), "mean": sum(r) / len(r), "max": max(r)}
+                 for g, r in groups.items()}
+    return {"per_site": rates, "per_group": per_group,
+            "mean_spike_rate": spikes / steps if steps else float("nan"),
+            "saturation_bound": SATURATION_BOUND,
+            "rate_definition": "spikes per neuron per timestep over the whole evaluation text; "
+                               "signed sites count |spikes|"}
+
+
+def _check(name: str, passed: bool, detail: str) -> dict:
+    return {"name": name, "passed": bool(passed), "detail": detail}
+
+
+def spike_checks(section: dict) -> list[dict]:
+    rates = section["per_site"]
+    silent = [n for n, r in rates.items() if not r > 0]          # NaN (never ran) counts as silent
+    saturated = [n for n, r in rates.items() if r >= SATURATION_BOUND]
+    lo, hi = min(rates.values()), max(rates.values())
+    return [
+        _check("every site fires", not silent,
+               f"min rate {lo:.4g}" + (f"; silent: {silent[:6]}" if silent else "")),
+        _check("no site saturates", not saturated,
+               f"max rate {hi:.4g} (bound {SATURATION_BOUND})" + (f"; saturated: {saturated[:6]}" if saturated else "")),
+    ]
+
+
+@torch.no_grad()
+def sequential_section(snn: nn.Module, ids: torch.Tensor, T: int, use_sparse: bool) -> dict:
+    """Parallel-mode logits against the whole-model time-stepped simulation on ``ids`` ``[1, S]``."""
+    par = snn(ids).logits.float()
+    seq = integration.run_sequential(snn, ids, T, sparse=use_sparse).float()
+    rel = float((seq - par).norm() / par.norm())
+    top1 = float((seq.argmax(-1) == par.argmax(-1)).float().mean())
+    return {"tokens": int(ids.shape[1]), "relative_logit_error": rel, "max_abs_logit_diff": float((seq - par).abs().max()),
+            "top1_agreement": top1, "sparse": use_sparse, "note": SEQUENTIAL_NOTE}
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+            "versions": {p: version(p) for p in ("torch", "transformers", "spikingjelly", "safetensors")}}
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *, T: int, activation: str,
+           use_sparse: bool = False, progress: bool = True, console: Console | None = None) -> dict:
+    """Measure ``snn`` against ``ann`` on ``eval_ids`` (1-D); returns the report's measured part.
+
+    The SNN's sites must be in parallel mode. Raises ``ValueError`` if ``eval_ids`` holds less
+    than one evaluation window.
+    """
+    console = console or Console(stderr=True)
+
+    def stage(text: str):  # a spinner for the stages without a progress bar of their own
+        return console.status(f"verify: {text}") if progress else nullcontext()
+
+    device = input_device(snn)
+    ids = eval_ids.to(device)
+    reset_spike_stats(snn)
+    # one pass over the text gives perplexity, agreement, spike rates and operation counts
+    with counting(ann) as ann_counts, counting(snn) as snn_counts, torch.no_grad():
+        lm = evaluate_lm({"ann": ann, "snn": snn}, ids, window=EVAL_WINDOW, progress=progress)
+    spikes = spike_section(snn)
+    checks = spike_checks(spikes)
+    report = {"protocol": lm["protocol"], "eval_windows": lm["windows"], "eval_scored_tokens": lm["tokens"],
+              "ppl_ann": lm["ppl"]["ann"], "ppl_snn": lm["ppl"]["snn"],
+              "ppl_ratio": lm["ppl"]["snn"] / lm["ppl"]["ann"], "top1_agreement": lm["top1_agreement"]["snn"],
+              "mean_spike_rate": spikes["mean_spike_rate"], "spikes": spikes}
+    if activation == "relu":
+        set_mode(snn, "ann")
+        try:
+            relu = evaluate_lm({"relu_ann": snn}, ids, window=EVAL_WINDOW, progress=progress)
+        finally:
+            set_mode(snn, "parallel")
+        report["ppl_relu_ann"] = relu["ppl"]["relu_ann"]
+        report["note"] = RELU_NOTE
+
+    energy = energy_summary(ann_counts, snn_counts)
+    report.update(energy=energy, coverage=energy["coverage"], energy_ratio=energy["energy_ratio"])
+    checks.append(_check("op counts consistent", energy["op_counts_consistent"],
+                         f"ANN MACs {energy['ann_macs']:,} vs SNN dense + spike-driven "
+                         f"{energy['snn_dense_macs'] + energy['snn_spike_driven_macs']:,}"))
+    preds = snn_counts.predictions.flatten()
+    top_share = float(preds.bincount().max()) / preds.numel()
+    checks.append(_check("predictions varied", top_share < VARIED_MAX_SHARE,
+                         f"most frequent SNN prediction on {preds.numel()} positions: {top_share:.1%} "
+                         f"(bound {VARIED_MAX_SHARE:.0%})"))
+
+    with stage(f"sequential simulation ({SEQUENTIAL_TOKENS} tokens, T={T})"):
+        seq = sequential_section(snn, ids[:SEQUENTIAL_TOKENS][None], T, use_sparse)
+    report["sequential"] = seq  # a measurement, not a check: DESIGN.md section 1
+    with stage(f"greedy continuation ({NEW_TOKENS} tokens)"):
+        report["generation"] = {"prompt": PROMPT, "new_tokens": NEW_TOKENS,
+                                "ann": greedy(ann, tokenizer), "snn": greedy(snn, tokenizer)}
+    finite = all(math.isfinite(report[k]) for k in ("ppl_ann", "ppl_snn"))
+    checks.append(_check("finite perplexity", finite, f"ANN {report['ppl_ann']:.4g}, SNN {report['ppl_snn']:.4g}"))
+    report["checks"] = checks
+    report["all_checks_passed"] = all(c["passed"] for c in checks)
+    report["machine"] = machine_info(device)
+    return report

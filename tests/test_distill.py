@@ -1,0 +1,70 @@
+"""Spike-aware distillation: it lowers the SNN's divergence from the ANN, leaves the sites as it
+found them (modes, no parametrizations, no gradients), and refuses bad input."""
+
+import pytest
+import torch
+from spikingjelly.activation_based import surrogate
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from calibration import CalibrationConfig, calibrate, finetune_
+from smollm2_converter import ConversionConfig, convert
+from spike_modules import iter_sites, set_mode
+
+
+def _setup(T=4, activation="keep"):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    ann = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(1))
+    snn = convert(ann, ConversionConfig(T=T, activation=activation))
+    cal = calibrate(snn, list(ids.split(4)), CalibrationConfig(T=T, rule="mse", fit_affine=False), progress=False)
+    cal.apply_to(snn)
+    set_mode(snn, "parallel")
+    return ann, snn, ids
+
+
+def _kl(snn, ann, ids):
+    with torch.no_grad():
+        s, t = snn(ids).logits.log_softmax(-1), ann(ids).logits.log_softmax(-1)
+    return float(nn.functional.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean"))
+
+
+@pytest.mark.parametrize("sg", [None, surrogate.Sigmoid()], ids=["straight-through", "sigmoid"])
+def test_distillation_lowers_divergence_and_restores_sites(sg):
+    ann, snn, ids = _setup()
+    before = _kl(snn, ann, ids)
+    theta0 = {n: s.theta.detach().clone() for n, s in iter_sites(snn)}
+    out = finetune_(snn, ann, list(ids.split(4)), steps=30, lr=1e-2, surrogate=sg, progress=False)
+    after = _kl(snn, ann, ids)
+    assert after < 0.9 * before, (before, after)
+    assert out["loss_last"] < out["loss_first"]
+    for name, site in iter_sites(snn):
+        assert site.mode.value == "parallel"
+        assert not site.theta.requires_grad and not hasattr(site, "parametrizations")
+        assert bool((site.theta > 0).all()) and bool(torch.isfinite(site.psi).all())
+    assert any(not torch.equal(theta0[n], s.theta) for n, s in iter_sites(snn))
+    assert all(not p.requires_grad for n, p in snn.named_parameters() if ".site." in n)
+
+
+def test_weight_training_moves_weights_and_keeps_the_head():
+    ann, snn, ids = _setup(activation="relu")
+    head = snn.lm_head.weight.detach().clone()
+    w0 = snn.model.layers[0].mlp.down_proj.linear.weight.detach().clone()
+    before = _kl(snn, ann, ids)
+    out = finetune_(snn, ann, list(ids.split(4)), steps=30, lr=1e-2, weight_lr=3e-3, progress=False)
+    assert _kl(snn, ann, ids) < before
+    assert not torch.equal(w0, snn.model.layers[0].mlp.down_proj.linear.weight)
+    assert torch.equal(head, snn.lm_head.weight)
+    assert any("weight" in t for t in out["trained"])
+
+
+def test_bad_steps_and_missing_data():
+    ann, snn, ids = _setup()
+    with pytest.raises(ValueError, match="steps"):
+        finetune_(snn, ann, [ids], steps=0, progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        finetune_(snn, ann, [], steps=3, progress=False)
+    with pytest.raises(ValueError, match="no spiking sites"):
+        finetune_(ann, ann, [ids], steps=3, progress=False)
