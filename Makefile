@@ -28,9 +28,9 @@ $(SHAKESPEARE): | $(PY)
 
 assets: $(SHAKESPEARE)
 
-# the main job until the converter lands: calibrate spiking sites on the embedded SmolLM2
+# the main job: convert the embedded SmolLM2 (full mode, T=16), verify it, save it, print the report
 demo: setup
-	$(PY) bench/calibration_smollm2.py --out out/demo_calibration.json --overwrite
+	$(PY) run_conversion.py --output_dir out/demo_smollm2_T16 --overwrite
 
 # the default suite: fast tests plus the marked real-model tests that CI runs
 test: setup
@@ -43,6 +43,7 @@ test-all: setup
 bench: setup
 	$(PY) bench/neurons.py --out docs/bench_neurons.json --overwrite
 	$(PY) bench/calibration_smollm2.py --out docs/bench_calibration_smollm2.json --overwrite
+	$(PY) bench/convert.py --timesteps 4,8,16,32 --modes full,simplified --peer --out docs/bench_convert.json --overwrite
 
 clean:
 	rm -rf $(VENV) .assets .pytest_cache .hypothesis

@@ -59,9 +59,12 @@ def build_parser() -> Parser:
     flag(g, "eval_text", metavar="PATH", help="UTF-8 text for evaluation (default: embedded The Tempest)")
     flag(g, "eval_tokens", type=int, metavar="N", help="evaluation tokens, >= 512 (default 4096)")
     g = p.add_argument_group("thresholds, weights, fine-tune")
-    flag(g, "threshold_rule", choices=THRESHOLD_RULES, help="per-channel threshold rule "
-                                                            "(default: mse; percentile with --simplified)")
-    flag(g, "percentile", type=float, metavar="Q", help="percentile of the percentile rule (default 99.9)")
+    flag(g, "threshold_rule", choices=THRESHOLD_RULES, help="per-channel threshold rule (default: percentile)")
+    flag(g, "percentile", type=float, metavar="Q", help="percentile of the percentile rule "
+                                                         "(default 99.0; 99.9 with --simplified)")
+    flag(g, "max_burst", type=int, metavar="B", help="most spikes a neuron may fire in one step, 1..4096; "
+                                                      "values past theta pass as bursts instead of being clipped, "
+                                                      "every spike counted (default 4096; 1 with --simplified)")
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "surrogate_function", metavar="NAME", help="SpikingJelly surrogate gradient for the fine-tune, e.g. "

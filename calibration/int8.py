@@ -235,6 +235,10 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
     if backend != "own":
         int8_backends.require(backend, float_weight(next(iter(targets.values()))).device)
     originals = {path: float_weight(m).detach() for path, m in targets.items()}
+    for path, w in originals.items():  # refuse before anything is replaced
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layer {path!r}: its weight holds {int((~torch.isfinite(w)).sum())} NaN/inf value(s); "
+                             "8-bit weights cannot represent them. Check the source checkpoint")
     summary["bytes_before"] = sum(_nbytes(m) for m in targets.values())
     errors = []
     with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:

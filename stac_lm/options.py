@@ -6,7 +6,9 @@ options file always holds the concrete values that were used:
 =================  ===========  ==============
 option             full mode    ``--simplified``
 =================  ===========  ==============
-threshold_rule     mse          percentile
+threshold_rule     percentile   percentile
+percentile         99.0         99.9
+max_burst          4096         1 (plain IF neurons)
 quant_backend      own          none (int8 is refused)
 activation         keep         relu
 calib_tokens       8192         2048
@@ -75,9 +77,10 @@ class ConvertOptions:
     eval_text: str | None = None
     eval_tokens: int = 4096
     threshold_rule: str | None = None
-    percentile: float = 99.9
+    percentile: float | None = None
     quant_backend: str | None = None
     activation: str | None = None
+    max_burst: int | None = None
     finetune_steps: int = 0
     surrogate_function: str = "Sigmoid"
     use_sparse: bool = False
@@ -92,8 +95,14 @@ class ConvertOptions:
         _check_int("timesteps", self.timesteps, 1, MAX_CLI_TIMESTEPS)
         _check_choice("device", self.device, DEVICES)
         if self.threshold_rule is None:
-            set_("threshold_rule", "mse" if full else "percentile")
+            set_("threshold_rule", "percentile")
         _check_choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
+        if self.percentile is None:
+            # full mode: a finer step, bursts carry the tail (bench/convert.py); simplified: few clipped values
+            set_("percentile", 99.0 if full else 99.9)
+        if self.max_burst is None:
+            set_("max_burst", 4096 if full else 1)
+        _check_int("max_burst", self.max_burst, 1, 4096)
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")

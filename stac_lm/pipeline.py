@@ -169,17 +169,20 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         ann, snn = place(ann, device), place(snn, device)
     dev = input_device(snn)
     batches = [b.to(dev) for b in batches]
+    quantization = None
+    if opts.quant_backend != "none":
+        # before calibration, so the thresholds fit the activations of the 8-bit network
+        with step(f"8-bit weights ({opts.quant_backend})"):
+            quantization = integration.quantize_weights(snn, opts.quant_backend, progress)
     with step("calibrate"):
         # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
         ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
+                                 max_burst=opts.max_burst,
                                  seed=opts.seed, fit_affine=not opts.simplified)
         calibration = calibrate(snn, batches, ccfg, model_id=source["model_id"], progress=progress)
         calibration.apply_to(snn)
         set_mode(snn, "parallel")
-    out = Converted(opts, ann, snn, tok, cfg, calibration, calib, evals, source, device)
-    if opts.quant_backend != "none":
-        with step(f"8-bit weights ({opts.quant_backend})"):
-            out.quantization = integration.quantize_weights(snn, opts.quant_backend, progress)
+    out = Converted(opts, ann, snn, tok, cfg, calibration, calib, evals, source, device, quantization)
     if opts.finetune_steps:
         with step(f"fine-tune ({opts.finetune_steps} steps)"):
             out.finetune = integration.finetune(snn, ann, batches, opts.finetune_steps, opts.surrogate_function,

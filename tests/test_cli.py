@@ -84,9 +84,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 def test_options_resolve_mode_defaults_and_round_trip_through_json():
     full, simple = ConvertOptions(), ConvertOptions(simplified=True, timesteps=8)
-    assert (full.threshold_rule, full.quant_backend, full.activation, full.calib_tokens) == ("mse", "own", "keep", 8192)
-    assert (simple.threshold_rule, simple.quant_backend, simple.activation, simple.calib_tokens) == \
-        ("percentile", "none", "relu", 2048)
+    assert (full.threshold_rule, full.percentile, full.max_burst, full.quant_backend, full.activation,
+            full.calib_tokens) == ("percentile", 99.0, 4096, "own", "keep", 8192)
+    assert (simple.threshold_rule, simple.percentile, simple.max_burst, simple.quant_backend, simple.activation,
+            simple.calib_tokens) == ("percentile", 99.9, 1, "none", "relu", 2048)
+    with pytest.raises(ValueError, match="max_burst must be between 1 and 4096"):
+        ConvertOptions(max_burst=0)
     assert simple.output_dir == "out/snn_SmolLM2-135M-Instruct_T8_simplified"
     assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T16_full"
     for opts in (full, simple):
@@ -159,8 +162,13 @@ def _infinite_weight(tmp_path, model):
         m.model.layers[0].self_attn.o_proj.weight.fill_(float("inf"))
     m.save_pretrained(tmp_path / "inf")
     tiny_tokenizer().save_pretrained(tmp_path / "inf")
-    return ["--model_name", str(tmp_path / "inf"), "--calib_tokens", "256"], \
+    return ["--model_name", str(tmp_path / "inf"), "--calib_tokens", "256", "--quant_backend", "none"], \
         ("site 'model.layers.", "NaN/inf activation(s) in calibration batch 1")
+
+
+def _infinite_weight_int8(tmp_path, model):
+    args, _ = _infinite_weight(tmp_path, model)
+    return args[:-2], ("layer 'model.layers.0.self_attn.o_proj", "NaN/inf value(s)")
 
 
 def _mistral(tmp_path, model):
@@ -173,7 +181,7 @@ def _mistral(tmp_path, model):
         ("unsupported architecture 'mistral'", "STAC converts: gpt2 (gpt2); llama (llama)")
 
 
-@pytest.mark.parametrize("case", [_short_text, _infinite_weight, _mistral])
+@pytest.mark.parametrize("case", [_short_text, _infinite_weight, _infinite_weight_int8, _mistral])
 def test_bad_input_found_during_the_run(tmp_path, tiny_llama, capsys, case):
     args, messages = case(tmp_path, tiny_llama)
     with pytest.raises(SystemExit) as stop:
