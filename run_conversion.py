@@ -67,6 +67,9 @@ def build_parser() -> Parser:
                                                       "every spike counted (default 4096; 1 with --simplified)")
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
+    flag(g, "finetune_weight_lr", type=float, metavar="LR", help="learning rate of the decoder weights in the "
+                                                                 "fine-tune (default 1e-5 after a ReLU swap, else 0: "
+                                                                 "thresholds and shifts only)")
     flag(g, "surrogate_function", metavar="NAME", help="SpikingJelly surrogate gradient for the fine-tune, e.g. "
                                                        "Sigmoid, ATan (default Sigmoid)")
     flag(g, "seed", type=int, help="seed of the calibration sampling (default 0)")

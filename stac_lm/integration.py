@@ -118,9 +118,11 @@ def finetune_fn():
     return _need("calibration.distill", "finetune_", "--finetune_steps")
 
 
-def finetune(snn: nn.Module, ann: nn.Module, batches: list, steps: int, surrogate: str, progress: bool) -> dict:
+def finetune(snn: nn.Module, ann: nn.Module, batches: list, steps: int, surrogate: str, progress: bool,
+             weight_lr: float = 0.0) -> dict:
     """Spike-aware distillation of ``snn`` from ``ann`` with the named SpikingJelly surrogate
     (its default settings); returns the fine-tune's summary."""
     from spikingjelly.activation_based import surrogate as sj_surrogate
 
-    return finetune_fn()(snn, ann, batches, steps, surrogate=getattr(sj_surrogate, surrogate)(), progress=progress)
+    return finetune_fn()(snn, ann, batches, steps, surrogate=getattr(sj_surrogate, surrogate)(), progress=progress,
+                         weight_lr=weight_lr)

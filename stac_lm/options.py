@@ -82,6 +82,7 @@ class ConvertOptions:
     activation: str | None = None
     max_burst: int | None = None
     finetune_steps: int = 0
+    finetune_weight_lr: float | None = None
     surrogate_function: str = "Sigmoid"
     use_sparse: bool = False
     verify: bool = True
@@ -120,6 +121,12 @@ class ConvertOptions:
         _check_int("calib_tokens", self.calib_tokens, 1)
         _check_int("eval_tokens", self.eval_tokens, EVAL_WINDOW)
         _check_int("finetune_steps", self.finetune_steps, 0)
+        if self.finetune_weight_lr is None:
+            # after a ReLU swap the weights must adapt; otherwise thresholds and shifts are enough
+            set_("finetune_weight_lr", 1e-5 if self.activation == "relu" else 0.0)
+        if isinstance(self.finetune_weight_lr, bool) or not isinstance(self.finetune_weight_lr, (int, float)) \
+                or not 0.0 <= self.finetune_weight_lr < 1.0:
+            raise ValueError(f"finetune_weight_lr must be in [0, 1), got {self.finetune_weight_lr!r}")
         _check_int("seed", self.seed, 0)
         for key in ("simplified", "overwrite", "use_sparse", "verify"):
             if not isinstance(getattr(self, key), bool):

@@ -186,7 +186,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     if opts.finetune_steps:
         with step(f"fine-tune ({opts.finetune_steps} steps)"):
             out.finetune = integration.finetune(snn, ann, batches, opts.finetune_steps, opts.surrogate_function,
-                                                progress)  # sites keep their (parallel) mode
+                                                progress,
+                                                weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
     out.conversion_seconds = sum(step.seconds.values())
     if opts.verify:
         with step("verify"):
