@@ -223,7 +223,8 @@ def run_peer(model: nn.Module, ids_calib: torch.Tensor, ids_eval: torch.Tensor, 
     device = model.get_input_embeddings().weight.device
     lm = evaluate_lm({"ann": model, "peer": peer}, ids_eval.to(device), window=window, batch_size=batch_size,
                      reference="ann", progress=progress)
-    spikes = {"per_site_kind": peer.spike_summary(), "measured_on": f"first {min(stats_windows, lm['windows'])} window(s)",
+    spikes = {"per_site_kind": peer.spike_summary(),
+              "measured_on": f"first {min(stats_windows, lm['windows'])} window(s)",
               "rate_definition": "spikes per IF node per timestep; each channel has a positive and a negative node"}
     timing = time_side_by_side(model, peer, windows(ids_eval, window)[:1].to(device), timing_repeats)
     return {"T": T, "levels": config.calibration_levels, "quantile": config.calibration_quantile,
@@ -247,10 +248,39 @@ def parse_timesteps(text: str) -> list[int]:
     return Ts
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_peer_on_embedded(Ts: list[int], calib_tokens: int = 8192, eval_tokens: int = 4096, levels: int | None = None,
+                         quantile: float = 1.0, progress: bool = True) -> dict:
+    """:func:`run_peer` at every ``T`` on the embedded SmolLM2 and STAC's default texts; the JSON report.
+
+    Calibration: the first ``calib_tokens`` tokens of Hamlet, Macbeth and Othello; evaluation: the
+    first ``eval_tokens`` of The Tempest (``stac_lm.texts``, as ``run_conversion.py`` reads them).
+    """
+    from stac_assets import load_smollm2
     from stac_lm.texts import load_streams
     from stac_lm.verify import machine_info
-    from stac_assets import load_smollm2
+
+    for T in Ts:
+        peer_config(T, levels, quantile)
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    calib, evals = load_streams(tok, None, calib_tokens, None, eval_tokens)
+    rows = []
+    for T in Ts:
+        row = run_peer(model, calib.ids, evals.ids, T, levels, quantile, progress=progress)
+        print(f"SpikingJelly Qwen2SNNRecipe T={T} levels={row['levels']}: ppl {row['ppl_ann']:.3f} -> "
+              f"{row['ppl_peer']:.3f} (ratio {row['ratio']:.3f}), top-1 {row['top1_agreement']:.3f}, "
+              f"{row['latency_ratio']:.1f}x ANN latency", flush=True)
+        rows.append(row)
+    return {"model": "SmolLM2-135M-Instruct (embedded GGUF, float32), copied into Qwen2 form with zero q/k/v biases",
+            "recipe": "spikingjelly.activation_based.ann2snn.recipes.Qwen2SNNRecipe via ModuleConverter",
+            "calibration": calib.describe(), "evaluation": evals.describe(),
+            "machine": machine_info(torch.device("cpu")),
+            "note": "latency: median of interleaved single-window forwards on shared CPU cores; the peer's "
+                    "encoders run without statistics while timed",
+            "seconds": time.perf_counter() - t0, "results": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
     from stac_io import OutputExistsError, check_output_free, write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,25 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--calib_tokens and --eval_tokens must be >= 512 (one evaluation window)")
     except (ValueError, OutputExistsError) as e:
         p.error(str(e))
-    t0 = time.perf_counter()
-    model, tok = load_smollm2()
-    calib, evals = load_streams(tok, None, args.calib_tokens, None, args.eval_tokens)
-    rows = []
-    for T in Ts:
-        row = run_peer(model, calib.ids, evals.ids, T, args.levels, args.quantile)
-        print(f"T={T} levels={row['levels']}: ppl {row['ppl_ann']:.3f} -> {row['ppl_peer']:.3f} "
-              f"(ratio {row['ratio']:.3f}), top-1 {row['top1_agreement']:.3f}, "
-              f"{row['latency_ratio']:.1f}x ANN latency", flush=True)
-        rows.append(row)
-    report = {"benchmark": "bench/peer_spikingjelly.py", "command": " ".join(["python bench/peer_spikingjelly.py", *(sys.argv[1:] if argv is None else argv)]),
-              "model": "SmolLM2-135M-Instruct (embedded GGUF, float32), copied into Qwen2 form with zero q/k/v biases",
-              "recipe": "spikingjelly.activation_based.ann2snn.recipes.Qwen2SNNRecipe via ModuleConverter",
-              "calibration": calib.describe(), "evaluation": evals.describe(), "machine": machine_info(torch.device("cpu")),
-              "note": "latency: median of interleaved single-window forwards on shared CPU cores; the peer's "
-                      "encoders run without statistics while timed",
-              "seconds": time.perf_counter() - t0, "results": rows}
+    report = run_peer_on_embedded(Ts, args.calib_tokens, args.eval_tokens, args.levels, args.quantile)
+    command = " ".join(["python bench/peer_spikingjelly.py", *(sys.argv[1:] if argv is None else argv)])
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
+    write_json(out, {"benchmark": "bench/peer_spikingjelly.py", "command": command, **report})
     return 0
 
 
