@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,26 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import model_latency  # noqa: E402
 from stac_io import check_output_free, write_json  # noqa: E402
 from stac_lm import ConvertOptions, run  # noqa: E402
 
 FIELDS = ("ppl_ann", "ppl_snn", "ppl_ratio", "top1_agreement", "mean_spike_rate", "coverage", "energy_ratio",
           "conversion_seconds")
-
-
-@torch.inference_mode()
-def latency_ratio(ann, snn, ids: torch.Tensor, repeats: int = 5) -> dict:
-    """Median forward time of the parallel SNN and the ANN on one window, interleaved runs."""
-    times = {"ann": [], "snn": []}
-    ann(ids), snn(ids)  # warm-up
-    for _ in range(repeats):
-        for name, model in (("ann", ann), ("snn", snn)):
-            t0 = time.perf_counter()
-            model(ids)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"ann_seconds": med["ann"], "snn_seconds": med["snn"], "ratio": med["snn"] / med["ann"],
-            "tokens": int(ids.numel()), "repeats": repeats}
 
 
 def one_run(mode: str, T: int, args, workdir: Path) -> dict:
@@ -58,7 +43,7 @@ def one_run(mode: str, T: int, args, workdir: Path) -> dict:
     row["options"] = opts.to_dict()
     row["sequential"] = report.get("sequential")
     row["spike_checks"] = [c for c in report.get("checks", [])]
-    row["latency"] = latency_ratio(out.ann, out.snn, out.eval_stream.ids[:512][None])
+    row["latency"] = model_latency(out.ann, out.snn, out.eval_stream.ids[:512][None])
     print(f"{mode:10s} T={T:3d} ratio {row['ppl_ratio']:.3f} agree {row['top1_agreement']:.3f} "
           f"rate {row['mean_spike_rate']:.3f} energy {row['energy_ratio']:.3f} "
           f"latency x{row['latency']['ratio']:.2f} convert {row['conversion_seconds']:.0f}s", flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import model_latency  # noqa: E402
 from stac_eval import evaluate_lm, windows  # noqa: E402
 
 SITE_KINDS = ("input", "query", "key", "value", "mlp")
@@ -181,20 +181,6 @@ def spike_driven_share(snn: nn.Module) -> dict:
                           "run on accumulated Q/K/V and are not counted)"}
 
 
-@torch.inference_mode()
-def time_side_by_side(ann: nn.Module, peer: nn.Module, ids: torch.Tensor, repeats: int = 3) -> dict:
-    """Median wall-clock of ``repeats`` forwards of each model on ``ids`` ``[1, S]``, interleaved."""
-    times: dict[str, list[float]] = {"ann": [], "peer": []}
-    for _ in range(repeats):
-        for name, model in (("ann", ann), ("peer", peer)):
-            t0 = time.perf_counter()
-            model(ids)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"ann_s": med["ann"], "peer_s": med["peer"], "latency_ratio": med["peer"] / med["ann"],
-            "repeats": repeats, "threads": torch.get_num_threads()}
-
-
 def run_peer(model: nn.Module, ids_calib: torch.Tensor, ids_eval: torch.Tensor, T: int, levels: int | None = None,
              quantile: float = 1.0, window: int = 512, batch_size: int = 1, calib_batch_size: int = 4,
              timing_repeats: int = 3, stats_windows: int = 1, progress: bool = True) -> dict:
@@ -226,10 +212,10 @@ def run_peer(model: nn.Module, ids_calib: torch.Tensor, ids_eval: torch.Tensor, 
     spikes = {"per_site_kind": peer.spike_summary(),
               "measured_on": f"first {min(stats_windows, lm['windows'])} window(s)",
               "rate_definition": "spikes per IF node per timestep; each channel has a positive and a negative node"}
-    timing = time_side_by_side(model, peer, windows(ids_eval, window)[:1].to(device), timing_repeats)
+    timing = model_latency(model, peer, windows(ids_eval, window)[:1].to(device), timing_repeats, warmup=0, name="peer")
     return {"T": T, "levels": config.calibration_levels, "quantile": config.calibration_quantile,
             "ppl_ann": lm["ppl"]["ann"], "ppl_peer": lm["ppl"]["peer"], "ratio": lm["ppl"]["peer"] / lm["ppl"]["ann"],
-            "top1_agreement": lm["top1_agreement"]["peer"], "latency_ratio": timing["latency_ratio"],
+            "top1_agreement": lm["top1_agreement"]["peer"], "latency_ratio": timing["ratio"],
             "timing": timing, "spikes": spikes, "spike_driven_mac_share": spike_driven_share(peer.snn),
             "spiking_sites": SPIKING_SITES, "structure": peer.snn.structure_summary(),
             "sj_config": dataclasses.asdict(config) | {"encoding_mode": "signed_if"},

@@ -7,8 +7,10 @@ next-token distribution to the SNN's on the calibration text. What is learned pe
 is ``log theta`` (so thresholds stay positive, and channels whose scales differ by orders
 of magnitude learn at the same relative rate) and ``psi`` in units of ``theta``; with
 ``weight_lr`` the float weights of the decoder learn too (embeddings, norms and 8-bit
-layers stay frozen), which is what recovers a model whose activations were swapped to ReLU. Burst caps are recomputed afterwards from the new thresholds so that
-values that passed before still pass.
+layers stay frozen), which is what recovers a model whose activations were swapped to ReLU.
+Burst caps are not trained: each neuron keeps the cap calibration gave it
+(``CalibrationConfig.max_burst``), so the largest value a site passes, ``B * theta``, moves
+with the learned theta.
 """
 
 from __future__ import annotations

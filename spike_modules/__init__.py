@@ -4,10 +4,10 @@ import stac_logs  # noqa: F401  (drops known harmless library notes before they 
 
 from .neurons import BurstIFNeuron, IFNeuron, ParaInfNeuron, SignedIFNeuron, SpikeStats
 from .site import DAQCFSSite, SiteMode, iter_sites, set_mode, set_timesteps, spike_rates
-from .quantizer import MAX_TIMESTEPS, check_timesteps, decode, quantize, spike_count
+from .quantizer import MAX_TIMESTEPS, check_timesteps, decode, max_exact_burst, quantize, spike_count
 
 __all__ = [
     "BurstIFNeuron", "IFNeuron", "ParaInfNeuron", "SignedIFNeuron", "SpikeStats",
     "DAQCFSSite", "SiteMode", "iter_sites", "set_mode", "set_timesteps", "spike_rates",
-    "MAX_TIMESTEPS", "check_timesteps", "decode", "quantize", "spike_count",
+    "MAX_TIMESTEPS", "check_timesteps", "decode", "max_exact_burst", "quantize", "spike_count",
 ]

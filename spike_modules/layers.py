@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .site import DAQCFSSite
+from .site import DAQCFSSite, SiteMode
+from .sparse import event_linear
 from .temporal import apply_site, rate_op
 
 
@@ -61,6 +62,9 @@ class SpikeLinear(nn.Module):
         linear: ``nn.Linear`` or ``transformers.pytorch_utils.Conv1D``.
         shared: the site (through :class:`SharedInput`) this layer reads from.
         owner: whether this layer registers the site as its submodule ``site``.
+
+    ``sparse`` (set by ``run_sequential(..., sparse=True)``): while the site is in sequential
+    mode the layer accumulates only the spikes that fired (``spike_modules.sparse``).
     """
 
     def __init__(self, linear: nn.Module, shared: SharedInput, owner: bool):
@@ -69,9 +73,13 @@ class SpikeLinear(nn.Module):
         self._shared = shared
         if owner:
             self.site = shared.site
+        self.sparse = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self._shared(x))
+        y = self._shared(x)
+        if self.sparse and self._shared.site.mode is SiteMode.SEQUENTIAL:
+            return event_linear(self.linear, y)
+        return self.linear(y)
 
     def extra_repr(self) -> str:
         return f"site={self._shared.site.name!r}"

@@ -22,6 +22,12 @@ import math
 import torch
 
 MAX_TIMESTEPS = 4096
+EXACT_COUNTS = 2**24  # float32 holds every whole number up to here: spike counts stay exact
+
+
+def max_exact_burst(T: int) -> int:
+    """The largest per-step burst cap ``B`` whose spike counts ``B * T`` stay exact in float32."""
+    return EXACT_COUNTS // check_timesteps(T)
 
 
 def check_timesteps(T: int) -> int:

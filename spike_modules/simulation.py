@@ -16,8 +16,10 @@ import torch
 from spikingjelly.activation_based import functional
 from torch import nn
 
+from .layers import SpikeLinear
 from .quantizer import check_timesteps
 from .site import SiteMode, iter_sites
+from .sparse import unsupported_layers
 from .temporal import set_simulation
 
 
@@ -28,18 +30,23 @@ def _check_converted(model: nn.Module) -> None:
 
 
 @contextmanager
-def sequential_mode(model: nn.Module, T: int | None = None) -> Iterator[int]:
+def sequential_mode(model: nn.Module, T: int | None = None, sparse: bool = False) -> Iterator[int]:
     """Within the block ``model`` is the time-stepped SNN: sites in ``sequential`` mode with ``T``
-    steps, rate-domain ops told T, eval mode, neurons reset. Yields T. On exit the sites'
-    modes and T, the rate-domain ops and train/eval are restored.
+    steps, rate-domain ops told T, eval mode, neurons reset; with ``sparse`` the spiking linear
+    layers accumulate only the spikes that fired (``spike_modules.sparse``). Yields T. On exit
+    the sites' modes and T, the rate-domain ops, the layers' sparse flags and train/eval are restored.
 
     Call the model inside only with time-folded inputs ``[T*B, ...]`` (:func:`run_sequential`
     does this). ``T=None`` uses the sites' T, which must then agree.
 
     Raises:
-        ValueError: ``model`` was not converted by STAC, bad ``T``, or sites with different T.
+        ValueError: ``model`` was not converted by STAC, bad ``T``, sites with different T, or
+            ``sparse`` with spiking layers whose weights cannot be read sparsely (named).
     """
     _check_converted(model)
+    if sparse and (bad := unsupported_layers(model)):
+        raise ValueError(f"sparse (event-driven) simulation cannot run {len(bad)} layer(s) such as {bad[0]!r}: their "
+                         "8-bit format (bitsandbytes/torchao) has no sparse product; use --quant_backend own or none")
     sites = [site for _, site in iter_sites(model)]
     if T is None:
         found = sorted({site.T for site in sites})
@@ -48,9 +55,12 @@ def sequential_mode(model: nn.Module, T: int | None = None) -> Iterator[int]:
         T = found[0]
     T = check_timesteps(T)
     saved = [(site, site.mode, site.T) for site in sites]
+    layers = [m for m in model.modules() if isinstance(m, SpikeLinear)]
     was_training = model.training
     try:
         model.eval()
+        for layer in layers:
+            layer.sparse = bool(sparse)
         for site in sites:
             site.T = T
             site.mode = SiteMode.SEQUENTIAL
@@ -60,6 +70,8 @@ def sequential_mode(model: nn.Module, T: int | None = None) -> Iterator[int]:
     finally:
         for site, mode, site_T in saved:
             site.mode, site.T = mode, site_T
+        for layer in layers:
+            layer.sparse = False
         set_simulation(model, None)
         functional.reset_net(model)
         model.train(was_training)
@@ -67,7 +79,7 @@ def sequential_mode(model: nn.Module, T: int | None = None) -> Iterator[int]:
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, input_ids: torch.Tensor, T: int | None = None,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None, sparse: bool = False) -> torch.Tensor:
     """Logits ``[B, S, V]`` of the time-stepped simulation of a converted causal LM.
 
     Args:
@@ -75,6 +87,8 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, T: int | None = No
         input_ids: ``[B, S]`` token ids.
         T: timesteps (default: the sites' T).
         attention_mask: optional ``[B, S]`` padding mask.
+        sparse: event-driven accumulation in the spiking linear layers (same logits up to float
+            summation order; faster only below the spike rate ``bench/sparse.py`` measures).
 
     Memory grows with ``T * B``: every activation holds all T steps at once.
     """
@@ -84,7 +98,7 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, T: int | None = No
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     B = input_ids.shape[0]
-    with sequential_mode(model, T) as T:
+    with sequential_mode(model, T, sparse) as T:
         ids = input_ids.repeat(T, 1)  # step-major: rows t*B .. t*B+B-1 are step t
         mask = None if attention_mask is None else attention_mask.repeat(T, 1)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

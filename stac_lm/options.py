@@ -8,7 +8,7 @@ option             full mode    ``--simplified``
 =================  ===========  ==============
 threshold_rule     percentile   percentile
 percentile         99.0         99.9
-max_burst          4096         1 (plain IF neurons)
+max_burst          2**24 // T   1 (plain IF neurons)
 quant_backend      own          none (int8 is refused)
 activation         keep         relu
 calib_tokens       8192         2048
@@ -22,6 +22,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from spike_modules.quantizer import max_exact_burst
 from stac_assets import EMBEDDED_LM, is_embedded_lm
 
 MAX_CLI_TIMESTEPS = 512
@@ -102,8 +103,11 @@ class ConvertOptions:
             # full mode: a finer step, bursts carry the tail (bench/convert.py); simplified: few clipped values
             set_("percentile", 99.0 if full else 99.9)
         if self.max_burst is None:
-            set_("max_burst", 4096 if full else 1)
-        _check_int("max_burst", self.max_burst, 1, 4096)
+            set_("max_burst", max_exact_burst(self.timesteps) if full else 1)
+        top = max_exact_burst(self.timesteps)
+        if isinstance(self.max_burst, bool) or not isinstance(self.max_burst, int) or not 1 <= self.max_burst <= top:
+            raise ValueError(f"max_burst must be an integer between 1 and {top} at T={self.timesteps} (2**24 / T, so "
+                             f"that spike counts stay exact in float32), got {self.max_burst!r}")
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")

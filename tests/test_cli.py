@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-from inspect import signature
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from tiny_models import save_tiny, tiny_tokenizer
 
 import run_conversion
 import stac_lm.saving as saving
-from smollm2_converter import run_sequential
 from spike_modules import iter_sites
 from stac_assets import shakespeare_dir
 from stac_eval import evaluate_lm
@@ -85,11 +83,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_options_resolve_mode_defaults_and_round_trip_through_json():
     full, simple = ConvertOptions(), ConvertOptions(simplified=True, timesteps=8)
     assert (full.threshold_rule, full.percentile, full.max_burst, full.quant_backend, full.activation,
-            full.calib_tokens) == ("percentile", 99.0, 4096, "own", "keep", 8192)
+            full.calib_tokens) == ("percentile", 99.0, 2**24 // 16, "own", "keep", 8192)
     assert (simple.threshold_rule, simple.percentile, simple.max_burst, simple.quant_backend, simple.activation,
             simple.calib_tokens) == ("percentile", 99.9, 1, "none", "relu", 2048)
-    with pytest.raises(ValueError, match="max_burst must be between 1 and 4096"):
+    with pytest.raises(ValueError, match="max_burst must be an integer between 1 and 1048576 at T=16"):
         ConvertOptions(max_burst=0)
+    with pytest.raises(ValueError, match="between 1 and 524288 at T=32"):
+        ConvertOptions(timesteps=32, max_burst=2**20)
+    assert ConvertOptions(timesteps=32).max_burst == 2**19
     assert simple.output_dir == "out/snn_SmolLM2-135M-Instruct_T8_simplified"
     assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T16_full"
     for opts in (full, simple):
@@ -201,12 +202,14 @@ def test_interrupt_exits_130_and_leaves_nothing(tmp_path, tiny_llama, capsys, mo
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif("sparse" in signature(run_sequential).parameters, reason="the sparse path exists")
-def test_use_sparse_without_a_sparse_path_is_refused(tmp_path, tiny_llama, capsys):
-    with pytest.raises(SystemExit) as stop:
-        run_conversion.main(["--model_name", str(tiny_llama), "--output_dir", str(tmp_path / "out"), "--use_sparse"])
-    assert stop.value.code == 1
-    assert_one_line_error(capsys.readouterr().err, "no sparse path")
+def test_verify_with_use_sparse_gives_the_dense_simulation(converted):
+    code, out = converted
+    dense = json.loads((out / "report.json").read_text())["sequential"]
+    assert run_conversion.main(["--verify", "--model_dir", str(out), "--use_sparse"]) == 0
+    sparse = json.loads((out / "report.json").read_text())["sequential"]
+    assert sparse["sparse"] is True and dense["sparse"] is False
+    assert sparse["top1_agreement"] == dense["top1_agreement"]
+    assert sparse["relative_logit_error"] == pytest.approx(dense["relative_logit_error"], rel=1e-3, abs=1e-5)
 
 
 def _real_run(tmp_path, *args):

@@ -62,7 +62,7 @@ def test_directory_holds_what_rebuilding_needs(converted):
     assert config["source"]["sha256"] and config["hf_config"]["model_type"] == "llama"
     assert config["options"] == out.options.to_dict()
     assert config["conversion_config"]["T"] == 8 and config["calibration_config"]["rule"] == "percentile" \
-        and config["calibration_config"]["max_burst"] == 4096
+        and config["calibration_config"]["max_burst"] == 2**24 // 8
     paths = config["quantization"]["quantized_paths"]
     assert config["quantization"]["backend"] == "own" and len(paths) == 14  # 7 linears x 2 layers, head stays float
     assert {"torch", "transformers", "spikingjelly"} <= set(config["versions"])
