@@ -43,7 +43,9 @@ test-all: setup
 bench: setup
 	$(PY) bench/neurons.py --out docs/bench_neurons.json --overwrite
 	$(PY) bench/calibration_smollm2.py --out docs/bench_calibration_smollm2.json --overwrite
-	$(PY) bench/convert.py --timesteps 4,8,16,32 --modes full,simplified --peer --out docs/bench_convert.json --overwrite
+	$(PY) bench/convert.py --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json --overwrite
+	$(PY) bench/sparse.py --out docs/bench_sparse.json --overwrite
+	$(PY) bench/peer_spikingjelly.py --out docs/bench_peer_spikingjelly.json --overwrite
 
 clean:
 	rm -rf $(VENV) .assets .pytest_cache .hypothesis

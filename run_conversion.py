@@ -66,6 +66,9 @@ def build_parser() -> Parser:
                                                       "values past theta pass as bursts instead of being clipped, "
                                                       "every spike counted (default 2**24/T, i.e. no clipping; "
                                                       "1 with --simplified)")
+    flag(g, "burst_budget", type=int, metavar="B", help="spikes per step a channel's calibration maximum may "
+                                                         "need; channels needing more get theta = max / B "
+                                                         "(default: none)")
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_weight_lr", type=float, metavar="LR", help="learning rate of the decoder weights in the "

@@ -33,6 +33,37 @@ def calibration(report: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def convert(report: dict) -> str:
+    lines = ["| mode | T | ppl ANN | ppl SNN | ratio | top-1 agreement | spikes/neuron/step | coverage | energy SNN/ANN "
+             "| latency SNN/ANN | parallel-vs-sequential top-1 | conversion s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        seq = r.get("sequential") or {}
+        lines.append(f"| {r['mode']} | {r['T']} | {r['ppl_ann']:.2f} | {r['ppl_snn']:.2f} | {r['ppl_ratio']:.3f} "
+                     f"| {r['top1_agreement']:.3f} | {r['mean_spike_rate']:.3f} | {r['coverage']:.3f} "
+                     f"| {r['energy_ratio']:.3f} | {r['latency']['ratio']:.2f}x | {seq.get('top1_agreement', float('nan')):.3f} "
+                     f"| {r['conversion_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def sparse(report: dict) -> str:
+    rates = [p["rate"] for p in report["layers"][0]["points"]]
+    lines = ["| layer (in -> out) | " + " | ".join(f"rate {r:g}" for r in rates) + " | break-even rate |",
+             "|---|" + "---:|" * (len(rates) + 1)]
+    for layer in report["layers"]:
+        cells = " | ".join(f"{p['sparse_over_dense']:.2f}" for p in layer["points"])
+        even = layer["break_even_rate"]
+        lines.append(f"| {layer['layer']} ({layer['in']} -> {layer['out']}) | {cells} | "
+                     f"{'never faster' if even is None else f'<= {even:g}'} |")
+    model = report.get("whole_model")
+    if model:
+        lines.append(f"\nWhole model ({model['mode']}, T={model['timesteps']}, {model['tokens']} tokens, mean spike rate "
+                     f"{model['mean_spike_rate']:.3f}): sparse {model['sparse_seconds']:.2f} s vs dense "
+                     f"{model['dense_seconds']:.2f} s (x{model['sparse_over_dense']:.2f}); logits differ by "
+                     f"{model['relative_logit_diff']:.1e} relative, top-1 equal on {model['top1_equal']:.1%}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         with open(path) as f:
@@ -40,6 +71,10 @@ def main() -> None:
         print(f"<!-- {path} -->")
         if report["benchmark"] == "bench/neurons.py":
             print(neurons(report))
+        elif report["benchmark"] == "bench/convert.py":
+            print(convert(report))
+        elif report["benchmark"] == "bench/sparse.py":
+            print("sparse time / dense time per layer call\n\n" + sparse(report))
         else:
             print("squared error\n\n" + calibration(report, "sq_error"))
             print("\nper-channel mean error\n\n" + calibration(report, "mean_error"))

@@ -40,9 +40,15 @@ class CalibrationConfig:
     channels where calibration never saw one (measured on SmolLM2's down projection: caps at
     the calibration maxima kept most of the clipping loss). Thresholds are chosen by ``rule``
     either way; bursts only add the spikes those outliers need, and reports count them. The
-    largest cap, ``2**24 // T``, never clips in practice: SmolLM2's "massive activations" (the
-    first token, a few channels of two down projections) need over 200,000 spikes per step at
-    a 99th-percentile threshold, and a cap of 4096 that clipped them cost 0.04 top-1 agreement.
+    largest cap is ``2**24 // T`` (counts stay exact in float32). SmolLM2's "massive
+    activations" (the first token, a few fixed channels of two down projections) need over
+    200,000 spikes per step at a 99th-percentile threshold; a cap of 4096 that clipped them cost
+    0.04 top-1 agreement.
+    ``burst_budget``: if set, the most spikes per step a neuron may need for the largest value
+    calibration saw in its channel; a channel whose maximum would need more gets the larger
+    threshold ``absmax / burst_budget`` (its usual values then pass at a coarser step). This
+    keeps those massive activations (fixed channels, seen in every calibration window) from
+    firing millions of spikes, while ``max_burst`` still lets outliers calibration never saw pass.
     """
 
     T: int
@@ -55,6 +61,7 @@ class CalibrationConfig:
     bias_weight: float = 4.0
     reservoir_rows: int = 4096
     max_burst: int = 1
+    burst_budget: int | None = None
 
     def __post_init__(self):
         check_timesteps(self.T)
@@ -66,6 +73,10 @@ class CalibrationConfig:
         if isinstance(self.max_burst, bool) or not isinstance(self.max_burst, int) or not 1 <= self.max_burst <= top:
             raise ValueError(f"max_burst is the most spikes per neuron per step: an integer from 1 to {top} at T={self.T} "
                              f"(so that counts up to max_burst * T stay exact in float32), got {self.max_burst!r}")
+        b = self.burst_budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.max_burst):
+            raise ValueError(f"burst_budget is the spikes per step planned for a channel's calibration maximum: None or "
+                             f"an integer from 1 to max_burst ({self.max_burst}), got {b!r}")
 
 
 @dataclass

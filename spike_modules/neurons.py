@@ -26,10 +26,26 @@ class SpikeStats:
     def _init_stats(self) -> None:
         self.spikes_total = 0.0
         self.neuron_steps_total = 0
+        self.peak_spikes = 0.0
+        self.inputs_total = 0
+        self.at_cap_total = 0
 
-    def _record(self, n_spikes: torch.Tensor, numel: int, T: int) -> None:
+    def _record(self, n_spikes: torch.Tensor, numel: int, T: int, peak: torch.Tensor | None = None,
+                at_cap: torch.Tensor | None = None) -> None:
+        """``peak``: the most spikes one neuron fired for one input over its T steps, in this call;
+        ``at_cap``: how many of the ``numel`` (neuron, input) counts sit at the cap ``B * T``."""
         self.spikes_total += float(n_spikes)
         self.neuron_steps_total += numel * T
+        if peak is not None:
+            self.peak_spikes = max(self.peak_spikes, float(peak))
+        if at_cap is not None:
+            self.inputs_total += numel
+            self.at_cap_total += int(at_cap)
+
+    @property
+    def at_cap_share(self) -> float:
+        """Share of (neuron, input) counts at the cap (clipped, or exactly at it); NaN if not tracked."""
+        return self.at_cap_total / self.inputs_total if self.inputs_total else float("nan")
 
     @property
     def spike_rate(self) -> float:
@@ -82,7 +98,7 @@ class IFNeuron(IFNode, SpikeStats):
         _check_seq(x_seq, self.T, "IFNeuron")
         check_channels(x_seq, th, "IFNeuron")
         spikes = super().multi_step_forward(x_seq / th)
-        self._record(spikes.detach().sum(), spikes[0].numel(), self.T)
+        self._record(spikes.detach().sum(), spikes[0].numel(), self.T, spikes.detach().sum(0).max())
         return spikes * th
 
     def extra_repr(self) -> str:
@@ -122,7 +138,7 @@ class SignedIFNeuron(STBIFNode, SpikeStats):
         check_channels(x_seq, th, "SignedIFNeuron")
         # ST-BIF has no backward in SpikingJelly; this neuron is for inference
         signs = super().multi_step_forward((x_seq / th).detach())
-        self._record(signs.detach().abs().sum(), signs[0].numel(), self.T)
+        self._record(signs.detach().abs().sum(), signs[0].numel(), self.T, signs.detach().abs().sum(0).max())
         return signs * th
 
     def extra_repr(self) -> str:
@@ -169,10 +185,12 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         if torch.is_grad_enabled() and x.requires_grad:
             c = self.counts(x, th, burst)
             out = decode(c, th, self.T)
+            hi = burst.to(c.dtype) * self.T
         else:
             # inference: the same operations as spike_count/decode, in place on one temporary
             c = (x / th).mul_(self.T).add_(self.init_mem).floor_()
             if burst.dim() == 0 and float(burst) == 1.0:
+                hi = torch.tensor(float(self.T), dtype=c.dtype, device=c.device)
                 c.clamp_(-self.T if self.signed else 0, self.T)
             else:
                 hi = burst.to(c.dtype) * self.T
@@ -182,7 +200,8 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         # int16 holds any count up to 32767 (T=4096 without bursts) at half the memory of int32
         big = float(burst.max()) * self.T > torch.iinfo(torch.int16).max
         self.last_counts = c.detach().to(torch.int32 if big else torch.int16)
-        self._record(c.detach().abs().sum() if self.signed else c.detach().sum(), c.numel(), self.T)
+        mag = c.detach().abs()
+        self._record(mag.sum(), c.numel(), self.T, mag.max() if c.numel() else None, (mag >= hi).sum())
         return out if out is not None else c.mul_(th).div_(self.T)
 
     def spike_train(self, x: torch.Tensor, th: torch.Tensor | None = None,
@@ -256,7 +275,7 @@ class BurstIFNeuron(SimpleBaseNode, SpikeStats):
         check_channels(x_seq, th, "BurstIFNeuron")
         with torch.no_grad():
             spikes = super().multi_step_forward((x_seq / th).detach())
-        self._record(spikes.abs().sum(), spikes[0].numel(), self.T)
+        self._record(spikes.abs().sum(), spikes[0].numel(), self.T, spikes.abs().sum(0).max())
         return spikes * th
 
     def extra_repr(self) -> str:

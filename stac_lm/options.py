@@ -82,6 +82,7 @@ class ConvertOptions:
     quant_backend: str | None = None
     activation: str | None = None
     max_burst: int | None = None
+    burst_budget: int | None = None
     finetune_steps: int = 0
     finetune_weight_lr: float | None = None
     surrogate_function: str = "Sigmoid"
@@ -108,6 +109,8 @@ class ConvertOptions:
         if isinstance(self.max_burst, bool) or not isinstance(self.max_burst, int) or not 1 <= self.max_burst <= top:
             raise ValueError(f"max_burst must be an integer between 1 and {top} at T={self.timesteps} (2**24 / T, so "
                              f"that spike counts stay exact in float32), got {self.max_burst!r}")
+        if self.burst_budget is not None:
+            _check_int("burst_budget", self.burst_budget, 1, self.max_burst)
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")

