@@ -61,14 +61,14 @@ def build_parser() -> Parser:
     g = p.add_argument_group("thresholds, weights, fine-tune")
     flag(g, "threshold_rule", choices=THRESHOLD_RULES, help="per-channel threshold rule (default: percentile)")
     flag(g, "percentile", type=float, metavar="Q", help="percentile of the percentile rule "
-                                                         "(default 99.0; 99.9 with --simplified)")
+                                                         "(default 95.0; 99.9 with --simplified)")
     flag(g, "max_burst", type=int, metavar="B", help="most spikes a neuron may fire in one step, 1..2**24/T; "
                                                       "values past theta pass as bursts instead of being clipped, "
                                                       "every spike counted (default 2**24/T, i.e. no clipping; "
                                                       "1 with --simplified)")
     flag(g, "burst_budget", type=int, metavar="B", help="spikes per step a channel's calibration maximum may "
                                                          "need; channels needing more get theta = max / B "
-                                                         "(default: none)")
+                                                         "(default 64; none with --simplified)")
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_weight_lr", type=float, metavar="LR", help="learning rate of the decoder weights in the "

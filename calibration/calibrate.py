@@ -97,7 +97,7 @@ def fit_site(obs: ChannelObserver, config: CalibrationConfig, signed: bool) -> t
     theta = choose_thresholds(obs, config.rule, config.T, signed, config.percentile, config.init_mem)
     raised = 0
     if config.burst_budget is not None:
-        floor = obs.absmax(signed) / config.burst_budget
+        floor = (obs.absmax(signed) / config.burst_budget).to(theta.dtype)
         raised = int((floor > theta).sum())
         theta = torch.maximum(theta, floor)
     psi, phi = torch.zeros_like(theta), torch.ones_like(theta)

@@ -7,8 +7,9 @@ options file always holds the concrete values that were used:
 option             full mode    ``--simplified``
 =================  ===========  ==============
 threshold_rule     percentile   percentile
-percentile         99.0         99.9
+percentile         95.0         99.9
 max_burst          2**24 // T   1 (plain IF neurons)
+burst_budget       64           none
 quant_backend      own          none (int8 is refused)
 activation         keep         relu
 calib_tokens       8192         2048
@@ -102,13 +103,15 @@ class ConvertOptions:
         _check_choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
         if self.percentile is None:
             # full mode: a finer step, bursts carry the tail (bench/convert.py); simplified: few clipped values
-            set_("percentile", 99.0 if full else 99.9)
+            set_("percentile", 95.0 if full else 99.9)
         if self.max_burst is None:
             set_("max_burst", max_exact_burst(self.timesteps) if full else 1)
         top = max_exact_burst(self.timesteps)
         if isinstance(self.max_burst, bool) or not isinstance(self.max_burst, int) or not 1 <= self.max_burst <= top:
             raise ValueError(f"max_burst must be an integer between 1 and {top} at T={self.timesteps} (2**24 / T, so "
                              f"that spike counts stay exact in float32), got {self.max_burst!r}")
+        if self.burst_budget is None and full:
+            set_("burst_budget", min(64, self.max_burst))
         if self.burst_budget is not None:
             _check_int("burst_budget", self.burst_budget, 1, self.max_burst)
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \

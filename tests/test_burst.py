@@ -1,6 +1,8 @@
 """Burst neurons: up to B spikes per step, parallel == sequential == quantizer, and calibration
 gives bursts only to channels whose calibration values exceed the threshold."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -113,3 +115,19 @@ def test_calibration_sets_a_uniform_burst_cap_and_keeps_the_rule_thresholds():
     torch.testing.assert_close(site(big), big, atol=float(params.theta.max()) / 16, rtol=0)  # no clipping
     with pytest.raises(ValueError, match="max_burst"):
         CalibrationConfig(T=8, max_burst=0)
+
+
+def test_burst_budget_raises_theta_only_where_the_calibration_max_needs_more_spikes():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4000, 3, generator=g)
+    x[0, 2] = 5000.0  # a "massive activation": one token, one channel
+    obs = ChannelObserver(3, "site")
+    obs.update(x)
+    base = CalibrationConfig(T=8, rule="percentile", percentile=95.0, fit_affine=True, max_burst=2**20)
+    plain, _ = fit_site(obs, base, signed=True)
+    budgeted, stats = fit_site(obs, dataclasses.replace(base, burst_budget=16), signed=True)
+    assert stats["budget_raised_channels"] == 1 and budgeted.theta.dtype == torch.float32
+    assert torch.equal(budgeted.theta[:2], plain.theta[:2])
+    assert float(budgeted.theta[2]) == pytest.approx(5000.0 / 16)  # the max needs exactly 16 spikes per step
+    with pytest.raises(ValueError, match="burst_budget"):
+        CalibrationConfig(T=8, max_burst=8, burst_budget=16)

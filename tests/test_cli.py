@@ -83,9 +83,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_options_resolve_mode_defaults_and_round_trip_through_json():
     full, simple = ConvertOptions(), ConvertOptions(simplified=True, timesteps=8)
     assert (full.threshold_rule, full.percentile, full.max_burst, full.quant_backend, full.activation,
-            full.calib_tokens) == ("percentile", 99.0, 2**24 // 16, "own", "keep", 8192)
+            full.calib_tokens, full.burst_budget) == ("percentile", 95.0, 2**24 // 16, "own", "keep", 8192, 64)
     assert (simple.threshold_rule, simple.percentile, simple.max_burst, simple.quant_backend, simple.activation,
-            simple.calib_tokens) == ("percentile", 99.9, 1, "none", "relu", 2048)
+            simple.calib_tokens, simple.burst_budget) == ("percentile", 99.9, 1, "none", "relu", 2048, None)
     with pytest.raises(ValueError, match="max_burst must be an integer between 1 and 1048576 at T=16"):
         ConvertOptions(max_burst=0)
     with pytest.raises(ValueError, match="between 1 and 524288 at T=32"):
