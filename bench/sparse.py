@@ -80,15 +80,14 @@ def load_model(model_dir: str | None, T: int, workdir: Path):
 def whole_model(model_dir: str | None, T: int, tokens: int, repeats: int) -> dict:
     from smollm2_converter import run_sequential
     from spike_modules import iter_sites
-    from stac_assets import shakespeare_dir
+    from stac_lm.energy import site_neurons
+    from stac_lm.texts import EVAL_PLAYS, read_text, tokenize
 
     with tempfile.TemporaryDirectory(prefix="stac_sparse_") as tmp:
         snn, tok, source = load_model(model_dir, T, Path(tmp))
     T = source["timesteps"]
-    text = (shakespeare_dir() / "tempest_gut.txt").read_text(encoding="utf-8", errors="replace")
-    ids = torch.tensor(tok(text[:20000], add_special_tokens=False).input_ids[:tokens])[None]
-    from stac_lm.energy import site_neurons
-
+    text, source_text, files = read_text(None, EVAL_PLAYS)
+    ids = tokenize(tok, text, tokens, "eval", source_text, files).ids[None]
     sites = [site for _, site in iter_sites(snn)]
     for site in sites:
         site.reset_stats()

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spike_modules.quantizer import check_init_mem, check_timesteps, max_exact_burst
+from spike_modules.quantizer import check_init_mem, check_max_burst, check_timesteps
 from spike_modules.site import iter_sites
 from stac_io import atomic_dir, sha256_file, write_json
 
@@ -69,10 +69,7 @@ class CalibrationConfig:
         check_init_mem(self.init_mem)
         if self.n_samples < 0 or self.reservoir_rows < 0 or not self.bias_weight >= 0:
             raise ValueError("n_samples, reservoir_rows and bias_weight must be >= 0")
-        top = max_exact_burst(self.T)
-        if isinstance(self.max_burst, bool) or not isinstance(self.max_burst, int) or not 1 <= self.max_burst <= top:
-            raise ValueError(f"max_burst is the most spikes per neuron per step: an integer from 1 to {top} at T={self.T} "
-                             f"(so that counts up to max_burst * T stay exact in float32), got {self.max_burst!r}")
+        check_max_burst(self.max_burst, self.T)
         b = self.burst_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.max_burst):
             raise ValueError(f"burst_budget is the spikes per step planned for a channel's calibration maximum: None or "

@@ -190,7 +190,7 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
             # inference: the same operations as spike_count/decode, in place on one temporary
             c = (x / th).mul_(self.T).add_(self.init_mem).floor_()
             if burst.dim() == 0 and float(burst) == 1.0:
-                hi = torch.tensor(float(self.T), dtype=c.dtype, device=c.device)
+                hi = float(self.T)
                 c.clamp_(-self.T if self.signed else 0, self.T)
             else:
                 hi = burst.to(c.dtype) * self.T

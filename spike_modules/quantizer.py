@@ -30,6 +30,15 @@ def max_exact_burst(T: int) -> int:
     return EXACT_COUNTS // check_timesteps(T)
 
 
+def check_max_burst(max_burst: int, T: int) -> int:
+    """Return ``max_burst`` if it is a whole number from 1 to :func:`max_exact_burst` ``(T)``, else ``ValueError``."""
+    top = max_exact_burst(T)
+    if isinstance(max_burst, bool) or not isinstance(max_burst, int) or not 1 <= max_burst <= top:
+        raise ValueError(f"max_burst must be an integer between 1 and {top} at T={T} (2**24 / T, so that spike "
+                         f"counts stay exact in float32), got {max_burst!r}")
+    return max_burst
+
+
 def check_timesteps(T: int) -> int:
     """Return ``T`` as an int, or raise ``ValueError`` saying what is allowed."""
     if isinstance(T, bool) or not isinstance(T, int):

@@ -23,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from spike_modules.quantizer import max_exact_burst
+from spike_modules.quantizer import check_max_burst, max_exact_burst
 from stac_assets import EMBEDDED_LM, is_embedded_lm
 
 MAX_CLI_TIMESTEPS = 512
@@ -106,10 +106,7 @@ class ConvertOptions:
             set_("percentile", 95.0 if full else 99.9)
         if self.max_burst is None:
             set_("max_burst", max_exact_burst(self.timesteps) if full else 1)
-        top = max_exact_burst(self.timesteps)
-        if isinstance(self.max_burst, bool) or not isinstance(self.max_burst, int) or not 1 <= self.max_burst <= top:
-            raise ValueError(f"max_burst must be an integer between 1 and {top} at T={self.timesteps} (2**24 / T, so "
-                             f"that spike counts stay exact in float32), got {self.max_burst!r}")
+        check_max_burst(self.max_burst, self.timesteps)
         if self.burst_budget is None and full:
             set_("burst_budget", min(64, self.max_burst))
         if self.burst_budget is not None:

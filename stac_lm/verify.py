@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from spike_modules import iter_sites, set_mode, spike_rates
+from spike_modules import iter_sites, set_mode
 from stac_eval import evaluate_lm
 
 from . import integration
@@ -65,16 +65,16 @@ def reset_spike_stats(model: nn.Module) -> None:
 
 def spike_section(model: nn.Module) -> dict:
     """Per-site rates since the last reset, per-group summaries and the overall rate."""
-    rates = spike_rates(model)
+    sites = dict(iter_sites(model))
+    rates = {name: site.spike_rate for name, site in sites.items()}
     spikes = steps = 0.0
     groups: dict[str, list[float]] = {}
-    for name, site in iter_sites(model):
+    for name, site in sites.items():
         spikes += site_spikes(site)
         steps += sum(n.neuron_steps_total for n in site_neurons(site))
         groups.setdefault(group_name(name), []).append(rates[name])
     per_group = {g: {"sites": len(r), "min": min(r), "mean": sum(r) / len(r), "max": max(r)}
                  for g, r in groups.items()}
-    sites = dict(iter_sites(model))
     peaks = {name: max(n.peak_spikes for n in site_neurons(site)) for name, site in sites.items()}
     top = max(peaks, key=peaks.get) if peaks else None
     at_cap = {name: site.parallel.at_cap_share for name, site in sites.items()}
