@@ -43,6 +43,7 @@ def one_run(mode: str, T: int, args, workdir: Path) -> dict:
     row["options"] = opts.to_dict()
     row["sequential"] = report.get("sequential")
     row["spike_checks"] = [c for c in report.get("checks", [])]
+    row["peak_spikes_per_token"] = report["spikes"]["peak_spikes_per_token"]
     row["latency"] = model_latency(out.ann, out.snn, out.eval_stream.ids[:512][None])
     print(f"{mode:10s} T={T:3d} ratio {row['ppl_ratio']:.3f} agree {row['top1_agreement']:.3f} "
           f"rate {row['mean_spike_rate']:.3f} energy {row['energy_ratio']:.3f} "
