@@ -55,7 +55,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--timesteps", default="4,8,16,32")
     p.add_argument("--modes", default="full,simplified")
-    p.add_argument("--calib_tokens", type=int, default=8192)
+    p.add_argument("--calib_tokens", type=int, default=None,
+                   help="calibration tokens (default: each mode's own, 8192 full, 2048 simplified)")
     p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--finetune_steps", type=int, default=0)
     p.add_argument("--peer", action="store_true", help="also run SpikingJelly's Qwen2SNNRecipe at T >= 16")
@@ -75,7 +76,7 @@ def main() -> None:
     if args.peer:
         from bench.peer_spikingjelly import run_peer_on_embedded
 
-        peer = run_peer_on_embedded([T for T in Ts if T >= 16], args.calib_tokens, args.eval_tokens)
+        peer = run_peer_on_embedded([T for T in Ts if T >= 16], args.calib_tokens or 8192, args.eval_tokens)
     result = {
         "benchmark": "bench/convert.py", "command": " ".join(["python", *sys.argv]),
         "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)",

@@ -51,26 +51,39 @@ class ChannelObserver:
             raise ValueError(f"site {self.name!r}: calibration input has shape {tuple(x.shape)}, "
                              f"expected [..., {self.H}] (the site's channels)")
         rows = x.detach().reshape(-1, self.H).to("cpu", torch.float32)
-        bad = ~torch.isfinite(rows)
-        if bool(bad.any()):
+        lo, hi = rows.min(0).values, rows.max(0).values  # NaN and inf show here (reductions propagate NaN)
+        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            bad = ~torch.isfinite(rows)
             chans = bad.any(0).nonzero().flatten()[:8].tolist()
             raise ValueError(
                 f"site {self.name!r}: {int(bad.sum())} NaN/inf activation(s) in calibration batch "
                 f"{self.batches + 1} (channels {chans}); nothing was clipped. Run the model in float32 "
                 "and check the calibration inputs, or exclude this site.")
         self.batches += 1
-        self.min = torch.minimum(self.min, rows.min(0).values.double())
-        self.max = torch.maximum(self.max, rows.max(0).values.double())
-        self.sum += rows.double().sum(0)
-        self.zeros += (rows == 0).sum(0)
-        chan = torch.arange(self.H).expand_as(rows)
-        for sign, mask in ((0, rows > 0), (1, rows < 0)):
-            mag = rows[mask].abs()
-            b = ((torch.log2(mag) - LOG2_MIN) * self.bpo).floor().clamp_(0, self.n_bins - 1).long()
-            flat = chan[mask] * self.n_bins + b
-            self.hist[sign] += torch.bincount(flat, minlength=self.H * self.n_bins).view(self.H, self.n_bins)
+        self.min = torch.minimum(self.min, lo.double())
+        self.max = torch.maximum(self.max, hi.double())
+        self.sum += rows.sum(0).double()  # float32 sums use cascaded summation
+        self.hist_update(rows)
         self._sample(rows)
         self.rows += rows.shape[0]
+
+    def hist_update(self, rows: torch.Tensor) -> None:
+        """Count ``rows [N, H]`` into the histograms and the zero counts with one ``bincount``:
+        per channel, slots ``0..B-1`` are x > 0 by log2(x), ``B..2B-1`` are x < 0 by log2(-x)
+        and slot ``2B`` is x == 0."""
+        nb = self.n_bins
+        width = 2 * nb + 1
+        # slot indices are computed in floating point (exact below 2**24 in float32), in place
+        dtype = torch.float32 if self.H * width < 2 ** 24 else torch.float64
+        b = rows.abs().to(dtype).log2_().sub_(LOG2_MIN).mul_(self.bpo).floor_().clamp_(0, nb - 1)
+        b.add_(torch.signbit(rows), alpha=nb)
+        b.masked_fill_(rows == 0, 2 * nb)
+        b.add_(torch.arange(0, self.H * width, width, dtype=dtype))
+        b = b.to(torch.int32 if dtype == torch.float32 else torch.int64)
+        counts = torch.bincount(b.reshape(-1), minlength=self.H * width).view(self.H, width)
+        self.hist[0] += counts[:, :nb]
+        self.hist[1] += counts[:, nb:2 * nb]
+        self.zeros += counts[:, 2 * nb]
 
     def _sample(self, rows: torch.Tensor) -> None:
         """Reservoir sampling (Algorithm R) over rows, vectorised per batch."""
@@ -85,8 +98,13 @@ class ChannelObserver:
         idx = torch.arange(seen + take, seen + rows.shape[0], dtype=torch.float64)
         j = (torch.rand(rest.shape[0], generator=self._gen, dtype=torch.float64) * (idx + 1)).long()
         keep = j < cap
-        # later rows win when two land in the same slot, as in the sequential algorithm
-        self.reservoir[j[keep]] = rest[keep]
+        slots, picked = j[keep], rest[keep]
+        # the later row wins when two land in the same slot, as in the sequential algorithm
+        # (index_put with repeated indices leaves the winner unspecified, so pick it here)
+        last = torch.full((cap,), -1, dtype=torch.int64).scatter_reduce_(
+            0, slots, torch.arange(slots.numel()), "amax")
+        hit = last >= 0
+        self.reservoir[hit] = picked[last[hit]]
 
     @property
     def mean(self) -> torch.Tensor:

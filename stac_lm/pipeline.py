@@ -23,10 +23,11 @@ from stac_io import check_output_free, sha256_file, write_json
 
 from . import integration
 from .options import EVAL_WINDOW, ConvertOptions
-from .texts import TokenStream, calibration_batches, load_streams
+from .texts import TokenStream, calibration_batches, finetune_windows, load_streams
 from .verify import input_device, verify
 
 CALIB_SEQ = 512  # tokens per calibration window (shorter only if the model or the text is shorter)
+FINETUNE_SEQ = 128  # tokens per distillation step: a step costs its tokens, so 300 steps stay in minutes
 
 
 class StepTimer:
@@ -185,9 +186,11 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     out = Converted(opts, ann, snn, tok, cfg, calibration, calib, evals, source, device, quantization)
     if opts.finetune_steps:
         with step(f"fine-tune ({opts.finetune_steps} steps)"):
-            out.finetune = integration.finetune(snn, ann, batches, opts.finetune_steps, opts.surrogate_function,
-                                                progress,
+            windows, ft_tokens = finetune_windows(tok, opts.calib_text, opts.finetune_steps, min(FINETUNE_SEQ, seq))
+            out.finetune = integration.finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
+                                                opts.surrogate_function, progress,
                                                 weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
+            out.finetune["tokens"] = ft_tokens
     out.conversion_seconds = sum(step.seconds.values())
     if opts.verify:
         with step("verify"):

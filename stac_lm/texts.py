@@ -93,3 +93,21 @@ def calibration_batches(ids: torch.Tensor, seq: int, batch_size: int = CALIB_BAT
     if n == 0:
         raise ValueError(f"{ids.numel()} calibration tokens do not fill one {seq}-token window")
     return list(ids[: n * seq].view(n, seq).split(batch_size))
+
+
+def finetune_windows(tokenizer, calib_text: str | None, steps: int, seq: int) -> tuple[list[torch.Tensor], int]:
+    """Fine-tuning data: up to ``steps`` windows ``[1, seq]`` of the calibration text (never the
+    evaluation text), one per optimizer step, cycled if the text is shorter.
+
+    The calibration observes only the first ``--calib_tokens``; distillation reads further into
+    the same text, so 300 steps do not revisit the same few windows 75 times.
+    Returns ``(windows, tokens used)``.
+    """
+    text, source, files = read_text(calib_text, CALIB_PLAYS)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    n = min(steps, len(ids) // seq)
+    if n == 0:
+        raise ValueError(f"the calibration text ({source}) has {len(ids)} tokens, fewer than one {seq}-token "
+                         "fine-tuning window; give a longer --calib_text")
+    windows = torch.tensor(ids[: n * seq], dtype=torch.long).view(n, seq)
+    return list(windows.split(1)), n * seq

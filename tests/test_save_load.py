@@ -75,7 +75,7 @@ def test_fine_tuned_thresholds_are_what_is_saved(converted):
     """The model's sites are the one source of truth: after a fine-tune the saved calibration holds
     the learned thresholds, not the calibrated ones (load_snn checks the two files agree)."""
     out = converted["llama_ft"]
-    assert out.finetune["steps"] == 2 and out.finetune["surrogate"] == "ATan"
+    assert out.finetune["steps"] == 2 and out.finetune["surrogate"] == "ATan" and out.finetune["tokens"] > 0
     saved = Calibration.load(out.options.output_dir)
     moved = [n for n, p in saved.sites.items() if not torch.equal(p.theta, out.calibration.sites[n].theta)]
     assert moved, "the fine-tune changed no threshold, or the calibrated ones were saved"
