@@ -19,9 +19,10 @@ Sites (DESIGN.md section 2):
 With all sites in ``ann`` mode the function computes exactly what transformers' eager
 attention computes (same operations in the same order). The KV cache holds the float k/v
 (the cache update happens before the attention function); the sites encode the whole key and
-value set on every call. Sites act per element, so a prefill followed by decoding gives the
-same values as one full pass; spike statistics of cached decoding count the cached positions
-again on every step (rates stay per neuron-step).
+value set on every call. With a :class:`spike_modules.kv_cache.SpikeKVCache` the cache holds
+the decoded k/v instead, each token's k/v pass their sites once (when fed), and this function
+takes them as they come. Sites act per element, so either way a prefill followed by decoding
+gives the same values as one full pass.
 
 In the sequential simulation q.k^T with the mask and softmax form one causal rate-domain op,
 and probs.V another (``spike_modules.temporal``); the sites run their SpikingJelly neurons.
@@ -34,6 +35,7 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
+from .kv_cache import ENCODED_FLAG
 from .site import DAQCFSSite, SiteMode
 from .temporal import apply_site, rate_op
 
@@ -90,8 +92,11 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         scaling = query.size(-1) ** -0.5
     n_rep = query.shape[1] // key.shape[1]
     q = _head_site(getattr(module, "q_site", None), query)
-    k = _repeat_kv(_head_site(getattr(module, "k_site", None), key), n_rep)
-    v = _repeat_kv(_head_site(getattr(module, "v_site", None), value), n_rep)
+    if module.__dict__.pop(ENCODED_FLAG, False):  # a SpikeKVCache encoded (and stored) them already
+        k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    else:
+        k = _repeat_kv(_head_site(getattr(module, "k_site", None), key), n_rep)
+        v = _repeat_kv(_head_site(getattr(module, "v_site", None), value), n_rep)
 
     def probs_of(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         w = torch.matmul(q, k.transpose(2, 3)) * scaling
