@@ -14,6 +14,8 @@ _EXPORTS = {
     "ConvertOptions": "options", "Converted": "pipeline", "run": "pipeline", "verify_saved": "pipeline",
     "OpCounts": "energy", "count_ops": "energy", "energy_summary": "energy",
     "load_snn": "saving", "save_snn": "saving", "verify": "verify",
+    "TemporalSpikeProcessor": "processor", "Generation": "processor", "StepOutput": "processor",
+    "SamplingConfig": "sampling",
 }
 __all__ = sorted(_EXPORTS)
 

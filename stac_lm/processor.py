@@ -27,6 +27,7 @@ from spike_modules.kv_cache import ENCODED_FLAG, SpikeKVCache, attention_layers
 from spike_modules.quantizer import check_timesteps
 from spike_modules.site import iter_sites, set_mode, set_timesteps
 
+from .pipeline import max_positions
 from .sampling import SamplingConfig, pick_next
 
 DEFAULT_ID = "default"
@@ -85,12 +86,6 @@ class Generation:
     @property
     def tokens_per_second(self) -> float:
         return len(self.tokens) / self.seconds if self.seconds > 0 else float("nan")
-
-
-def model_positions(model: nn.Module) -> int | None:
-    """The number of positions the model was built for (None if it does not say)."""
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
 def _truncate(cache: SpikeKVCache, length: int) -> None:
@@ -194,7 +189,7 @@ class TemporalSpikeProcessor:
             raise ValueError(f"max_context_length must be an integer >= 2, got {max_context_length!r}")
         self.model = snn_model.eval()
         self.set_timesteps(T)
-        positions = model_positions(snn_model)
+        positions = max_positions(snn_model)
         self.max_context_length = min(max_context_length, positions) if positions else max_context_length
         self.pad_token_id = int(pad_token_id)
         self.device = snn_model.get_input_embeddings().weight.device
