@@ -9,8 +9,8 @@ Conventions (stated in every report):
   every spike (the site's own spike counter).
 - Every other linear layer (the LM head included) costs ``tokens x in x out`` MACs.
 - Attention matmuls (``QK^T`` and ``PV``) cost MACs by shape, causal: only the
-  ``S(S+1)/2`` query-key pairs a causal kernel needs, per batch row and query head,
-  ``head_dim`` MACs each, for each of the two matmuls. Spiking sites inside attention do
+  ``S(S+1)/2`` query-key pairs a causal kernel needs (plus ``S x P`` with ``P`` cached
+  positions), per batch row and query head, ``head_dim`` MACs each, for each of the two matmuls. Spiking sites inside attention do
   not make these matmuls cheaper here (a conservative count).
 - Element-wise work (norms, activations, softmax, residual adds, embedding lookups) and
   memory traffic are not counted.
@@ -36,7 +36,8 @@ CONVENTION = (
     "ops counted with forward hooks over the whole evaluation text; MAC 4.6 pJ, accumulate (spike x weight) 0.9 pJ "
     "(45 nm); a linear layer behind a spiking site costs |spikes| x (sum of its readers' out_features) "
     "accumulates; other linear layers (LM head included) cost tokens x in x out MACs; attention matmuls "
-    "QK^T and PV cost MACs by shape over the causal S(S+1)/2 query-key pairs per head; element-wise ops "
+    "QK^T and PV cost MACs by shape over the causal S(S+1)/2 query-key pairs per head (plus S x P with P cached "
+    "positions); element-wise ops "
     "(norms, activations, softmax, residual adds) and memory traffic are not counted")
 
 
@@ -156,7 +157,10 @@ def counting(model: nn.Module) -> Iterator[OpCounts]:
     def attention_hook(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         B, S = int(hidden.shape[0]), int(hidden.shape[1])
-        counts.attention_macs += 2 * B * heads * head_dim * S * (S + 1) // 2
+        cache = kwargs.get("past_key_values")
+        # with a KV cache, each of the S new queries also meets the P cached keys
+        P = cache.get_seq_length(module.layer_idx) if cache is not None else 0
+        counts.attention_macs += 2 * B * heads * head_dim * (S * P + S * (S + 1) // 2)
 
     def model_hook(module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)
