@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Chat in the terminal with a spiking LM saved by run_conversion.py (or, with --ann, its original).
+
+  python chat.py --model_dir out/chat_smollm2_T16
+  python chat.py --model_dir out/chat_smollm2_T16 -T 8 --temperature 0.7 --seed 1
+  python chat.py --model_dir out/chat_smollm2_T16 --ann      # the original network, to compare
+
+The tokenizer's chat template writes the conversation when it has one; otherwise plain
+"User:/Assistant:" lines. Replies stream as they come. In the session, :help lists the
+commands (:reset, :history, :stats, :set T=8, :set temperature=0.7, :exit). Ctrl-C stops a
+reply and keeps the session; Ctrl-D ends it. Every flag also takes dashes (--model-dir).
+Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted while loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROG = "chat.py"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str, code: int = 2):
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def flag(p: argparse.ArgumentParser, name: str, *short: str, **kw) -> None:
+    """``--name`` and, for names with underscores, ``--name-with-dashes``."""
+    spellings = [*short, f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    p.add_argument(*spellings, dest=name, **kw)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag(p, "model_dir", required=True, metavar="DIR", help="a directory saved by run_conversion.py")
+    flag(p, "device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present (default auto)")
+    flag(p, "timesteps", "-T", type=int, metavar="T", help="spike timesteps per token (default: the saved T)")
+    flag(p, "max_new_tokens", type=int, default=128, metavar="N", help="longest reply in tokens (default 128)")
+    flag(p, "temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples at that temperature")
+    flag(p, "top_k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (default 0: off)")
+    flag(p, "top_p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
+    flag(p, "seed", type=int, help="seed of the sampling (default: unseeded)")
+    flag(p, "max_context_length", type=int, default=2048, metavar="N",
+         help="tokens of conversation the model keeps; the oldest turns go beyond it (default 2048, at most "
+              "the model's positions)")
+    flag(p, "system", metavar="PROMPT", help="a system message, for chat templates that take one")
+    flag(p, "ann", action="store_true", help="chat with the original network (the directory's source model) "
+                                              "instead of the SNN, to compare")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not Path(args.model_dir).is_dir():  # before the heavy imports: a typo fails at once
+        fail(f"{args.model_dir} is not a directory; pass a directory saved by run_conversion.py")
+    if args.max_context_length < 2:
+        fail(f"--max_context_length must be >= 2, got {args.max_context_length}")
+    from stac_lm.chat_engines import open_engine
+    from stac_lm.chat_format import ChatFormat
+    from stac_lm.chat_session import ChatSession, Settings
+
+    try:
+        settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+        engine, tok, config = open_engine(args.model_dir, args.device, args.timesteps, args.max_context_length,
+                                          args.ann)
+        fmt = ChatFormat(tok, args.system, config["hf_config"].get("eos_token_id"))
+    except (ValueError, OSError) as e:  # a bad directory or setting; MissingAssetError is an OSError
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted while loading", file=sys.stderr)
+        return 130
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
+    session = ChatSession(engine, fmt, settings)
+    print(banner(args, config, engine, session), flush=True)
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
+    return session.run()
+
+
+def banner(args, config: dict, engine, session) -> str:
+    what = "the original network (--ann)" if engine.kind == "ann" else f"the {config.get('mode', '')} SNN"
+    source = config.get("source", {}).get("model_id") or config["options"].get("model_name")
+    saved_T = f", calibrated at T={config['timesteps']}" if engine.kind == "snn" else ""
+    settings = ", ".join(f"{k}={v}" for k, v in session.describe().items())
+    device = engine.model.get_input_embeddings().weight.device
+    return (f"STAC chat with {what} of {source} on {device}{saved_T}\n"
+            f"settings: {settings}; context {engine.limit} tokens\n"
+            f"format: {session.fmt.describe()}\n"
+            ":help lists the commands; Ctrl-C stops a reply, Ctrl-D ends the session")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
