@@ -200,5 +200,11 @@ def load_snn(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     calib = Calibration.load(d)
     _check_sites_agree(model, calib, T, bad)
     set_mode(model, config.get("site_mode", "parallel"))
-    tok = AutoTokenizer.from_pretrained(str(d / TOKENIZER_DIR))
+    tok_dir = d / TOKENIZER_DIR
+    if not tok_dir.is_dir():
+        raise ValueError(f"{bad}: no {TOKENIZER_DIR}/ folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{bad}: {TOKENIZER_DIR}/ is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     return model.eval().to(device), tok, config

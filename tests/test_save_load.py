@@ -123,6 +123,8 @@ def _other_theta(d):
 CORRUPTIONS = [
     ("missing file", lambda d: (d / "calibration.safetensors").unlink(), "missing calibration.safetensors"),
     ("missing tokenizer", lambda d: shutil.rmtree(d / "tokenizer"), "missing tokenizer/"),
+    ("unreadable tokenizer", lambda d: (d / "tokenizer" / "tokenizer.json").write_text('{"version": '),
+     "tokenizer/ is unreadable"),
     ("bad JSON", lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
     ("other format version", lambda d: _edit_config(d, lambda c: c.update(format_version=99)), "format_version 99"),
     ("truncated weights", _truncate, "snn_model.safetensors does not match its sha256"),
