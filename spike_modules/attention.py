@@ -102,7 +102,9 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         w = torch.matmul(q, k.transpose(2, 3)) * scaling
         if attention_mask is not None:
             w = w + attention_mask
-        return nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        # at least float32 (as eager attention), never below the model's dtype: a float64 model's
+        # mask minimum would be -inf in float32 and turn a fully masked padding row into NaN
+        return nn.functional.softmax(w, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
 
     if T is None:
         probs = probs_of(q, k)

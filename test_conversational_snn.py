@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Validate a converted spiking LM in conversation: the KV-cache contract, positions, masks,
+multi-turn quality against the original ANN, and spike rates.
+
+  python test_conversational_snn.py --test_all                       # converts the embedded SmolLM2 first
+  python test_conversational_snn.py --test_all --model_dir out/snn_SmolLM2-135M-Instruct_T16_full
+  python test_conversational_snn.py --test_positions --test_masks --model_dir DIR --timesteps 32
+
+Groups: --test_multi_turn (cache contract over three turns, chit-chat perplexity and agreement
+with the ANN reply by reply, recall of a turn-1 fact in turn 3), --test_positions (turn
+boundaries and the context limit against one full pass), --test_masks (batched left-padded
+conversations against each alone, mask and position continuity), --test_spike_rates (every site
+fires, none saturates, T changes the output). No group flag means --test_all. Cache, position
+and mask logits are compared on a float64 copy of the model, where the cached and the one-pass
+computations agree to rounding; the cache contract is also measured in float32, where rounding
+flips a few quantization levels (stac_lm/conv_checks.py says why and how much).
+
+Without --model_dir the embedded SmolLM2-135M-Instruct is converted in full mode (T from
+--timesteps, default 16, no verification) into out/snn_SmolLM2-135M-Instruct_T<T>_full, or that
+directory is used if it exists. Prints a table (check, measured figure, bar, PASS/FAIL) and writes
+it as JSON to --out. Every flag also takes dashes (--model-dir). Exit codes: 0 every check passed,
+1 a check failed, 2 bad input (one line on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROG = "test_conversational_snn.py"
+GROUP_FLAGS = ("test_multi_turn", "test_positions", "test_masks", "test_spike_rates")
+DEFAULT_OUT = "out/conversational_checks.json"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str, code: int = 2):
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """``--name`` and, for names with underscores, ``--name-with-dashes``."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    p.add_argument(*spellings, dest=name, **kw)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to check")
+    flag(g, "test_all", action="store_true", help="every group below (the default)")
+    flag(g, "test_multi_turn", action="store_true", help="cache contract, chit-chat quality, recall")
+    flag(g, "test_positions", action="store_true", help="positions at turn boundaries and the context limit")
+    flag(g, "test_masks", action="store_true", help="batched vs alone, mask continuity")
+    flag(g, "test_spike_rates", action="store_true", help="sites fire, none saturates, T changes the output")
+    g = p.add_argument_group("model and run")
+    flag(g, "model_dir", metavar="DIR", help="a saved SNN directory (default: convert the embedded SmolLM2)")
+    flag(g, "timesteps", type=int, metavar="T", help="timesteps the processor runs (default: the model's)")
+    flag(g, "device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present")
+    flag(g, "conversations", type=int, default=50, metavar="N", help="chit-chat conversations scored (default 50)")
+    flag(g, "max_context_length", type=int, default=512, metavar="N",
+         help="most tokens a conversation keeps (default 512)")
+    g = p.add_argument_group("output")
+    flag(g, "out", metavar="PATH", default=DEFAULT_OUT, help=f"JSON result (default {DEFAULT_OUT})")
+    flag(g, "overwrite", action="store_true", help="replace an existing --out file")
+    return p
+
+
+def groups_of(args: argparse.Namespace) -> list[str]:
+    chosen = [f.removeprefix("test_") for f in GROUP_FLAGS if getattr(args, f)]
+    if args.test_all or not chosen:
+        return [f.removeprefix("test_") for f in GROUP_FLAGS]
+    return chosen
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a missing directory and bad numbers before a conversion or a model load."""
+    if args.model_dir is not None and not Path(args.model_dir).is_dir():
+        raise ValueError(f"--model_dir {args.model_dir}: no such directory")
+    if args.conversations < 1:
+        raise ValueError(f"--conversations must be >= 1, got {args.conversations}")
+    if args.max_context_length < 2:
+        raise ValueError(f"--max_context_length must be >= 2, got {args.max_context_length}")
+    if args.timesteps is not None:
+        from spike_modules.quantizer import check_timesteps  # imports torch: last
+
+        check_timesteps(args.timesteps)
+
+
+def converted_dir(args: argparse.Namespace) -> str:
+    """The embedded SmolLM2 converted in full mode (reusing an existing conversion at the default path)."""
+    from stac_lm.options import ConvertOptions
+
+    opts = ConvertOptions(timesteps=16 if args.timesteps is None else args.timesteps, device=args.device, verify=False)
+    if Path(opts.output_dir).exists():
+        print(f"using the existing conversion in {opts.output_dir}", file=sys.stderr)
+        return opts.output_dir
+    from stac_lm.pipeline import run
+
+    run(opts)
+    return opts.output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from stac_io import check_output_free, write_json
+
+    from stac_assets import MissingAssetError
+
+    try:
+        check_output_free(args.out, args.overwrite)  # before minutes of work
+        check_args(args)
+        from rich.console import Console
+
+        from stac_lm.conv_suite import checks_table, run_suite
+
+        model_dir = args.model_dir or converted_dir(args)
+        result = run_suite(model_dir, groups_of(args), timesteps=args.timesteps, device=args.device,
+                           conversations=args.conversations, max_context_length=args.max_context_length)
+        check_output_free(args.out, args.overwrite)  # something may have appeared meanwhile
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, result)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, MissingAssetError) as e:  # OutputExistsError is a ValueError
+        fail(str(e))
+    Console().print(checks_table(result))
+    failed = result["failed"]
+    print(f"written to {args.out}" + (f"; FAILED: {'; '.join(failed)}" if failed else "; every check passed"),
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
