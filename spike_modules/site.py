@@ -130,11 +130,22 @@ class DAQCFSSite(nn.Module):
     @property
     def bursts(self) -> bool:
         """Whether any channel may fire more than one spike per step."""
-        return bool((self.burst > 1).any())
+        # kept per (tensor, version): a reduction per forward costs decoding a token ~5% of its
+        # time, and set_params / load_state_dict / fine-tuning change burst in place (new version)
+        key = (id(self.burst), self.burst.data_ptr(), self.burst._version)
+        if self.__dict__.get("_bursts_key") != key:
+            self.__dict__["_bursts_key"] = key
+            self.__dict__["_bursts"] = bool((self.burst > 1).any())
+        return self.__dict__["_bursts"]
 
     def _burst(self) -> torch.Tensor:
         # a scalar 1 keeps the parallel neuron on its cheaper clamp when no channel bursts
-        return self.burst if self.bursts else self.burst.new_ones(())
+        if not self.bursts:
+            one = self.__dict__.get("_one")
+            if one is None or one.device != self.burst.device or one.dtype != self.burst.dtype:
+                one = self.__dict__["_one"] = self.burst.new_ones(())
+            return one
+        return self.burst
 
     @property
     def spike_rate(self) -> float:

@@ -70,3 +70,20 @@ def test_set_params_broadcasts_scalars_and_copies_per_channel_values():
     assert torch.equal(site.theta, torch.full((3,), 2.0))
     site.set_params(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.1, 0.0, -0.1]), 1.5)
     assert torch.equal(site.phi, torch.full((3,), 1.5)) and site.psi[2] == torch.tensor(-0.1)
+
+
+def test_burst_flag_follows_every_way_burst_changes():
+    """``bursts`` is cached per tensor version: in-place copies, .data, load_state_dict and a new
+    Parameter each change it."""
+    s = DAQCFSSite(4, 8)
+    seen = [s.bursts]
+    with torch.no_grad():
+        s.burst.copy_(torch.full((4,), 3.0))
+    seen.append(s.bursts)
+    s.burst.data = torch.ones(4)
+    seen.append(s.bursts)
+    s.load_state_dict({**s.state_dict(), "burst": torch.full((4,), 2.0)})
+    seen.append(s.bursts)
+    s.burst = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+    seen.append(s.bursts)
+    assert seen == [False, True, False, True, False]
