@@ -73,4 +73,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return ADAPTERS[model_type]
 
 
-from . import gpt2, llama  # noqa: E402,F401  (register the built-in adapters)
+from . import bert, gpt2, llama  # noqa: E402,F401  (register the built-in adapters)

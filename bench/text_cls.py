@@ -1,0 +1,148 @@
+"""Text-classification benchmark: the default ``python -m text_cls`` run, then latency side by side.
+
+Runs the pipeline (embedded tweets, MiniLM-L6, ``--spike_sites all``, T in 2,4,8,16 unless told
+otherwise), reloads the saved SNN, rebuilds its float network (the run's "ANN (float)" when the
+reference is the DA-QCFS-trained weights, the default), and times ANN, parallel SNN and
+sequential SNN on the same test batch, interleaved (``bench.timing.side_by_side``, medians).
+Checks the issue's targets and writes ``docs/bench_text_cls.json`` plus copies of the run's
+``results.md`` and ``accuracy_vs_T.png`` into ``docs/``.
+
+    python bench/text_cls.py --out docs/bench_text_cls.json --overwrite
+    python bench/text_cls.py --max_train_samples 300 --max_eval_samples 100 --time_steps 4,8 --out /tmp/b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import side_by_side  # noqa: E402
+from stac_io import check_output_free, write_json  # noqa: E402
+from text_cls import TextClsOptions, load_text_snn, run, run_sequential  # noqa: E402
+from text_cls.batching import encode, eval_batches, model_inputs  # noqa: E402
+from text_cls.data import read_rows  # noqa: E402
+from text_cls.model import float_copy  # noqa: E402
+from text_cls.options import DEFAULT_SWEEP  # noqa: E402
+
+TIME_LIMIT_S = 20 * 60
+
+
+def float_template(config: dict):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    hf = dict(config["hf_config"])
+    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf),
+                                                          dtype=torch.float32).eval()
+
+
+def timing_batch(savedir: Path, tok, config: dict, batch_size: int) -> dict:
+    """The test batch of median width (the run's own test split and batching)."""
+    classes = config["classes"]
+    rows = [(t, classes.index(y)) for t, y in read_rows(savedir / "data" / "test.jsonl", "text", "label")]
+    batches = [b for b in eval_batches(encode(tok, rows, config["max_len"]), batch_size)
+               if len(b["labels"]) == batch_size] or eval_batches(encode(tok, rows, config["max_len"]), batch_size)
+    batches.sort(key=lambda b: b["input_ids"].shape[1])
+    return model_inputs(batches[len(batches) // 2])
+
+
+def side_by_side_latency(savedir: Path, sweep: list[int], batch_size: int, repeats: int) -> dict:
+    out = {}
+    for T in sweep:
+        snn, tok, config = load_text_snn(savedir / "model", T=T)
+        ann = float_copy(snn, float_template(config))
+        x = timing_batch(savedir, tok, config, batch_size)
+        med = side_by_side({"ann": lambda: ann(**x), "parallel": lambda: snn(**x),
+                            "sequential": lambda: run_sequential(snn, x["input_ids"], x["attention_mask"], T)},
+                           repeats=repeats)
+        out[T] = {"batch": list(x["input_ids"].shape), "seconds": med,
+                  "parallel_over_ann": med["parallel"] / med["ann"],
+                  "sequential_over_parallel": med["sequential"] / med["parallel"]}
+    return out
+
+
+def noise_bound(row: dict, samples: int) -> float:
+    """1.96 standard errors of a paired accuracy difference: sqrt(discordant predictions) / N."""
+    discordant = (1 - row["agreement_with_ann"]) * samples
+    return 1.96 * math.sqrt(max(discordant, 1.0)) / samples
+
+
+def targets(results: dict, latency: dict) -> list[dict]:
+    by_T = {row["T"]: row for row in results["per_T"]}
+    checks = []
+
+    def check(name, T, value, bound, passed):
+        checks.append({"name": name, "T": T, "value": value, "bound": bound, "passed": bool(passed)})
+
+    for T, pts in ((8, 0.5), (4, 2.0)):
+        if T in by_T:
+            gap = 100 * (results["acc_ann"] - by_T[T]["acc_snn_parallel"])
+            check(f"SNN (parallel) within {pts} points of the float ANN", T, gap, pts, gap <= pts)
+    if 16 in by_T:
+        diff = abs(results["acc_ann"] - by_T[16]["acc_snn_parallel"])
+        bound = noise_bound(by_T[16], results["samples"])
+        check("SNN (parallel) indistinguishable from the float ANN (paired 95% bound)", 16, diff, bound, diff <= bound)
+        check("sequential agrees with parallel on >= 99% of predictions", 16, by_T[16]["agreement"], 0.99,
+              by_T[16]["agreement"] >= 0.99)
+    if 8 in latency:
+        s = latency[8]["sequential_over_parallel"]
+        check("parallel at least 0.8*T times faster than sequential (side by side)", 8, s, 6.4, s >= 6.4)
+        r = latency[8]["parallel_over_ann"]
+        check("parallel no more than 1.5x slower than the float ANN (side by side)", 8, r, 1.5, r <= 1.5)
+    check("whole run within 20 minutes", None, results["seconds_total"], TIME_LIMIT_S,
+          results["seconds_total"] <= TIME_LIMIT_S)
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/bench_text_cls.json", help="report JSON")
+    p.add_argument("--docs", default=None, help="folder for results.md / png copies (default: the --out folder)")
+    p.add_argument("--savedir", default=None, help="run directory (default: a temporary one, removed after)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max_train_samples", type=int, default=None)
+    p.add_argument("--max_eval_samples", type=int, default=None)
+    p.add_argument("--time_steps", default=",".join(map(str, DEFAULT_SWEEP)))
+    p.add_argument("--spike_sites", default="all", choices=("ffn", "all"))
+    p.add_argument("--model_name", default=None, help="another BERT-family checkpoint (default: embedded MiniLM-L6)")
+    p.add_argument("--train_file", default=None, help="local data instead of the embedded tweets")
+    p.add_argument("--max_len", type=int, default=None)
+    args = p.parse_args(argv)
+    out = check_output_free(args.out, args.overwrite)
+    docs = Path(args.docs) if args.docs else out.parent
+    sweep = tuple(int(t) for t in args.time_steps.split(","))
+    tmp = None if args.savedir else tempfile.mkdtemp(prefix="bench_text_cls_")
+    savedir = Path(args.savedir or Path(tmp) / "run")
+    given = {k: getattr(args, k) for k in ("max_train_samples", "max_eval_samples", "threads", "model_name", "train_file",
+                                      "max_len")
+             if getattr(args, k)}
+    try:
+        opts = TextClsOptions(savedir=str(savedir), overwrite=args.overwrite, time_steps=sweep,
+                              spike_sites=args.spike_sites, **given)
+        results = run(opts)
+        latency = side_by_side_latency(savedir, list(opts.time_steps), opts.eval_batchsize, args.repeats)
+        report = {"results": results, "side_by_side_latency": latency, "targets": targets(results, latency),
+                  "command": " ".join(["python bench/text_cls.py", *(argv if argv is not None else sys.argv[1:])])}
+        docs.mkdir(parents=True, exist_ok=True)
+        write_json(out, report)
+        shutil.copyfile(savedir / "results.md", docs / "text_cls_results.md")
+        shutil.copyfile(savedir / "accuracy_vs_T.png", docs / "text_cls_accuracy_vs_T.png")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for c in report["targets"]:
+        print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']} (T={c['T']}): {c['value']:.4g} vs {c['bound']:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""``python -m text_cls``: fine-tune a BERT-family classifier with DA-QCFS sites, calibrate, convert to
+spiking neurons, and measure ANN, DA-QCFS ANN, parallel and sequential SNN side by side.
+
+  python -m text_cls                                      # embedded tweets, MiniLM-L6, --spike_sites all, T=2,4,8,16
+  python -m text_cls --max_train_samples 500 --max_eval_samples 200 --time_steps 4,8 --savedir runs/quick
+  python -m text_cls --train_file my.csv --text_column sentence --label_column label --spike_sites ffn
+  python -m text_cls --dataset TextCLS --datadir data/ --savedir runs/x --net_arch bert_base_qcfs \\
+      --batchsize 32 --dev 0 --time_step 8 --neuron_type ParaInfNeuron --pretrained_model embedded
+
+Every flag also takes dashes (--max-train-samples). Multi-GPU training: accelerate launch -m text_cls ...
+Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 1 failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROG = "python -m text_cls"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str, code: int = 2):
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def flag(p, *names: str, dest: str, **kw) -> None:
+    """Every name as ``--name`` and, with underscores, ``--name-with-dashes``; unset flags stay unset so
+    the defaults live in one place (``TextClsOptions``)."""
+    spellings = []
+    for n in names:
+        spellings += [f"--{n}"] + ([f"--{n.replace('_', '-')}"] if "_" in n else [])
+    p.add_argument(*spellings, dest=dest, default=argparse.SUPPRESS, **kw)
+
+
+def samples(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or 'all', got {text!r}") from None
+
+
+def timesteps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,8,16, got {text!r}") from None
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    flag(g, "dataset", "task", dest="dataset", metavar="NAME",
+         help="tweets (embedded, default; TextCLS means the same), sst2, ag_news, imdb (need `datasets` and network)")
+    flag(g, "datadir", "data_dir", dest="datadir", metavar="DIR",
+         help="a folder with train.{csv,tsv,jsonl} (and optionally test.*), or the hub datasets' cache")
+    flag(g, "train_file", dest="train_file", metavar="PATH", help="local .csv/.tsv/.jsonl training data")
+    flag(g, "test_file", dest="test_file", metavar="PATH", help="local test data (default: a seeded split of "
+                                                                "--train_file)")
+    flag(g, "text_column", dest="text_column", metavar="NAME", help="column holding the text (default text)")
+    flag(g, "label_column", dest="label_column", metavar="NAME", help="column holding the label: class names or "
+                                                                      "integer ids (default label)")
+    flag(g, "encoding", dest="encoding", metavar="NAME", help="text encoding of local files (default utf-8)")
+    flag(g, "max_train_samples", dest="max_train_samples", type=samples, metavar="N",
+         help="stratified subset of the training split, or 'all' (default 2000)")
+    flag(g, "max_eval_samples", dest="max_eval_samples", type=samples, metavar="N",
+         help="stratified subset of the test (and validation) split, or 'all' (default 800)")
+    flag(g, "max_len", "max_length", dest="max_len", type=int, metavar="L",
+         help="tokens per sample (default: tweets 64, sst2/ag_news 128, imdb 256, files 128)")
+    flag(g, "validation_fraction", dest="validation_fraction", type=float, metavar="F", help="default 0.1")
+    flag(g, "test_fraction", dest="test_fraction", type=float, metavar="F",
+         help="share of the data held out for testing when there is no test file (default 0.1)")
+    g = p.add_argument_group("model and conversion")
+    flag(g, "model_name", "pretrained_model", "model_name_or_path", dest="model_name", metavar="NAME",
+         help="BERT-family checkpoint: 'embedded' (all-MiniLM-L6-v2, default), a local folder or a hub name")
+    flag(g, "net_arch", dest="net_arch", metavar="NAME", help="accepted for the research command: bert_base_qcfs "
+                                                              "(the architecture comes from the checkpoint)")
+    flag(g, "spike_sites", dest="spike_sites", choices=("ffn", "all"),
+         help="ffn: the FFN intermediate activation only; all: every encoder linear input plus the attention "
+              "probabilities (default all)")
+    flag(g, "activation", dest="activation", choices=("keep", "relu"),
+         help="keep GELU (rate domain, default) or swap it for ReLU before fine-tuning")
+    flag(g, "neuron_type", dest="neuron_type", metavar="NAME",
+         help="ParaInfNeuron (parallel, default) or IFNeuron (sequential): the saved model's neuron; both are "
+              "evaluated")
+    flag(g, "time_step", "T", dest="time_step", type=int, metavar="T",
+         help="one T to evaluate (and the T of the DA-QCFS ANN figure and of the saved model; default 8)")
+    flag(g, "time_steps", dest="time_steps", type=timesteps, metavar="LIST", help="T sweep (default 2,4,8,16)")
+    g = p.add_argument_group("training and calibration")
+    flag(g, "ann_epochs", dest="ann_epochs", type=int, metavar="N",
+         help="epochs of a separate float fine-tune before the DA-QCFS one; its model is then the float ANN "
+              "reference (default 0: the reference is the DA-QCFS-trained weights run as a float network)")
+    flag(g, "trainsnn_epochs", dest="trainsnn_epochs", type=int, metavar="N",
+         help="DA-QCFS-aware fine-tune epochs (straight-through floor, T cycling over the sweep; default 1)")
+    flag(g, "learning_rate", "lr", dest="learning_rate", type=float, metavar="LR", help="float phase (default 1e-4)")
+    flag(g, "snn_learning_rate", dest="snn_learning_rate", type=float, metavar="LR",
+         help="DA-QCFS phase (default 1e-4)")
+    flag(g, "batchsize", "batch_size", dest="batchsize", type=int, metavar="B", help="training batch (default 32)")
+    flag(g, "eval_batchsize", "eval_batch_size", dest="eval_batchsize", type=int, metavar="B",
+         help="evaluation batch (default 64)")
+    flag(g, "freeze_embeddings", dest="freeze_embeddings", action=argparse.BooleanOptionalAction,
+         help="keep the word embeddings fixed while fine-tuning (default on)")
+    flag(g, "direct_inference", dest="direct_inference", action="store_true",
+         help="no fine-tuning: calibrate and convert the checkpoint as it is (it should be a trained classifier)")
+    flag(g, "calibrate_th", dest="calibrate_th", action=argparse.BooleanOptionalAction,
+         help="refit thresholds and the DA-QCFS shift/scale per T after training (default on)")
+    flag(g, "fit_affine", dest="fit_affine", action=argparse.BooleanOptionalAction,
+         help="fit the DA-QCFS per-channel shift psi and scale phi at each T (default on; off: thresholds only)")
+    flag(g, "threshold_rule", dest="threshold_rule", choices=("max", "percentile", "mse"),
+         help="per-channel threshold rule (default percentile)")
+    flag(g, "percentile", dest="percentile", type=float, metavar="Q", help="default 99.9")
+    flag(g, "calib_samples", dest="calib_samples", type=int, metavar="N",
+         help="training samples seen by calibration (default 256)")
+    g = p.add_argument_group("run")
+    flag(g, "device", "dev", dest="device", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or N")
+    flag(g, "savedir", "output_dir", dest="savedir", metavar="DIR",
+         help="run directory (default runs/text_cls_<data>_<sites>)")
+    flag(g, "overwrite", dest="overwrite", action="store_true", help="replace an existing run directory")
+    flag(g, "seed", dest="seed", type=int, help="seed of the split, sampling and training (default 0)")
+    flag(g, "threads", dest="threads", type=int, metavar="N",
+         help="torch CPU threads (default: torch's choice; on a loaded machine fewer threads can be much faster)")
+    flag(g, "progress", dest="progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = vars(build_parser().parse_args(argv))
+    from stac_assets import MissingAssetError
+
+    from .options import TextClsOptions
+
+    try:
+        opts = TextClsOptions(**given)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        from .pipeline import run
+
+        run(opts)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written to {opts.savedir}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, MissingAssetError) as e:  # user input (DataError is a ValueError)
+        fail(str(e))
+    print(f"results written to {opts.savedir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

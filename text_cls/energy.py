@@ -1,0 +1,146 @@
+"""Operation counts, FLOPs and the energy estimate of DESIGN.md for BERT-family classifiers.
+
+The per-layer conventions are ``stac_lm.energy``'s (and its helpers are reused); what differs
+is attention: a BERT encoder attends both ways, so ``QK^T`` and ``PV`` cost MACs over all
+``S x S`` query-key pairs of each head (padding inside a batch included: a dense kernel
+computes it). Where the attention probabilities spike, their spikes are counted in the spike
+rate but ``PV`` is still counted as dense MACs (conservative, as for the LMs).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from spike_modules.layers import SpikeLinear
+from stac_lm.energy import E_AC_PJ, E_MAC_PJ, OpCounts, linear_shape, site_spikes
+
+CONVENTION = (
+    "ops counted with forward hooks over the whole test set; MAC 4.6 pJ, accumulate (spike x weight) 0.9 pJ (45 nm); "
+    "a linear layer behind a spiking site costs |spikes| x (sum of its readers' out_features) accumulates; other "
+    "linear layers (pooler, classifier) cost tokens x in x out MACs; attention matmuls QK^T and PV cost MACs by "
+    "shape over all S x S query-key pairs per head (bidirectional; spiking probabilities do not make PV cheaper "
+    "here); element-wise ops (norms, GELU, softmax, residual adds, embedding lookups) and memory traffic are not "
+    "counted")
+
+
+def _self_attentions(model: nn.Module) -> list[nn.Module]:
+    found = [m for m in model.modules() if type(m).__name__.endswith("SelfAttention")]
+    layers = model.config.num_hidden_layers
+    if len(found) != layers:
+        raise ValueError(f"found {len(found)} self-attention modules for {layers} layers; the attention op count "
+                         "would be wrong")
+    return found
+
+
+@contextmanager
+def counting(model: nn.Module) -> Iterator[OpCounts]:
+    """Count the operations of every forward of ``model`` inside the block; the yielded
+    :class:`~stac_lm.energy.OpCounts` is filled in when the block ends (``tokens`` counts every
+    position computed, padding inside a batch included)."""
+    readers: dict[int, list[str]] = {}
+    sites = {}
+    driven: set[str] = set()
+    shapes: dict[str, tuple[int, int]] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, SpikeLinear):
+            site = m._shared.site
+            sites[id(site)] = site
+            readers.setdefault(id(site), []).append(f"{path}.linear")
+            driven.add(f"{path}.linear")
+        shape = linear_shape(m)
+        if shape is not None:
+            shapes[path] = shape
+    attentions = _self_attentions(model)
+    heads = model.config.num_attention_heads
+    head_dim = model.config.hidden_size // heads
+    counts = OpCounts(tokens=0)
+    seen: dict[str, int] = {}
+
+    def linear_hook(path, width):
+        def hook(module, args, output):
+            seen[path] = seen.get(path, 0) + args[0].numel() // width
+        return hook
+
+    def attention_hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        B, S = int(hidden.shape[0]), int(hidden.shape[1])
+        counts.attention_macs += 2 * B * heads * head_dim * S * S
+
+    def embeddings_hook(module, args, output):
+        counts.tokens += int(output.shape[0] * output.shape[1])
+
+    handles = [model.get_submodule(p).register_forward_hook(linear_hook(p, s[0])) for p, s in shapes.items()]
+    handles += [m.register_forward_pre_hook(attention_hook, with_kwargs=True) for m in attentions]
+    handles.append(model.base_model.embeddings.register_forward_hook(embeddings_hook))
+    before = {k: site_spikes(s) for k, s in sites.items()}
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+    spikes = {k: site_spikes(s) - before[k] for k, s in sites.items()}
+    for path, tokens in seen.items():
+        i, o = shapes[path]
+        macs = tokens * i * o
+        spiking = path in driven
+        counts.per_module[path] = {"kind": "spike" if spiking else "dense", "macs": 0 if spiking else macs,
+                                   "acs": 0.0, "mac_equivalent": macs}
+        if spiking:
+            counts.spike_driven_macs += macs
+        else:
+            counts.dense_macs += macs
+    for key, paths in readers.items():
+        for p in paths:
+            if p in counts.per_module:
+                acs = spikes[key] * shapes[p][1]
+                counts.per_module[p]["acs"] = acs
+                counts.spike_acs += acs
+    counts.dense_macs += counts.attention_macs
+
+
+def energy_summary(ann: OpCounts, snn: OpCounts, samples: int) -> dict:
+    """Energy per sample of the ANN and the SNN, their ratio, and the coverage behind it."""
+    ann_macs = ann.total_macs_equivalent
+    ann_pj = ann_macs * E_MAC_PJ  # the float network: every MAC a MAC
+    return {
+        "convention": CONVENTION, "memory_traffic_counted": False, "pj_per_mac": E_MAC_PJ, "pj_per_ac": E_AC_PJ,
+        "samples": samples, "ann_macs_per_sample": ann_macs / samples,
+        "snn_dense_macs_per_sample": snn.dense_macs / samples, "snn_spike_acs_per_sample": snn.spike_acs / samples,
+        "synaptic_ops_per_sample": snn.spike_acs / samples,  # SOPs: one weight read and add per spike and target
+        "coverage": snn.spike_driven_macs / snn.total_macs_equivalent if snn.total_macs_equivalent else 0.0,
+        "ann_energy_uj_per_sample": ann_pj / samples * 1e-6,
+        "snn_energy_uj_per_sample": snn.energy_pj / samples * 1e-6,
+        "energy_ratio": snn.energy_pj / ann_pj if ann_pj else float("nan"),
+        "op_counts_consistent": ann_macs == snn.total_macs_equivalent,
+    }
+
+
+def flops_per_sample(model: nn.Module, run, samples: int) -> float:
+    """FLOPs (``torch.utils.flop_counter``: matmuls and the like, 2 per MAC) of ``run()`` per sample.
+
+    The flop counter has no formula for the fused CPU attention kernel (SDPA), so a model using
+    it is counted with eager attention (the same matmuls), then switched back.
+    """
+    impl = model.config._attn_implementation
+    if impl in ("sdpa", "flash_attention_2", "flex_attention"):
+        model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            run()
+    finally:
+        if model.config._attn_implementation != impl:
+            model.set_attn_implementation(impl)
+    return fc.get_total_flops() / samples
+
+
+def parameter_count(model: nn.Module) -> dict:
+    """Parameters (weights, biases, embeddings) and the sites' per-channel values, counted apart."""
+    site_params = sum(p.numel() for n, p in model.named_parameters()
+                      if n.rsplit(".", 1)[-1] in ("theta", "psi", "phi", "burst"))
+    total = sum(p.numel() for p in model.parameters())
+    return {"weights": total - site_params, "site_parameters": site_params}

@@ -1,0 +1,173 @@
+"""BERT-family classifiers: loading, conversion with DA-QCFS sites, and the sequential simulation.
+
+The spiking structure comes from ``spike_modules`` (the BERT adapter, ``SpikeLinear``,
+``SpikeAttention``, ``SpikeNorm``, rate-domain GELU); nothing here copies it. The pooler and
+the classification head stay float: in the time-stepped simulation they read out the
+time-mean of the encoder's last hidden state (an integrating readout), so for constant
+inputs the simulation gives the parallel-mode logits exactly and any gap is the spiking's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from spikingjelly.activation_based.functional import invalidate_reset_cache
+from torch import nn
+
+from spike_modules.adapters.bert import SITE_SCOPES, set_site_scope
+from spike_modules.conversion import ConversionConfig, convert_
+from spike_modules.quantizer import check_timesteps
+from spike_modules.simulation import sequential_mode
+from spike_modules.temporal import unfold
+from stac_assets import MissingAssetError, minilm_dir
+
+EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+EMBEDDED_ALIASES = {"", "embedded", "minilm", "minilm-l6", EMBEDDED_MODEL.lower(),
+                    f"sentence-transformers/{EMBEDDED_MODEL.lower()}"}
+# the research command's --net_arch names; each means "the BERT-family model given by --model_name"
+NET_ARCHS = ("bert_base_qcfs", "bert_qcfs", "bert")
+ACTIVATIONS = ("keep", "relu")
+
+
+def is_embedded(name: str | None) -> bool:
+    return name is None or name.strip().lower() in EMBEDDED_ALIASES
+
+
+def model_source(name: str | None) -> str:
+    """The folder or hub name to load: the embedded MiniLM-L6 folder for ``embedded``."""
+    return str(minilm_dir()) if is_embedded(name) else name
+
+
+def load_classifier(name: str | None, num_labels: int, id2label: dict[int, str]) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)``: a BERT-family encoder with a (new, if the checkpoint has none)
+    classification head for ``num_labels`` classes, float32, eval mode.
+
+    Raises:
+        MissingAssetError: the name is neither a folder nor cached and the hub cannot be reached.
+        ValueError: the checkpoint is not a BERT-family model.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise MissingAssetError(
+            f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the hub could not be "
+            f"reached ({str(e).splitlines()[0]}). Pass a local folder, or use the embedded default "
+            f"(--model_name embedded = {EMBEDDED_MODEL}).") from None
+    if config.model_type not in ("bert", "roberta"):
+        raise ValueError(f"{name!r} is a {config.model_type!r} model; text_cls converts BERT-family encoders "
+                         "(model_type bert or roberta)")
+    labels = {int(k): str(v) for k, v in id2label.items()}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "classifier weights newly initialized" is expected: we fine-tune them
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()},
+            ignore_mismatched_sizes=True, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.problem_type = "single_label_classification"
+    return model.eval(), tok
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where the spiking sites go. ``sites``: ``ffn`` (FFN intermediate activation only) or
+    ``all`` (every encoder linear input plus the attention probabilities). ``activation``:
+    ``keep`` GELU (rate domain, signed FFN site) or swap to ``relu``."""
+
+    sites: str = "all"
+    activation: str = "keep"
+    T: int = 8
+
+    def __post_init__(self):
+        if self.sites not in SITE_SCOPES:
+            raise ValueError(f"spike_sites must be one of {', '.join(SITE_SCOPES)}, got {self.sites!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        check_timesteps(self.T)
+
+    def conversion_config(self) -> ConversionConfig:
+        return ConversionConfig(T=self.T, mode="full", activation=self.activation, spike_qkv=False,
+                                spike_probs=self.sites == "all", spike_norm=True, spike_head=False)
+
+
+def convert_classifier(model: nn.Module, spec: SiteSpec) -> nn.Module:
+    """A converted copy of ``model`` with DA-QCFS sites (in ``ann`` mode) where ``spec`` says."""
+    snn = copy.deepcopy(model)
+    set_site_scope(snn, spec.sites)
+    convert_(snn, spec.conversion_config())
+    invalidate_reset_cache(snn)
+    return snn
+
+
+def float_copy(snn: nn.Module, template: nn.Module) -> nn.Module:
+    """The float network of a converted model's (trained) weights: a copy of ``template`` (the
+    original architecture) loaded strictly with ``snn``'s weights; site parameters are dropped,
+    the wrappers' ``.linear`` / ``.norm`` / ``.act`` levels removed from the names."""
+    state = {}
+    for key, value in snn.state_dict().items():
+        if ".site." in key or "_site." in key:
+            continue
+        state[key.replace(".linear.", ".").replace(".norm.", ".").replace(".act.", ".")] = value
+    model = copy.deepcopy(template)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def relu_swap_(model: nn.Module) -> nn.Module:
+    """Replace the FFN activation (GELU) of every layer by ReLU, in place (``--activation relu``)."""
+    from spike_modules.adapters import adapter_for
+
+    for path in adapter_for(model).activation_paths(model):
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent), attr, nn.ReLU())
+    return model
+
+
+def _head(model: nn.Module):
+    """The float readout after the encoder: ``hidden [B, S, H] -> logits [B, C]``."""
+    if hasattr(model, "bert"):  # BertForSequenceClassification: pooler (first token, dense, tanh), classifier
+        return lambda h: model.classifier(model.dropout(model.bert.pooler(h)))
+    if hasattr(model, "roberta"):  # RobertaClassificationHead reads the first token itself
+        return model.classifier
+    raise ValueError(f"{type(model).__name__}: text_cls knows the heads of BertForSequenceClassification and "
+                     "RobertaForSequenceClassification")
+
+
+@torch.no_grad()
+def run_sequential(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   T: int | None = None) -> torch.Tensor:
+    """Logits ``[B, C]`` of the time-stepped simulation of a converted classifier.
+
+    Token ids are repeated T times along the batch (step-major), so the embeddings are
+    constant over the T steps; every site runs its SpikingJelly multi-step neuron (membranes
+    reset before each batch); LayerNorm, GELU and softmax run in the rate domain. The
+    encoder's last hidden state is averaged over the T steps and read out by the float head.
+    ``T=None`` uses the sites' T.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    B = input_ids.shape[0]
+    encoder = model.base_model
+    with sequential_mode(model, T) as T:
+        ids = input_ids.repeat(T, 1)
+        mask = None if attention_mask is None else attention_mask.repeat(T, 1)
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        mean = unfold(hidden, T).mean(0)
+        return _head(model)(mean)
+
+
+@torch.no_grad()
+def classify(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``[B, C]`` of a converted classifier with the neuron it was loaded for
+    (``stac_neuron_type``): one parallel pass (ParaInfNeuron) or the time-stepped simulation (IFNeuron)."""
+    if getattr(model, "stac_neuron_type", "ParaInfNeuron") == "IFNeuron":
+        return run_sequential(model, input_ids, attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -1,0 +1,188 @@
+"""``TextClsOptions``: every parameter of one text-classification run, validated, saved as JSON.
+
+``None`` fields are resolved in ``__post_init__`` (dataset-dependent max length, the T sweep,
+the run directory), so the saved options hold the values that were used. The research
+command's names (``--dataset TextCLS --datadir --savedir --net_arch bert_base_qcfs --batchsize
+--dev --time_step --neuron_type --pretrained_model --direct_inference``) map onto these fields
+in ``text_cls.cli``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from spike_modules.adapters.bert import SITE_SCOPES
+
+from .data import DATASETS, FILE_MAX_LEN, FILE_SUFFIXES, HUB_DATASETS, TWEETS, TWEETS_MAX_LEN
+from .model import ACTIVATIONS, NET_ARCHS
+
+DEFAULT_SWEEP = (2, 4, 8, 16)
+DEFAULT_T = 8
+MAX_T = 256
+NEURON_TYPES = ("ParaInfNeuron", "IFNeuron")
+NEURON_ALIASES = {"parainfneuron": "ParaInfNeuron", "parainfneuron_text": "ParaInfNeuron", "parallel": "ParaInfNeuron",
+                  "ifneuron": "IFNeuron", "ifneuron_text": "IFNeuron", "sequential": "IFNeuron"}
+DATASET_ALIASES = {"textcls": TWEETS, "tweet": TWEETS, "sst-2": "sst2", "agnews": "ag_news"}
+THRESHOLD_RULES = ("max", "percentile", "mse")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|\d+)$")
+
+
+def _int(name: str, v, lo: int, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {bound}, got {v!r}")
+
+
+def _float(name: str, v, lo: float, hi: float, lo_open: bool = True) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (lo < v if lo_open else lo <= v) and v <= hi
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+
+
+def _choice(name: str, v, allowed) -> None:
+    if v not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class TextClsOptions:
+    """One run (the CLI's flags, same names).
+
+    Raises:
+        ValueError: a value out of range, an unknown choice, conflicting data flags, a missing file.
+    """
+
+    dataset: str = TWEETS
+    datadir: str | None = None
+    train_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    encoding: str = "utf-8"
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_train_samples: int | None = 2000
+    max_eval_samples: int | None = 800
+    max_len: int | None = None
+    model_name: str = "embedded"
+    net_arch: str = "bert_base_qcfs"
+    spike_sites: str = "all"
+    activation: str = "keep"
+    neuron_type: str = "ParaInfNeuron"
+    time_step: int | None = None
+    time_steps: tuple[int, ...] | None = None
+    ann_epochs: int = 0
+    trainsnn_epochs: int = 1
+    learning_rate: float = 1e-4
+    snn_learning_rate: float = 1e-4
+    batchsize: int = 32
+    eval_batchsize: int = 64
+    freeze_embeddings: bool = True
+    direct_inference: bool = False
+    calibrate_th: bool = True
+    fit_affine: bool = True
+    threshold_rule: str = "percentile"
+    percentile: float = 99.9
+    calib_samples: int = 256
+    device: str = "auto"
+    savedir: str | None = None
+    overwrite: bool = False
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: resolve once)
+        dataset = DATASET_ALIASES.get(str(self.dataset).lower(), str(self.dataset).lower())
+        _choice("dataset", dataset, DATASETS)
+        set_("dataset", dataset)
+        if self.datadir is not None:
+            self._files_from_datadir(dataset)
+        if self.train_file is not None and dataset != TWEETS:
+            raise ValueError(f"--train_file gives the data; it cannot be combined with --dataset {dataset}")
+        if self.test_file is not None and self.train_file is None:
+            raise ValueError("--test_file needs --train_file (the classes come from the training data)")
+        for key in ("train_file", "test_file"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{key} {path}: no such file")
+        for key in ("validation_fraction", "test_fraction"):
+            _float(key, getattr(self, key), 0.0, 0.5)
+        for key in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, key) is not None:
+                _int(key, getattr(self, key), 1)
+        if self.max_len is None:
+            set_("max_len", HUB_DATASETS[dataset]["max_len"] if dataset in HUB_DATASETS
+                 else FILE_MAX_LEN if self.train_file else TWEETS_MAX_LEN)
+        _int("max_len", self.max_len, 2, 4096)
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise ValueError("model_name must be a non-empty string: 'embedded', a local folder or a hub name")
+        _choice("net_arch", self.net_arch, NET_ARCHS)
+        _choice("spike_sites", self.spike_sites, SITE_SCOPES)
+        _choice("activation", self.activation, ACTIVATIONS)
+        set_("neuron_type", NEURON_ALIASES.get(str(self.neuron_type).lower(), self.neuron_type))
+        _choice("neuron_type", self.neuron_type, NEURON_TYPES)
+        self._resolve_timesteps()
+        for key, lo in (("ann_epochs", 0), ("trainsnn_epochs", 0), ("batchsize", 1), ("eval_batchsize", 1),
+                        ("calib_samples", 1), ("seed", 0)):
+            _int(key, getattr(self, key), lo)
+        for key in ("learning_rate", "snn_learning_rate"):
+            _float(key, getattr(self, key), 0.0, 1.0)
+        _choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
+        _float("percentile", self.percentile, 0.0, 100.0)
+        device = str(self.device).lower()
+        if not DEVICE_RE.match(device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or a GPU index N, got {self.device!r}")
+        set_("device", f"cuda:{device}" if device.isdigit() else device)
+        if self.threads is not None:
+            _int("threads", self.threads, 1)
+        for key in ("freeze_embeddings", "direct_inference", "calibrate_th", "fit_affine", "overwrite", "progress"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.savedir is None:
+            data = Path(self.train_file).stem if self.train_file else dataset
+            set_("savedir", str(Path("runs") / f"text_cls_{data}_{self.spike_sites}"))
+
+    def _files_from_datadir(self, dataset: str) -> None:
+        """``--datadir``: the hub datasets' cache, or (for the local-file pipeline) a folder holding
+        ``train.{csv,tsv,jsonl}`` and optionally ``test.*``, used as ``--train_file``/``--test_file``."""
+        d = Path(self.datadir)
+        if not d.is_dir():
+            raise ValueError(f"--datadir {d}: no such directory")
+        if dataset in HUB_DATASETS or self.train_file is not None:
+            return
+        found = {part: [d / f"{part}{s}" for s in FILE_SUFFIXES if (d / f"{part}{s}").is_file()]
+                 for part in ("train", "test")}
+        if not found["train"]:
+            raise ValueError(f"--datadir {d} holds no train.csv, train.tsv or train.jsonl; put the data there, "
+                             "or give --train_file, or leave out --datadir for the embedded tweets")
+        if len(found["train"]) > 1 or len(found["test"]) > 1:
+            raise ValueError(f"--datadir {d} holds several train/test files ({found}); keep one of each")
+        object.__setattr__(self, "train_file", str(found["train"][0]))
+        if found["test"]:
+            object.__setattr__(self, "test_file", str(found["test"][0]))
+
+    def _resolve_timesteps(self) -> None:
+        sweep = self.time_steps
+        if sweep is None:
+            sweep = (self.time_step,) if self.time_step is not None else DEFAULT_SWEEP
+        sweep = tuple(sweep)
+        if not sweep:
+            raise ValueError("time_steps is empty; give at least one T, e.g. --time_steps 4,8")
+        for T in sweep:
+            _int("each of time_steps", T, 1, MAX_T)
+        primary = self.time_step if self.time_step is not None else (DEFAULT_T if DEFAULT_T in sweep else max(sweep))
+        _int("time_step", primary, 1, MAX_T)
+        object.__setattr__(self, "time_steps", tuple(sorted(set(sweep) | {primary})))
+        object.__setattr__(self, "time_step", primary)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["time_steps"] = list(self.time_steps)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

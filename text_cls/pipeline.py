@@ -1,0 +1,183 @@
+"""The text-classification run: data -> float fine-tune -> convert -> DA-QCFS fine-tune -> calibrate
+per T -> evaluate every mode -> write the run directory (atomically, at the end).
+
+Everything that can be refused (options, output directory, data, model) is refused before the
+first training step; an error or Ctrl-C leaves no run directory behind.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from calibration import Calibration, CalibrationConfig, fit_calibration, observe_sites
+from stac_io import atomic_dir, check_output_free, write_json
+from stac_lm.pipeline import StepTimer
+
+from .batching import Encoded, encode, eval_batches, model_inputs
+from .data import load_splits, write_splits
+from .measure import measure
+from .model import (EMBEDDED_MODEL, SiteSpec, convert_classifier, float_copy, is_embedded, load_classifier,
+                    relu_swap_)
+from .options import TextClsOptions
+from .report import console_table, markdown, plot
+from .saving import write_model
+from .train import finetune_
+
+RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "accuracy_vs_T.png"
+# token rows per site kept for the psi/phi fit: the fit costs rows x channels x 35 quantizer passes per T,
+# about 40 s per T at 4096 rows for MiniLM's 30 sites on 2 cores; 2048 rows take a quarter of that
+RESERVOIR_ROWS = 2048
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked but torch sees no CUDA GPU (torch {torch.__version__}); "
+                             "use --device cpu or auto")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(device)
+
+
+def _subset(data: Encoded, n: int) -> Encoded:
+    return Encoded(data.input_ids[:n], data.attention_mask[:n], data.labels[:n])
+
+
+def calibration_config(opts: TextClsOptions, T: int, fit_affine: bool) -> CalibrationConfig:
+    return CalibrationConfig(T=T, rule=opts.threshold_rule, percentile=opts.percentile, seed=opts.seed,
+                             fit_affine=fit_affine and opts.fit_affine, reservoir_rows=RESERVOIR_ROWS)
+
+
+def _run_batch(model, batch) -> None:
+    model(**model_inputs(batch))
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "torch": torch.__version__,
+            "memory_note": "GPU peak allocated per mode" if device.type == "cuda"
+            else "CPU: the process's peak resident set so far, a high-water mark over the run"}
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
+    """Do the run ``opts`` describe and write ``opts.savedir``; returns ``results.json``'s content
+    (``None`` on the non-main processes of ``accelerate launch``).
+
+    Raises:
+        ValueError: bad input of any kind, before training (``DataError``, ``OutputExistsError`` included).
+        MissingAssetError: the model is not available offline.
+    """
+    from accelerate import Accelerator
+
+    t_start = time.perf_counter()
+    check_output_free(opts.savedir, opts.overwrite)
+    device = resolve_device(opts.device)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    step = StepTimer(console, opts.progress)
+    with step("read data", spinner=True):
+        splits = load_splits(opts.dataset, opts.train_file, opts.test_file, opts.text_column, opts.label_column,
+                             opts.encoding, opts.validation_fraction, opts.test_fraction, opts.seed,
+                             opts.max_train_samples, opts.max_eval_samples, opts.datadir)
+    with step("load model", spinner=True):
+        ann, tok = load_classifier(opts.model_name, splits.num_classes, dict(enumerate(splits.classes)))
+    positions = getattr(ann.config, "max_position_embeddings", None)
+    if positions is not None and opts.max_len > positions:
+        raise ValueError(f"--max_len {opts.max_len} is longer than the model's {positions} positions")
+    with step("tokenize", spinner=True):
+        train, val, test = (encode(tok, rows, opts.max_len) for rows in (splits.train, splits.validation, splits.test))
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    device = accelerator.device
+    torch.manual_seed(opts.seed)
+    spec = SiteSpec(opts.spike_sites, opts.activation, opts.time_step)
+    if opts.activation == "relu":
+        relu_swap_(ann)  # before the float fine-tune, so the float ANN is the ReLU network the SNN converts
+    ann.to(device)
+    training = {}
+    train_args = dict(batch_size=opts.batchsize, seed=opts.seed, accelerator=accelerator,
+                      freeze_embeddings=opts.freeze_embeddings, progress=opts.progress)
+    if not opts.direct_inference and opts.ann_epochs:
+        with step(f"phase 1a: float fine-tune ({opts.ann_epochs} epoch(s), {len(train)} samples)"):
+            training["ann"] = finetune_(ann, train, epochs=opts.ann_epochs, lr=opts.learning_rate,
+                                        desc="float fine-tune", **train_args)
+    snn = convert_classifier(ann, spec).to(device)
+    calib_batches = eval_batches(_subset(train, opts.calib_samples), opts.eval_batchsize)
+    qcfs_training = not opts.direct_inference and opts.trainsnn_epochs > 0
+    with step("calibrate the sites (per-channel thresholds)"):
+        observers, n = observe_sites(snn, calib_batches, calibration_config(opts, opts.time_step, False),
+                                     run_batch=_run_batch, progress=opts.progress)
+        # thresholds for DA-QCFS training: the percentile/max rules do not depend on T, so one set serves the cycle
+        base = fit_calibration(observers, replace(calibration_config(opts, opts.time_step, False), n_samples=n),
+                               model_id=str(opts.model_name))
+        base.apply_to(snn)
+    if qcfs_training:
+        with step(f"phase 1b: DA-QCFS fine-tune ({opts.trainsnn_epochs} epoch(s), T cycling {list(opts.time_steps)})"):
+            training["qcfs"] = finetune_(snn, train, epochs=opts.trainsnn_epochs, lr=opts.snn_learning_rate,
+                                         timesteps=opts.time_steps, desc="DA-QCFS fine-tune", **train_args)
+    if qcfs_training and not opts.ann_epochs:
+        ann = float_copy(snn, ann)
+        reference = "the DA-QCFS-trained weights run as a float network (sites off, the original modules)"
+    elif opts.ann_epochs and not opts.direct_inference:
+        reference = "a separate float fine-tune (phase 1a), before the DA-QCFS fine-tune"
+    else:
+        reference = "the checkpoint as given (--direct_inference)" if opts.direct_inference else "the checkpoint"
+    calibrations: dict[int, Calibration] = {}
+    with step("phase 2: calibrate per T" if opts.calibrate_th else "phase 2: keep the training thresholds"):
+        if opts.calibrate_th and qcfs_training:  # the weights moved: observe the trained network again
+            observers, n = observe_sites(snn, calib_batches, calibration_config(opts, opts.time_step, True),
+                                         run_batch=_run_batch, progress=opts.progress)
+        for T in opts.time_steps:
+            cfg = replace(calibration_config(opts, T, opts.calibrate_th), n_samples=n)
+            calibrations[T] = (fit_calibration(observers, cfg, model_id=str(opts.model_name)) if opts.calibrate_th
+                               else Calibration(cfg, base.sites, base.model_id, base.stats))
+    if not accelerator.is_main_process:
+        return None
+    with step("phase 3: evaluate ANN, DA-QCFS ANN, SNN parallel and sequential"):
+        ann_val = measure_val(ann, val, opts, device)
+        results = measure(ann, snn, calibrations, eval_batches(test, opts.eval_batchsize), test, opts.time_step,
+                          device, opts.progress)
+    calibrations[opts.time_step].apply_to(snn)
+    results.update({
+        "acc_ann_validation": ann_val, "ann_reference": reference, "options": opts.to_dict(), "data": splits.describe(),
+        "model": {"name": EMBEDDED_MODEL if is_embedded(opts.model_name) else opts.model_name,
+                  "model_type": ann.config.model_type, "layers": ann.config.num_hidden_layers,
+                  "hidden": ann.config.hidden_size, "neuron_type": opts.neuron_type,
+                  "gelu": "kept (rate domain)" if opts.activation == "keep" else "swapped for ReLU"},
+        "training": training, "machine": machine_info(device), "step_seconds": dict(step.seconds),
+    })
+    results["seconds_total"] = time.perf_counter() - t_start
+    with step("save", spinner=True), atomic_dir(opts.savedir, opts.overwrite) as tmp:
+        write_splits(splits, tmp / "data")
+        info = {"classes": splits.classes, "max_len": opts.max_len, "options": opts.to_dict(),
+                "source_model": results["model"]}
+        write_model(tmp / "model", snn.cpu(), tok, calibrations, opts.time_step, spec, info)
+        write_json(tmp / RESULTS_FILE, results)
+        (tmp / TABLE_FILE).write_text(markdown(results))
+        plot(results, tmp / PLOT_FILE)
+    Console(stderr=True).print(console_table(results))
+    return results
+
+
+@torch.inference_mode()
+def measure_val(model, data: Encoded, opts: TextClsOptions, device) -> float:
+    """Float ANN accuracy on the validation split (the split the test set was kept apart from)."""
+    correct = 0
+    for batch in eval_batches(data, opts.eval_batchsize):
+        logits = model(**model_inputs(batch, device)).logits
+        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+    return correct / len(data)

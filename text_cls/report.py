@@ -1,0 +1,107 @@
+"""``results.md`` (the table), ``accuracy_vs_T.png`` and the console table of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+GELU_NOTE = {
+    "keep": "GELU kept (DESIGN.md): it runs in the rate domain in the sequential simulation, and the site after it "
+            "is signed because GELU dips to -0.17",
+    "relu": "GELU swapped for ReLU before fine-tuning (the site after it is unsigned); the swap damages a "
+            "pretrained model until it is fine-tuned",
+}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _speedup(row: dict) -> float:
+    return row["latency_ms_sequential"] / row["latency_ms_parallel"]
+
+
+def markdown(results: dict) -> str:
+    """The results table and the facts needed to read it."""
+    o, r = results["options"], results
+    lines = [
+        f"# text_cls: {r['model']['name']} on {r['data']['source'].get('dataset')} "
+        f"(spike sites: {o['spike_sites']})", "",
+        f"Test set: {r['samples']} samples ({r['data']['sizes']['train']} trained on). "
+        f"The ANN (float) is {r['ann_reference']}. "
+        f"ANN (float): accuracy {_pct(r['acc_ann'])}%, macro-F1 {_pct(r['f1_ann'])}%. "
+        f"DA-QCFS ANN at T={r['qcfs_T']}: accuracy {_pct(r['acc_qcfs'])}%, macro-F1 {_pct(r['f1_qcfs'])}%.", "",
+        "| T | acc SNN parallel | acc SNN sequential | gap (seq - par) | macro-F1 parallel | agreement par/seq "
+        "| agreement par/ANN | spike rate | latency ANN ms | latency parallel ms | latency sequential ms "
+        "| seq/par | energy SNN/ANN |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["per_T"]:
+        gap = 100 * (row["acc_snn_sequential"] - row["acc_snn_parallel"])
+        lines.append(
+            f"| {row['T']} | {_pct(row['acc_snn_parallel'])} | {_pct(row['acc_snn_sequential'])} | {gap:+.2f} | "
+            f"{_pct(row['f1_snn_parallel'])} | {row['agreement']:.4f} | {row['agreement_with_ann']:.4f} | "
+            f"{row['spike_rate']:.4f} | {r['latency_ms_ann']:.1f} | {row['latency_ms_parallel']:.1f} | "
+            f"{row['latency_ms_sequential']:.1f} | {_speedup(row):.1f}x | {row['energy']['energy_ratio']:.3f} |")
+    e = r["per_T"][-1]["energy"]
+    lines += [
+        "",
+        f"- Accuracies in %; latency is the mean per test batch of {o['eval_batchsize']} (samples grouped by "
+        "length, trailing all-padding columns dropped), each mode in its own pass over the same batches.",
+        f"- {GELU_NOTE[o['activation']]}.",
+        f"- Parameters: {r['parameters']['weights']:,} weights, {r['parameters']['site_parameters']:,} per-channel "
+        f"site values. FLOPs per sample ({r['flops_probe']['tokens']} tokens, torch.utils.flop_counter): ANN "
+        f"{r['flops_per_sample_ann'] / 1e9:.3f} G, SNN parallel at T={r['per_T'][-1]['T']} "
+        f"{r['per_T'][-1]['flops_per_sample_parallel'] / 1e9:.3f} G, sequential "
+        f"{r['per_T'][-1]['flops_per_sample_sequential'] / 1e9:.3f} G.",
+        f"- Energy (DESIGN.md, 45 nm; memory traffic not counted): coverage {e['coverage']:.3f} of the MACs are "
+        "spike-driven; " + e["convention"] + ".",
+        f"- Spike rate: spikes per neuron per timestep over the test set (signed sites count |spikes|), "
+        "parallel neurons; the sequential neurons' rate is in results.json.",
+        f"- Peak memory (MB, {r['machine']['memory_note']}): ANN {r['peak_memory_mb_ann']:.0f}, parallel "
+        f"{r['per_T'][-1]['peak_memory_mb_parallel']:.0f}, sequential {r['per_T'][-1]['peak_memory_mb_sequential']:.0f}"
+        f" (T={r['per_T'][-1]['T']}).",
+        f"- Machine: {r['machine']['platform']}, {r['machine']['device']}, torch threads "
+        f"{r['machine']['torch_threads']}. Run time {r['seconds_total']:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str | Path) -> None:
+    """Accuracy against T: SNN parallel and sequential, with the ANN and DA-QCFS ANN as references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["per_T"]
+    Ts = [row["T"] for row in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(Ts, [100 * row["acc_snn_parallel"] for row in rows], "o-", label="SNN parallel (ParaInfNeuron)")
+    ax.plot(Ts, [100 * row["acc_snn_sequential"] for row in rows], "s--", label="SNN sequential (IFNeuron)")
+    ax.axhline(100 * results["acc_ann"], color="k", lw=1, label="ANN (float)")
+    ax.axhline(100 * results["acc_qcfs"], color="gray", lw=1, ls=":", label=f"DA-QCFS ANN (T={results['qcfs_T']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(Ts, [str(t) for t in Ts])
+    ax.set_xlabel("timesteps T")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{results['model']['name']}, spike sites: {results['options']['spike_sites']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def console_table(results: dict) -> Table:
+    t = Table(title=f"text_cls: ANN {_pct(results['acc_ann'])}%, DA-QCFS ANN (T={results['qcfs_T']}) "
+                    f"{_pct(results['acc_qcfs'])}%")
+    for col in ("T", "acc parallel %", "acc sequential %", "agreement", "spike rate", "par ms", "seq ms", "seq/par",
+                "energy SNN/ANN"):
+        t.add_column(col, justify="right")
+    for row in results["per_T"]:
+        t.add_row(str(row["T"]), _pct(row["acc_snn_parallel"]), _pct(row["acc_snn_sequential"]),
+                  f"{row['agreement']:.4f}", f"{row['spike_rate']:.4f}", f"{row['latency_ms_parallel']:.1f}",
+                  f"{row['latency_ms_sequential']:.1f}", f"{_speedup(row):.1f}x", f"{row['energy']['energy_ratio']:.3f}")
+    return t

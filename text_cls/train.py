@@ -1,0 +1,102 @@
+"""Fine-tuning: the float ANN, then DA-QCFS-aware (sites in ``quant`` mode, straight-through floor).
+
+Training goes through ``accelerate``: one process on CPU or one GPU as is, several GPUs with
+``accelerate launch -m text_cls ...`` (batches are sharded across processes; only the main
+process evaluates and writes). Optimizer: AdamW with a linear decay after a short warmup.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from typing import Callable
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from spike_modules.site import iter_sites, set_mode, set_timesteps
+
+from .batching import Encoded, train_batches
+
+
+def progress_bar(disable: bool = False) -> Progress:
+    """The rich progress bar every long loop of text_cls shows (on stderr, removed when done)."""
+    from rich.console import Console
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=disable, transient=True)
+
+
+def _schedule(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, lr: float, seed: int,
+              accelerator, timesteps: tuple[int, ...] | None = None, freeze_embeddings: bool = True,
+              desc: str = "fine-tune", progress: bool = True) -> dict:
+    """Train ``model`` in place on ``data`` for ``epochs``; returns a summary (losses, seconds).
+
+    Args:
+        model: a classifier (float, or converted with calibrated sites).
+        timesteps: ``None`` trains the float model; otherwise the sites run in ``quant`` mode
+            (QCFS with a straight-through floor) and each batch uses the next T of this cycle,
+            so one model learns to live with every T it will be evaluated at.
+        freeze_embeddings: keep the word embeddings fixed (most of MiniLM's parameters; the
+            optimizer step then costs a third as much, and the vocabulary the tweets do not use
+            stays as pretrained).
+        accelerator: an ``accelerate.Accelerator`` (device, and sharding under ``accelerate launch``).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    word = model.get_input_embeddings()
+    params = [p for p in model.parameters() if p.requires_grad and not (freeze_embeddings and p is word.weight)]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    epoch_batches = [train_batches(data, batch_size, gen) for _ in range(epochs)]
+    steps = math.ceil(sum(len(b) for b in epoch_batches) / accelerator.num_processes)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps, max(1, steps // 20)))
+    # the scheduler stays unprepared: it steps once per optimizer step of this process
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if timesteps is not None:
+        set_mode(model, "quant")
+    cycle = itertools.cycle(timesteps or (None,))
+    losses, t0 = [], time.perf_counter()
+    wrapped.train()
+    try:
+        with progress_bar(not progress or not accelerator.is_main_process) as bar:
+            task = bar.add_task(desc, total=steps, info="")
+            for epoch, batches in enumerate(epoch_batches):
+                for i, batch in enumerate(batches):
+                    if i % accelerator.num_processes != accelerator.process_index:
+                        continue  # under accelerate launch each process takes every n-th batch
+                    T = next(cycle)
+                    if T is not None:
+                        set_timesteps(model, T)
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    loss = wrapped(**batch).loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch + 1}, "
+                                                 f"batch {i + 1}; lower --learning_rate")
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(float(loss.detach()))
+                    recent = losses[-20:]
+                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {sum(recent) / len(recent):.3f}")
+    finally:
+        wrapped.eval()
+        if timesteps is not None:
+            set_mode(model, "ann")
+    n = len(losses)
+    return {"epochs": epochs, "steps": n, "samples": len(data), "batch_size": batch_size, "lr": lr,
+            "timesteps": list(timesteps) if timesteps else None, "freeze_embeddings": freeze_embeddings,
+            "first_loss": sum(losses[:10]) / min(10, n) if n else None,
+            "last_loss": sum(losses[-10:]) / min(10, n) if n else None,
+            "seconds": time.perf_counter() - t0, "sites": sum(1 for _ in iter_sites(model))}
