@@ -281,7 +281,9 @@ def spawn(*args, timeout=90):
     env = {**os.environ, "TERM": "dumb", "PYTHONPATH": str(ROOT)}
     child = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), *args], cwd=str(ROOT), env=env,
                           encoding="utf-8", timeout=timeout, dimensions=(50, 250))
-    child.expect_exact(PROMPT)
+    # start-up imports torch, transformers and SpikingJelly: slow on a loaded 2-core machine, so it
+    # gets a wider bound than each reply (a bound against hangs, not a speed test)
+    child.expect_exact(PROMPT, timeout=max(timeout, 300))
     return child
 
 

@@ -161,10 +161,11 @@ def test_relu_activation_swap_makes_gpt2_mlp_output_site_unsigned():
 
 
 def test_unsupported_architecture_and_modules_are_errors_not_skips():
-    from transformers import BertConfig, BertModel
-    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
-    with pytest.raises(ValueError, match=r"unsupported architecture 'bert'.*gpt2 \(gpt2\); llama \(llama\)"):
-        convert(bert, ConversionConfig(T=8))
+    from transformers import MistralConfig, MistralForCausalLM
+    mistral = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'mistral'.*gpt2 \(gpt2\); llama \(llama\)"):
+        convert(mistral, ConversionConfig(T=8))
     odd = tiny_llama()
     odd.model.layers[1].post_attention_layernorm = nn.Identity()
     with pytest.raises(ValueError, match=r"model.layers.1.post_attention_layernorm is a Identity; as a norm STAC "
