@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -294,6 +295,21 @@ def ask(child, line: str) -> str:
     return child.before
 
 
+def wait_for_input(child, bound: float = 60.0) -> None:
+    """Return once the child sleeps waiting for the terminal. A Ctrl-C that lands after the prompt is
+    written but before readline blocks in select() is only seen at the next key (CPython checks
+    signals when select() is interrupted), so an interrupt sent the instant the prompt shows can be
+    lost on a loaded machine."""
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline, asleep = time.monotonic() + bound, 0
+    while time.monotonic() < deadline:
+        asleep = asleep + 1 if stat.read_text().rsplit(")", 1)[1].split()[0] == "S" else 0
+        if asleep == 3:  # asleep on three looks 20 ms apart: blocked, not a passing wait
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"chat.py did not wait for input within {bound} s")
+
+
 def reply_of(output: str, label: str = "snn> ") -> str:
     return output.split(label, 1)[1].split("\r\n", 1)[0]
 
@@ -320,6 +336,7 @@ def test_conversation_in_a_terminal(snn_dir):
                        ("user", "What is your name?"), ("assistant", second.strip()),
                        ("user", "And now?"), ("assistant", third.strip())]
 
+    wait_for_input(child)
     child.sendintr()  # at the prompt: a hint, the session goes on
     child.expect_exact("Ctrl-D or :exit ends the session")
     child.expect_exact(PROMPT)
