@@ -16,32 +16,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
+
+from stac_cli import Parser, flag
+from stac_cli import fail as cli_fail
 
 PROG = "chat.py"
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
-        fail(f"{message} (see --help)")
-
-
-def fail(message: str, code: int = 2):
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(code)
-
-
-def flag(p: argparse.ArgumentParser, name: str, *short: str, **kw) -> None:
-    """``--name`` and, for names with underscores, ``--name-with-dashes``."""
-    spellings = [*short, f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    p.add_argument(*spellings, dest=name, **kw)
+fail = partial(cli_fail, PROG)
 
 
 def build_parser() -> Parser:
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(PROG, __doc__)
     flag(p, "model_dir", required=True, metavar="DIR", help="a directory saved by run_conversion.py")
     flag(p, "device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present (default auto)")
-    flag(p, "timesteps", "-T", type=int, metavar="T", help="spike timesteps per token (default: the saved T)")
+    flag(p, "timesteps", short=("-T",), type=int, metavar="T", help="spike timesteps per token (default: the saved T)")
     flag(p, "max_new_tokens", type=int, default=128, metavar="N", help="longest reply in tokens (default 128)")
     flag(p, "temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples at that temperature")
     flag(p, "top_k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (default 0: off)")

@@ -15,34 +15,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
+from stac_cli import Parser
+from stac_cli import fail as cli_fail
+from stac_cli import flag as cli_flag
 from stac_lm.options import ACTIVATIONS, DEVICES, MAX_CLI_TIMESTEPS, QUANT_BACKENDS, THRESHOLD_RULES
 
 PROG = "run_conversion.py"
 # flags that still mean something when verifying a saved directory
 VERIFY_FLAGS = {"model_dir", "verify", "eval_text", "eval_tokens", "device", "use_sparse"}
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
-        fail(f"{message} (see --help)")
-
-
-def fail(message: str, code: int = 2):
-    one_line = " ".join(str(message).replace("\n  - ", "; ").split())
-    print(f"{PROG}: error: {one_line}", file=sys.stderr)
-    sys.exit(code)
-
-
-def flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
-    """``--name`` and, for names with underscores, ``--name-with-dashes``; unset flags stay unset so
-    the defaults live in one place (``stac_lm.options.ConvertOptions``)."""
-    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    p.add_argument(*spellings, dest=name, default=argparse.SUPPRESS, **kw)
+fail = partial(cli_fail, PROG)
+flag = partial(cli_flag, unset=True)  # unset flags stay unset: the defaults live in ConvertOptions
 
 
 def build_parser() -> Parser:
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(PROG, __doc__)
     g = p.add_argument_group("model and mode")
     flag(g, "model_name", metavar="NAME", help="source model: 'embedded' (default: SmolLM2-135M-Instruct, offline), "
                                                "a local Hugging Face folder, or a hub name (online or cached)")

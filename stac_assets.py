@@ -26,6 +26,14 @@ class MissingAssetError(FileNotFoundError):
     """An asset is not installed; the message says how to get it."""
 
 
+def not_offline(name: str, error: OSError, embedded: str) -> MissingAssetError:
+    """The error for a model name that transformers could not load offline."""
+    return MissingAssetError(
+        f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the hub could not be "
+        f"reached ({str(error).splitlines()[0]}). Go online once to cache it, pass a local folder, or use the "
+        f"embedded default (--model_name embedded = {embedded}).")
+
+
 @dataclass(frozen=True)
 class AssetPackage:
     dist: str       # name on the package registry
@@ -156,8 +164,5 @@ def load_causal_lm(name: str | None = None, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
-        raise MissingAssetError(
-            f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the hub could not "
-            f"be reached ({str(e).splitlines()[0]}). Go online once to cache it, pass a local folder, or use "
-            f"the embedded default (--model_name embedded = {EMBEDDED_LM}).") from None
+        raise not_offline(name, e, EMBEDDED_LM) from None
     return model.eval(), tok

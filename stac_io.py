@@ -69,3 +69,32 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_saved_config(d: Path, bad: str, config_file: str, files: tuple[str, ...], dirs: tuple[str, ...],
+                      fmt: str, version: int, what: str, redo: str) -> dict:
+    """The JSON config of a saved directory, checked before anything is built from it: every
+    file and folder is there, the format and version are this STAC's, and each file listed under
+    ``files`` in the config still has its recorded sha256.
+
+    Raises:
+        ValueError: a clear message, prefixed with ``bad`` (what was being loaded), naming what is
+            wrong; ``what`` names the kind of directory, ``redo`` how to get a good one.
+    """
+    missing = [n for n in (config_file, *files) if not (d / n).is_file()]
+    missing += [n + "/" for n in dirs if not (d / n).is_dir()]
+    if missing:
+        raise ValueError(f"{bad}: missing {', '.join(missing)} (not a complete {what} directory)")
+    try:
+        config = json.loads((d / config_file).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{bad}: {config_file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        raise ValueError(f"{bad}: {config_file} is not a {what} config (format {fmt!r} expected)")
+    if config.get("format_version") != version:
+        raise ValueError(f"{bad}: format_version {config.get('format_version')!r}, this STAC reads {version}; "
+                         f"{redo}")
+    for name, sha in config.get("files", {}).items():
+        if sha256_file(d / name) != sha:
+            raise ValueError(f"{bad}: {name} does not match its sha256 in {config_file} (truncated or edited)")
+    return config

@@ -26,31 +26,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
+
+from stac_cli import Parser, flag
+from stac_cli import fail as cli_fail
 
 PROG = "test_conversational_snn.py"
 GROUP_FLAGS = ("test_multi_turn", "test_positions", "test_masks", "test_spike_rates")
 DEFAULT_OUT = "out/conversational_checks.json"
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        fail(f"{message} (see --help)")
-
-
-def fail(message: str, code: int = 2):
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(code)
-
-
-def flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
-    """``--name`` and, for names with underscores, ``--name-with-dashes``."""
-    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    p.add_argument(*spellings, dest=name, **kw)
+fail = partial(cli_fail, PROG)
 
 
 def build_parser() -> Parser:
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(PROG, __doc__)
     g = p.add_argument_group("what to check")
     flag(g, "test_all", action="store_true", help="every group below (the default)")
     flag(g, "test_multi_turn", action="store_true", help="cache contract, chit-chat quality, recall")

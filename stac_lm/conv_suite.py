@@ -18,7 +18,7 @@ from rich.table import Table
 from torch import nn
 
 from . import conv_checks, conv_masks, conv_quality
-from .pipeline import load_source, place, resolve_device, source_info
+from .pipeline import load_checked_source, place, resolve_device
 from .processor import TemporalSpikeProcessor
 from .saving import load_snn
 from .verify import machine_info
@@ -28,14 +28,7 @@ GROUPS = ("multi_turn", "positions", "masks", "spike_rates")
 
 def load_ann(config: dict, device) -> nn.Module:
     """The source model the SNN was converted from; refuses one whose weights changed since."""
-    source = config["source"]
-    ann, _ = load_source(source["model_name"])
-    now = source_info(source["model_name"], ann)
-    changed = [k for k in ("sha256", "revision") if now.get(k) != source.get(k)]
-    if changed:
-        raise ValueError(f"the source model {source['model_name']!r} changed since this SNN was converted (its "
-                         f"{' and '.join(changed)} differ); check against the model it came from")
-    return place(ann, device)
+    return place(load_checked_source(config), device)
 
 
 class _Steps:

@@ -80,6 +80,22 @@ def _is_attention(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Attention")
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The innermost modules whose class is named ``*Attention`` (``LlamaAttention``, ``GPT2Attention``;
+    for BERT ``BertSelfAttention``, not the ``BertAttention`` wrapping it): one per layer.
+
+    Raises:
+        ValueError: not one per layer, so an attention op count would silently be wrong.
+    """
+    found = [m for m in model.modules()
+             if _is_attention(m) and not any(_is_attention(c) for c in m.modules() if c is not m)]
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if len(found) != layers:
+        raise ValueError(f"found {len(found)} attention modules (classes named *Attention) for {layers} "
+                         "layers; the attention op count would be wrong")
+    return found
+
+
 @dataclass
 class OpCounts:
     """Operation counts of one forward pass.
@@ -116,10 +132,12 @@ class OpCounts:
 
 
 @contextmanager
-def counting(model: nn.Module) -> Iterator[OpCounts]:
+def counting(model: nn.Module, causal: bool = True) -> Iterator[OpCounts]:
     """Count the operations of every forward of ``model`` inside the block (conventions in the
     module docstring). The yielded :class:`OpCounts` is filled in when the block ends;
-    ``predictions`` holds the top-1 tokens of the last forward.
+    ``predictions`` holds the top-1 of the last forward's logits (tokens for an LM, classes for
+    a classifier). ``causal=False`` (an encoder such as BERT) counts the attention matmuls over
+    all ``S x S`` query-key pairs; ``tokens`` counts every position computed, padding included.
 
     Raises:
         ValueError: the model's attention modules cannot be found (one per layer), so the count
@@ -129,7 +147,7 @@ def counting(model: nn.Module) -> Iterator[OpCounts]:
     sites: dict[int, DAQCFSSite] = {}
     driven: set[str] = set()             # paths of the linear layers behind a site
     shapes: dict[str, tuple[int, int]] = {}
-    attentions = []
+    attentions = attention_modules(model)
     for path, m in model.named_modules():
         if isinstance(m, SpikeLinear):
             site, lin_path = m._shared.site, f"{path}.linear" if path else "linear"
@@ -139,12 +157,6 @@ def counting(model: nn.Module) -> Iterator[OpCounts]:
         shape = linear_shape(m)
         if shape is not None:
             shapes[path] = shape
-        elif _is_attention(m):
-            attentions.append(m)
-    layers = getattr(model.config, "num_hidden_layers", None)
-    if len(attentions) != layers:
-        raise ValueError(f"found {len(attentions)} attention modules (classes named *Attention) for {layers} "
-                         "layers; the attention op count would be wrong")
     heads, head_dim = _attention_dims(model.config)
     counts = OpCounts(tokens=0)
     seen_tokens: dict[str, int] = {}
@@ -160,7 +172,8 @@ def counting(model: nn.Module) -> Iterator[OpCounts]:
         cache = kwargs.get("past_key_values")
         # with a KV cache, each of the S new queries also meets the P cached keys
         P = cache.get_seq_length(module.layer_idx) if cache is not None else 0
-        counts.attention_macs += 2 * B * heads * head_dim * (S * P + S * (S + 1) // 2)
+        pairs = S * P + S * (S + 1) // 2 if causal else S * S
+        counts.attention_macs += 2 * B * heads * head_dim * pairs
 
     def model_hook(module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -130,6 +130,23 @@ def load_source(model_name: str) -> tuple[nn.Module, object]:
     return model.eval(), tok
 
 
+def load_checked_source(config: dict) -> nn.Module:
+    """The source model a saved SNN was converted from (``config["source"]``), on the CPU.
+
+    Raises:
+        ValueError: its weights (sha256) or revision changed since the conversion, so comparing
+            the SNN with it would mislead.
+    """
+    source = config["source"]
+    ann, _ = load_source(source["model_name"])
+    now = source_info(source["model_name"], ann)
+    changed = [k for k in ("sha256", "revision") if now.get(k) != source.get(k)]
+    if changed:
+        raise ValueError(f"the source model {source['model_name']!r} changed since this SNN was converted (its "
+                         f"{' and '.join(changed)} differ); compare the SNN with the model it came from")
+    return ann
+
+
 def run(opts: ConvertOptions, console: Console | None = None, progress: bool = True) -> Converted:
     """Convert ``opts.model_name`` as ``opts`` say, verify (if asked) and save to ``opts.output_dir``.
 
@@ -225,13 +242,7 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
     with step("load saved SNN", spinner=True):
         snn, tok, config = load_snn(model_dir, "cpu")
     with step("load source model", spinner=True):
-        source = config["source"]
-        ann, _ = load_source(source["model_name"])
-        now = source_info(source["model_name"], ann)
-        changed = [k for k in ("sha256", "revision") if now.get(k) != source.get(k)]
-        if changed:
-            raise ValueError(f"the source model {source['model_name']!r} changed since this SNN was converted "
-                             f"(its {' and '.join(changed)} differ); verify against the model it came from")
+        ann = load_checked_source(config)
     saved = config["options"]
     if eval_text is None and eval_tokens is None:
         eval_text, eval_tokens = saved["eval_text"], saved["eval_tokens"]

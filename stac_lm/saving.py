@@ -28,7 +28,7 @@ from torch import nn
 from calibration import Calibration, SiteParams
 from calibration.artifact import PARAMS as SITE_PARAMS
 from spike_modules import iter_sites, set_mode
-from stac_io import atomic_dir, sha256_file, write_json
+from stac_io import atomic_dir, read_saved_config, sha256_file, write_json
 
 from . import integration
 from .report import assemble_report
@@ -129,27 +129,6 @@ def save_snn(out, output_dir: str | Path, overwrite: bool = False) -> Path:
     return Path(output_dir)
 
 
-def _read_config(d: Path, bad: str) -> dict:
-    missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE, *CALIB_FILES) if not (d / n).is_file()]
-    if not (d / TOKENIZER_DIR).is_dir():
-        missing.append(TOKENIZER_DIR + "/")
-    if missing:
-        raise ValueError(f"{bad}: missing {', '.join(missing)} (not a complete STAC output directory)")
-    try:
-        config = json.loads((d / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{bad}: {CONFIG_FILE} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{bad}: {CONFIG_FILE} is not a STAC SNN config (format {FORMAT!r} expected)")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{bad}: format_version {config.get('format_version')!r}, this STAC reads "
-                         f"{FORMAT_VERSION}; convert the model again with this version")
-    for name, sha in config.get("files", {}).items():
-        if sha256_file(d / name) != sha:
-            raise ValueError(f"{bad}: {name} does not match its sha256 in {CONFIG_FILE} (truncated or edited)")
-    return config
-
-
 def _check_sites_agree(model: nn.Module, calib: Calibration, T: int, bad: str) -> None:
     calib.check_against(model, T=T)
     for name, site in iter_sites(model):
@@ -177,7 +156,8 @@ def load_snn(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     bad = f"saved SNN in {d} is unusable"
     if not d.is_dir():
         raise ValueError(f"{bad}: no such directory")
-    config = _read_config(d, bad)
+    config = read_saved_config(d, bad, CONFIG_FILE, (WEIGHTS_FILE, *CALIB_FILES), (TOKENIZER_DIR,), FORMAT,
+                               FORMAT_VERSION, "STAC SNN", "convert the model again with this version")
     try:
         hf = dict(config["hf_config"])
         hf_config = AutoConfig.for_model(hf.pop("model_type"), **hf)

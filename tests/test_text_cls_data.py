@@ -127,6 +127,17 @@ def test_integer_labels_keep_their_ids_and_a_seeded_split_is_written(tmp_path):
     assert json.loads((tmp_path / "out" / "split.json").read_text())["sizes"]["test"] == 4
 
 
+def test_written_splits_read_back_with_unicode_line_separators_inside_texts(tmp_path):
+    """Real tweets hold U+2028 and U+0085: legal unescaped in JSON strings, so JSON Lines splits on \\n only."""
+    rows = [{"text": f"tweet {i}\u2028second line\x85 and {chr(0x2029)} more", "label": "ab"[i % 2]} for i in range(40)]
+    s = load_splits(train_file=str(write_file(tmp_path / "d.csv", rows)), seed=0)
+    write_splits(s, tmp_path / "out")
+    assert "\u2028" in (tmp_path / "out" / "test.jsonl").read_text(encoding="utf-8")
+    again = load_splits(train_file=str(tmp_path / "out" / "train.jsonl"), test_file=str(tmp_path / "out" / "test.jsonl"))
+    assert sorted(again.test) == sorted(s.test)
+    assert sorted(again.train + again.validation) == sorted(s.train)
+
+
 BAD = [
     ("unknown dataset", dict(dataset="mnist"), "unknown dataset 'mnist'"),
     ("missing column", dict(rows="text,sentiment\nhello,pos\nbye,neg\n"), "no column 'label'"),

@@ -15,27 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
+
+from stac_cli import Parser
+from stac_cli import fail as cli_fail
+from stac_cli import flag as cli_flag
 
 PROG = "python -m text_cls"
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        fail(f"{message} (see --help)")
-
-
-def fail(message: str, code: int = 2):
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(code)
-
-
-def flag(p, *names: str, dest: str, **kw) -> None:
-    """Every name as ``--name`` and, with underscores, ``--name-with-dashes``; unset flags stay unset so
-    the defaults live in one place (``TextClsOptions``)."""
-    spellings = []
-    for n in names:
-        spellings += [f"--{n}"] + ([f"--{n.replace('_', '-')}"] if "_" in n else [])
-    p.add_argument(*spellings, dest=dest, default=argparse.SUPPRESS, **kw)
+fail = partial(cli_fail, PROG)
+flag = partial(cli_flag, unset=True)  # unset flags stay unset: the defaults live in TextClsOptions
 
 
 def samples(text: str) -> int | None:
@@ -55,7 +44,7 @@ def timesteps(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(PROG, __doc__)
     g = p.add_argument_group("data")
     flag(g, "dataset", "task", dest="dataset", metavar="NAME",
          help="tweets (embedded, default; TextCLS means the same), sst2, ag_news, imdb (need `datasets` and network)")

@@ -93,7 +93,9 @@ def read_rows(path: str | Path, text_column: str, label_column: str, encoding: s
         raise DataError(f"{path}: the file is empty")
     if path.suffix.lower() == ".jsonl":
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # JSON Lines ends lines with \n only: str.splitlines() would also split inside strings that hold
+        # U+2028, U+0085 and the like (legal unescaped in JSON, and found in real tweets)
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

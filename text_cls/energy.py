@@ -1,6 +1,6 @@
 """Operation counts, FLOPs and the energy estimate of DESIGN.md for BERT-family classifiers.
 
-The per-layer conventions are ``stac_lm.energy``'s (and its helpers are reused); what differs
+The per-layer conventions and the counting are ``stac_lm.energy``'s; what differs
 is attention: a BERT encoder attends both ways, so ``QK^T`` and ``PV`` cost MACs over all
 ``S x S`` query-key pairs of each head (padding inside a batch included: a dense kernel
 computes it). Where the attention probabilities spike, their spikes are counted in the spike
@@ -9,15 +9,14 @@ rate but ``PV`` is still counted as dense MACs (conservative, as for the LMs).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from spike_modules.layers import SpikeLinear
-from stac_lm.energy import E_AC_PJ, E_MAC_PJ, OpCounts, linear_shape, site_spikes
+from stac_lm.energy import E_AC_PJ, E_MAC_PJ, OpCounts
+from stac_lm.energy import counting as lm_counting
 
 CONVENTION = (
     "ops counted with forward hooks over the whole test set; MAC 4.6 pJ, accumulate (spike x weight) 0.9 pJ (45 nm); "
@@ -28,79 +27,8 @@ CONVENTION = (
     "counted")
 
 
-def _self_attentions(model: nn.Module) -> list[nn.Module]:
-    found = [m for m in model.modules() if type(m).__name__.endswith("SelfAttention")]
-    layers = model.config.num_hidden_layers
-    if len(found) != layers:
-        raise ValueError(f"found {len(found)} self-attention modules for {layers} layers; the attention op count "
-                         "would be wrong")
-    return found
-
-
-@contextmanager
-def counting(model: nn.Module) -> Iterator[OpCounts]:
-    """Count the operations of every forward of ``model`` inside the block; the yielded
-    :class:`~stac_lm.energy.OpCounts` is filled in when the block ends (``tokens`` counts every
-    position computed, padding inside a batch included)."""
-    readers: dict[int, list[str]] = {}
-    sites = {}
-    driven: set[str] = set()
-    shapes: dict[str, tuple[int, int]] = {}
-    for path, m in model.named_modules():
-        if isinstance(m, SpikeLinear):
-            site = m._shared.site
-            sites[id(site)] = site
-            readers.setdefault(id(site), []).append(f"{path}.linear")
-            driven.add(f"{path}.linear")
-        shape = linear_shape(m)
-        if shape is not None:
-            shapes[path] = shape
-    attentions = _self_attentions(model)
-    heads = model.config.num_attention_heads
-    head_dim = model.config.hidden_size // heads
-    counts = OpCounts(tokens=0)
-    seen: dict[str, int] = {}
-
-    def linear_hook(path, width):
-        def hook(module, args, output):
-            seen[path] = seen.get(path, 0) + args[0].numel() // width
-        return hook
-
-    def attention_hook(module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        B, S = int(hidden.shape[0]), int(hidden.shape[1])
-        counts.attention_macs += 2 * B * heads * head_dim * S * S
-
-    def embeddings_hook(module, args, output):
-        counts.tokens += int(output.shape[0] * output.shape[1])
-
-    handles = [model.get_submodule(p).register_forward_hook(linear_hook(p, s[0])) for p, s in shapes.items()]
-    handles += [m.register_forward_pre_hook(attention_hook, with_kwargs=True) for m in attentions]
-    handles.append(model.base_model.embeddings.register_forward_hook(embeddings_hook))
-    before = {k: site_spikes(s) for k, s in sites.items()}
-    try:
-        yield counts
-    finally:
-        for h in handles:
-            h.remove()
-    spikes = {k: site_spikes(s) - before[k] for k, s in sites.items()}
-    for path, tokens in seen.items():
-        i, o = shapes[path]
-        macs = tokens * i * o
-        spiking = path in driven
-        counts.per_module[path] = {"kind": "spike" if spiking else "dense", "macs": 0 if spiking else macs,
-                                   "acs": 0.0, "mac_equivalent": macs}
-        if spiking:
-            counts.spike_driven_macs += macs
-        else:
-            counts.dense_macs += macs
-    for key, paths in readers.items():
-        for p in paths:
-            if p in counts.per_module:
-                acs = spikes[key] * shapes[p][1]
-                counts.per_module[p]["acs"] = acs
-                counts.spike_acs += acs
-    counts.dense_macs += counts.attention_macs
+# stac_lm.energy.counting with bidirectional attention (all S x S query-key pairs)
+counting = partial(lm_counting, causal=False)
 
 
 def energy_summary(ann: OpCounts, snn: OpCounts, samples: int) -> dict:

@@ -21,7 +21,7 @@ from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.quantizer import check_timesteps
 from spike_modules.simulation import sequential_mode
 from spike_modules.temporal import unfold
-from stac_assets import MissingAssetError, minilm_dir
+from stac_assets import minilm_dir, not_offline
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_ALIASES = {"", "embedded", "minilm", "minilm-l6", EMBEDDED_MODEL.lower(),
@@ -56,10 +56,7 @@ def load_classifier(name: str | None, num_labels: int, id2label: dict[int, str])
         config = AutoConfig.from_pretrained(source)
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as e:
-        raise MissingAssetError(
-            f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the hub could not be "
-            f"reached ({str(e).splitlines()[0]}). Pass a local folder, or use the embedded default "
-            f"(--model_name embedded = {EMBEDDED_MODEL}).") from None
+        raise not_offline(name, e, EMBEDDED_MODEL) from None
     if config.model_type not in ("bert", "roberta"):
         raise ValueError(f"{name!r} is a {config.model_type!r} model; text_cls converts BERT-family encoders "
                          "(model_type bert or roberta)")

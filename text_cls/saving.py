@@ -11,7 +11,6 @@ Layout (``<savedir>/model``)::
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch import nn
 from calibration import Calibration
 from calibration.artifact import PARAMS as SITE_PARAMS
 from spike_modules.site import iter_sites, set_mode, set_timesteps
-from stac_io import sha256_file, write_json
+from stac_io import read_saved_config, sha256_file, write_json
 
 from .model import SiteSpec, convert_classifier
 
@@ -55,25 +54,6 @@ def write_model(directory: Path, snn: nn.Module, tokenizer, calibrations: dict[i
     write_json(directory / CONFIG_FILE, config)
 
 
-def _read_config(d: Path, bad: str) -> dict:
-    missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not (d / n).is_file()]
-    missing += [n + "/" for n in (TOKENIZER_DIR, CALIB_DIR) if not (d / n).is_dir()]
-    if missing:
-        raise ValueError(f"{bad}: missing {', '.join(missing)} (not a complete text_cls model directory)")
-    try:
-        config = json.loads((d / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{bad}: {CONFIG_FILE} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{bad}: {CONFIG_FILE} is not a text_cls model config (format {FORMAT!r} expected)")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{bad}: format_version {config.get('format_version')!r}, this STAC reads {FORMAT_VERSION}")
-    for name, sha in config.get("files", {}).items():
-        if sha256_file(d / name) != sha:
-            raise ValueError(f"{bad}: {name} does not match its sha256 in {CONFIG_FILE} (truncated or edited)")
-    return config
-
-
 def load_text_snn(directory: str | Path, T: int | None = None, device: str | torch.device = "cpu",
                   neuron_type: str | None = None) -> tuple[nn.Module, object, dict]:
     """Rebuild a saved spiking classifier: ``(model, tokenizer, config)``.
@@ -94,7 +74,8 @@ def load_text_snn(directory: str | Path, T: int | None = None, device: str | tor
     bad = f"saved text_cls model in {d} is unusable"
     if not d.is_dir():
         raise ValueError(f"{bad}: no such directory")
-    config = _read_config(d, bad)
+    config = read_saved_config(d, bad, CONFIG_FILE, (WEIGHTS_FILE,), (TOKENIZER_DIR, CALIB_DIR), FORMAT,
+                               FORMAT_VERSION, "text_cls model", "run python -m text_cls again with this version")
     T = int(config["default_T"]) if T is None else T
     if T not in config["timesteps"]:
         raise ValueError(f"T={T} was not calibrated for this model; saved T's: {config['timesteps']}")
