@@ -8,7 +8,9 @@ Measures, on one converted model (default: the embedded SmolLM2-135M-Instruct, f
 2. one cached decoding step against recomputing the whole context, at a 400-token history
    (target: cached at least 5x faster);
 3. SNN (parallel, TemporalSpikeProcessor) tokens per second against the ANN's (transformers'
-   own ``generate`` with its KV cache), same prompt and reply length (target >= 0.6).
+   own ``generate`` with its KV cache), same prompt and reply length (target >= 0.6); the SNN
+   both as saved (8-bit weights converted on every step) and with ``float_weights=True``
+   (a float copy of the 8-bit weights kept, the ANN's weight memory; the copying is timed).
 
 User turns are real chit-chat messages (the embedded chitchat-dataset, first conversation
 with enough turns in sorted-id order) in the tokenizer's chat template.
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import side_by_side  # noqa: E402
+from calibration import keep_float_weights  # noqa: E402
 from stac_assets import chitchat_json  # noqa: E402
 from stac_io import check_output_free, write_json  # noqa: E402
 from stac_lm import ConvertOptions, TemporalSpikeProcessor, load_snn, run  # noqa: E402
@@ -94,21 +97,29 @@ def cached_vs_recompute(snn, tok, T: int, messages: list[str], history: int, rep
 
 
 def snn_vs_ann(snn, ann, tok, T: int, messages: list[str], reply: int, repeats: int) -> dict:
-    """Seconds to answer one prompt with ``reply`` tokens: SNN processor against ANN ``generate``."""
+    """Seconds to answer one prompt with ``reply`` tokens: the SNN processor (8-bit weights converted
+    on every step, and with kept float weights, their copying counted) against ANN ``generate``."""
     prompt = turn_ids(tok, messages[0], True)
 
     def snn_run():
+        keep_float_weights(snn, keep=False)
         TemporalSpikeProcessor(snn, T).generate(prompt, reply)
+
+    def snn_float_run():
+        TemporalSpikeProcessor(snn, T, float_weights=True).generate(prompt, reply)
 
     def ann_run():
         ann.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], max_new_tokens=reply,
                      min_new_tokens=reply, do_sample=False, pad_token_id=tok.eos_token_id)
 
-    med = side_by_side({"snn": snn_run, "ann": ann_run}, repeats)
+    med = side_by_side({"snn": snn_run, "snn_float_weights": snn_float_run, "ann": ann_run}, repeats)
+    keep_float_weights(snn, keep=False)
     return {"prompt_tokens": int(prompt.numel()), "reply_tokens": reply, "repeats": repeats,
-            "snn_seconds": med["snn"], "ann_seconds": med["ann"],
-            "snn_tokens_per_second": reply / med["snn"], "ann_tokens_per_second": reply / med["ann"],
-            "ratio": med["ann"] / med["snn"]}
+            "snn_seconds": med["snn"], "snn_float_weights_seconds": med["snn_float_weights"],
+            "ann_seconds": med["ann"], "snn_tokens_per_second": reply / med["snn"],
+            "snn_float_weights_tokens_per_second": reply / med["snn_float_weights"],
+            "ann_tokens_per_second": reply / med["ann"], "ratio": med["ann"] / med["snn"],
+            "ratio_float_weights": med["ann"] / med["snn_float_weights"]}
 
 
 def main() -> None:
@@ -149,8 +160,9 @@ def main() -> None:
           f"turn {args.turns} / turn 1 = {pt['turn5_over_turn1']:.2f}")
     print(f"cached step {cr['cached_seconds'] * 1e3:.1f} ms vs recompute {cr['recompute_seconds'] * 1e3:.1f} ms "
           f"at {cr['history_tokens']} tokens: x{cr['speedup']:.1f}")
-    print(f"SNN {sa['snn_tokens_per_second']:.1f} tok/s vs ANN {sa['ann_tokens_per_second']:.1f} tok/s: "
-          f"ratio {sa['ratio']:.2f}")
+    print(f"SNN {sa['snn_tokens_per_second']:.1f} tok/s (kept float weights "
+          f"{sa['snn_float_weights_tokens_per_second']:.1f}) vs ANN {sa['ann_tokens_per_second']:.1f} tok/s: "
+          f"ratio {sa['ratio']:.2f} ({sa['ratio_float_weights']:.2f})")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     print(f"written {out}")

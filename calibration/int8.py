@@ -106,12 +106,31 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float16:
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
-        y = F.linear(x, self.weight_int8.to(x.dtype))
+        cached = self.__dict__.get("_float_weight")
+        w = cached if cached is not None and cached.dtype == x.dtype else self.weight_int8.to(x.dtype)
+        y = F.linear(x, w)
         scale = self.scale.to(x.dtype)
         return y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def keep_float_weights(model: nn.Module, keep: bool = True, dtype: torch.dtype = torch.float32) -> int:
+    """``keep=True``: every :class:`Int8Linear` of ``model`` computes with a kept ``dtype`` copy of
+    its int8 weight instead of converting it on every call. Same values, so the same outputs bit
+    for bit, without the conversion that dominates one-token decoding; the price is memory (the
+    copies take as much as float weights). Weights changed later are not seen until called again.
+    ``keep=False`` drops the copies. Returns the bytes the copies now take."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            if keep:
+                m.__dict__["_float_weight"] = m.weight_int8.to(dtype)
+                total += m.__dict__["_float_weight"].nbytes
+            else:
+                m.__dict__.pop("_float_weight", None)
+    return total
 
 
 def _is_quantized(module: nn.Module) -> bool:

@@ -120,9 +120,11 @@ class SNNEngine(Engine):
     kind = "snn"
     spiking = True
 
-    def __init__(self, model: nn.Module, T: int, max_context_length: int, pad_token_id: int = 0):
+    def __init__(self, model: nn.Module, T: int, max_context_length: int, pad_token_id: int = 0,
+                 float_weights: bool = False):
         super().__init__(model, max_context_length)
-        self.processor = TemporalSpikeProcessor(model, T=T, max_context_length=self.limit, pad_token_id=pad_token_id)
+        self.processor = TemporalSpikeProcessor(model, T=T, max_context_length=self.limit, pad_token_id=pad_token_id,
+                                                float_weights=float_weights)
 
     @property
     def T(self) -> int:
@@ -196,9 +198,10 @@ class ANNEngine(Engine):
 
 
 def open_engine(model_dir: str, device: str, T: int | None, max_context_length: int,
-                ann: bool) -> tuple[Engine, object, dict]:
+                ann: bool, float_weights: bool = False) -> tuple[Engine, object, dict]:
     """Load a saved SNN directory as ``(engine, tokenizer, config)``; with ``ann``, the engine
-    runs the directory's source model instead.
+    runs the directory's source model instead. ``float_weights``: the SNN keeps float copies of
+    its 8-bit weights (see :class:`TemporalSpikeProcessor`).
 
     Raises:
         ValueError: a missing or damaged directory, a bad device, ``T`` or context length.
@@ -212,7 +215,7 @@ def open_engine(model_dir: str, device: str, T: int | None, max_context_length: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     if not ann:
         T = int(config["timesteps"]) if T is None else T
-        return SNNEngine(model, T, max_context_length, pad), tok, config
+        return SNNEngine(model, T, max_context_length, pad, float_weights), tok, config
     del model
     from transformers.utils import logging as hf_logging
 

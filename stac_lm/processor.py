@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from calibration import keep_float_weights
 from spike_modules.kv_cache import ENCODED_FLAG, SpikeKVCache, attention_layers
 from spike_modules.quantizer import check_timesteps
 from spike_modules.site import iter_sites, set_mode, set_timesteps
@@ -176,12 +177,17 @@ class TemporalSpikeProcessor:
             calibrated one quantizes more coarsely or finely.
         max_context_length: most tokens a conversation keeps (capped by the model's positions).
         pad_token_id: id fed into padding slots (never attended to); default 0.
+        float_weights: keep a float32 copy of each own-backend 8-bit weight for the processor's
+            life instead of converting it on every step (``calibration.keep_float_weights``):
+            the same logits bit for bit, faster decoding, the float model's weight memory
+            (``float_weight_bytes`` says how much). Default False.
 
     Raises:
         ValueError: the model was not converted by STAC, or a bad ``T`` / ``max_context_length``.
     """
 
-    def __init__(self, snn_model: nn.Module, T: int = 16, max_context_length: int = 512, pad_token_id: int = 0):
+    def __init__(self, snn_model: nn.Module, T: int = 16, max_context_length: int = 512, pad_token_id: int = 0,
+                 float_weights: bool = False):
         attention_layers(snn_model)  # refuses a model that was not converted
         if not any(True for _ in iter_sites(snn_model)):
             raise ValueError("the model has no spiking sites; convert and calibrate it first")
@@ -194,6 +200,7 @@ class TemporalSpikeProcessor:
         self.pad_token_id = int(pad_token_id)
         self.device = snn_model.get_input_embeddings().weight.device
         self.conversations: dict[str, Conversation] = {}
+        self.float_weight_bytes = keep_float_weights(snn_model) if float_weights else 0
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from calibration import int8_backends
+from calibration import int8_backends, keep_float_weights
 from calibration.int8 import (BACKENDS, BackendUnavailableError, Int8Linear, find_linears, prepare_int8_,
                               quantize_rows, quantize_weights_)
 from smollm2_converter import ConversionConfig, convert
@@ -189,6 +189,27 @@ def test_own_backend_on_a_plain_model(arch):
     state = model.state_dict()
     some = s["paths"][0]
     assert state[f"{some}.weight_int8"].dtype == torch.int8 and state[f"{some}.scale"].dtype == torch.float32
+
+
+def test_kept_float_weights_give_the_same_logits_bit_for_bit_and_are_dropped(monkeypatch):
+    model, x = tiny_llama(), ids()
+    quantize_weights_(model, "own", progress=False)
+    ref = logits(model, x)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    nbytes = keep_float_weights(model)
+    assert nbytes == 4 * sum(m.weight_int8.numel() for m in layers)
+    calls, to = [], torch.Tensor.to  # a kept weight is not converted again: no int8 -> float .to()
+
+    def spy(self, *a, **kw):
+        calls.append(self.dtype)
+        return to(self, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "to", spy)
+        kept = logits(model, x)
+    assert torch.equal(kept, ref) and torch.int8 not in calls
+    assert keep_float_weights(model, keep=False) == 0 and not any("_float_weight" in m.__dict__ for m in layers)
+    assert torch.equal(logits(model, x), ref)
 
 
 @pytest.mark.parametrize("arch", MODELS)

@@ -41,6 +41,23 @@ def test_cached_turns_equal_full_recompute(snn):
     assert cached.cache_length() == 22 and torch.equal(cached.history(), ref.history())
 
 
+def test_kept_float_weights_decode_the_same_tokens_and_logits(snn):
+    """An 8-bit copy of the model decodes with and without kept float weights bit for bit alike."""
+    import copy
+
+    from calibration import quantize_weights_
+
+    model = copy.deepcopy(snn)
+    quantize_weights_(model, "own", progress=False)
+    plain = TemporalSpikeProcessor(model, T)
+    prompt = turns(9)[0]
+    ref_logits, ref = plain(prompt).logits, plain.generate(turns(3)[0], max_new_tokens=6).tokens
+    kept = TemporalSpikeProcessor(model, T, float_weights=True)
+    assert kept.float_weight_bytes > 0 and plain.float_weight_bytes == 0
+    assert torch.equal(kept(prompt).logits, ref_logits)
+    assert kept.generate(turns(3)[0], max_new_tokens=6).tokens == ref
+
+
 def test_a_dropped_cache_would_be_caught(snn):
     """The contract test above can fail: without the history the logits change."""
     full = TemporalSpikeProcessor(snn, T)
