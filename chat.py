@@ -4,6 +4,7 @@
   python chat.py --model_dir out/chat_smollm2_T16
   python chat.py --model_dir out/chat_smollm2_T16 -T 8 --temperature 0.7 --seed 1
   python chat.py --model_dir out/chat_smollm2_T16 --ann      # the original network, to compare
+  python chat.py --model_dir out/chat_smollm2_T16 --float_weights   # same replies, faster, more memory
 
 The tokenizer's chat template writes the conversation when it has one; otherwise plain
 "User:/Assistant:" lines. Replies stream as they come. In the session, :help lists the
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{args.model_dir} is not a directory; pass a directory saved by run_conversion.py")
     if args.max_context_length < 2:
         fail(f"--max_context_length must be >= 2, got {args.max_context_length}")
+    if args.ann and args.float_weights:
+        fail("--float_weights applies to the SNN's 8-bit weights; the original network (--ann) is float already")
     from stac_lm.chat_engines import open_engine
     from stac_lm.chat_format import ChatFormat
     from stac_lm.chat_session import ChatSession, Settings

@@ -34,13 +34,16 @@ class SpikeStats:
                 at_cap: torch.Tensor | None = None) -> None:
         """``peak``: the most spikes one neuron fired for one input over its T steps, in this call;
         ``at_cap``: how many of the ``numel`` (neuron, input) counts sit at the cap ``B * T``."""
-        self.spikes_total += float(n_spikes)
-        self.neuron_steps_total += numel * T
+        # plain attributes written straight into __dict__: nn.Module.__setattr__ would cost more than
+        # the site's own arithmetic when decoding one token (these run once per site and call)
+        d = self.__dict__
+        d["spikes_total"] += float(n_spikes)
+        d["neuron_steps_total"] += numel * T
         if peak is not None:
-            self.peak_spikes = max(self.peak_spikes, float(peak))
+            d["peak_spikes"] = max(d["peak_spikes"], float(peak))
         if at_cap is not None:
-            self.inputs_total += numel
-            self.at_cap_total += int(at_cap)
+            d["inputs_total"] += numel
+            d["at_cap_total"] += int(at_cap)
 
     @property
     def at_cap_share(self) -> float:
@@ -182,6 +185,7 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         th = self.th if th is None else th
         burst = self.burst if burst is None else burst
         check_channels(x, th, "ParaInfNeuron")
+        cap = None  # the largest burst cap, when known without a reduction
         if torch.is_grad_enabled() and x.requires_grad:
             c = self.counts(x, th, burst)
             out = decode(c, th, self.T)
@@ -190,7 +194,7 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
             # inference: the same operations as spike_count/decode, in place on one temporary
             c = (x / th).mul_(self.T).add_(self.init_mem).floor_()
             if burst.dim() == 0 and float(burst) == 1.0:
-                hi = float(self.T)
+                hi, cap = float(self.T), 1.0
                 c.clamp_(-self.T if self.signed else 0, self.T)
             else:
                 hi = burst.to(c.dtype) * self.T
@@ -198,11 +202,23 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
                 c = torch.maximum(c, -hi if self.signed else torch.zeros_like(hi), out=c)
             out = None
         # int16 holds any count up to 32767 (T=4096 without bursts) at half the memory of int32
-        big = float(burst.max()) * self.T > torch.iinfo(torch.int16).max
-        self.last_counts = c.detach().to(torch.int32 if big else torch.int16)
-        mag = c.detach().abs()
-        self._record(mag.sum(), c.numel(), self.T, mag.max() if c.numel() else None, (mag >= hi).sum())
+        big = (float(burst.max()) if cap is None else cap) * self.T > torch.iinfo(torch.int16).max
+        self.__dict__["last_counts"] = c.detach().to(torch.int32 if big else torch.int16)  # a plain attribute
+        self._record_counts(c.detach(), hi)
         return out if out is not None else c.mul_(th).div_(self.T)
+
+    def _record_counts(self, c: torch.Tensor, hi: float | torch.Tensor) -> None:
+        """Spike statistics of counts ``c`` with cap ``hi``, in few reductions: they run once per
+        site and token while decoding, where each extra op costs as much as the site's math."""
+        if c.numel() == 0:
+            self._record(0.0, 0, self.T)
+            return
+        lo_hi = torch.aminmax(c)
+        peak = max(-float(lo_hi.min), float(lo_hi.max))
+        # only counts at the cap can be at the cap: skip that reduction when none reaches it
+        reached = not isinstance(hi, float) or peak >= hi
+        at_cap = torch.count_nonzero(c.abs() >= hi) if reached else 0
+        self._record(torch.linalg.vector_norm(c, 1), c.numel(), self.T, peak, at_cap)
 
     def spike_train(self, x: torch.Tensor, th: torch.Tensor | None = None,
                     burst: torch.Tensor | None = None) -> torch.Tensor:

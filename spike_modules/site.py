@@ -121,8 +121,8 @@ class DAQCFSSite(nn.Module):
             q = quantize(v / self.theta, self._T, self.signed, self.init_mem, ste=True, burst=self._burst(),
                          surrogate=self.surrogate)
             return decode(q, self.theta, self._T)
-        if mode is SiteMode.PARALLEL:
-            return self.parallel(self._mapped(x), self.theta, self._burst())
+        if mode is SiteMode.PARALLEL:  # forward, not __call__: no hooks on the neuron, one call per token and site
+            return self.parallel.forward(self._mapped(x), self.theta, self._burst())
         if self.bursts:
             return self.sequential_burst(self._mapped(x), self.theta, self.burst)
         return self.sequential(self._mapped(x), self.theta)

@@ -251,7 +251,8 @@ def test_dropped_turns_and_restarts_are_told(tiny_tok):
 
 def test_bad_settings_on_the_command_line_exit_2(tmp_path, capsys):
     for flags, says in [(["--temperature", "-1"], "temperature"), (["--top_p", "0"], "top_p"),
-                        (["--max_new_tokens", "0"], "max_new_tokens"), (["--max_context_length", "1"], "context")]:
+                        (["--max_new_tokens", "0"], "max_new_tokens"), (["--max_context_length", "1"], "context"),
+                        (["--ann", "--float_weights"], "float already")]:
         with pytest.raises(SystemExit) as exit_:
             chat.main(["--model_dir", str(tmp_path), *flags])
         err = capsys.readouterr().err
