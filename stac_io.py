@@ -51,21 +51,16 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 ``text`` through a temporary file and a rename."""
+def write_json(path: str | Path, obj: object) -> None:
+    """Write sorted, indented JSON through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def write_json(path: str | Path, obj: object) -> None:
-    """Write sorted, indented JSON through a temporary file and a rename."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

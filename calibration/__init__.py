@@ -11,6 +11,7 @@ from .thresholds import RULES, choose_thresholds, mse_thresholds
 
 __all__ = [
     "BackendUnavailableError", "Calibration", "CalibrationConfig", "ChannelObserver", "INT8_BACKENDS", "Int8Linear",
-    "keep_float_weights", "RULES", "SiteParams", "burst_needed", "calibrate", "finetune_", "prepare_int8_", "quantize_weights_",
+    "RULES", "SiteParams", "burst_needed", "calibrate", "finetune_", "keep_float_weights", "prepare_int8_",
+    "quantize_weights_",
     "choose_thresholds", "fit_affine", "fit_calibration", "fit_site", "observe_sites", "mse_thresholds", "site_error",
 ]

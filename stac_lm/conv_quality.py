@@ -17,17 +17,15 @@ and the fact tokens' log-probability.
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 from torch import nn
 
-from stac_assets import chitchat_json
-
 from .chat_segments import Segment, segments
 from .conv_checks import check, feed, info, one_pass
 from .processor import TemporalSpikeProcessor
+from .texts import as_chat, chitchat_data, turn_texts
 
 EXCHANGES = 4              # user/assistant pairs per chit-chat conversation
 # the converter issue's full-mode targets on Shakespeare (perplexity ratio SNN/ANN, top-1 agreement)
@@ -59,15 +57,14 @@ def ann_logits(ann: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def chitchat(tokenizer, n: int, max_tokens: int) -> tuple[list[dict], dict]:
     """The first ``n`` usable conversations as ``{"id", "segments"}``, and how the selection went."""
-    data = json.loads(chitchat_json().read_text(encoding="utf-8"))
+    _, data = chitchat_data()
     chosen, too_short, too_long = [], 0, 0
     for cid in sorted(data):
-        turns = data[cid].get("messages", [])
-        texts = ["\n".join(m["text"].strip() for m in t).strip() for t in turns[:2 * EXCHANGES]]
+        texts = turn_texts(data[cid])[:2 * EXCHANGES]
         if len(texts) < 2 * EXCHANGES or not all(texts):
             too_short += 1
             continue
-        segs = segments(tokenizer, [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)])
+        segs = segments(tokenizer, as_chat(texts))
         if sum(int(s.ids.numel()) for s in segs) > max_tokens:
             too_long += 1
             continue

@@ -44,23 +44,36 @@ class TokenStream:
                 "text_sha256": self.text_sha256}
 
 
+def chitchat_data() -> tuple[Path, dict]:
+    """The embedded chit-chat conversations: ``(file, {conversation id: conversation})``."""
+    path = chitchat_json()
+    return path, json.loads(path.read_text(encoding="utf-8"))
+
+
+def turn_texts(conversation: dict) -> list[str]:
+    """Each turn of a chit-chat conversation as one text (its messages joined by newlines, stripped)."""
+    return ["\n".join(m["text"].strip() for m in turn).strip() for turn in conversation.get("messages", [])]
+
+
+def as_chat(texts: list[str]) -> list[dict]:
+    """Turns alternating between the user and the assistant, the user first."""
+    return [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(texts)]
+
+
 def chitchat_text(tokenizer) -> tuple[str, str, tuple[str, ...]]:
     """``(text, description, files)``: the last :data:`CHITCHAT_CONVERSATIONS` chit-chat conversations
     (sorted ids) with two or more turns, each rendered whole in ``tokenizer``'s chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--calib_text {CHITCHAT} renders conversations in the tokenizer's chat template and this "
                          "model's tokenizer has none; give a text file instead")
-    path = chitchat_json()
-    data = json.loads(path.read_text(encoding="utf-8"))
+    path, data = chitchat_data()
     ids = sorted(data)
     parts, first = [], len(ids)
     for i in range(len(ids) - 1, -1, -1):
-        texts = ["\n".join(m["text"].strip() for m in turn).strip() for turn in data[ids[i]].get("messages", [])]
-        texts = [t for t in texts if t]
+        texts = [t for t in turn_texts(data[ids[i]]) if t]
         if len(texts) < 2:
             continue
-        msgs = [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(texts)]
-        parts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+        parts.append(tokenizer.apply_chat_template(as_chat(texts), tokenize=False))
         first = i
         if len(parts) == CHITCHAT_CONVERSATIONS:
             break

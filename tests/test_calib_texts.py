@@ -1,6 +1,5 @@
 """--calib_text chitchat: the embedded chit-chat conversations in the chat template, never the scored ones."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from transformers import AutoTokenizer
 
 from stac_lm.conv_quality import chitchat
 from stac_lm.options import ConvertOptions
-from stac_lm.texts import CHITCHAT_CONVERSATIONS, chitchat_text, load_streams, read_text
+from stac_lm.texts import CHITCHAT_CONVERSATIONS, chitchat_data, chitchat_text, load_streams, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,7 @@ def test_chitchat_calibration_is_templated_and_apart_from_the_scored_conversatio
     assert files[0].endswith(".json") and "read from the last" in source
     scored, _ = chitchat(tok, 50, 512)
     first = int(source.split("positions ")[1].split("..")[0])
-    ids = sorted(json.loads(Path(files[0]).read_text(encoding="utf-8")))
+    ids = sorted(chitchat_data()[1])
     assert max(ids.index(s["id"]) for s in scored) < first, "calibration would see a scored conversation"
     calib, evals = load_streams(tok, "chitchat", 8192, None, 4096)
     assert calib.ids.numel() == 8192 and calib.source == source and evals.source.endswith("tempest_gut")
