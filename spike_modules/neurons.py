@@ -16,39 +16,84 @@ from spikingjelly.activation_based.neuron.base_node import SimpleBaseNode
 from .quantizer import as_burst, as_threshold, check_channels, check_init_mem, check_timesteps, decode, spike_count
 
 
+PENDING_LIMIT = 1 << 16  # counts a parallel neuron keeps before reducing them to its statistics
+
+
 class SpikeStats:
     """Running spike statistics of one neuron, kept apart from its membrane state.
 
     ``functional.reset_net`` clears membranes between samples; statistics keep
-    accumulating until :meth:`reset_stats`.
+    accumulating until :meth:`reset_stats`. A parallel neuron defers its reductions: it keeps
+    the count tensors of its calls (up to ``PENDING_LIMIT`` values) and reduces them in one go
+    when a statistic is read, so decoding a token costs a list append per site, not four
+    reductions. Sequential neurons record at once.
     """
 
     def _init_stats(self) -> None:
-        self.spikes_total = 0.0
-        self.neuron_steps_total = 0
-        self.peak_spikes = 0.0
-        self.inputs_total = 0
-        self.at_cap_total = 0
-
-    def _record(self, n_spikes: torch.Tensor, numel: int, T: int, peak: torch.Tensor | None = None,
-                at_cap: torch.Tensor | None = None) -> None:
-        """``peak``: the most spikes one neuron fired for one input over its T steps, in this call;
-        ``at_cap``: how many of the ``numel`` (neuron, input) counts sit at the cap ``B * T``."""
         # plain attributes written straight into __dict__: nn.Module.__setattr__ would cost more than
-        # the site's own arithmetic when decoding one token (these run once per site and call)
+        # the site's own arithmetic when decoding one token
+        self.__dict__.update(_spikes=0.0, neuron_steps_total=0, _peak=0.0, _inputs=0, _at_cap=0,
+                             _pending=[], _pending_numel=0, _pending_hi=None)
+
+    def _record(self, n_spikes: torch.Tensor, numel: int, T: int, peak: torch.Tensor | None = None) -> None:
+        """``peak``: the most spikes one neuron fired for one input over its T steps, in this call."""
         d = self.__dict__
-        d["spikes_total"] += float(n_spikes)
+        d["_spikes"] += float(n_spikes)
         d["neuron_steps_total"] += numel * T
         if peak is not None:
-            d["peak_spikes"] = max(d["peak_spikes"], float(peak))
-        if at_cap is not None:
-            d["inputs_total"] += numel
-            d["at_cap_total"] += int(at_cap)
+            d["_peak"] = max(d["_peak"], float(peak))
+
+    def _defer_counts(self, c: torch.Tensor, hi: float | torch.Tensor) -> None:
+        """Keep the counts ``c`` (not to be changed afterwards) with their cap ``hi`` for :meth:`_flush`."""
+        d = self.__dict__
+        n = c.numel()
+        d["neuron_steps_total"] += n * self.T
+        if n == 0:
+            return
+        last = d["_pending_hi"]
+        if d["_pending"] and last is not hi and not (isinstance(hi, float) and hi == last):
+            self._flush()
+        d["_pending_hi"] = hi
+        d["_pending"].append(c)
+        d["_pending_numel"] += n
+        if d["_pending_numel"] >= PENDING_LIMIT:
+            self._flush()
+
+    def _flush(self) -> None:
+        d = self.__dict__
+        pending, hi = d["_pending"], d["_pending_hi"]
+        if not pending:
+            return
+        per_channel = isinstance(hi, torch.Tensor) and hi.dim() == 1
+        flat = [p.reshape(-1, hi.numel()) if per_channel else p.reshape(-1) for p in pending]
+        a = (flat[0] if len(flat) == 1 else torch.cat(flat)).abs()
+        peak = float(a.max())
+        d["_spikes"] += float(a.sum(dtype=torch.float64))
+        d["_peak"] = max(d["_peak"], peak)
+        d["_inputs"] += a.numel()
+        # only counts at the cap can be at the cap: skip that reduction when none reaches it
+        if not isinstance(hi, float) or peak >= hi:
+            d["_at_cap"] += int(torch.count_nonzero(a >= hi))
+        d.update(_pending=[], _pending_numel=0, _pending_hi=None)
+
+    @property
+    def spikes_total(self) -> float:
+        """Spikes (|signed| spikes) since the last :meth:`reset_stats`."""
+        self._flush()
+        return self.__dict__["_spikes"]
+
+    @property
+    def peak_spikes(self) -> float:
+        """The most spikes one neuron fired for one input over its T steps."""
+        self._flush()
+        return self.__dict__["_peak"]
 
     @property
     def at_cap_share(self) -> float:
         """Share of (neuron, input) counts at the cap (clipped, or exactly at it); NaN if not tracked."""
-        return self.at_cap_total / self.inputs_total if self.inputs_total else float("nan")
+        self._flush()
+        d = self.__dict__
+        return d["_at_cap"] / d["_inputs"] if d["_inputs"] else float("nan")
 
     @property
     def spike_rate(self) -> float:
@@ -157,7 +202,8 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
     (B = 1) or :class:`BurstIFNeuron` fed ``x`` for T steps.
 
     Called on ``[..., H]`` it returns the decoded value :math:`\theta c_T / T` (mean of its spikes).
-    ``last_counts`` keeps the spike counts of the last call.
+    With ``keep_counts`` (default) ``last_counts`` keeps the spike counts of the last call; a
+    site turns it off, as it costs a copy per call and holds the counts of every site.
     """
 
     def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False,
@@ -168,6 +214,7 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         self.signed = bool(signed)
         self.register_buffer("th", as_threshold(th))
         self.register_buffer("burst", as_burst(burst))
+        self.keep_counts = True
         self.last_counts: torch.Tensor | None = None
         self._init_stats()
 
@@ -181,44 +228,24 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
 
     def forward(self, x: torch.Tensor, th: torch.Tensor | None = None,
                 burst: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoded value ``th * c_T / T``; ``th`` and ``burst`` override the stored ones (a site passes its own)."""
+        """Decoded value ``th * c_T / T``; ``th`` and ``burst`` override the stored ones."""
         th = self.th if th is None else th
         burst = self.burst if burst is None else burst
-        check_channels(x, th, "ParaInfNeuron")
-        cap = None  # the largest burst cap, when known without a reduction
-        if torch.is_grad_enabled() and x.requires_grad:
-            c = self.counts(x, th, burst)
-            out = decode(c, th, self.T)
-            hi = burst.to(c.dtype) * self.T
-        else:
-            # inference: the same operations as spike_count/decode, in place on one temporary
-            c = (x / th).mul_(self.T).add_(self.init_mem).floor_()
-            if burst.dim() == 0 and float(burst) == 1.0:
-                hi, cap = float(self.T), 1.0
-                c.clamp_(-self.T if self.signed else 0, self.T)
-            else:
-                hi = burst.to(c.dtype) * self.T
-                c = torch.minimum(c, hi, out=c)
-                c = torch.maximum(c, -hi if self.signed else torch.zeros_like(hi), out=c)
-            out = None
-        # int16 holds any count up to 32767 (T=4096 without bursts) at half the memory of int32
-        big = (float(burst.max()) if cap is None else cap) * self.T > torch.iinfo(torch.int16).max
-        self.__dict__["last_counts"] = c.detach().to(torch.int32 if big else torch.int16)  # a plain attribute
-        self._record_counts(c.detach(), hi)
-        return out if out is not None else c.mul_(th).div_(self.T)
+        c = self.counts(x, th, burst)
+        plain = burst.dim() == 0 and float(burst) == 1.0
+        self.record(c, float(self.T) if plain else burst.to(c.dtype) * self.T)
+        return decode(c, th, self.T)
 
-    def _record_counts(self, c: torch.Tensor, hi: float | torch.Tensor) -> None:
-        """Spike statistics of counts ``c`` with cap ``hi``, in few reductions: they run once per
-        site and token while decoding, where each extra op costs as much as the site's math."""
-        if c.numel() == 0:
-            self._record(0.0, 0, self.T)
-            return
-        lo_hi = torch.aminmax(c)
-        peak = max(-float(lo_hi.min), float(lo_hi.max))
-        # only counts at the cap can be at the cap: skip that reduction when none reaches it
-        reached = not isinstance(hi, float) or peak >= hi
-        at_cap = torch.count_nonzero(c.abs() >= hi) if reached else 0
-        self._record(torch.linalg.vector_norm(c, 1), c.numel(), self.T, peak, at_cap)
+    def record(self, c: torch.Tensor, hi: float | torch.Tensor) -> None:
+        """Count the spikes ``c`` (counts of one call, capped at ``hi``; kept, so not to be changed
+        in place afterwards) in the statistics, and in ``last_counts`` if ``keep_counts``."""
+        c = c.detach()
+        if self.keep_counts:
+            top = hi if isinstance(hi, float) else float(hi.max())
+            # int16 holds any count up to 32767 (T=4096 without bursts) at half the memory of int32
+            big = top > torch.iinfo(torch.int16).max
+            self.__dict__["last_counts"] = c.to(torch.int32 if big else torch.int16)  # a plain attribute
+        self._defer_counts(c, hi)
 
     def spike_train(self, x: torch.Tensor, th: torch.Tensor | None = None,
                     burst: torch.Tensor | None = None) -> torch.Tensor:

@@ -148,7 +148,14 @@ def quantize(u: torch.Tensor, T: int, signed: bool, init_mem: float = 0.5, ste: 
     one is given (:func:`surrogate_floor`). The forward value is bit-identical to
     :func:`spike_count` with ``t=T``.
     """
-    pre = u * T + init_mem
+    return levels(u * T + init_mem, T, signed, ste, burst, surrogate)
+
+
+def levels(pre: torch.Tensor, T: int, signed: bool, ste: bool = False, burst: float | torch.Tensor = 1.0,
+           surrogate: torch.nn.Module | None = None) -> torch.Tensor:
+    """QCFS levels from the pre-activation ``pre = T u + init_mem``: its floor, clamped to the
+    levels a neuron with burst cap ``burst`` reaches in ``T`` steps (``ste``/``surrogate`` as in
+    :func:`quantize`)."""
     if not ste:
         floored = torch.floor(pre)
     elif surrogate is not None:
@@ -169,5 +176,6 @@ def _clamp_levels(floored: torch.Tensor, t: int | torch.Tensor, signed: bool,
 
 
 def decode(counts: torch.Tensor, th: torch.Tensor, T: int) -> torch.Tensor:
-    """Decoded value of ``counts`` spikes of height ``th`` over ``T`` steps."""
-    return counts * th / T
+    """Decoded value of ``counts`` spikes of height ``th`` over ``T`` steps: ``counts * (th / T)``,
+    one multiply by the step, as a site decodes."""
+    return counts * (th / T)

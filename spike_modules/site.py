@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .neurons import BurstIFNeuron, IFNeuron, ParaInfNeuron, SignedIFNeuron
-from .quantizer import as_burst, as_threshold, check_channels, check_init_mem, check_timesteps, decode, quantize
+from .quantizer import as_burst, as_threshold, check_channels, check_init_mem, check_timesteps, levels
 
 
 class SiteMode(str, Enum):
@@ -29,8 +29,12 @@ class DAQCFSSite(nn.Module):
     The site maps :math:`v = \phi (x + \psi)` per channel, then quantizes to
     :math:`\theta\, \mathrm{clamp}(\lfloor T v/\theta + init\_mem \rfloor, lo\,B T, B T) / T`
     (``lo`` = -1 for a signed site; ``B`` the per-channel burst cap, 1 unless calibration
-    gives a channel bursts for its rare large values). ``quant`` and ``parallel`` give bit-identical values;
-    ``sequential`` gives spike trains whose mean over T equals them for constant input.
+    gives a channel bursts for its rare large values). The pre-activation is one multiply-add,
+    ``scale x + shift`` with ``scale = phi T/theta`` and ``shift = psi scale + init_mem`` (kept
+    per parameter version), and counts decode as ``c theta/T``: ``quant`` and ``parallel`` give
+    bit-identical values, with or without gradients; a neuron fed ``phi (x + psi)`` gives the same
+    counts except at float rounding ties; ``sequential`` gives spike trains whose mean over T
+    equals them for constant input.
 
     Args:
         num_channels: H, the size of the last input dimension.
@@ -57,6 +61,7 @@ class DAQCFSSite(nn.Module):
         self.phi = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.burst = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.parallel = ParaInfNeuron(T, 1.0, init_mem, signed=self.signed)
+        self.parallel.keep_counts = False  # a copy per call, and the counts of every site held at once
         self.sequential = (SignedIFNeuron if self.signed else IFNeuron)(T, 1.0, init_mem)
         self.sequential_burst = BurstIFNeuron(T, 1.0, init_mem, signed=self.signed)
         self.observer = None
@@ -109,43 +114,91 @@ class DAQCFSSite(nn.Module):
     def _mapped(self, x: torch.Tensor) -> torch.Tensor:
         return self.phi * (x + self.psi)
 
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scale, shift, step)``: the pre-activation is ``T v/theta + init_mem = scale x + shift``
+        and a count ``c`` decodes to ``c step``; differentiable in theta, psi and phi."""
+        scale = self.phi / self.theta * self._T
+        return scale, self.psi * scale + self.init_mem, self.theta / self._T
+
+    def _fused(self) -> tuple:
+        """``(scale, shift, step, lo, hi)`` for inference, kept per (T, tensor, version) of the
+        parameters: set_params, load_state_dict, ``.data`` and optimiser steps change a version or
+        a tensor. ``lo``/``hi`` bound the counts: numbers without bursts, per channel with them.
+        While distillation parametrises theta or psi they are computed afresh."""
+        p = self._parameters
+        if "theta" not in p or "psi" not in p:
+            return self._fused_values()
+        th, psi, phi, burst = p["theta"], p["psi"], p["phi"], p["burst"]
+        key = (self._T, th._version, psi._version, phi._version, burst._version,
+               th.data_ptr(), psi.data_ptr(), phi.data_ptr(), burst.data_ptr())
+        d = self.__dict__
+        if d.get("_fused_key") != key:
+            d["_fused_cache"], d["_fused_key"] = self._fused_values(), key
+        return d["_fused_cache"]
+
+    def _fused_values(self) -> tuple:
+        with torch.no_grad():
+            scale, shift, step = self._affine()
+            burst = self.burst
+            if bool((burst > 1).any()):
+                hi = burst * self._T
+                return scale, shift, step, -hi if self.signed else torch.zeros_like(hi), hi
+            hi = float(self._T)
+            return scale, shift, step, -hi if self.signed else 0.0, hi
+
+    def _trains(self) -> bool:
+        """Whether theta, psi or phi carry gradients (parametrised by distillation, or set to)."""
+        p = self._parameters
+        if "theta" not in p or "psi" not in p:
+            return True
+        return p["theta"].requires_grad or p["psi"].requires_grad or p["phi"].requires_grad
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_channels(x, self.theta, f"site {self.name!r}")
+        check_channels(x, self.burst, f"site {self.name!r}")
         if self.observer is not None:
             self.observer.update(x)
         mode = self._mode
         if mode is SiteMode.ANN:
             return x
+        if mode is SiteMode.SEQUENTIAL:
+            if self.bursts:
+                return self.sequential_burst(self._mapped(x), self.theta, self.burst)
+            return self.sequential(self._mapped(x), self.theta)
+        if torch.is_grad_enabled() and (x.requires_grad or self._trains()):
+            return self._forward_grad(x)
+        # inference (quant and parallel alike, so they agree bit for bit): one fused multiply-add,
+        # floor and clamp in place, one multiply to decode; statistics deferred (SpikeStats)
+        scale, shift, step, lo, hi = self._fused()
+        c = torch.addcmul(shift, x, scale).floor_()
+        if isinstance(hi, float):
+            c.clamp_(lo, hi)
+        else:
+            torch.maximum(torch.minimum(c, hi, out=c), lo, out=c)
         if mode is SiteMode.QUANT:
-            v = self._mapped(x)
-            q = quantize(v / self.theta, self._T, self.signed, self.init_mem, ste=True, burst=self._burst(),
-                         surrogate=self.surrogate)
-            return decode(q, self.theta, self._T)
-        if mode is SiteMode.PARALLEL:  # forward, not __call__: no hooks on the neuron, one call per token and site
-            return self.parallel.forward(self._mapped(x), self.theta, self._burst())
-        if self.bursts:
-            return self.sequential_burst(self._mapped(x), self.theta, self.burst)
-        return self.sequential(self._mapped(x), self.theta)
+            return c.mul_(step)
+        self.parallel.record(c, hi)
+        return c * step
+
+    def _forward_grad(self, x: torch.Tensor) -> torch.Tensor:
+        # the same operations as the inference path, on tensors that carry gradients; quant mode
+        # trains through a straight-through (or surrogate) floor, parallel mode has a plain floor
+        scale, shift, step = self._affine()
+        quant = self._mode is SiteMode.QUANT
+        c = levels(torch.addcmul(shift, x, scale), self._T, self.signed, ste=quant, burst=self._burst(),
+                   surrogate=self.surrogate if quant else None)
+        if not quant:
+            hi = self._fused()[4]
+            self.parallel.record(c, hi)
+        return c * step
 
     @property
     def bursts(self) -> bool:
         """Whether any channel may fire more than one spike per step."""
-        # kept per (tensor, version): a reduction per forward costs decoding a token ~5% of its
-        # time, and set_params / load_state_dict / fine-tuning change burst in place (new version)
-        key = (id(self.burst), self.burst.data_ptr(), self.burst._version)
-        if self.__dict__.get("_bursts_key") != key:
-            self.__dict__["_bursts_key"] = key
-            self.__dict__["_bursts"] = bool((self.burst > 1).any())
-        return self.__dict__["_bursts"]
+        return not isinstance(self._fused()[4], float)
 
-    def _burst(self) -> torch.Tensor:
-        # a scalar 1 keeps the parallel neuron on its cheaper clamp when no channel bursts
-        if not self.bursts:
-            one = self.__dict__.get("_one")
-            if one is None or one.device != self.burst.device or one.dtype != self.burst.dtype:
-                one = self.__dict__["_one"] = self.burst.new_ones(())
-            return one
-        return self.burst
+    def _burst(self) -> torch.Tensor | float:
+        # a number keeps the clamp cheaper when no channel bursts
+        return self.burst if self.bursts else 1.0
 
     @property
     def spike_rate(self) -> float:

@@ -6,7 +6,7 @@ from tiny_models import tiny_model
 
 from calibration import CalibrationConfig, calibrate
 from smollm2_converter import ConversionConfig, convert
-from spike_modules import set_mode
+from spike_modules import iter_sites, set_mode
 from spike_modules.layers import SpikeLinear
 from stac_lm.energy import E_AC_PJ, E_MAC_PJ, count_ops, energy_summary
 
@@ -55,6 +55,8 @@ def test_ann_mac_count_equals_the_formula(arch):
 def test_snn_accumulates_are_spikes_times_readers_out_features(arch):
     ann = tiny_model(arch, VOCAB)
     snn = snn_of(ann)
+    for _, site in iter_sites(snn):
+        site.parallel.keep_counts = True  # sites keep no counts unless asked
     counts = count_ops(snn, ids())
     # by hand: every SpikeLinear site's spike count (its last call, |counts|), times the
     # out_features of every layer that reads that site

@@ -71,7 +71,14 @@ def test_parallel_decoded_equals_daqcfs_quantizer(case, signed, data):
     quantized = site(x)
     site.mode = "parallel"
     assert torch.equal(site(x), quantized)
-    assert torch.equal(ParaInfNeuron(T, th, signed=signed)(phi * (x + psi)), quantized)
+    # the site folds phi, psi and theta into one multiply-add, so against the neuron fed the mapped
+    # input its counts may differ only where T*phi*(x+psi)/theta + 1/2 is within float error of an integer
+    para = ParaInfNeuron(T, th, signed=signed)
+    para(phi * (x + psi))
+    diff = (para.last_counts.float() - quantized * T / th).round().abs()
+    pre = phi.double() * (x.double() + psi.double()) * T / th.double() + 0.5
+    near_tie = (pre - pre.round()).abs() <= 1e-5 * torch.clamp(pre.abs(), min=1.0)
+    assert bool((diff[~near_tie] == 0).all()) and bool((diff <= 1).all())
     # and the sequential site's spikes average to the same value
     site.mode = "sequential"
     train = site(x.expand(T, *x.shape))

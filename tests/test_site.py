@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from spikingjelly.activation_based import functional
 from torch import nn
@@ -87,3 +88,36 @@ def test_burst_flag_follows_every_way_burst_changes():
     s.burst = torch.nn.Parameter(torch.ones(4), requires_grad=False)
     seen.append(s.bursts)
     assert seen == [False, True, False, True, False]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_training_path_gives_the_inference_bits(signed):
+    """Quant and parallel sites agree bit for bit, with and without gradients."""
+    torch.manual_seed(1)
+    site = DAQCFSSite(7, 8, signed=signed, mode="quant")
+    site.set_params(torch.rand(7) + 0.3, torch.randn(7) * 0.1, torch.rand(7) + 0.5, burst=torch.tensor([1.0, 3] * 3 + [1]))
+    x = torch.randn(4, 5, 7) * 2
+    with torch.no_grad():
+        quant = site(x)
+        site.mode = "parallel"
+        parallel = site(x)
+    site.mode = "quant"
+    site.theta.requires_grad_(True)
+    trained = site(x)
+    assert torch.equal(quant, parallel) and torch.equal(trained.detach(), quant)
+
+
+def test_deferred_statistics_count_every_call():
+    """A parallel site reduces its counts lazily (many small calls, then a read): nothing is lost."""
+    torch.manual_seed(2)
+    site = DAQCFSSite(576, 16, signed=True, mode="parallel")
+    site.set_params(torch.rand(576) + 0.2)
+    spikes, peak, at_cap = 0.0, 0.0, 0
+    with torch.no_grad():
+        for step in range(300):  # 300 x 576 counts: past the pending limit, so some flushes happen
+            x = torch.randn(1, 1, 576) * (3 if step % 7 == 0 else 1)
+            c = (site(x) * 16 / site.theta).round().abs()
+            spikes, peak, at_cap = spikes + float(c.sum()), max(peak, float(c.max())), at_cap + int((c >= 16).sum())
+    n = site.parallel
+    assert n.spikes_total == spikes and n.peak_spikes == peak == 16
+    assert n.neuron_steps_total == 300 * 576 * 16 and n.at_cap_share == at_cap / (300 * 576)
