@@ -56,4 +56,4 @@ clean:
 # exit 3 means saved but a verification check failed (the report says which): chat anyway
 chat: setup
 	test -d out/chat_smollm2_T16 || $(PY) run_conversion.py --calib_text chitchat --output_dir out/chat_smollm2_T16 || [ $$? -eq 3 ]
-	$(PY) chat.py --model_dir out/chat_smollm2_T16
+	$(PY) chat.py --model_dir out/chat_smollm2_T16 --float_weights
