@@ -201,3 +201,26 @@ def test_float_copy_is_the_original_network_with_the_converted_weights():
         assert not torch.equal(back.bert.encoder.layer[0].intermediate.dense.weight,
                                ann.bert.encoder.layer[0].intermediate.dense.weight)
     assert not list(iter_sites(back)) and back.config._attn_implementation == "sdpa"
+
+
+def test_held_norms_are_kept_through_save_and_load_and_change_only_the_simulation(tmp_path):
+    from spike_modules.norm import SpikeNorm
+    from tests.test_text_cls_data import tiny_tokenizer
+
+    ann, snn, x, calib8 = converted("all", T=8)
+    held = convert_classifier(ann, SiteSpec("all", "keep", 8, "held"))
+    norms = [m for m in held.modules() if isinstance(m, SpikeNorm)]
+    assert norms and not any(m.causal for m in norms)
+    calib8.apply_to(held)
+    set_mode(held, "parallel")
+    with torch.no_grad():
+        assert torch.equal(held(**x).logits, snn(**x).logits)  # parallel mode does not see the schedule
+    seq_held = run_sequential(held, x["input_ids"], x["attention_mask"], 8)
+    assert not torch.equal(seq_held, run_sequential(snn, x["input_ids"], x["attention_mask"], 8))
+    write_model(tmp_path / "m", held, tiny_tokenizer(), {8: calib8}, 8, SiteSpec("all", "keep", 8, "held"),
+                {"classes": ["a", "b", "c"], "options": {"neuron_type": "ParaInfNeuron"}})
+    model, _, config = load_text_snn(tmp_path / "m")
+    assert config["site_spec"]["norms"] == "held"
+    assert torch.equal(run_sequential(model, x["input_ids"], x["attention_mask"], 8), seq_held)
+    with pytest.raises(ValueError, match="norm_schedule must be one of causal, held"):
+        SiteSpec("all", "keep", 8, "late")

@@ -76,6 +76,9 @@ def build_parser() -> Parser:
               "probabilities (default all)")
     flag(g, "activation", dest="activation", choices=("keep", "relu"),
          help="keep GELU (rate domain, default) or swap it for ReLU before fine-tuning")
+    flag(g, "norm_schedule", dest="norm_schedule", choices=("causal", "held"),
+         help="LayerNorm in the sequential simulation: causal (per-step differences, default) or held (the norm "
+              "of the window's mean at every step); parallel mode is the same either way")
     flag(g, "neuron_type", dest="neuron_type", metavar="NAME",
          help="ParaInfNeuron (parallel, default) or IFNeuron (sequential): the saved model's neuron; both are "
               "evaluated")

@@ -29,6 +29,7 @@ EMBEDDED_ALIASES = {"", "embedded", "minilm", "minilm-l6", EMBEDDED_MODEL.lower(
 # the research command's --net_arch names; each means "the BERT-family model given by --model_name"
 NET_ARCHS = ("bert_base_qcfs", "bert_qcfs", "bert")
 ACTIVATIONS = ("keep", "relu")
+NORM_SCHEDULES = ("causal", "held")
 
 
 def is_embedded(name: str | None) -> bool:
@@ -77,22 +78,30 @@ def load_classifier(name: str | None, num_labels: int, id2label: dict[int, str])
 class SiteSpec:
     """Where the spiking sites go. ``sites``: ``ffn`` (FFN intermediate activation only) or
     ``all`` (every encoder linear input plus the attention probabilities). ``activation``:
-    ``keep`` GELU (rate domain, signed FFN site) or swap to ``relu``."""
+    ``keep`` GELU (rate domain, signed FFN site) or swap to ``relu``. ``norms``: the LayerNorms'
+    schedule in the sequential simulation, ``causal`` (per-step differences of the norm of the
+    running mean, DESIGN.md section 1) or ``held`` (the norm of the mean over the T steps, the same
+    value at every step: each norm waits for its window, as a float op between spiking stages);
+    parallel mode is the same either way."""
 
     sites: str = "all"
     activation: str = "keep"
     T: int = 8
+    norms: str = "causal"
 
     def __post_init__(self):
         if self.sites not in SITE_SCOPES:
             raise ValueError(f"spike_sites must be one of {', '.join(SITE_SCOPES)}, got {self.sites!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.norms not in NORM_SCHEDULES:
+            raise ValueError(f"norm_schedule must be one of {', '.join(NORM_SCHEDULES)}, got {self.norms!r}")
         check_timesteps(self.T)
 
     def conversion_config(self) -> ConversionConfig:
         return ConversionConfig(T=self.T, mode="full", activation=self.activation, spike_qkv=False,
-                                spike_probs=self.sites == "all", spike_norm=True, spike_head=False)
+                                spike_probs=self.sites == "all", spike_norm=self.norms == "causal",
+                                spike_head=False)
 
 
 def convert_classifier(model: nn.Module, spec: SiteSpec) -> nn.Module:

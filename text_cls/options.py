@@ -17,7 +17,7 @@ from pathlib import Path
 from spike_modules.adapters.bert import SITE_SCOPES
 
 from .data import DATASETS, FILE_MAX_LEN, FILE_SUFFIXES, HUB_DATASETS, TWEETS, TWEETS_MAX_LEN
-from .model import ACTIVATIONS, NET_ARCHS
+from .model import ACTIVATIONS, NET_ARCHS, NORM_SCHEDULES
 
 DEFAULT_SWEEP = (2, 4, 8, 16)
 DEFAULT_T = 8
@@ -71,6 +71,7 @@ class TextClsOptions:
     net_arch: str = "bert_base_qcfs"
     spike_sites: str = "all"
     activation: str = "keep"
+    norm_schedule: str = "causal"
     neuron_type: str = "ParaInfNeuron"
     time_step: int | None = None
     time_steps: tuple[int, ...] | None = None
@@ -123,6 +124,7 @@ class TextClsOptions:
         _choice("net_arch", self.net_arch, NET_ARCHS)
         _choice("spike_sites", self.spike_sites, SITE_SCOPES)
         _choice("activation", self.activation, ACTIVATIONS)
+        _choice("norm_schedule", self.norm_schedule, NORM_SCHEDULES)
         set_("neuron_type", NEURON_ALIASES.get(str(self.neuron_type).lower(), self.neuron_type))
         _choice("neuron_type", self.neuron_type, NEURON_TYPES)
         self._resolve_timesteps()

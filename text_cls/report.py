@@ -12,6 +12,12 @@ GELU_NOTE = {
     "relu": "GELU swapped for ReLU before fine-tuning (the site after it is unsigned); the swap damages a "
             "pretrained model until it is fine-tuned",
 }
+NORM_NOTE = {
+    "causal": "LayerNorms in the sequential simulation: causal, per-step differences of the norm of the running "
+              "mean (DESIGN.md section 1); `--norm_schedule held` holds the norm of the window's mean instead",
+    "held": "LayerNorms in the sequential simulation: held, the norm of the mean over the T steps emitted at every "
+            "step (each norm waits for its window; not DESIGN.md's causal default)",
+}
 
 
 def _pct(x: float) -> str:
@@ -50,6 +56,7 @@ def markdown(results: dict) -> str:
         f"- Accuracies in %; latency is the mean per test batch of {o['eval_batchsize']} (samples grouped by "
         "length, trailing all-padding columns dropped), each mode in its own pass over the same batches.",
         f"- {GELU_NOTE[o['activation']]}.",
+        f"- {NORM_NOTE[o['norm_schedule']]}.",
         f"- Parameters: {r['parameters']['weights']:,} weights, {r['parameters']['site_parameters']:,} per-channel "
         f"site values. FLOPs per sample ({r['flops_probe']['tokens']} tokens, torch.utils.flop_counter): ANN "
         f"{r['flops_per_sample_ann'] / 1e9:.3f} G, SNN parallel at T={r['per_T'][-1]['T']} "

@@ -48,7 +48,7 @@ def write_model(directory: Path, snn: nn.Module, tokenizer, calibrations: dict[i
         calib.write_files(sub)
     tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "hf_config": snn.config.to_dict(),
-              "site_spec": {"sites": spec.sites, "activation": spec.activation}, "default_T": T,
+              "site_spec": {"sites": spec.sites, "activation": spec.activation, "norms": spec.norms}, "default_T": T,
               "timesteps": sorted(calibrations), "files": files,
               "versions": {p: version(p) for p in ("torch", "transformers", "spikingjelly", "safetensors")}, **info}
     write_json(directory / CONFIG_FILE, config)
@@ -82,7 +82,10 @@ def load_text_snn(directory: str | Path, T: int | None = None, device: str | tor
     hf = dict(config["hf_config"])
     model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf),
                                                            dtype=torch.float32)
-    spec = SiteSpec(config["site_spec"]["sites"], config["site_spec"]["activation"], int(config["default_T"]))
+    site_spec = config["site_spec"]
+    # directories written before the norm schedule was an option all ran causal norms
+    spec = SiteSpec(site_spec["sites"], site_spec["activation"], int(config["default_T"]),
+                    site_spec.get("norms", "causal"))
     model = convert_classifier(model, spec)
     try:
         load_model(model, str(d / WEIGHTS_FILE), strict=True)
