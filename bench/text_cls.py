@@ -14,6 +14,7 @@ Checks the issue's targets and writes ``docs/bench_text_cls.json`` plus copies o
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import sys
@@ -93,6 +94,20 @@ def other_norm_schedule(savedir: Path, T: int, schedule: str, batch_size: int) -
             "relative_logit_gap": float((S - P).norm() / P.norm())}
 
 
+def norms_of_run(savedir: Path, out: Path, argv: list[str] | None) -> int:
+    """``--norms_of_run``: both LayerNorm schedules on an existing run's saved model and test split."""
+    config = json.loads((savedir / "model" / "config.json").read_text())
+    T, batch = max(config["timesteps"]), config["options"]["eval_batchsize"]
+    report = {"run": str(savedir), "schedules": [other_norm_schedule(savedir, T, s, batch) for s in ("causal", "held")],
+              "command": " ".join(["python bench/text_cls.py", *(argv if argv is not None else sys.argv[1:])])}
+    write_json(out, report)
+    for r in report["schedules"]:
+        print(f"T={r['T']} {r['norm_schedule']:6s} norms: agreement {r['agreement']:.4f}, relative logit gap "
+              f"{r['relative_logit_gap']:.4f}, accuracy parallel {r['acc_snn_parallel']:.4f} sequential "
+              f"{r['acc_snn_sequential']:.4f} ({r['samples']} samples)")
+    return 0
+
+
 def noise_bound(row: dict, samples: int) -> float:
     """1.96 standard errors of a paired accuracy difference: sqrt(discordant predictions) / N."""
     discordant = (1 - row["agreement_with_ann"]) * samples
@@ -148,8 +163,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the run's LayerNorm schedule in the sequential simulation")
     p.add_argument("--compare_norms", action="store_true",
                    help="also run the sequential simulation with the other LayerNorm schedule at the largest T")
+    p.add_argument("--norms_of_run", default=None, metavar="DIR",
+                   help="only measure sequential-vs-parallel agreement with held and causal LayerNorms at the "
+                        "largest saved T of an existing run directory (no training)")
     args = p.parse_args(argv)
     out = check_output_free(args.out, args.overwrite)
+    if args.norms_of_run:
+        return norms_of_run(Path(args.norms_of_run), out, argv)
     docs = Path(args.docs) if args.docs else out.parent
     sweep = tuple(int(t) for t in args.time_steps.split(","))
     tmp = None if args.savedir else tempfile.mkdtemp(prefix="bench_text_cls_")
