@@ -45,12 +45,17 @@ def float_template(config: dict):
                                                           dtype=torch.float32).eval()
 
 
-def timing_batch(savedir: Path, tok, config: dict, batch_size: int) -> dict:
-    """The test batch of median width (the run's own test split and batching)."""
+def test_batches(savedir: Path, tok, config: dict, batch_size: int) -> list[dict]:
+    """The run's own test split, encoded and batched as the run evaluated it."""
     classes = config["classes"]
     rows = [(t, classes.index(y)) for t, y in read_rows(savedir / "data" / "test.jsonl", "text", "label")]
-    batches = [b for b in eval_batches(encode(tok, rows, config["max_len"]), batch_size)
-               if len(b["labels"]) == batch_size] or eval_batches(encode(tok, rows, config["max_len"]), batch_size)
+    return eval_batches(encode(tok, rows, config["max_len"]), batch_size)
+
+
+def timing_batch(savedir: Path, tok, config: dict, batch_size: int) -> dict:
+    """The test batch of median width (the run's own test split and batching)."""
+    every = test_batches(savedir, tok, config, batch_size)
+    batches = [b for b in every if len(b["labels"]) == batch_size] or every
     batches.sort(key=lambda b: b["input_ids"].shape[1])
     return model_inputs(batches[len(batches) // 2])
 
@@ -71,34 +76,32 @@ def side_by_side_latency(savedir: Path, sweep: list[int], batch_size: int, repea
 
 
 @torch.no_grad()
-def other_norm_schedule(savedir: Path, T: int, schedule: str, batch_size: int) -> dict:
-    """Sequential against parallel at ``T`` on the whole test set, with the LayerNorms run in
-    ``schedule`` instead of the run's own (parallel mode does not depend on it)."""
+def norm_schedules(savedir: Path, T: int, schedules: tuple[str, ...], batch_size: int) -> list[dict]:
+    """Sequential against parallel at ``T`` on the whole test set, once per LayerNorm schedule in
+    ``schedules``; parallel mode does not depend on the schedule, so it runs once."""
     snn, tok, config = load_text_snn(savedir / "model", T=T)
-    for m in snn.modules():
-        if isinstance(m, SpikeNorm):
+    norms = [m for m in snn.modules() if isinstance(m, SpikeNorm)]
+    batches = [(model_inputs(b), b["labels"]) for b in test_batches(savedir, tok, config, batch_size)]
+    y = torch.cat([labels for _, labels in batches])
+    P = torch.cat([snn(**x).logits for x, _ in batches])
+    out = []
+    for schedule in schedules:
+        for m in norms:
             m.causal = schedule == "causal"
-    classes = config["classes"]
-    rows = [(t, classes.index(y)) for t, y in read_rows(savedir / "data" / "test.jsonl", "text", "label")]
-    par, seq, labels = [], [], []
-    for b in eval_batches(encode(tok, rows, config["max_len"]), batch_size):
-        x = model_inputs(b)
-        par.append(snn(**x).logits)
-        seq.append(run_sequential(snn, x["input_ids"], x["attention_mask"], T))
-        labels.append(b["labels"])
-    P, S, y = torch.cat(par), torch.cat(seq), torch.cat(labels)
-    return {"T": T, "norm_schedule": schedule, "samples": len(rows),
-            "agreement": float((P.argmax(-1) == S.argmax(-1)).float().mean()),
-            "acc_snn_parallel": float((P.argmax(-1) == y).float().mean()),
-            "acc_snn_sequential": float((S.argmax(-1) == y).float().mean()),
-            "relative_logit_gap": float((S - P).norm() / P.norm())}
+        S = torch.cat([run_sequential(snn, x["input_ids"], x["attention_mask"], T) for x, _ in batches])
+        out.append({"T": T, "norm_schedule": schedule, "samples": int(y.numel()),
+                    "agreement": float((P.argmax(-1) == S.argmax(-1)).float().mean()),
+                    "acc_snn_parallel": float((P.argmax(-1) == y).float().mean()),
+                    "acc_snn_sequential": float((S.argmax(-1) == y).float().mean()),
+                    "relative_logit_gap": float((S - P).norm() / P.norm())})
+    return out
 
 
 def norms_of_run(savedir: Path, out: Path, argv: list[str] | None) -> int:
     """``--norms_of_run``: both LayerNorm schedules on an existing run's saved model and test split."""
     config = json.loads((savedir / "model" / "config.json").read_text())
     T, batch = max(config["timesteps"]), config["options"]["eval_batchsize"]
-    report = {"run": str(savedir), "schedules": [other_norm_schedule(savedir, T, s, batch) for s in ("causal", "held")],
+    report = {"run": str(savedir), "schedules": norm_schedules(savedir, T, ("causal", "held"), batch),
               "command": " ".join(["python bench/text_cls.py", *(argv if argv is not None else sys.argv[1:])])}
     write_json(out, report)
     for r in report["schedules"]:
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         other = None
         if args.compare_norms:
             schedule = "held" if args.norm_schedule == "causal" else "causal"
-            other = other_norm_schedule(savedir, max(opts.time_steps), schedule, opts.eval_batchsize)
+            other = norm_schedules(savedir, max(opts.time_steps), (schedule,), opts.eval_batchsize)[0]
         report = {"results": results, "side_by_side_latency": latency, "other_norm_schedule": other,
                   "targets": targets(results, latency, other),
                   "command": " ".join(["python bench/text_cls.py", *(argv if argv is not None else sys.argv[1:])])}
