@@ -52,7 +52,8 @@ bench: setup
 clean:
 	rm -rf $(VENV) .assets .pytest_cache .hypothesis
 
-# chat with the embedded SmolLM2 as an SNN (full mode, T=16); the first run converts and verifies it (~4 minutes);
+# chat with the embedded SmolLM2 as an SNN (full mode, T=16, calibrated on chat text: --calib_text chitchat, whose
+# default threshold percentile is 85); the first run converts and verifies it (~4 minutes);
 # exit 3 means saved but a verification check failed (the report says which): chat anyway
 chat: setup
 	test -d out/chat_smollm2_T16 || $(PY) run_conversion.py --calib_text chitchat --output_dir out/chat_smollm2_T16 || [ $$? -eq 3 ]

@@ -51,7 +51,7 @@ def build_parser() -> Parser:
     g = p.add_argument_group("thresholds, weights, fine-tune")
     flag(g, "threshold_rule", choices=THRESHOLD_RULES, help="per-channel threshold rule (default: percentile)")
     flag(g, "percentile", type=float, metavar="Q", help="percentile of the percentile rule "
-                                                         "(default 95.0; 99.9 with --simplified)")
+                                                         "(default 95.0; 85.0 with --calib_text chitchat; 99.9 with --simplified)")
     flag(g, "max_burst", type=int, metavar="B", help="most spikes a neuron may fire in one step, 1..2**24/T; "
                                                       "values past theta pass as bursts instead of being clipped, "
                                                       "every spike counted (default 2**24/T, i.e. no clipping; "

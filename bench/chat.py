@@ -1,6 +1,7 @@
 """Chat benchmark: cached multi-turn decoding of a converted model, side by side in one run.
 
-Measures, on one converted model (default: the embedded SmolLM2-135M-Instruct, full mode, T=16):
+Measures, on one converted model (default: the embedded SmolLM2-135M-Instruct converted as `make chat`
+does: full mode, T=16, calibrated on chit-chat):
 
 1. cost per generated token at turns 1..5 of a conversation (median gap between streamed
    tokens, greedy, fixed reply length), and the turn-5 / turn-1 ratio (target <= 1.2: no
@@ -40,6 +41,7 @@ from bench.timing import side_by_side  # noqa: E402
 from stac_assets import chitchat_json  # noqa: E402
 from stac_io import check_output_free, write_json  # noqa: E402
 from stac_lm import ConvertOptions, TemporalSpikeProcessor, load_snn, run  # noqa: E402
+from stac_lm.options import CHITCHAT  # noqa: E402
 from stac_lm.pipeline import load_source  # noqa: E402
 
 
@@ -133,7 +135,8 @@ def snn_vs_ann(snn, ann, tok, T: int, messages: list[str], reply: int, repeats: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", "--model-dir", default=None,
-                   help="a converted model (default: convert the embedded SmolLM2, full mode, T=16)")
+                   help="a converted model (default: convert the embedded SmolLM2 as make chat does: full mode, T=16, "
+                        "--calib_text chitchat)")
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--reply_tokens", type=int, default=24)
     p.add_argument("--history", type=int, default=400)
@@ -147,7 +150,7 @@ def main() -> None:
         model_dir = args.model_dir
         if model_dir is None:
             model_dir = str(Path(tmp) / "snn")
-            run(ConvertOptions(output_dir=model_dir, verify=False, device="cpu"), progress=False)
+            run(ConvertOptions(output_dir=model_dir, calib_text=CHITCHAT, verify=False, device="cpu"), progress=False)
         snn, tok, config = load_snn(model_dir)
     ann, _ = load_source(config["options"]["model_name"])
     T = int(config["timesteps"])

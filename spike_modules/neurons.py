@@ -276,15 +276,26 @@ class BurstIFNeuron(SimpleBaseNode, SpikeStats):
     ``lo = -1``); a per-channel ``B > 1`` lets rare large inputs through without clipping, at
     the honest cost of one spike per unit. For constant input the tracer ends at
     ``clamp(floor(T x/theta + init_mem), lo B T, B T)``, the count of :class:`ParaInfNeuron`.
+
+    ``catch_up=True`` lifts the per-step cap: a step may fire every spike the tracer still allows
+    (``lo B T - A <= S[t] <= B T - A``), and an unsigned neuron may fire negative spikes while
+    its tracer stays non-negative (ST-BIF with a tracer floor of 0). Behind other spiking
+    layers the inputs vary over the steps; a neuron that may fire at most ``B`` spikes a step
+    cannot emit a late surge before the window ends, or take back spikes fired too early. With
+    catch-up the tracer after step ``t`` is ``clamp(floor(sum of inputs so far / theta +
+    init_mem), ...)``, so the count over the window depends on the summed input only, as the
+    parallel neuron's does. For constant input it fires the same count as without catch-up.
+    Every spike is counted, bursts included.
     Inference only (the fire function has no surrogate gradient).
     """
 
     def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False,
-                 burst: float | torch.Tensor = 1.0):
+                 burst: float | torch.Tensor = 1.0, catch_up: bool = False):
         super().__init__(v_threshold=1.0, v_reset=None, step_mode="m")
         self.T = check_timesteps(T)
         self.init_mem = check_init_mem(init_mem)
         self.signed = bool(signed)
+        self.catch_up = bool(catch_up)
         self.register_buffer("th", as_threshold(th))
         self.register_buffer("burst", as_burst(burst))
         self.register_memory("acc", 0.0)
@@ -301,8 +312,12 @@ class BurstIFNeuron(SimpleBaseNode, SpikeStats):
 
     def neuronal_fire(self) -> torch.Tensor:
         b, total = self._b, self._b * self.T
-        hi = torch.minimum(b, total - self.acc)
-        lo = torch.maximum(-b, -total - self.acc) if self.signed else torch.zeros_like(hi)
+        if self.catch_up:
+            hi = total - self.acc
+            lo = -total - self.acc if self.signed else -self.acc
+        else:
+            hi = torch.minimum(b, total - self.acc)
+            lo = torch.maximum(-b, -total - self.acc) if self.signed else torch.zeros_like(hi)
         return torch.minimum(torch.maximum(torch.floor(self.v), lo), hi)
 
     def neuronal_reset(self, spike: torch.Tensor) -> None:
@@ -323,4 +338,4 @@ class BurstIFNeuron(SimpleBaseNode, SpikeStats):
 
     def extra_repr(self) -> str:
         return (f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}, "
-                f"max_burst={float(self.burst.max()):g}")
+                f"max_burst={float(self.burst.max()):g}, catch_up={self.catch_up}")

@@ -161,7 +161,7 @@ class DAQCFSSite(nn.Module):
         if mode is SiteMode.ANN:
             return x
         if mode is SiteMode.SEQUENTIAL:
-            if self.bursts:
+            if self.bursts or self.catch_up:
                 return self.sequential_burst(self._mapped(x), self.theta, self.burst)
             return self.sequential(self._mapped(x), self.theta)
         if torch.is_grad_enabled() and (x.requires_grad or self._trains()):
@@ -190,6 +190,16 @@ class DAQCFSSite(nn.Module):
             hi = self._fused()[4]
             self.parallel.record(c, hi)
         return c * step
+
+    @property
+    def catch_up(self) -> bool:
+        """Whether the sequential neuron may catch up: fire, in one step, every spike its count still
+        allows (:class:`BurstIFNeuron` ``catch_up``); parallel mode is the same either way."""
+        return self.sequential_burst.catch_up
+
+    @catch_up.setter
+    def catch_up(self, on: bool) -> None:
+        self.sequential_burst.catch_up = bool(on)
 
     @property
     def bursts(self) -> bool:

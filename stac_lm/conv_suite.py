@@ -2,7 +2,7 @@
 summarise them as a table (check, measured figure, bar, PASS/FAIL) and a JSON result.
 
     from stac_lm.conv_suite import run_suite, checks_table
-    result = run_suite("out/snn_SmolLM2-135M-Instruct_T16_full", ["positions", "masks"])
+    result = run_suite("out/chat_smollm2_T16", ["positions", "masks"])
     Console().print(checks_table(result))
 """
 

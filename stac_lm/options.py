@@ -7,13 +7,18 @@ options file always holds the concrete values that were used:
 option             full mode    ``--simplified``
 =================  ===========  ==============
 threshold_rule     percentile   percentile
-percentile         95.0         99.9
+percentile         95.0 [1]     99.9
 max_burst          2**24 // T   1 (plain IF neurons)
 burst_budget       64           none
 quant_backend      own          none (int8 is refused)
 activation         keep         relu
 calib_tokens       8192         2048
 =================  ===========  ==============
+
+[1] 85.0 with ``calib_text='chitchat'``: chat replies have many next tokens that the ANN itself
+nearly ties (on 27% of reply tokens its top two probabilities lie within 0.05), so a finer step
+keeps its top-1 choice more often; it costs about half as many spikes again
+(``docs/conversational.md`` has the measurement).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from spike_modules.quantizer import check_max_burst, max_exact_burst
 from stac_assets import EMBEDDED_LM, is_embedded_lm
 
 CHITCHAT = "chitchat"  # --calib_text keyword: the embedded chit-chat data in the chat template (stac_lm.texts)
+CHAT_PERCENTILE = 85.0  # full mode's default threshold percentile with --calib_text chitchat (see [1] above)
 
 MAX_CLI_TIMESTEPS = 512
 DEVICES = ("auto", "cpu", "cuda")
@@ -104,8 +110,9 @@ class ConvertOptions:
             set_("threshold_rule", "percentile")
         _check_choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
         if self.percentile is None:
-            # full mode: a finer step, bursts carry the tail (bench/convert.py); simplified: few clipped values
-            set_("percentile", 95.0 if full else 99.9)
+            # full mode: a finer step, bursts carry the tail (bench/convert.py), finer still for chat text;
+            # simplified: few clipped values
+            set_("percentile", (CHAT_PERCENTILE if self.calib_text == CHITCHAT else 95.0) if full else 99.9)
         if self.max_burst is None:
             set_("max_burst", max_exact_burst(self.timesteps) if full else 1)
         check_max_burst(self.max_burst, self.timesteps)

@@ -43,6 +43,33 @@ def test_burst_neuron_equals_parallel_and_reference(case, signed):
     assert torch.equal(para.last_counts.double(), ref)
     per_step = (train / th).round().abs()
     assert bool((per_step <= burst).all())  # never more than B spikes in one step
+@settings(max_examples=100, deadline=None)
+@given(case=burst_case(), signed=st.booleans())
+def test_catch_up_fires_the_parallel_count_for_constant_input(case, signed):
+    T, th, burst, x = case
+    plain = BurstIFNeuron(T, th, signed=signed, burst=burst)(x.expand(T, *x.shape))
+    catch_up = BurstIFNeuron(T, th, signed=signed, burst=burst, catch_up=True)(x.expand(T, *x.shape))
+    assert torch.equal(catch_up.sum(0), plain.sum(0))  # same count; a catch-up neuron may fire it sooner
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_catch_up_count_follows_the_summed_input_when_the_input_varies(signed):
+    T, th = 8, torch.tensor([1.0, 1.0, 0.5])
+    x = torch.zeros(T, 3)
+    x[-1, 0] = 6.0                 # a late surge: one spike a step can fire only 1 of 6 in the last step
+    x[0, 1], x[1:, 1] = 5.0, -0.6  # early overshoot, then taken back: net 5 - 4.2 = 0.8
+    x[:, 2] = torch.tensor([1.0, 1.0, -3.0, 0.0, 0.0, 0.0, 0.0, 0.2])  # net -0.8 / 0.5: below zero
+    spikes = BurstIFNeuron(T, th, signed=signed, catch_up=True)(x)
+    summed = x.sum(0) / th + 0.5
+    lo = -T if signed else 0
+    assert torch.equal(spikes.sum(0) / th, summed.floor().clamp(lo, T))  # [6, 1, -2 or 0]
+    plain = IFNeuron(T, th) if not signed else SignedIFNeuron(T, th)
+    assert plain(x).sum(0)[0] / th[0] == 1  # the plain neuron loses the surge
+    if not signed:
+        counts = (spikes / th).cumsum(0)
+        assert bool((counts >= 0).all()) and (spikes < 0).any()  # takes spikes back, never below zero
+
+
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])

@@ -91,6 +91,10 @@ def test_options_resolve_mode_defaults_and_round_trip_through_json():
     with pytest.raises(ValueError, match="between 1 and 524288 at T=32"):
         ConvertOptions(timesteps=32, max_burst=2**20)
     assert ConvertOptions(timesteps=32).max_burst == 2**19
+    # chat text: a finer threshold percentile unless one is given; simplified mode keeps its own
+    assert ConvertOptions(calib_text="chitchat").percentile == 85.0
+    assert ConvertOptions(calib_text="chitchat", percentile=97.5).percentile == 97.5
+    assert ConvertOptions(calib_text="chitchat", simplified=True).percentile == 99.9
     assert simple.output_dir == "out/snn_SmolLM2-135M-Instruct_T8_simplified"
     assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T16_full"
     for opts in (full, simple):

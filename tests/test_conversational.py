@@ -281,3 +281,18 @@ def test_cli_corrupt_directory_exits_2(tmp_path, capsys):
         cli_main.main(["--model_dir", str(bad), "--test_masks", "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "missing snn_model.safetensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_default_conversion_is_the_one_make_chat_makes(tmp_path, monkeypatch):
+    import test_conversational_snn as cli_main
+    from stac_lm import pipeline
+
+    seen = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "run", seen.append)
+    args = cli_main.build_parser().parse_args(["--timesteps", "8", "--device", "cpu"])
+    assert cli_main.converted_dir(args) == "out/chat_smollm2_T8"
+    (opts,) = seen
+    assert (opts.calib_text, opts.percentile, opts.timesteps, opts.simplified) == ("chitchat", 85.0, 8, False)
+    (tmp_path / "out" / "chat_smollm2_T8").mkdir(parents=True)
+    assert cli_main.converted_dir(args) == "out/chat_smollm2_T8" and len(seen) == 1  # reused, not converted again

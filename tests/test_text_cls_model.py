@@ -224,3 +224,27 @@ def test_held_norms_are_kept_through_save_and_load_and_change_only_the_simulatio
     assert torch.equal(run_sequential(model, x["input_ids"], x["attention_mask"], 8), seq_held)
     with pytest.raises(ValueError, match="norm_schedule must be one of causal, held"):
         SiteSpec("all", "keep", 8, "late")
+
+
+def test_catch_up_neurons_are_kept_through_save_and_load_and_change_only_the_simulation(tmp_path):
+    from tests.test_text_cls_data import tiny_tokenizer
+
+    ann, snn, x, calib8 = converted("all", T=8)
+    assert all(site.catch_up for _, site in iter_sites(snn))  # the default
+    plain = convert_classifier(ann, SiteSpec("all", "keep", 8, "causal", "if"))
+    assert not any(site.catch_up for _, site in iter_sites(plain))
+    calib8.apply_to(plain)
+    set_mode(plain, "parallel")
+    with torch.no_grad():
+        par = snn(**x).logits
+        assert torch.equal(plain(**x).logits, par)  # parallel mode does not see the neurons of the simulation
+    seq_plain = run_sequential(plain, x["input_ids"], x["attention_mask"], 8)
+    seq_catch = run_sequential(snn, x["input_ids"], x["attention_mask"], 8)
+    assert not torch.equal(seq_plain, seq_catch)
+    write_model(tmp_path / "m", plain, tiny_tokenizer(), {8: calib8}, 8, SiteSpec("all", "keep", 8, "causal", "if"),
+                {"classes": ["a", "b", "c"], "options": {"neuron_type": "ParaInfNeuron"}})
+    model, _, config = load_text_snn(tmp_path / "m")
+    assert config["site_spec"]["sequential"] == "if"
+    assert torch.equal(run_sequential(model, x["input_ids"], x["attention_mask"], 8), seq_plain)
+    with pytest.raises(ValueError, match="sequential_neuron must be one of catch_up, if"):
+        SiteSpec("all", "keep", 8, "causal", "lazy")

@@ -20,6 +20,7 @@ from spike_modules.adapters.bert import SITE_SCOPES, set_site_scope
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.quantizer import check_timesteps
 from spike_modules.simulation import sequential_mode
+from spike_modules.site import iter_sites
 from spike_modules.temporal import unfold
 from stac_assets import minilm_dir, not_offline
 
@@ -30,6 +31,7 @@ EMBEDDED_ALIASES = {"", "embedded", "minilm", "minilm-l6", EMBEDDED_MODEL.lower(
 NET_ARCHS = ("bert_base_qcfs", "bert_qcfs", "bert")
 ACTIVATIONS = ("keep", "relu")
 NORM_SCHEDULES = ("causal", "held")
+SEQUENTIAL_NEURONS = ("catch_up", "if")
 
 
 def is_embedded(name: str | None) -> bool:
@@ -81,13 +83,17 @@ class SiteSpec:
     ``keep`` GELU (rate domain, signed FFN site) or swap to ``relu``. ``norms``: the LayerNorms'
     schedule in the sequential simulation, ``causal`` (per-step differences of the norm of the
     running mean, DESIGN.md section 1) or ``held`` (the norm of the mean over the T steps, the same
-    value at every step: each norm waits for its window, as a float op between spiking stages);
-    parallel mode is the same either way."""
+    value at every step: each norm waits for its window, as a float op between spiking stages).
+    ``sequential``: the sites' neurons in the sequential simulation, ``catch_up`` (a step may fire
+    every spike the count still allows, and take back spikes fired too early:
+    ``BurstIFNeuron(catch_up=True)``) or ``if`` (at most one spike a step, or the calibrated burst:
+    IF / ST-BIF). Parallel mode is the same whatever the norms and neurons of the simulation."""
 
     sites: str = "all"
     activation: str = "keep"
     T: int = 8
     norms: str = "causal"
+    sequential: str = "catch_up"
 
     def __post_init__(self):
         if self.sites not in SITE_SCOPES:
@@ -96,6 +102,9 @@ class SiteSpec:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.norms not in NORM_SCHEDULES:
             raise ValueError(f"norm_schedule must be one of {', '.join(NORM_SCHEDULES)}, got {self.norms!r}")
+        if self.sequential not in SEQUENTIAL_NEURONS:
+            raise ValueError(f"sequential_neuron must be one of {', '.join(SEQUENTIAL_NEURONS)}, "
+                             f"got {self.sequential!r}")
         check_timesteps(self.T)
 
     def conversion_config(self) -> ConversionConfig:
@@ -109,6 +118,8 @@ def convert_classifier(model: nn.Module, spec: SiteSpec) -> nn.Module:
     snn = copy.deepcopy(model)
     set_site_scope(snn, spec.sites)
     convert_(snn, spec.conversion_config())
+    for _, site in iter_sites(snn):
+        site.catch_up = spec.sequential == "catch_up"
     invalidate_reset_cache(snn)
     return snn
 

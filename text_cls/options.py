@@ -17,7 +17,7 @@ from pathlib import Path
 from spike_modules.adapters.bert import SITE_SCOPES
 
 from .data import DATASETS, FILE_MAX_LEN, FILE_SUFFIXES, HUB_DATASETS, TWEETS, TWEETS_MAX_LEN
-from .model import ACTIVATIONS, NET_ARCHS, NORM_SCHEDULES
+from .model import ACTIVATIONS, NET_ARCHS, NORM_SCHEDULES, SEQUENTIAL_NEURONS
 
 DEFAULT_SWEEP = (2, 4, 8, 16)
 DEFAULT_T = 8
@@ -72,6 +72,7 @@ class TextClsOptions:
     spike_sites: str = "all"
     activation: str = "keep"
     norm_schedule: str = "causal"
+    sequential_neuron: str = "catch_up"
     neuron_type: str = "ParaInfNeuron"
     time_step: int | None = None
     time_steps: tuple[int, ...] | None = None
@@ -125,6 +126,7 @@ class TextClsOptions:
         _choice("spike_sites", self.spike_sites, SITE_SCOPES)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("norm_schedule", self.norm_schedule, NORM_SCHEDULES)
+        _choice("sequential_neuron", self.sequential_neuron, SEQUENTIAL_NEURONS)
         set_("neuron_type", NEURON_ALIASES.get(str(self.neuron_type).lower(), self.neuron_type))
         _choice("neuron_type", self.neuron_type, NEURON_TYPES)
         self._resolve_timesteps()

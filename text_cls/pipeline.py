@@ -104,7 +104,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
     accelerator = Accelerator(cpu=device.type == "cpu")
     device = accelerator.device
     torch.manual_seed(opts.seed)
-    spec = SiteSpec(opts.spike_sites, opts.activation, opts.time_step, opts.norm_schedule)
+    spec = SiteSpec(opts.spike_sites, opts.activation, opts.time_step, opts.norm_schedule, opts.sequential_neuron)
     if opts.activation == "relu":
         relu_swap_(ann)  # before the float fine-tune, so the float ANN is the ReLU network the SNN converts
     ann.to(device)
@@ -158,7 +158,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
                   "model_type": ann.config.model_type, "layers": ann.config.num_hidden_layers,
                   "hidden": ann.config.hidden_size, "neuron_type": opts.neuron_type,
                   "gelu": "kept (rate domain)" if opts.activation == "keep" else "swapped for ReLU",
-                  "norm_schedule": opts.norm_schedule},
+                  "norm_schedule": opts.norm_schedule, "sequential_neuron": opts.sequential_neuron},
         "training": training, "machine": machine_info(device), "step_seconds": dict(step.seconds),
     })
     results["seconds_total"] = time.perf_counter() - t_start

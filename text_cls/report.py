@@ -18,6 +18,14 @@ NORM_NOTE = {
     "held": "LayerNorms in the sequential simulation: held, the norm of the mean over the T steps emitted at every "
             "step (each norm waits for its window; not DESIGN.md's causal default)",
 }
+NEURON_NOTE = {
+    "catch_up": "Sequential neurons: catch-up (`BurstIFNeuron(catch_up=True)`): a step may fire every spike the "
+                "neuron's count still allows, and unsigned neurons may take back spikes fired too early while their "
+                "count stays non-negative, so the count over the window follows the summed input as the parallel "
+                "neuron's does; every spike is counted; `--sequential_neuron if` fires at most one spike a step",
+    "if": "Sequential neurons: IF / ST-BIF, at most one spike a step (or the calibrated burst); behind other spiking "
+          "layers a late surge of input cannot all be fired before the window ends",
+}
 
 
 def _pct(x: float) -> str:
@@ -57,6 +65,7 @@ def markdown(results: dict) -> str:
         "length, trailing all-padding columns dropped), each mode in its own pass over the same batches.",
         f"- {GELU_NOTE[o['activation']]}.",
         f"- {NORM_NOTE[o['norm_schedule']]}.",
+        f"- {NEURON_NOTE[o.get('sequential_neuron', 'if')]}.",
         f"- Parameters: {r['parameters']['weights']:,} weights, {r['parameters']['site_parameters']:,} per-channel "
         f"site values. FLOPs per sample ({r['flops_probe']['tokens']} tokens, torch.utils.flop_counter): ANN "
         f"{r['flops_per_sample_ann'] / 1e9:.3f} G, SNN parallel at T={r['per_T'][-1]['T']} "
