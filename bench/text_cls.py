@@ -26,13 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import side_by_side  # noqa: E402
-from spike_modules.norm import SpikeNorm  # noqa: E402
-from spike_modules.site import iter_sites  # noqa: E402
 from stac_io import check_output_free, write_json  # noqa: E402
 from text_cls import TextClsOptions, load_text_snn, run, run_sequential  # noqa: E402
 from text_cls.batching import encode, eval_batches, model_inputs  # noqa: E402
 from text_cls.data import read_rows  # noqa: E402
-from text_cls.model import float_copy  # noqa: E402
+from text_cls.model import float_copy, set_sequential_schedule  # noqa: E402
 from text_cls.options import DEFAULT_SWEEP  # noqa: E402
 
 TIME_LIMIT_S = 20 * 60
@@ -82,19 +80,14 @@ def simulations(savedir: Path, T: int, variants: list[tuple[str, str | None]], b
     sequential neuron)`` in ``variants`` (neuron None: the saved one); parallel mode depends on
     neither, so it runs once."""
     snn, tok, config = load_text_snn(savedir / "model", T=T)
-    norms = [m for m in snn.modules() if isinstance(m, SpikeNorm)]
-    sites = [site for _, site in iter_sites(snn)]
-    saved_neuron = config["site_spec"].get("sequential", "if")
+    saved_neuron = snn.stac_site_spec.sequential
     batches = [(model_inputs(b), b["labels"]) for b in test_batches(savedir, tok, config, batch_size)]
     y = torch.cat([labels for _, labels in batches])
     P = torch.cat([snn(**x).logits for x, _ in batches])
     out = []
     for schedule, neuron in variants:
         neuron = neuron or saved_neuron
-        for m in norms:
-            m.causal = schedule == "causal"
-        for site in sites:
-            site.catch_up = neuron == "catch_up"
+        set_sequential_schedule(snn, schedule, neuron)
         S = torch.cat([run_sequential(snn, x["input_ids"], x["attention_mask"], T) for x, _ in batches])
         out.append({"T": T, "norm_schedule": schedule, "sequential_neuron": neuron, "samples": int(y.numel()),
                     "agreement": float((P.argmax(-1) == S.argmax(-1)).float().mean()),
@@ -113,8 +106,8 @@ def norms_of_run(savedir: Path, out: Path, argv: list[str] | None) -> int:
               "command": " ".join(["python bench/text_cls.py", *(argv if argv is not None else sys.argv[1:])])}
     write_json(out, report)
     for r in report["schedules"]:
-        print(f"T={r['T']} {r['norm_schedule']:6s} norms, {r['sequential_neuron']} neurons: agreement {r['agreement']:.4f}, relative logit gap "
-              f"{r['relative_logit_gap']:.4f}, accuracy parallel {r['acc_snn_parallel']:.4f} sequential "
+        print(f"T={r['T']} {r['norm_schedule']:6s} norms, {r['sequential_neuron']} neurons: agreement "
+              f"{r['agreement']:.4f}, relative logit gap {r['relative_logit_gap']:.4f}, accuracy parallel {r['acc_snn_parallel']:.4f} sequential "
               f"{r['acc_snn_sequential']:.4f} ({r['samples']} samples)")
     return 0
 

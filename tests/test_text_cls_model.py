@@ -244,7 +244,7 @@ def test_catch_up_neurons_are_kept_through_save_and_load_and_change_only_the_sim
     write_model(tmp_path / "m", plain, tiny_tokenizer(), {8: calib8}, 8, SiteSpec("all", "keep", 8, "causal", "if"),
                 {"classes": ["a", "b", "c"], "options": {"neuron_type": "ParaInfNeuron"}})
     model, _, config = load_text_snn(tmp_path / "m")
-    assert config["site_spec"]["sequential"] == "if"
+    assert config["site_spec"]["sequential"] == "if" and model.stac_site_spec.sequential == "if"
     assert torch.equal(run_sequential(model, x["input_ids"], x["attention_mask"], 8), seq_plain)
     with pytest.raises(ValueError, match="sequential_neuron must be one of catch_up, if"):
         SiteSpec("all", "keep", 8, "causal", "lazy")

@@ -18,6 +18,7 @@ from torch import nn
 
 from spike_modules.adapters.bert import SITE_SCOPES, set_site_scope
 from spike_modules.conversion import ConversionConfig, convert_
+from spike_modules.norm import SpikeNorm
 from spike_modules.quantizer import check_timesteps
 from spike_modules.simulation import sequential_mode
 from spike_modules.site import iter_sites
@@ -118,10 +119,20 @@ def convert_classifier(model: nn.Module, spec: SiteSpec) -> nn.Module:
     snn = copy.deepcopy(model)
     set_site_scope(snn, spec.sites)
     convert_(snn, spec.conversion_config())
-    for _, site in iter_sites(snn):
-        site.catch_up = spec.sequential == "catch_up"
+    set_sequential_schedule(snn, spec.norms, spec.sequential)
     invalidate_reset_cache(snn)
     return snn
+
+
+def set_sequential_schedule(model: nn.Module, norms: str, sequential: str) -> None:
+    """Set the LayerNorms' schedule (``causal`` or ``held``) and the sites' neurons (``catch_up`` or
+    ``if``) of a converted classifier's sequential simulation (see :class:`SiteSpec`); parallel mode
+    is the same either way."""
+    for m in model.modules():
+        if isinstance(m, SpikeNorm):
+            m.causal = norms == "causal"
+    for _, site in iter_sites(model):
+        site.catch_up = sequential == "catch_up"
 
 
 def float_copy(snn: nn.Module, template: nn.Module) -> nn.Module:

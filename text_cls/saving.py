@@ -63,7 +63,8 @@ def load_text_snn(directory: str | Path, T: int | None = None, device: str | tor
     strictly, then given the calibration of ``T`` (default: the saved default T), sites in
     ``parallel`` mode. :func:`text_cls.model.classify` runs it with ``neuron_type`` (kept as
     ``model.stac_neuron_type``): one parallel pass (ParaInfNeuron) or the time-stepped simulation
-    (IFNeuron); default: the neuron type the run was made with.
+    (IFNeuron); default: the neuron type the run was made with. The rebuilt :class:`SiteSpec` is
+    kept as ``model.stac_site_spec``.
 
     Raises:
         ValueError: a missing or edited file, another format, a T that was not calibrated, or
@@ -107,6 +108,7 @@ def load_text_snn(directory: str | Path, T: int | None = None, device: str | tor
         raise ValueError(f"neuron_type must be one of {', '.join(SITE_MODES)}, got {neuron!r}")
     set_mode(model, "parallel")
     model.stac_neuron_type = neuron
+    model.stac_site_spec = spec  # as rebuilt, defaults for older directories included
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(d / TOKENIZER_DIR))
