@@ -103,6 +103,24 @@ def test_saved_model_evaluates_to_the_same_accuracy(trained):
         assert correct / len(rows) == row["acc_snn_parallel"]
 
 
+def test_the_same_seed_gives_the_same_run_whatever_torch_drew_before(workdir, tmp_path):
+    """The checkpoint has a 2-class head and the data 3 classes, so the head is drawn anew: from --seed,
+    not from whatever the process drew before."""
+    from safetensors.torch import load_file
+
+    saved = []
+    for i, noise in enumerate((1, 2)):
+        torch.manual_seed(noise)
+        torch.rand(7)
+        opts = TextClsOptions(train_file=str(workdir / "train.csv"), model_name=str(workdir / "bert"),
+                              savedir=str(tmp_path / f"run{i}"), time_steps=(4,), time_step=4, ann_epochs=1,
+                              trainsnn_epochs=1, **FAST)
+        run(opts)
+        saved.append(load_file(str(tmp_path / f"run{i}" / "model" / "model.safetensors")))
+    assert saved[0].keys() == saved[1].keys()
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "text_cls", *args], cwd=cwd, env=env, capture_output=True,

@@ -94,6 +94,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         splits = load_splits(opts.dataset, opts.train_file, opts.test_file, opts.text_column, opts.label_column,
                              opts.encoding, opts.validation_fraction, opts.test_fraction, opts.seed,
                              opts.max_train_samples, opts.max_eval_samples, opts.datadir)
+    torch.manual_seed(opts.seed)  # before the load: a new classification head is drawn from torch's generator
     with step("load model", spinner=True):
         ann, tok = load_classifier(opts.model_name, splits.num_classes, dict(enumerate(splits.classes)))
     positions = getattr(ann.config, "max_position_embeddings", None)
@@ -103,7 +104,6 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         train, val, test = (encode(tok, rows, opts.max_len) for rows in (splits.train, splits.validation, splits.test))
     accelerator = Accelerator(cpu=device.type == "cpu")
     device = accelerator.device
-    torch.manual_seed(opts.seed)
     spec = SiteSpec(opts.spike_sites, opts.activation, opts.time_step, opts.norm_schedule, opts.sequential_neuron)
     if opts.activation == "relu":
         relu_swap_(ann)  # before the float fine-tune, so the float ANN is the ReLU network the SNN converts
