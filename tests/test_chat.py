@@ -297,15 +297,21 @@ def ask(child, line: str) -> str:
 
 
 def wait_for_input(child, bound: float = 60.0) -> None:
-    """Return once the child sleeps waiting for the terminal. A Ctrl-C that lands after the prompt is
-    written but before readline blocks in select() is only seen at the next key (CPython checks
-    signals when select() is interrupted), so an interrupt sent the instant the prompt shows can be
-    lost on a loaded machine."""
-    stat = Path(f"/proc/{child.pid}/stat")
+    """Return once the child sleeps in select()/poll() waiting for the terminal. A Ctrl-C that lands
+    after the prompt is written but before readline blocks in select() is only seen at the next key
+    (CPython checks signals when select() is interrupted), so an interrupt sent the instant the
+    prompt shows can be lost on a loaded machine; a sleep elsewhere (a flush, a lock) is not enough.
+    Where the kernel does not name the wait (``wchan`` reads ``0``), three sleeping looks 20 ms apart
+    stand in for it."""
+    proc = Path(f"/proc/{child.pid}")
     deadline, asleep = time.monotonic() + bound, 0
     while time.monotonic() < deadline:
-        asleep = asleep + 1 if stat.read_text().rsplit(")", 1)[1].split()[0] == "S" else 0
-        if asleep == 3:  # asleep on three looks 20 ms apart: blocked, not a passing wait
+        sleeping = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+        wchan = (proc / "wchan").read_text().strip()
+        if sleeping and ("poll" in wchan or "select" in wchan):
+            return
+        asleep = asleep + 1 if sleeping and wchan in ("", "0") else 0
+        if asleep == 3:
             return
         time.sleep(0.02)
     raise AssertionError(f"chat.py did not wait for input within {bound} s")
