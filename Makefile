@@ -45,7 +45,7 @@ bench: setup
 	$(PY) bench/calibration_smollm2.py --out docs/bench_calibration_smollm2.json --overwrite
 	$(PY) bench/convert.py --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json --overwrite
 	$(PY) bench/sparse.py --out docs/bench_sparse.json --overwrite
-	$(PY) bench/peer_spikingjelly.py --timesteps 16,32 --out docs/bench_peer_spikingjelly.json --overwrite
+	$(PY) bench/convert.py --timesteps 16,32 --modes full --eval_tokens 1024 --peer --out docs/bench_convert_peer.json --overwrite
 	$(PY) bench/chat.py --repeats 7 --out docs/bench_chat.json --overwrite
 	$(PY) bench/text_cls.py --compare_simulations --out docs/bench_text_cls.json --overwrite
 
