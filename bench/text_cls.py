@@ -134,7 +134,7 @@ def targets(results: dict, latency: dict) -> list[dict]:
         bound = noise_bound(by_T[16], results["samples"])
         check("SNN (parallel) indistinguishable from the float ANN (paired 95% bound)", 16, diff, bound, diff <= bound)
         o = results["options"]
-        check(f"sequential ({o['norm_schedule']} norms, {o.get('sequential_neuron', 'if')} neurons) agrees with "
+        check(f"sequential ({o['norm_schedule']} norms, {o['sequential_neuron']} neurons) agrees with "
               "parallel on >= 99% of predictions", 16, by_T[16]["agreement"], 0.99, by_T[16]["agreement"] >= 0.99)
     if 8 in latency:
         s = latency[8]["sequential_over_parallel"]

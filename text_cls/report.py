@@ -65,7 +65,7 @@ def markdown(results: dict) -> str:
         "length, trailing all-padding columns dropped), each mode in its own pass over the same batches.",
         f"- {GELU_NOTE[o['activation']]}.",
         f"- {NORM_NOTE[o['norm_schedule']]}.",
-        f"- {NEURON_NOTE[o.get('sequential_neuron', 'if')]}.",
+        f"- {NEURON_NOTE[o['sequential_neuron']]}.",
         f"- Parameters: {r['parameters']['weights']:,} weights, {r['parameters']['site_parameters']:,} per-channel "
         f"site values. FLOPs per sample ({r['flops_probe']['tokens']} tokens, torch.utils.flop_counter): ANN "
         f"{r['flops_per_sample_ann'] / 1e9:.3f} G, SNN parallel at T={r['per_T'][-1]['T']} "
