@@ -121,19 +121,22 @@ class DAQCFSSite(nn.Module):
         return scale, self.psi * scale + self.init_mem, self.theta / self._T
 
     def _fused(self) -> tuple:
-        """``(scale, shift, step, lo, hi)`` for inference, kept per (T, tensor, version) of the
-        parameters: set_params, load_state_dict, ``.data`` and optimiser steps change a version or
-        a tensor. ``lo``/``hi`` bound the counts: numbers without bursts, per channel with them.
+        """``(scale, shift, step, lo, hi)`` for inference, kept while T, the parameter tensors and
+        their values stay the same. Values are compared, not only version counters: an edit
+        through ``.data`` (``theta.data.copy_(...)``, ``.fill_``) changes no version, and must
+        still reach the next call (``set_params``, ``load_state_dict`` and optimiser steps do
+        too). ``lo``/``hi`` bound the counts: numbers without bursts, per channel with them.
         While distillation parametrises theta or psi they are computed afresh."""
         p = self._parameters
         if "theta" not in p or "psi" not in p:
             return self._fused_values()
-        th, psi, phi, burst = p["theta"], p["psi"], p["phi"], p["burst"]
-        key = (self._T, th._version, psi._version, phi._version, burst._version,
-               th.data_ptr(), psi.data_ptr(), phi.data_ptr(), burst.data_ptr())
+        params = (p["theta"], p["psi"], p["phi"], p["burst"])
+        key = (self._T, *(t.data_ptr() for t in params))
         d = self.__dict__
-        if d.get("_fused_key") != key:
+        snap = d.get("_fused_snap")
+        if d.get("_fused_key") != key or snap is None or not all(map(torch.equal, params, snap)):
             d["_fused_cache"], d["_fused_key"] = self._fused_values(), key
+            d["_fused_snap"] = tuple(t.detach().clone() for t in params)
         return d["_fused_cache"]
 
     def _fused_values(self) -> tuple:

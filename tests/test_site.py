@@ -121,3 +121,58 @@ def test_deferred_statistics_count_every_call():
     n = site.parallel
     assert n.spikes_total == spikes and n.peak_spikes == peak == 16
     assert n.neuron_steps_total == 300 * 576 * 16 and n.at_cap_share == at_cap / (300 * 576)
+
+
+def _edit_data_copy(site, theta):
+    site.theta.data.copy_(theta)
+
+
+def _edit_data_fill(site, theta):
+    site.theta.data.fill_(float(theta[0]))
+
+
+def _edit_no_grad_copy(site, theta):
+    with torch.no_grad():
+        site.theta.copy_(theta)
+
+
+def _edit_data_assign(site, theta):
+    site.theta.data = theta.clone()
+
+
+def _edit_load_state_dict(site, theta):
+    state = site.state_dict()
+    state["theta"] = theta.clone()
+    site.load_state_dict(state)
+
+
+def _edit_set_params(site, theta):
+    site.set_params(theta=theta)
+
+
+@pytest.mark.parametrize("edit", [_edit_data_copy, _edit_data_fill, _edit_no_grad_copy, _edit_data_assign,
+                                  _edit_load_state_dict, _edit_set_params])
+@pytest.mark.parametrize("mode", ["quant", "parallel"])
+def test_every_parameter_edit_reaches_the_inference_path(edit, mode):
+    """The fused multiply-add is cached; an edit by any route must still change the next output
+    at the same T (``.data`` edits bump no version counter)."""
+    site = DAQCFSSite(3, T=8, signed=True, mode=mode)
+    site.set_params(theta=1.0)
+    x = torch.tensor([[0.3, -0.7, 2.0]])
+    before = site(x).clone()
+    edit(site, torch.full((3,), 4.0))
+    after = site(x)
+    fresh = DAQCFSSite(3, T=8, signed=True, mode=mode)
+    fresh.set_params(theta=4.0)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh(x))
+
+
+@pytest.mark.parametrize("name", ["psi", "phi", "burst"])
+def test_data_edits_of_psi_phi_burst_reach_the_inference_path(name):
+    site = DAQCFSSite(2, T=4, signed=True, mode="parallel")
+    site.set_params(theta=1.0)
+    x = torch.tensor([[0.1, -3.0]])
+    before = site(x).clone()
+    getattr(site, name).data.fill_(3.0)
+    assert not torch.equal(before, site(x))
