@@ -212,6 +212,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     if opts.verify:
         with step("verify"):
             out.report = verify(ann, snn, tok, evals.ids, T=opts.timesteps, activation=opts.activation,
+                                mode=opts.mode, calibration=ccfg, coding=getattr(opts, "coding", None),
                                 use_sparse=opts.use_sparse, progress=progress, console=step.console)
     out.step_seconds = dict(step.seconds)
     with step("save", spinner=True):
@@ -261,7 +262,8 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
     ann, snn = place(ann, dev), place(snn, dev)
     with step("verify"):
         measured = verify(ann, snn, tok, evals.ids, T=config["timesteps"], activation=saved["activation"],
-                          use_sparse=saved["use_sparse"] if use_sparse is None else use_sparse, progress=progress,
+                          mode=config["mode"], calibration=CalibrationConfig(**config["calibration_config"]),
+                          coding=saved.get("coding"), use_sparse=saved["use_sparse"] if use_sparse is None else use_sparse, progress=progress,
                           console=step.console)
     config = dict(config, texts=dict(config["texts"], evaluation=evals.describe()))
     report = assemble_report(measured, config)

@@ -3,7 +3,9 @@
 Perplexity and top-1 agreement on the evaluation text (stac_eval's fixed protocol),
 spike rates per site with fire/saturation checks, the energy estimate with its
 coverage, parallel-vs-sequential agreement on a short sequence, and one greedy
-continuation of a fixed prompt from each model.
+continuation of a fixed prompt from each model. The quality gates (``stac_lm.gates``:
+perplexity and agreement bars per mode, coding and T, "spikes drive the output", site
+activity against calibration, parallel vs sequential) are checks in the same list.
 """
 
 from __future__ import annotations
@@ -11,23 +13,27 @@ from __future__ import annotations
 import math
 import os
 import platform
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from importlib.metadata import version
 
 import torch
 from rich.console import Console
 from torch import nn
 
-from spike_modules import iter_sites, set_mode
+from calibration import CalibrationConfig, ChannelObserver
+from calibration.calibrate import fit_site
+from spike_modules import iter_sites, set_mode, set_timesteps
 from stac_eval import evaluate_lm
 
-from . import integration
+from . import gates, integration
 from .energy import counting, energy_summary, group_name, site_neurons, site_spikes
 from .options import EVAL_WINDOW
 
 SATURATION_BOUND = 0.95     # spikes per neuron per step of a site without bursts; signed sites count |spikes|
 AT_CAP_BOUND = 0.05         # share of a site's (neuron, token) counts at the cap B*T (clipped)
 SEQUENTIAL_TOKENS = 16      # length of the parallel-vs-sequential comparison
+PROBE_TOKENS = 256          # the first tokens of the evaluation text: per-site activity, T change, pass-through
 VARIED_MAX_SHARE = 0.5      # a network that collapsed predicts one token (commas) almost everywhere
 PROMPT = "The night was cold and the castle walls were silent, when"
 NEW_TOKENS = 24
@@ -125,6 +131,87 @@ def sequential_section(snn: nn.Module, ids: torch.Tensor, T: int, use_sparse: bo
             "top1_agreement": top1, "sparse": use_sparse, "note": SEQUENTIAL_NOTE}
 
 
+@contextmanager
+def site_hooks(model: nn.Module, fn):
+    """``fn(name, site, x, y)`` on every site's forward while the context is open."""
+    handles = [site.register_forward_hook(lambda m, args, out, n=name: fn(n, m, args[0], out))
+               for name, site in iter_sites(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def other_timesteps(T: int) -> int:
+    """A clearly different T: half as many levels (twice as many for T=1)."""
+    return T // 2 if T > 1 else 2
+
+
+@torch.no_grad()
+def probe_section(ann: nn.Module, snn: nn.Module, ids: torch.Tensor, T: int,
+                  calib: CalibrationConfig) -> dict:
+    """What the gates measure on ``ids`` ``[1, S]`` (sites in parallel mode, statistics reset here).
+
+    Pass-through: per site, of the inputs ``v = phi (x + psi)`` more than ``gates.OFF_LEVEL`` steps
+    from every level, the share whose output equals ``x`` or ``v`` within ``gates.SAME`` steps (a
+    spiking site outputs levels, so ~0). Activity: per site, the measured rate against the rate the
+    calibration rule (``calib``'s rule, percentile, burst cap and budget; no psi/phi fit) predicts
+    when its thresholds are fitted afresh on these very inputs, so thresholds edited after (or
+    apart from) calibration show. T change: relative change of the logits at ``other_timesteps(T)``.
+    """
+    sites = dict(iter_sites(snn))
+    observers = {n: ChannelObserver(s.num_channels, n, reservoir_rows=0) for n, s in sites.items()}
+    leak = {n: [0, 0] for n in sites}
+
+    def measure(name, site, x, y):
+        observers[name].update(torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0))  # a broken site may feed inf on
+        x, y = x.detach().float(), y.detach().float()
+        step = (site.theta.detach() / site.T).float()
+        v = site.phi.detach().float() * (x + site.psi.detach().float())
+        u = v / step
+        off = (u - u.round()).abs() > gates.OFF_LEVEL
+        same = ((y - x).abs() <= gates.SAME * step) | ((y - v).abs() <= gates.SAME * step)
+        leak[name][0] += int(off.sum())
+        leak[name][1] += int((off & same).sum())
+
+    reset_spike_stats(snn)
+    with site_hooks(snn, measure):
+        logits = snn(ids).logits.float()
+    measured = {n: s.spike_rate for n, s in sites.items()}
+    rule = replace(calib, T=T, fit_affine=False)
+    fitted = {n: fit_site(observers[n], rule, sites[n].signed)[0] for n in sites}
+    spikes = {n: [0.0, 0] for n in sites}
+
+    def predict(name, site, x, y):
+        p = fitted[name]
+        hi = p.burst.to(x.device) * T
+        c = torch.floor(x.detach().float() * (T / p.theta.to(x.device)) + site.init_mem)
+        c = torch.minimum(torch.maximum(c, -hi if site.signed else torch.zeros_like(hi)), hi)
+        spikes[name][0] += float(c.abs().sum(dtype=torch.float64))
+        spikes[name][1] += c.numel() * T
+
+    with site_hooks(snn, predict):
+        snn(ids)
+    predicted = {n: s / steps if steps else 0.0 for n, (s, steps) in spikes.items()}
+    other = other_timesteps(T)
+    set_timesteps(snn, other)
+    try:
+        moved = snn(ids).logits.float()
+    finally:
+        set_timesteps(snn, T)
+    ref = ann(ids).logits.float()
+    return {"tokens": int(ids.shape[1]), "timesteps": T, "other_timesteps": other,
+            "relative_logit_change": float((moved - logits).norm() / logits.norm()),
+            "relative_logit_error_vs_ann": float((logits - ref.to(logits.device)).norm() / ref.norm()),
+            "pass_through_share": {n: (b / a if a else 0.0) for n, (a, b) in leak.items()},
+            "off_level_inputs": {n: a for n, (a, _) in leak.items()},
+            "measured_rate": measured, "predicted_rate": predicted,
+            "prediction": f"rule {calib.rule!r} (percentile {calib.percentile}, max_burst {calib.max_burst}, "
+                          f"burst_budget {calib.burst_budget}) fitted on these {int(ids.shape[1])} tokens' "
+                          "site inputs, psi = 0, phi = 1"}
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
@@ -135,12 +222,19 @@ def machine_info(device: torch.device) -> dict:
 
 
 def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *, T: int, activation: str,
-           use_sparse: bool = False, progress: bool = True, console: Console | None = None) -> dict:
+           mode: str, calibration: CalibrationConfig, coding: str | None = None, use_sparse: bool = False,
+           progress: bool = True, console: Console | None = None) -> dict:
     """Measure ``snn`` against ``ann`` on ``eval_ids`` (1-D); returns the report's measured part.
 
-    The SNN's sites must be in parallel mode. Raises ``ValueError`` if ``eval_ids`` holds less
-    than one evaluation window.
+    ``mode`` (``full``/``simplified``) and ``coding`` (default: what the sites say, else ``rate``)
+    choose the quality bars (:data:`stac_lm.gates.GATES`); ``calibration`` is the config the
+    thresholds were calibrated with (the activity gate predicts rates by its rule). The SNN's
+    sites must be in parallel mode.
+
+    Raises:
+        ValueError: ``eval_ids`` holds less than one evaluation window.
     """
+    coding = gates.model_coding(snn) if coding is None else coding
     console = console or Console(stderr=True)
 
     def stage(text: str):  # a spinner for the stages without a progress bar of their own
@@ -178,15 +272,25 @@ def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *,
                          f"most frequent SNN prediction on {preds.numel()} positions: {top_share:.1%} "
                          f"(bound {VARIED_MAX_SHARE:.0%})"))
 
+    quality, report["quality_bars"] = gates.quality_checks(mode, coding, T, report["ppl_ratio"],
+                                                           report["top1_agreement"])
+    checks += quality
+    with stage(f"probe ({PROBE_TOKENS} tokens): activity, pass-through, T={other_timesteps(T)}"):
+        probe = probe_section(ann, snn, ids[:PROBE_TOKENS][None], T, calibration)
+    report["probe"] = probe
+    checks += gates.drive_checks(probe["relative_logit_change"], T, probe["other_timesteps"],
+                                 probe["pass_through_share"])
+    checks += gates.activity_check(probe["measured_rate"], probe["predicted_rate"])
     with stage(f"sequential simulation ({SEQUENTIAL_TOKENS} tokens, T={T})"):
         seq = sequential_section(snn, ids[:SEQUENTIAL_TOKENS][None], T, use_sparse)
-    report["sequential"] = seq  # a measurement, not a check: DESIGN.md section 1
+    report["sequential"] = seq  # DESIGN.md section 1: measured, with a bar per mode
+    checks += gates.sequential_check(mode, coding, seq["top1_agreement"], seq["tokens"])
     with stage(f"greedy continuation ({NEW_TOKENS} tokens)"):
         report["generation"] = {"prompt": PROMPT, "new_tokens": NEW_TOKENS,
                                 "ann": greedy(ann, tokenizer), "snn": greedy(snn, tokenizer)}
     finite = all(math.isfinite(report[k]) for k in ("ppl_ann", "ppl_snn"))
     checks.append(_check("finite perplexity", finite, f"ANN {report['ppl_ann']:.4g}, SNN {report['ppl_snn']:.4g}"))
-    report["checks"] = checks
+    report.update(gated_mode=mode, coding=coding, checks=checks)
     report["all_checks_passed"] = all(c["passed"] for c in checks)
     report["machine"] = machine_info(device)
     return report
