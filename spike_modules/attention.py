@@ -82,14 +82,60 @@ def _check_prepared(module: nn.Module) -> int | None:
     return T
 
 
+# keyword arguments transformers passes that change nothing here: positions are already in q
+# and k (rotary) or in the hidden states (learned), the cache update happened before this call
+# and the mask carries causality and padding
+IGNORED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions",
+                            "output_hidden_states", "return_dict", "is_causal", "layer_idx"})
+
+
+def _check_features(module: nn.Module, kwargs: dict) -> None:
+    """Refuse every attention feature this function does not implement, instead of dropping it."""
+    unknown = sorted(k for k, v in kwargs.items() if k not in IGNORED_KWARGS and v is not None and v is not False)
+    if unknown:
+        raise ValueError(f"{type(module).__name__} asks the attention for {', '.join(unknown)}, which STAC's spiking "
+                         "attention does not implement (it handles scaling, dropout, grouped-query heads, "
+                         "sliding windows through the model's mask, and logit softcapping)")
+
+
+def _check_window(mask: torch.Tensor | None, q_len: int, k_len: int, window: int) -> None:
+    """The model's mask must hide every key outside the window (keys ``i - window + 1 .. i`` for the
+    query at cache slot ``i``; the queries are the last ``q_len`` of the ``k_len`` slots)."""
+    if k_len <= window:
+        return
+    if mask is None:
+        raise ValueError(f"sliding_window={window} with {k_len} keys but no attention mask: STAC's spiking attention "
+                         "applies the window through the model's mask")
+    q_slot = torch.arange(k_len - q_len, k_len, device=mask.device)[:, None]
+    outside = torch.arange(k_len, device=mask.device)[None, :] <= q_slot - window  # [Sq, Sk]
+    if mask.dtype == torch.bool:
+        let_through = mask[..., outside]
+    else:
+        let_through = mask[..., outside] > torch.finfo(mask.dtype).min / 2
+    if bool(let_through.any()):
+        raise ValueError(f"the attention mask lets queries see keys outside sliding_window={window}; STAC's spiking "
+                         "attention needs the model to build its sliding-window mask")
+
+
 def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None = None,
-                            dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                            dropout: float = 0.0, softcap: float | None = None, sliding_window: int | None = None,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over ``query [B, heads, Sq, D]``, ``key``/``value [B, kv_heads, Sk, D]`` with an
-    additive float mask ``[B or 1, 1, Sq, Sk]``; returns ``(output [B, Sq, heads, D], probs)``."""
+    additive float mask ``[B or 1, 1, Sq, Sk]``; returns ``(output [B, Sq, heads, D], probs)``.
+
+    ``softcap`` (Gemma 2): scores become ``softcap * tanh(scores / softcap)`` before the mask, as
+    in transformers' eager attention, inside the rate-domain softmax. ``sliding_window``
+    (Mistral, Qwen2, Gemma 2/3, Phi-3): the model's mask applies it; this function checks that it
+    does. Any other feature transformers passes (attention sinks, packed-sequence lengths, ...)
+    is refused with a ``ValueError``.
+    """
     T = _check_prepared(module)
+    _check_features(module, kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    if sliding_window is not None:
+        _check_window(attention_mask, query.shape[2], key.shape[2], int(sliding_window))
     n_rep = query.shape[1] // key.shape[1]
     q = _head_site(getattr(module, "q_site", None), query)
     if module.__dict__.pop(ENCODED_FLAG, False):  # a SpikeKVCache encoded (and stored) them already
@@ -100,6 +146,8 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 
     def probs_of(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         w = torch.matmul(q, k.transpose(2, 3)) * scaling
+        if softcap is not None:  # the order of transformers' eager attention (Gemma 2)
+            w = torch.tanh(w / softcap) * softcap
         if attention_mask is not None:
             w = w + attention_mask
         # at least float32 (as eager attention), never below the model's dtype: a float64 model's

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from spikingjelly.activation_based.functional import invalidate_reset_cache
 from torch import nn
-from transformers import activations as hf_act
-from transformers.models.llama.modeling_llama import LlamaMLP
-from transformers.pytorch_utils import Conv1D
 
-from .adapters import adapter_for
+# the swap registry lives with the adapters, which fill it (one file per architecture)
+from .adapters import SWAPS, adapter_for, register_swap  # noqa: F401  (SWAPS, register_swap: public here too)
 from .attention import ATTN_IMPLEMENTATION, attach_attention_sites
-from .layers import SharedInput, SpikeGatedMLP, SpikeLinear, in_features
-from .norm import NORM_TYPES, SpikeNorm
+from .layers import SharedInput, SpikeLinear, in_features
+from .norm import SpikeNorm
 from .quantizer import check_timesteps
 from .site import DAQCFSSite, iter_sites
-from .temporal import RateActivation
 
 MODES = ("full", "simplified")
 ACTIVATIONS = ("keep", "relu")
@@ -84,27 +81,6 @@ class SwapRecord(NamedTuple):
     path: str
     old: str
     new: str
-
-
-ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, hf_act.SiLUActivation, hf_act.GELUActivation,
-    hf_act.NewGELUActivation, hf_act.FastGELUActivation, hf_act.QuickGELUActivation, hf_act.GELUTanh,
-    hf_act.AccurateGELUActivation, hf_act.ClippedGELUActivation)
-
-# role -> {source type: builder(module, config) -> replacement}; first exact-or-subclass match wins
-SWAPS: dict[str, dict[type, Callable[[nn.Module, ConversionConfig], nn.Module]]] = {
-    "linear": {nn.Linear: None, Conv1D: None},  # built by site group (shared sites), see convert_
-    "norm": {t: (lambda m, cfg: SpikeNorm(m, causal=cfg.spike_norm)) for t in NORM_TYPES},
-    "gated_mlp": {LlamaMLP: lambda m, cfg: SpikeGatedMLP(m)},
-    "activation": {t: (lambda m, cfg: RateActivation(m)) for t in ELEMENTWISE_ACTIVATIONS},
-}
-
-
-def register_swap(role: str, source: type[nn.Module], build: Callable[[nn.Module, ConversionConfig], nn.Module]) -> None:
-    """Teach the converter a new source type for ``role`` (norm, gated_mlp, activation)."""
-    if role not in SWAPS or role == "linear":
-        raise ValueError(f"role must be one of norm, gated_mlp, activation, got {role!r}")
-    SWAPS[role][source] = build
 
 
 def _resolve(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:

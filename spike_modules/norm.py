@@ -13,20 +13,33 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .temporal import held_op, rate_op
 
-# Norm types a SpikeNorm may wrap. Each normalises over the last dimension only, so it acts on
-# every row (token, time step) alone, which the rate-domain schedules require.
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, LlamaRMSNorm)
+# Norm types a SpikeNorm may wrap, filled by the adapters (``spike_modules.adapters.register_norm``).
+# Each normalises over the last dimension only, so it acts on every row (token, time step) alone,
+# which the rate-domain schedules require.
+_NORM_TYPES: list[type[nn.Module]] = [nn.LayerNorm]
+
+
+def allow_norm(norm_type: type[nn.Module]) -> None:
+    """Let SpikeNorm wrap ``norm_type``: a norm over the last dimension only (RMSNorm variants)."""
+    if not (isinstance(norm_type, type) and issubclass(norm_type, nn.Module)):
+        raise TypeError(f"a norm type must be an nn.Module subclass, got {norm_type!r}")
+    if norm_type not in _NORM_TYPES:
+        _NORM_TYPES.append(norm_type)
+
+
+def norm_types() -> tuple[type[nn.Module], ...]:
+    """The norm types SpikeNorm wraps (``nn.LayerNorm`` and those the adapters registered)."""
+    return tuple(_NORM_TYPES)
 
 
 class SpikeNorm(nn.Module):
     """A norm over the last dimension that takes part in the sequential simulation.
 
     Args:
-        norm: an ``nn.LayerNorm`` over the last dimension or a ``LlamaRMSNorm``.
+        norm: an ``nn.LayerNorm`` over the last dimension or a registered RMSNorm (:func:`norm_types`).
         causal: in the simulation, emit per-step differences of ``f(running mean)`` (True) or
             hold ``f(mean over T)`` at every step (False).
 
@@ -36,8 +49,8 @@ class SpikeNorm(nn.Module):
 
     def __init__(self, norm: nn.Module, causal: bool = True):
         super().__init__()
-        if not isinstance(norm, NORM_TYPES):
-            names = ", ".join(t.__name__ for t in NORM_TYPES)
+        if not isinstance(norm, norm_types()):
+            names = ", ".join(t.__name__ for t in norm_types())
             raise ValueError(f"SpikeNorm wraps {names}; got {type(norm).__name__}")
         if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) != 1:
             raise ValueError(f"SpikeNorm needs a LayerNorm over the last dimension only, got normalized_shape="

@@ -98,8 +98,18 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, T: int | None = No
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     B = input_ids.shape[0]
+    # Gemma 2's final-logit softcapping is a nonlinearity on the logits: applied to the time-mean
+    # (as the rate domain would), not to each step's partial logits
+    cap = getattr(model.config, "final_logit_softcapping", None)
     with sequential_mode(model, T, sparse) as T:
         ids = input_ids.repeat(T, 1)  # step-major: rows t*B .. t*B+B-1 are step t
         mask = None if attention_mask is None else attention_mask.repeat(T, 1)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return logits.reshape(T, B, *logits.shape[1:]).mean(0)
+        if cap is not None:
+            model.config.final_logit_softcapping = None
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            if cap is not None:
+                model.config.final_logit_softcapping = cap
+    logits = logits.reshape(T, B, *logits.shape[1:]).mean(0)
+    return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -178,17 +178,16 @@ def _infinite_weight_int8(tmp_path, model):
     return args[:-2], ("layer 'model.layers.0.self_attn.o_proj", "NaN/inf value(s)")
 
 
-def _mistral(tmp_path, model):
-    from transformers import MistralConfig, MistralForCausalLM
-    cfg = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024)
-    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")
-    tiny_tokenizer().save_pretrained(tmp_path / "mistral")
-    return ["--model_name", str(tmp_path / "mistral"), "--calib_tokens", "256"], \
-        ("unsupported architecture 'mistral'", "STAC converts:", "gpt2 (gpt2)", "llama (llama)")
+def _bloom(tmp_path, model):
+    from transformers import BloomConfig, BloomForCausalLM
+    cfg = BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=320)  # ALiBi: not supported
+    BloomForCausalLM(cfg).save_pretrained(tmp_path / "bloom")
+    tiny_tokenizer().save_pretrained(tmp_path / "bloom")
+    return ["--model_name", str(tmp_path / "bloom"), "--calib_tokens", "256"], \
+        ("unsupported architecture 'bloom'", "STAC converts:", "gpt2 (gpt2)", "llama (llama)", "qwen3 (qwen3)")
 
 
-@pytest.mark.parametrize("case", [_short_text, _infinite_weight, _infinite_weight_int8, _mistral])
+@pytest.mark.parametrize("case", [_short_text, _infinite_weight, _infinite_weight_int8, _bloom])
 def test_bad_input_found_during_the_run(tmp_path, tiny_llama, capsys, case):
     args, messages = case(tmp_path, tiny_llama)
     with pytest.raises(SystemExit) as stop:

@@ -44,10 +44,13 @@ def norm_paths(model: nn.Module) -> list[str]:
     return [f"{p}.{n}" for p in _blocks(model) for n in ("ln_1", "ln_2")] + ["transformer.ln_f"]
 
 
-def attentions(model: nn.Module) -> list[AttentionSpec]:
-    if getattr(model.config, "add_cross_attention", False):
+def check_config(config) -> None:
+    if getattr(config, "add_cross_attention", False):
         raise ValueError("GPT-2 with cross-attention (add_cross_attention=True) is not supported; "
                          "STAC converts decoder-only GPT-2 models")
+
+
+def attentions(model: nn.Module) -> list[AttentionSpec]:
     specs = []
     for p in _blocks(model):
         attn = model.get_submodule(f"{p}.attn")
@@ -56,4 +59,4 @@ def attentions(model: nn.Module) -> list[AttentionSpec]:
 
 
 ADAPTER = register(Adapter("gpt2", ("gpt2",), site_groups, activation_paths, gated_mlp_paths, norm_paths,
-                           attentions, head="lm_head"))
+                           attentions, head="lm_head", check_config=check_config))
