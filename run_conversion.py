@@ -37,7 +37,13 @@ def build_parser() -> Parser:
                                                "a local Hugging Face folder, or a hub name (online or cached)")
     flag(g, "simplified", action="store_true", help="fast structural swap: ReLU, quick thresholds "
                                                      "(percentile), no 8-bit weights")
-    flag(g, "timesteps", type=int, metavar="T", help=f"spike timesteps, 1..{MAX_CLI_TIMESTEPS} (default 16)")
+    flag(g, "timesteps", type=int, metavar="T", help=f"spike timesteps, 1..{MAX_CLI_TIMESTEPS} (1..16 with weighted "
+                                                      "coding); default 16 for rate coding, 6 for weighted")
+    flag(g, "coding", choices=("rate", "weighted"),
+         help="spike coding of every site: rate (a level costs one spike per unit, T levels) or weighted (step k "
+              "weighs 2**(T-1-k): 2**T - 1 levels, a level costs the ones of its binary form) (default rate)")
+    flag(g, "spike_head", action=argparse.BooleanOptionalAction,
+         help="a spiking site at the LM head's input, so the head is spike-driven too (default: on in full mode)")
     flag(g, "activation", choices=ACTIVATIONS, help="keep the model's SiLU/GELU or swap them for ReLU "
                                                     "(default: keep; relu with --simplified)")
     flag(g, "device", choices=DEVICES, help="auto = CUDA when present (default auto)")

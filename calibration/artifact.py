@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spike_modules.quantizer import check_init_mem, check_max_burst, check_timesteps
+from spike_modules.quantizer import check_init_mem, check_max_burst, check_timesteps, coding_levels
 from spike_modules.site import iter_sites
 from stac_io import atomic_dir, sha256_file, write_json
 
@@ -62,18 +62,25 @@ class CalibrationConfig:
     reservoir_rows: int = 4096
     max_burst: int = 1
     burst_budget: int | None = None
+    coding: str = "rate"
 
     def __post_init__(self):
         check_timesteps(self.T)
+        coding_levels(self.T, self.coding)
         check_rule(self.rule, self.percentile)
         check_init_mem(self.init_mem)
         if self.n_samples < 0 or self.reservoir_rows < 0 or not self.bias_weight >= 0:
             raise ValueError("n_samples, reservoir_rows and bias_weight must be >= 0")
-        check_max_burst(self.max_burst, self.T)
+        check_max_burst(self.max_burst, self.T, self.coding)
         b = self.burst_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.max_burst):
             raise ValueError(f"burst_budget is the spikes per step planned for a channel's calibration maximum: None or "
                              f"an integer from 1 to max_burst ({self.max_burst}), got {b!r}")
+
+    @property
+    def levels(self) -> int:
+        """Quantisation levels per sign of the coding at T (``spike_modules.quantizer.coding_levels``)."""
+        return coding_levels(self.T, self.coding)
 
 
 @dataclass
@@ -118,6 +125,8 @@ class Calibration:
                 problems.append(f"site {name!r}: calibrated for {p.channels} channels, model has {s.num_channels}")
             if p.signed != s.signed:
                 problems.append(f"site {name!r}: calibrated signed={p.signed}, model site signed={s.signed}")
+            if s.coding != self.config.coding:
+                problems.append(f"site {name!r}: calibrated for {self.config.coding} coding, model site codes {s.coding}")
         if problems:
             head = f"calibration (model {self.model_id!r}) does not match this model/config:\n  - "
             raise ValueError(head + "\n  - ".join(problems) + "\nre-run calibration for this model and T")

@@ -36,10 +36,12 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
 from .kv_cache import ENCODED_FLAG
+from .quantizer import weighted_spikes
 from .site import DAQCFSSite, SiteMode
 from .temporal import apply_site, rate_op
 
 ATTN_IMPLEMENTATION = "stac_spike"
+OP_COUNTER = "stac_op_counter"  # set by stac_lm.energy.counting on attention modules while it counts
 QKV = ("q_site", "k_site", "v_site")
 PROBS = "p_site"
 
@@ -159,14 +161,48 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         probs = nn.functional.dropout(probs, p=dropout, training=module.training)
         probs = _probs_site(getattr(module, PROBS, None), probs)
         out = torch.matmul(probs, v)
+        counter = module.__dict__.get(OP_COUNTER)
+        if counter is not None:
+            _count_matmuls(module, counter, q, v, attention_mask)
     else:
         probs = _probs_site(getattr(module, PROBS, None), rate_op(probs_of, T, q, k))
         out = rate_op(torch.matmul, T, probs, v)
     return out.transpose(1, 2).contiguous(), probs
 
 
+def _head_spikes(site: DAQCFSSite, x: torch.Tensor) -> torch.Tensor:
+    """Spikes per (batch, head, position) of decoded values ``x [B, heads, S, D]`` of ``site``
+    (heads * D channels; under grouped-query attention x holds the repeated kv heads)."""
+    B, h, S, D = x.shape
+    step = (site.theta / site.levels).to(x.dtype)
+    reps = h * D // step.numel()
+    counts = torch.round(x.detach() / step.view(-1, D).repeat_interleave(reps, 0).view(1, h, 1, D))
+    if site.coding == "weighted":
+        burst = site.burst.view(-1, D).repeat_interleave(reps, 0).view(1, h, 1, D)
+        return weighted_spikes(counts, site.T, burst).sum(-1)
+    return counts.abs().sum(-1)
+
+
+def _count_matmuls(module: nn.Module, counter, q: torch.Tensor, v: torch.Tensor,
+                   attention_mask: torch.Tensor | None) -> None:
+    """Report the accumulates of spike-driven ``QK^T`` (a q spike adds its key element once per key
+    it may attend) and ``PV`` (a v spike adds the probability of each query that may attend it)."""
+    Sq, Sk = q.shape[2], v.shape[2]
+    if attention_mask is None:
+        allowed = torch.ones(1, Sq, Sk, dtype=q.dtype, device=q.device)
+    else:
+        allowed = (attention_mask[:, 0, :, -Sk:] == 0).to(q.dtype)  # [B or 1, Sq, Sk]
+    q_site, v_site = getattr(module, "q_site", None), getattr(module, "v_site", None)
+    if q_site is not None and q_site.mode is SiteMode.PARALLEL:
+        acs = (_head_spikes(q_site, q) * allowed.sum(-1)[:, None, :]).sum()
+        counter("qk", float(acs), q_site.coding == "weighted")
+    if v_site is not None and v_site.mode is SiteMode.PARALLEL:
+        acs = torch.matmul(allowed[:, None], _head_spikes(v_site, v)[..., None]).sum()
+        counter("pv", float(acs), v_site.coding == "weighted")
+
+
 def attach_attention_sites(module: nn.Module, path: str, heads: int, kv_heads: int, head_dim: int, T: int,
-                           spike_qkv: bool, spike_probs: bool) -> list[tuple[str, DAQCFSSite]]:
+                           spike_qkv: bool, spike_probs: bool, coding: str = "rate") -> list[tuple[str, DAQCFSSite]]:
     """Register the attention sites on ``module`` (at ``path`` in the model) and mark it for
     :func:`spike_attention_forward`. Returns ``[(qualified name, site)]`` of the new sites."""
     if heads % kv_heads:
@@ -177,9 +213,9 @@ def attach_attention_sites(module: nn.Module, path: str, heads: int, kv_heads: i
     added = []
     if spike_qkv:
         for name, h in zip(QKV, (heads, kv_heads, kv_heads)):
-            added.append((name, DAQCFSSite(h * head_dim, T, signed=True, name=f"{path}.{name}")))
+            added.append((name, DAQCFSSite(h * head_dim, T, signed=True, name=f"{path}.{name}", coding=coding)))
     if spike_probs:
-        added.append((PROBS, DAQCFSSite(heads, T, signed=False, name=f"{path}.{PROBS}")))
+        added.append((PROBS, DAQCFSSite(heads, T, signed=False, name=f"{path}.{PROBS}", coding=coding)))
     for name, site in added:
         module.add_module(name, site)
     module.stac_sim_T = None

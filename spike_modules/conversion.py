@@ -20,7 +20,7 @@ from .adapters import SWAPS, adapter_for, register_swap  # noqa: F401  (SWAPS, r
 from .attention import ATTN_IMPLEMENTATION, attach_attention_sites
 from .layers import SharedInput, SpikeLinear, in_features
 from .norm import SpikeNorm
-from .quantizer import check_timesteps
+from .quantizer import check_coding, coding_levels
 from .site import DAQCFSSite, iter_sites
 
 MODES = ("full", "simplified")
@@ -51,6 +51,7 @@ class ConversionConfig:
             causal); False holds the norm of the whole window's mean at every step. Parallel
             mode computes the same float norm either way.
         spike_head: a site at the input of the output head (LM head).
+        coding: ``rate`` or ``weighted`` spikes at every site (``spike_modules.site.DAQCFSSite``).
     """
 
     T: int = 16
@@ -60,9 +61,11 @@ class ConversionConfig:
     spike_probs: bool | None = None
     spike_norm: bool | None = None
     spike_head: bool | None = None
+    coding: str = "rate"
 
     def __post_init__(self):
-        check_timesteps(self.T)
+        check_coding(self.coding)
+        coding_levels(self.T, self.coding)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         for key in STRUCTURE:
@@ -109,7 +112,7 @@ def _swap(model: nn.Module, path: str, role: str, config: ConversionConfig, log:
     log.append(SwapRecord(path, type(module).__name__, label))
 
 
-def _add_sites(model: nn.Module, name: str, linears: tuple[str, ...], signed: bool, T: int,
+def _add_sites(model: nn.Module, name: str, linears: tuple[str, ...], signed: bool, config: ConversionConfig,
                log: list[SwapRecord]) -> None:
     found = [_resolve(model, path) for path in linears]
     for path, (_, _, module) in zip(linears, found):
@@ -117,7 +120,7 @@ def _add_sites(model: nn.Module, name: str, linears: tuple[str, ...], signed: bo
     widths = {in_features(m) for _, _, m in found}
     if len(widths) != 1:
         raise ValueError(f"site group {name}: its layers read inputs of different widths {widths}")
-    site = DAQCFSSite(widths.pop(), T, signed=signed, name=f"{linears[0]}.site")
+    site = DAQCFSSite(widths.pop(), config.T, signed=signed, name=f"{linears[0]}.site", coding=config.coding)
     shared = SharedInput(site, len(found))
     for k, (path, (parent, attr, module)) in enumerate(zip(linears, found)):
         setattr(parent, attr, SpikeLinear(module, shared, owner=k == 0))
@@ -171,15 +174,15 @@ def convert_(model: nn.Module, config: ConversionConfig) -> nn.Module:
         if not any(path.startswith(g + ".") for g in gated):  # a gated MLP runs its activation itself
             _swap(model, path, "activation", config, log)
     for group in adapter.site_groups(model, config.activation):
-        _add_sites(model, group.name, group.linears, group.signed, config.T, log)
+        _add_sites(model, group.name, group.linears, group.signed, config, log)
     if config.spike_head:
-        _add_sites(model, adapter.head, (adapter.head,), True, config.T, log)
+        _add_sites(model, adapter.head, (adapter.head,), True, config, log)
     for path in adapter.norm_paths(model):
         _swap(model, path, "norm", config, log)
     for spec in attentions:
         _, _, attn = _resolve(model, spec.path)
         for name, site in attach_attention_sites(attn, spec.path, spec.heads, spec.kv_heads, spec.head_dim, config.T,
-                                                 config.spike_qkv, config.spike_probs):
+                                                 config.spike_qkv, config.spike_probs, coding=config.coding):
             log.append(SwapRecord(name, "-", f"DAQCFSSite(channels={site.num_channels}, signed={site.signed})"))
     old = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -13,7 +13,8 @@ from spikingjelly.activation_based import surrogate
 from spikingjelly.activation_based.neuron import IFNode, STBIFNode
 from spikingjelly.activation_based.neuron.base_node import SimpleBaseNode
 
-from .quantizer import as_burst, as_threshold, check_channels, check_init_mem, check_timesteps, decode, spike_count
+from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
+                        coding_levels, decode, spike_count, weighted_spikes)
 
 
 PENDING_LIMIT = 1 << 16  # counts a parallel neuron keeps before reducing them to its statistics
@@ -32,8 +33,12 @@ class SpikeStats:
     def _init_stats(self) -> None:
         # plain attributes written straight into __dict__: nn.Module.__setattr__ would cost more than
         # the site's own arithmetic when decoding one token
-        self.__dict__.update(_spikes=0.0, neuron_steps_total=0, _peak=0.0, _inputs=0, _at_cap=0,
+        self.__dict__.update(_spikes=0.0, neuron_steps_total=0, _peak=0.0, _inputs=0, _at_cap=0, _active=0,
                              _pending=[], _pending_numel=0, _pending_hi=None)
+
+    def _spike_cost(self, a: torch.Tensor, hi: float | torch.Tensor) -> torch.Tensor:
+        """Spikes fired for the counts ``a`` (magnitudes): one per count unit in rate coding."""
+        return a
 
     def _record(self, n_spikes: torch.Tensor, numel: int, T: int, peak: torch.Tensor | None = None) -> None:
         """``peak``: the most spikes one neuron fired for one input over its T steps, in this call."""
@@ -68,9 +73,11 @@ class SpikeStats:
         flat = [p.reshape(-1, hi.numel()) if per_channel else p.reshape(-1) for p in pending]
         a = (flat[0] if len(flat) == 1 else torch.cat(flat)).abs()
         peak = float(a.max())
-        d["_spikes"] += float(a.sum(dtype=torch.float64))
-        d["_peak"] = max(d["_peak"], peak)
+        spikes = self._spike_cost(a, hi)
+        d["_spikes"] += float(spikes.sum(dtype=torch.float64))
+        d["_peak"] = max(d["_peak"], float(spikes.max()))
         d["_inputs"] += a.numel()
+        d["_active"] += int(torch.count_nonzero(a))
         # only counts at the cap can be at the cap: skip that reduction when none reaches it
         if not isinstance(hi, float) or peak >= hi:
             d["_at_cap"] += int(torch.count_nonzero(a >= hi))
@@ -94,6 +101,14 @@ class SpikeStats:
         self._flush()
         d = self.__dict__
         return d["_at_cap"] / d["_inputs"] if d["_inputs"] else float("nan")
+
+    @property
+    def active_share(self) -> float:
+        """Share of (neuron, input) pairs with at least one spike (NaN if not tracked): an
+        event-driven layer reads the weight row of such an input, and no other."""
+        self._flush()
+        d = self.__dict__
+        return d["_active"] / d["_inputs"] if d["_inputs"] else float("nan")
 
     @property
     def spike_rate(self) -> float:
@@ -204,12 +219,20 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
     Called on ``[..., H]`` it returns the decoded value :math:`\theta c_T / T` (mean of its spikes).
     With ``keep_counts`` (default) ``last_counts`` keeps the spike counts of the last call; a
     site turns it off, as it costs a copy per call and holds the counts of every site.
+
+    ``coding='weighted'``: the closed form of :class:`WeightedIFNeuron`. The count is
+    :math:`n = \mathrm{clamp}(\lfloor L x/\theta + init\_mem \rfloor, lo\cdot B L, B L)` with
+    :math:`L = 2^T - 1` levels, decoded :math:`\theta n / L`; its spikes are the greedy digits of
+    :math:`|n|` (:func:`~spike_modules.quantizer.weighted_spikes`), and those are what the
+    statistics count.
     """
 
     def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False,
-                 burst: float | torch.Tensor = 1.0):
+                 burst: float | torch.Tensor = 1.0, coding: str = "rate"):
         super().__init__()
+        self.coding = check_coding(coding)
         self.T = check_timesteps(T)
+        coding_levels(self.T, coding)
         self.init_mem = check_init_mem(init_mem)
         self.signed = bool(signed)
         self.register_buffer("th", as_threshold(th))
@@ -224,7 +247,18 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         th = self.th if th is None else th
         burst = self.burst if burst is None else burst
         check_channels(x, th, "ParaInfNeuron")
-        return spike_count(x / th, self.T, self.signed, self.init_mem, burst)
+        return spike_count(x / th, self.levels, self.signed, self.init_mem, burst)
+
+    @property
+    def levels(self) -> int:
+        """Levels per sign: T (rate) or ``2**T - 1`` (weighted)."""
+        return coding_levels(self.T, self.coding)
+
+    def _spike_cost(self, a: torch.Tensor, hi: float | torch.Tensor) -> torch.Tensor:
+        if self.coding == "rate":
+            return a
+        L = self.levels
+        return weighted_spikes(a, self.T, 1.0 if isinstance(hi, float) else hi / L)
 
     def forward(self, x: torch.Tensor, th: torch.Tensor | None = None,
                 burst: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,8 +267,9 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         burst = self.burst if burst is None else burst
         c = self.counts(x, th, burst)
         plain = burst.dim() == 0 and float(burst) == 1.0
-        self.record(c, float(self.T) if plain else burst.to(c.dtype) * self.T)
-        return decode(c, th, self.T)
+        L = self.levels
+        self.record(c, float(L) if plain else burst.to(c.dtype) * L)
+        return decode(c, th, L)
 
     def record(self, c: torch.Tensor, hi: float | torch.Tensor) -> None:
         """Count the spikes ``c`` (counts of one call, capped at ``hi``; kept, so not to be changed
@@ -254,6 +289,8 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         th = self.th if th is None else th
         burst = self.burst if burst is None else burst
         check_channels(x, th, "ParaInfNeuron")
+        if self.coding == "weighted":
+            return weighted_train(self.counts(x, th, burst), self.T, burst) * th
         t = torch.arange(0, self.T + 1, dtype=x.dtype, device=x.device).view(-1, *([1] * x.dim()))
         c = spike_count((x / th).unsqueeze(0), t, self.signed, self.init_mem, burst)
         # c_0 = floor(init_mem) = 0 for init_mem in [0, 1), so the diff starts from zero spikes
@@ -261,7 +298,23 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
 
     def extra_repr(self) -> str:
         return (f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}, "
-                f"max_burst={float(self.burst.max()):g}")
+                f"max_burst={float(self.burst.max()):g}, coding={self.coding}")
+
+
+def weighted_train(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The spike train ``[T, ...]`` that sums to ``counts`` in weighted coding, as multiples of one
+    level each: step ``k`` carries ``S[k] * 2**(T-1-k) * T / L`` so that the mean over the T steps
+    is ``counts / L`` (the decoded value over ``theta``), as a rate-coded train's mean is."""
+    L = coding_levels(T, "weighted")
+    r, sign = counts.abs(), torch.sign(counts)
+    b = torch.as_tensor(burst, dtype=r.dtype, device=r.device)
+    steps = []
+    for k in range(T):
+        w = float(2 ** (T - 1 - k))
+        s = torch.minimum(torch.floor(r / w), b)
+        r = r - s * w
+        steps.append(sign * s * (w * T / L))
+    return torch.stack(steps)
 
 
 class BurstIFNeuron(SimpleBaseNode, SpikeStats):
@@ -339,3 +392,76 @@ class BurstIFNeuron(SimpleBaseNode, SpikeStats):
     def extra_repr(self) -> str:
         return (f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}, "
                 f"max_burst={float(self.burst.max()):g}, catch_up={self.catch_up}")
+
+
+class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
+    r"""Phase-coded (weighted-spike) integrate-and-fire neuron, multi-step, on SpikingJelly's ``SimpleBaseNode``.
+
+    A spike at step :math:`k` of the window weighs :math:`w_k = 2^{T-1-k}` levels, so T steps
+    reach :math:`L = 2^T - 1` levels per sign where rate coding reaches T, and a level ``n``
+    costs as many spikes as ``n`` has ones in binary, not ``n``.
+
+    Update (normalised membrane :math:`q`, one level = 1; per-channel burst cap :math:`B`):
+        charge, over the whole input window (a phase-coded neuron fires after its input
+        window, so each spiking layer adds one window of latency):
+        :math:`q = L \cdot rac{1}{T}\sum_t X[t]/	heta + init\_mem`;
+        fire, :math:`k = 0 .. T-1`:
+        :math:`S[k] = \min(B, \lfloor q / w_k floor)` if :math:`q \ge w_k`;
+        :math:`S[k] = -\min(B, \lfloor \lceil -q ceil / w_k floor)` if signed and :math:`\lceil -q ceil \ge w_k`;
+        else 0; then :math:`q \leftarrow q - w_k S[k]`.
+        Output :math:`	heta\, S[k]\, w_k T / L`, whose mean over the window is :math:`	heta n / L`.
+
+    The digits sum to :math:`n = \mathrm{clamp}(\lfloor q floor, lo\cdot B L, B L)` (``lo`` = -1 if
+    signed, else 0), the count of :class:`ParaInfNeuron` with ``coding='weighted'``: every
+    subtraction of a power of two below :math:`2^{24}` is exact in float32. Inference only.
+    """
+
+    def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False,
+                 burst: float | torch.Tensor = 1.0):
+        super().__init__(v_threshold=1.0, v_reset=None, step_mode="m")
+        self.T = check_timesteps(T)
+        coding_levels(self.T, "weighted")
+        self.init_mem = check_init_mem(init_mem)
+        self.signed = bool(signed)
+        self.register_buffer("th", as_threshold(th))
+        self.register_buffer("burst", as_burst(burst))
+        self._init_stats()
+
+    @property
+    def levels(self) -> int:
+        return coding_levels(self.T, "weighted")
+
+    def multi_step_forward(self, u_seq: torch.Tensor) -> torch.Tensor:
+        """Signed digits ``[T, ...]`` (spikes per step, before weighting) of the normalised input ``u_seq``."""
+        q = u_seq.mean(0) * self.levels + self.init_mem
+        b = self._b
+        digits = []
+        for k in range(self.T):
+            w = float(2 ** (self.T - 1 - k))
+            s = torch.minimum(torch.floor(q / w), b).clamp_(min=0)
+            if self.signed:
+                s = s - torch.minimum(torch.floor(torch.ceil(-q) / w), b).clamp_(min=0)
+            q = q - s * w
+            digits.append(s)
+        self.v = q
+        return torch.stack(digits)
+
+    def forward(self, x_seq: torch.Tensor, th: torch.Tensor | None = None,
+                burst: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted spikes ``[T, ..., H]`` (step k: ``th * S[k] * 2**(T-1-k) * T / L``); ``th`` and
+        ``burst`` override the stored ones."""
+        th = self.th if th is None else th
+        self._b = (self.burst if burst is None else burst).to(x_seq.dtype)
+        _check_seq(x_seq, self.T, "WeightedIFNeuron")
+        check_channels(x_seq, th, "WeightedIFNeuron")
+        with torch.no_grad():
+            digits = self.multi_step_forward((x_seq / th).detach())
+        per_input = digits.abs().sum(0)
+        self._record(per_input.sum(), digits[0].numel(), self.T, per_input.max())
+        weights = torch.tensor([2.0 ** (self.T - 1 - k) * self.T / self.levels for k in range(self.T)],
+                               dtype=digits.dtype, device=digits.device).view(-1, *([1] * (digits.dim() - 1)))
+        return digits * weights * th
+
+    def extra_repr(self) -> str:
+        return (f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}, "
+                f"max_burst={float(self.burst.max()):g}, coding=weighted")

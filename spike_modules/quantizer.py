@@ -23,20 +23,60 @@ import torch
 
 MAX_TIMESTEPS = 4096
 EXACT_COUNTS = 2**24  # float32 holds every whole number up to here: spike counts stay exact
+CODINGS = ("rate", "weighted")
+MAX_WEIGHTED_TIMESTEPS = 16  # 65,535 levels per sign; with bursts the counts must stay below 2**24
 
 
-def max_exact_burst(T: int) -> int:
-    """The largest per-step burst cap ``B`` whose spike counts ``B * T`` stay exact in float32."""
-    return EXACT_COUNTS // check_timesteps(T)
+def check_coding(coding: str) -> str:
+    """Return ``coding`` if it is one of :data:`CODINGS`, else ``ValueError``."""
+    if coding not in CODINGS:
+        raise ValueError(f"coding must be one of {', '.join(CODINGS)}, got {coding!r}")
+    return coding
 
 
-def check_max_burst(max_burst: int, T: int) -> int:
-    """Return ``max_burst`` if it is a whole number from 1 to :func:`max_exact_burst` ``(T)``, else ``ValueError``."""
-    top = max_exact_burst(T)
+def coding_levels(T: int, coding: str = "rate") -> int:
+    """Quantisation levels per sign that ``T`` steps of a coding reach: ``T`` for rate coding
+    (one spike per level), ``2**T - 1`` for weighted spikes (step ``k`` weighs ``2**(T-1-k)``).
+
+    Raises:
+        ValueError: bad ``T`` or coding, or a weighted ``T`` above :data:`MAX_WEIGHTED_TIMESTEPS`.
+    """
+    T = check_timesteps(T)
+    if check_coding(coding) == "rate":
+        return T
+    if T > MAX_WEIGHTED_TIMESTEPS:
+        raise ValueError(f"weighted coding takes T from 1 to {MAX_WEIGHTED_TIMESTEPS} steps (2**T - 1 levels), "
+                         f"got T={T}; use a smaller T or --coding rate")
+    return 2**T - 1
+
+
+def max_exact_burst(T: int, coding: str = "rate") -> int:
+    """The largest per-step burst cap ``B`` whose counts ``B * levels`` stay exact in float32."""
+    return EXACT_COUNTS // coding_levels(T, coding)
+
+
+def check_max_burst(max_burst: int, T: int, coding: str = "rate") -> int:
+    """Return ``max_burst`` if it is a whole number from 1 to :func:`max_exact_burst`, else ``ValueError``."""
+    top = max_exact_burst(T, coding)
     if isinstance(max_burst, bool) or not isinstance(max_burst, int) or not 1 <= max_burst <= top:
-        raise ValueError(f"max_burst must be an integer between 1 and {top} at T={T} (2**24 / T, so that spike "
-                         f"counts stay exact in float32), got {max_burst!r}")
+        raise ValueError(f"max_burst must be an integer between 1 and {top} at T={T} with {coding} coding "
+                         f"(2**24 / levels, so that spike counts stay exact in float32), got {max_burst!r}")
     return max_burst
+
+
+def weighted_spikes(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Spikes a weighted neuron fires for each count (its sign ignored): the greedy digits,
+    most significant first, up to ``burst`` spikes a step (:class:`~spike_modules.neurons.WeightedIFNeuron`).
+    With ``burst`` 1 this is the number of ones in the count's binary form."""
+    r = counts.detach().abs().float()
+    total = torch.zeros_like(r)
+    b = torch.as_tensor(burst, dtype=r.dtype, device=r.device)
+    for k in range(T):
+        w = float(2 ** (T - 1 - k))
+        s = torch.minimum(torch.floor(r / w), b)
+        total += s
+        r -= s * w
+    return total
 
 
 def check_timesteps(T: int) -> int:

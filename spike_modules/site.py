@@ -8,8 +8,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .neurons import BurstIFNeuron, IFNeuron, ParaInfNeuron, SignedIFNeuron
-from .quantizer import as_burst, as_threshold, check_channels, check_init_mem, check_timesteps, levels
+from .neurons import BurstIFNeuron, IFNeuron, ParaInfNeuron, SignedIFNeuron, WeightedIFNeuron
+from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
+                        coding_levels, levels)
 
 
 class SiteMode(str, Enum):
@@ -42,12 +43,16 @@ class DAQCFSSite(nn.Module):
         signed: allow negative spikes (for inputs that are not post-ReLU).
         mode: a :class:`SiteMode` or its string value.
         name: the site's name in the model, used in error messages and reports.
+        coding: ``rate`` (one spike per level, T levels) or ``weighted`` (spike ``k`` of the
+            window weighs ``2**(T-1-k)`` levels: ``2**T - 1`` levels, a level costs the ones of
+            its binary form; :class:`~spike_modules.neurons.WeightedIFNeuron`). Everything
+            above holds with T replaced by the coding's levels ``L``.
 
     An attached ``observer`` (see ``calibration``) sees every input ``x`` before the mapping.
     """
 
     def __init__(self, num_channels: int, T: int, signed: bool = False, mode: SiteMode | str = SiteMode.ANN,
-                 init_mem: float = 0.5, name: str = ""):
+                 init_mem: float = 0.5, name: str = "", coding: str = "rate"):
         super().__init__()
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
@@ -55,15 +60,20 @@ class DAQCFSSite(nn.Module):
         self.signed = bool(signed)
         self.name = name
         self.init_mem = check_init_mem(init_mem)
+        self.coding = check_coding(coding)
         self._T = check_timesteps(T)
+        self._L = coding_levels(T, coding)
         self.theta = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.psi = nn.Parameter(torch.zeros(num_channels), requires_grad=False)
         self.phi = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.burst = nn.Parameter(torch.ones(num_channels), requires_grad=False)
-        self.parallel = ParaInfNeuron(T, 1.0, init_mem, signed=self.signed)
+        self.parallel = ParaInfNeuron(T, 1.0, init_mem, signed=self.signed, coding=coding)
         self.parallel.keep_counts = False  # a copy per call, and the counts of every site held at once
-        self.sequential = (SignedIFNeuron if self.signed else IFNeuron)(T, 1.0, init_mem)
-        self.sequential_burst = BurstIFNeuron(T, 1.0, init_mem, signed=self.signed)
+        if coding == "weighted":
+            self.sequential = WeightedIFNeuron(T, 1.0, init_mem, signed=self.signed)
+        else:
+            self.sequential = (SignedIFNeuron if self.signed else IFNeuron)(T, 1.0, init_mem)
+            self.sequential_burst = BurstIFNeuron(T, 1.0, init_mem, signed=self.signed)
         self.observer = None
         self.surrogate: nn.Module | None = None  # gradient of the floor in quant mode; None = straight through
         self.mode = mode
@@ -74,10 +84,19 @@ class DAQCFSSite(nn.Module):
 
     @T.setter
     def T(self, T: int) -> None:
-        self._T = self.parallel.T = self.sequential.T = self.sequential_burst.T = check_timesteps(T)
+        self._L = coding_levels(T, self.coding)
+        self._T = self.parallel.T = self.sequential.T = T
+        if self.coding == "weighted":
+            return
+        self.sequential_burst.T = T
         if self.signed:  # the ST-BIF tracer bounds follow T
             self.sequential.pos_max.fill_(float(T))
             self.sequential.neg_min.fill_(-float(T))
+
+    @property
+    def levels(self) -> int:
+        """Quantisation levels per sign: T (rate coding) or ``2**T - 1`` (weighted)."""
+        return self._L
 
     @property
     def mode(self) -> SiteMode:
@@ -115,10 +134,10 @@ class DAQCFSSite(nn.Module):
         return self.phi * (x + self.psi)
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(scale, shift, step)``: the pre-activation is ``T v/theta + init_mem = scale x + shift``
-        and a count ``c`` decodes to ``c step``; differentiable in theta, psi and phi."""
-        scale = self.phi / self.theta * self._T
-        return scale, self.psi * scale + self.init_mem, self.theta / self._T
+        """``(scale, shift, step)``: the pre-activation is ``L v/theta + init_mem = scale x + shift``
+        (``L`` the levels) and a count ``c`` decodes to ``c step``; differentiable in theta, psi and phi."""
+        scale = self.phi / self.theta * self._L
+        return scale, self.psi * scale + self.init_mem, self.theta / self._L
 
     def _fused(self) -> tuple:
         """``(scale, shift, step, lo, hi)`` for inference, kept while T, the parameter tensors and
@@ -144,9 +163,9 @@ class DAQCFSSite(nn.Module):
             scale, shift, step = self._affine()
             burst = self.burst
             if bool((burst > 1).any()):
-                hi = burst * self._T
+                hi = burst * self._L
                 return scale, shift, step, -hi if self.signed else torch.zeros_like(hi), hi
-            hi = float(self._T)
+            hi = float(self._L)
             return scale, shift, step, -hi if self.signed else 0.0, hi
 
     def _trains(self) -> bool:
@@ -164,6 +183,8 @@ class DAQCFSSite(nn.Module):
         if mode is SiteMode.ANN:
             return x
         if mode is SiteMode.SEQUENTIAL:
+            if self.coding == "weighted":
+                return self.sequential(self._mapped(x), self.theta, self.burst)
             if self.bursts or self.catch_up:
                 return self.sequential_burst(self._mapped(x), self.theta, self.burst)
             return self.sequential(self._mapped(x), self.theta)
@@ -187,7 +208,7 @@ class DAQCFSSite(nn.Module):
         # trains through a straight-through (or surrogate) floor, parallel mode has a plain floor
         scale, shift, step = self._affine()
         quant = self._mode is SiteMode.QUANT
-        c = levels(torch.addcmul(shift, x, scale), self._T, self.signed, ste=quant, burst=self._burst(),
+        c = levels(torch.addcmul(shift, x, scale), self._L, self.signed, ste=quant, burst=self._burst(),
                    surrogate=self.surrogate if quant else None)
         if not quant:
             hi = self._fused()[4]
@@ -197,11 +218,17 @@ class DAQCFSSite(nn.Module):
     @property
     def catch_up(self) -> bool:
         """Whether the sequential neuron may catch up: fire, in one step, every spike its count still
-        allows (:class:`BurstIFNeuron` ``catch_up``); parallel mode is the same either way."""
-        return self.sequential_burst.catch_up
+        allows (:class:`BurstIFNeuron` ``catch_up``); parallel mode is the same either way. A
+        weighted neuron integrates its whole input window before it fires, so it has no catch-up."""
+        return self.coding == "rate" and self.sequential_burst.catch_up
 
     @catch_up.setter
     def catch_up(self, on: bool) -> None:
+        if self.coding == "weighted":
+            if on:
+                raise ValueError(f"site {self.name!r}: weighted neurons fire after their whole input window; "
+                                 "catch-up applies to rate coding only")
+            return
         self.sequential_burst.catch_up = bool(on)
 
     @property
@@ -219,17 +246,23 @@ class DAQCFSSite(nn.Module):
         if self._mode is SiteMode.PARALLEL:
             return self.parallel.spike_rate
         if self._mode is SiteMode.SEQUENTIAL:
-            return (self.sequential_burst if self.bursts else self.sequential).spike_rate
+            return self._sequential_neuron().spike_rate
         return float("nan")
+
+    def _sequential_neuron(self):
+        if self.coding == "weighted" or not (self.bursts or self.catch_up):
+            return self.sequential
+        return self.sequential_burst
 
     def reset_stats(self) -> None:
         self.parallel.reset_stats()
         self.sequential.reset_stats()
-        self.sequential_burst.reset_stats()
+        if self.coding == "rate":
+            self.sequential_burst.reset_stats()
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, channels={self.num_channels}, T={self._T}, signed={self.signed}, "
-                f"mode={self._mode.value}, max_burst={float(self.burst.max()):g}")
+                f"mode={self._mode.value}, max_burst={float(self.burst.max()):g}, coding={self.coding}")
 
 
 def iter_sites(model: nn.Module) -> Iterator[tuple[str, DAQCFSSite]]:

@@ -8,12 +8,18 @@ Conventions (stated in every report):
   A signed site counts ``|spikes|``; a neuron that fires several spikes in a step counts
   every spike (the site's own spike counter).
 - Every other linear layer (the LM head included) costs ``tokens x in x out`` MACs.
-- Attention matmuls (``QK^T`` and ``PV``) cost MACs by shape, causal: only the
+- Attention matmuls (``QK^T`` and ``PV``) are sized by shape, causal: only the
   ``S(S+1)/2`` query-key pairs a causal kernel needs (plus ``S x P`` with ``P`` cached
-  positions), per batch row and query head, ``head_dim`` MACs each, for each of the two matmuls. Spiking sites inside attention do
-  not make these matmuls cheaper here (a conservative count).
-- Element-wise work (norms, activations, softmax, residual adds, embedding lookups) and
-  memory traffic are not counted.
+  positions), per batch row and query head, ``head_dim`` MACs each, for each of the two
+  matmuls. In the ANN, and in an SNN without a q (or v) site, they cost those MACs. Behind a
+  q site ``QK^T`` is spike-driven: each spike of a query adds its (stored) key element for
+  every key that query may attend, ``|spikes| x allowed keys`` accumulates. Behind a v site
+  ``PV`` is spike-driven: each spike of a value adds its query's (float) probability for
+  every query that may attend that position. The probabilities stay in the rate domain.
+- A weighted spike (``coding='weighted'``: step ``k`` weighs ``2**(T-1-k)``) adds a weight
+  shifted by ``T-1-k`` places: an accumulate plus an integer add on the exponent, 0.9 + 0.1 pJ.
+- Element-wise work (norms, activations, softmax, residual adds, embedding lookups) is not
+  counted. Memory traffic is estimated apart (:func:`memory_traffic`), never in the energy ratio.
 """
 
 from __future__ import annotations
@@ -27,18 +33,22 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from spike_modules import DAQCFSSite, SpikeStats
+from spike_modules import DAQCFSSite, SiteMode, SpikeStats
+from spike_modules.attention import OP_COUNTER
 from spike_modules.layers import SpikeLinear
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
+E_SHIFT_PJ = 0.1  # 32-bit integer add (same 45 nm table): the exponent shift of a weighted spike's weight
 CONVENTION = (
     "ops counted with forward hooks over the whole evaluation text; MAC 4.6 pJ, accumulate (spike x weight) 0.9 pJ "
-    "(45 nm); a linear layer behind a spiking site costs |spikes| x (sum of its readers' out_features) "
-    "accumulates; other linear layers (LM head included) cost tokens x in x out MACs; attention matmuls "
-    "QK^T and PV cost MACs by shape over the causal S(S+1)/2 query-key pairs per head (plus S x P with P cached "
-    "positions); element-wise ops "
-    "(norms, activations, softmax, residual adds) and memory traffic are not counted")
+    "(45 nm); a weighted spike (coding 'weighted') adds a weight shifted by its step's place: an accumulate plus a "
+    "32-bit integer add on the exponent, 0.9 + 0.1 pJ; a linear layer behind a spiking site costs |spikes| x (sum "
+    "of its readers' out_features) accumulates; other linear layers (the LM head without a head site) cost tokens "
+    "x in x out MACs; attention matmuls are sized over the causal S(S+1)/2 query-key pairs per head (plus S x P "
+    "with P cached positions): QK^T behind a q site costs |q spikes| x allowed keys accumulates, PV behind a v site "
+    "|v spikes| x queries allowed to see them, else head_dim MACs per pair; element-wise ops (norms, activations, "
+    "softmax, residual adds) are not counted; memory traffic is estimated apart (memory_traffic), not in the ratio")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -108,6 +118,7 @@ class OpCounts:
     dense_macs: int = 0
     attention_macs: int = 0
     spike_acs: float = 0.0
+    shifted_acs: float = 0.0  # the part of spike_acs made by weighted spikes (each adds a shifted weight)
     spike_driven_macs: int = 0
     per_module: dict[str, dict] = field(default_factory=dict)
     predictions: torch.Tensor | None = None  # top-1 tokens of the last counted forward [B, S]
@@ -119,15 +130,23 @@ class OpCounts:
 
     @property
     def energy_pj(self) -> float:
-        return self.dense_macs * E_MAC_PJ + self.spike_acs * E_AC_PJ
+        return self.dense_macs * E_MAC_PJ + self.spike_acs * E_AC_PJ + self.shifted_acs * E_SHIFT_PJ
+
+    def add_acs(self, path: str, acs: float, weighted: bool) -> None:
+        self.spike_acs += acs
+        self.per_module[path]["acs"] += acs
+        if weighted:
+            self.shifted_acs += acs
+            self.per_module[path]["shifted_acs"] = self.per_module[path].get("shifted_acs", 0.0) + acs
 
     def per_group(self) -> dict[str, dict]:
         """Per-module counts summed over layers (``model.layers.*.mlp.down_proj``)."""
         out: dict[str, dict] = {}
         for path, d in self.per_module.items():
-            g = out.setdefault(group_name(path), {"kind": d["kind"], "macs": 0, "acs": 0.0, "mac_equivalent": 0})
-            for k in ("macs", "acs", "mac_equivalent"):
-                g[k] += d[k]
+            g = out.setdefault(group_name(path), {"kind": d["kind"], "macs": 0, "acs": 0.0, "shifted_acs": 0.0,
+                                                  "mac_equivalent": 0})
+            for k in ("macs", "acs", "shifted_acs", "mac_equivalent"):
+                g[k] += d.get(k, 0)
         return out
 
 
@@ -160,6 +179,7 @@ def counting(model: nn.Module, causal: bool = True) -> Iterator[OpCounts]:
     heads, head_dim = _attention_dims(model.config)
     counts = OpCounts(tokens=0)
     seen_tokens: dict[str, int] = {}
+    attention_paths = {id(m): p for p, m in model.named_modules() if any(m is a for a in attentions)}
 
     def linear_hook(path, width):
         def hook(module, args, output):
@@ -173,7 +193,18 @@ def counting(model: nn.Module, causal: bool = True) -> Iterator[OpCounts]:
         # with a KV cache, each of the S new queries also meets the P cached keys
         P = cache.get_seq_length(module.layer_idx) if cache is not None else 0
         pairs = S * P + S * (S + 1) // 2 if causal else S * S
-        counts.attention_macs += 2 * B * heads * head_dim * pairs
+        macs = B * heads * head_dim * pairs  # per matmul
+        path = attention_paths[id(module)]
+        for op, site in (("qk", getattr(module, "q_site", None)), ("pv", getattr(module, "v_site", None))):
+            entry = counts.per_module.setdefault(f"{path}.{op}", {"kind": "dense", "macs": 0, "acs": 0.0,
+                                                                  "mac_equivalent": 0})
+            entry["mac_equivalent"] += macs
+            if site is not None and site.mode is SiteMode.PARALLEL:
+                entry["kind"] = "spike"
+                counts.spike_driven_macs += macs
+            else:
+                entry["macs"] += macs
+                counts.attention_macs += macs
 
     def model_hook(module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -183,12 +214,17 @@ def counting(model: nn.Module, causal: bool = True) -> Iterator[OpCounts]:
     handles = [model.register_forward_hook(model_hook, with_kwargs=True)]
     handles += [model.get_submodule(p).register_forward_hook(linear_hook(p, shape[0])) for p, shape in shapes.items()]
     handles += [m.register_forward_pre_hook(attention_hook, with_kwargs=True) for m in attentions]
+    for m in attentions:  # spike_modules.attention adds the accumulates of spike-driven QK^T and PV
+        m.__dict__[OP_COUNTER] = lambda op, acs, weighted, m=m: counts.add_acs(
+            f"{attention_paths[id(m)]}.{op}", acs, weighted)
     before = {k: site_spikes(s) for k, s in sites.items()}
     try:
         yield counts
     finally:
         for h in handles:
             h.remove()
+        for m in attentions:
+            m.__dict__.pop(OP_COUNTER, None)
     spikes = {k: site_spikes(s) - before[k] for k, s in sites.items()}
     for path, tokens in seen_tokens.items():
         i, o = shapes[path]
@@ -203,9 +239,7 @@ def counting(model: nn.Module, causal: bool = True) -> Iterator[OpCounts]:
     for key, paths in readers.items():
         for p in paths:
             if p in counts.per_module:  # a reader that ran: its weights were read for every spike
-                acs = spikes[key] * shapes[p][1]
-                counts.per_module[p]["acs"] = acs
-                counts.spike_acs += acs
+                counts.add_acs(p, spikes[key] * shapes[p][1], sites[key].coding == "weighted")
     counts.dense_macs += counts.attention_macs
 
 
@@ -223,8 +257,36 @@ def count_ops(model: nn.Module, input_ids: torch.Tensor) -> OpCounts:
     return counts
 
 
-def energy_summary(ann: OpCounts, snn: OpCounts) -> dict:
-    """The report's energy section: coverage, energy ratio and the counts behind them."""
+def _group_table(model: nn.Module | None, counts: OpCounts) -> dict[str, dict]:
+    """Per layer group: counts summed over layers, share of the SNN's energy and, where a site
+    drives the group, its coding and spikes per neuron per token."""
+    groups = counts.per_group()
+    total = counts.energy_pj or float("nan")
+    for g in groups.values():
+        g["energy_share"] = (g["macs"] * E_MAC_PJ + g["acs"] * E_AC_PJ + g["shifted_acs"] * E_SHIFT_PJ) / total
+    if model is None:
+        return groups
+    for path, m in model.named_modules():
+        if isinstance(m, SpikeLinear) and hasattr(m, "site"):
+            g = groups.get(group_name(f"{path}.linear"))
+            site = m.site
+            if g is None or site.parallel.neuron_steps_total == 0:
+                continue
+            g.setdefault("_spk", [0.0, 0])
+            g["_spk"][0] += site.parallel.spikes_total
+            g["_spk"][1] += site.parallel.neuron_steps_total // site.T
+            g["coding"] = site.coding
+    for g in groups.values():
+        spk = g.pop("_spk", None)
+        if spk:
+            g["spikes_per_neuron_per_token"] = spk[0] / spk[1]
+    return groups
+
+
+def energy_summary(ann: OpCounts, snn: OpCounts, model: nn.Module | None = None) -> dict:
+    """The report's energy section: coverage, energy ratio and the counts behind them (per layer
+    group with its coding, spikes per neuron per token and share of the SNN's energy when the
+    converted ``model`` is given)."""
     e_ann, e_snn = ann.energy_pj, snn.energy_pj
     ann_macs = ann.total_macs_equivalent
     return {
@@ -232,16 +294,18 @@ def energy_summary(ann: OpCounts, snn: OpCounts) -> dict:
         "memory_traffic_counted": False,
         "pj_per_mac": E_MAC_PJ,
         "pj_per_ac": E_AC_PJ,
+        "pj_per_weighted_spike_shift": E_SHIFT_PJ,
         "tokens": snn.tokens,
         "ann_macs": ann_macs,
         "snn_dense_macs": snn.dense_macs,
         "snn_attention_macs": snn.attention_macs,
         "snn_spike_acs": snn.spike_acs,
+        "snn_shifted_acs": snn.shifted_acs,
         "snn_spike_driven_macs": snn.spike_driven_macs,
         "coverage": snn.spike_driven_macs / ann_macs if ann_macs else 0.0,
         "ann_energy_uj_per_token": e_ann / ann.tokens * 1e-6,
         "snn_energy_uj_per_token": e_snn / snn.tokens * 1e-6,
         "energy_ratio": e_snn / e_ann if e_ann else float("nan"),
         "op_counts_consistent": ann_macs == snn.total_macs_equivalent,
-        "per_group": snn.per_group(),
+        "per_group": _group_table(model, snn),
     }

@@ -27,13 +27,15 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from spike_modules.quantizer import check_max_burst, max_exact_burst
+from spike_modules.quantizer import CODINGS, check_max_burst, coding_levels, max_exact_burst
 from stac_assets import EMBEDDED_LM, is_embedded_lm
 
 CHITCHAT = "chitchat"  # --calib_text keyword: the embedded chit-chat data in the chat template (stac_lm.texts)
 CHAT_PERCENTILE = 85.0  # full mode's default threshold percentile with --calib_text chitchat (see [1] above)
 
 MAX_CLI_TIMESTEPS = 512
+DEFAULT_CODING = {"full": "rate", "simplified": "rate"}
+DEFAULT_TIMESTEPS = {"rate": 16, "weighted": 6}  # weighted: 2**6 - 1 = 63 levels per sign
 DEVICES = ("auto", "cpu", "cuda")
 THRESHOLD_RULES = ("max", "percentile", "mse")
 QUANT_BACKENDS = ("own", "bnb", "torchao", "none")
@@ -77,7 +79,9 @@ class ConvertOptions:
 
     model_name: str = "embedded"
     simplified: bool = False
-    timesteps: int = 16
+    timesteps: int | None = None
+    coding: str | None = None
+    spike_head: bool | None = None
     output_dir: str | None = None
     overwrite: bool = False
     device: str = "auto"
@@ -103,7 +107,17 @@ class ConvertOptions:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: resolve defaults once)
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             raise ValueError("model_name must be a non-empty string (a hub name, a local folder, or 'embedded')")
+        if self.coding is None:
+            set_("coding", DEFAULT_CODING[self.mode])
+        _check_choice("coding", self.coding, CODINGS)
+        if self.timesteps is None:
+            set_("timesteps", DEFAULT_TIMESTEPS[self.coding])
         _check_int("timesteps", self.timesteps, 1, MAX_CLI_TIMESTEPS)
+        coding_levels(self.timesteps, self.coding)  # weighted coding takes at most 16 steps
+        if self.spike_head is None:
+            set_("spike_head", full)
+        if not isinstance(self.spike_head, bool):
+            raise ValueError(f"spike_head must be true or false, got {self.spike_head!r}")
         _check_choice("device", self.device, DEVICES)
         if self.threshold_rule is None:
             set_("threshold_rule", "percentile")
@@ -113,8 +127,8 @@ class ConvertOptions:
             # simplified: few clipped values
             set_("percentile", (CHAT_PERCENTILE if self.calib_text == CHITCHAT else 95.0) if full else 99.9)
         if self.max_burst is None:
-            set_("max_burst", max_exact_burst(self.timesteps) if full else 1)
-        check_max_burst(self.max_burst, self.timesteps)
+            set_("max_burst", max_exact_burst(self.timesteps, self.coding) if full else 1)
+        check_max_burst(self.max_burst, self.timesteps, self.coding)
         if self.burst_budget is None and full:
             set_("burst_budget", min(64, self.max_burst))
         if self.burst_budget is not None:

@@ -182,7 +182,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         seq = min(CALIB_SEQ, opts.calib_tokens, positions or CALIB_SEQ)
         batches = calibration_batches(calib.ids, seq)
     with step("convert", spinner=True):
-        cfg = integration.conversion_config(opts.timesteps, opts.activation, opts.simplified)
+        cfg = integration.conversion_config(opts.timesteps, opts.activation, opts.simplified, opts.coding,
+                                            opts.spike_head)
         snn = integration.convert(ann, cfg)
         ann, snn = place(ann, device), place(snn, device)
     dev = input_device(snn)
@@ -196,7 +197,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
         ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
                                  max_burst=opts.max_burst, burst_budget=opts.burst_budget,
-                                 seed=opts.seed, fit_affine=not opts.simplified)
+                                 seed=opts.seed, fit_affine=not opts.simplified, coding=opts.coding)
         calibration = calibrate(snn, batches, ccfg, model_id=source["model_id"], progress=progress)
         calibration.apply_to(snn)
         set_mode(snn, "parallel")

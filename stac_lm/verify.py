@@ -261,7 +261,7 @@ def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *,
         report["ppl_relu_ann"] = relu["ppl"]["relu_ann"]
         report["note"] = RELU_NOTE
 
-    energy = energy_summary(ann_counts, snn_counts)
+    energy = energy_summary(ann_counts, snn_counts, snn)
     report.update(energy=energy, coverage=energy["coverage"], energy_ratio=energy["energy_ratio"])
     checks.append(_check("op counts consistent", energy["op_counts_consistent"],
                          f"ANN MACs {energy['ann_macs']:,} vs SNN dense + spike-driven "

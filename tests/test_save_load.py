@@ -18,7 +18,8 @@ from stac_lm.saving import load_snn, save_snn
 
 # full mode with own int8; simplified; simplified with a short distillation fine-tune
 RUNS = {"llama": {"simplified": False}, "gpt2": {"simplified": True},
-        "llama_ft": {"simplified": True, "finetune_steps": 2, "surrogate_function": "ATan"}}
+        "llama_ft": {"simplified": True, "finetune_steps": 2, "surrogate_function": "ATan"},
+        "llama_weighted": {"simplified": False, "coding": "weighted", "timesteps": 5}}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def converted(tmp_path_factory):
     for arch, kw in RUNS.items():
         base = tmp_path_factory.mktemp(arch)
         opts = ConvertOptions(model_name=str(save_tiny(base / "model", arch.split("_")[0])), output_dir=str(base / "snn"),
-                              calib_tokens=256, eval_tokens=512, verify=False, timesteps=8, **kw)
+                              calib_tokens=256, eval_tokens=512, verify=False, **{"timesteps": 8, **kw})
         out[arch] = run(opts, progress=False)
     return out
 
@@ -46,7 +47,8 @@ def test_load_snn_rebuilds_identical_logits(converted, arch):
     assert torch.equal(logits(out.snn, ids), logits(model, ids))
     assert {s.mode.value for _, s in iter_sites(model)} == {"parallel"} and not model.training
     assert tok(" To be, or not to be").input_ids == out.tokenizer(" To be, or not to be").input_ids
-    assert config["timesteps"] == 8 and config["mode"] == out.options.mode
+    assert config["timesteps"] == out.options.timesteps and config["mode"] == out.options.mode
+    assert {s.coding for _, s in iter_sites(model)} == {out.options.coding}
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings()
     head_weight = head.linear.weight if hasattr(head, "linear") else head.weight
     assert head_weight.data_ptr() == emb.data_ptr(), "the tied head must stay tied after loading"

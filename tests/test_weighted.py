@@ -1,0 +1,110 @@
+"""Weighted (phase-coded) spikes: the sequential neuron, its closed form, the site, the spike cost."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from spikingjelly.activation_based import functional
+
+from spike_modules import DAQCFSSite, ParaInfNeuron
+from spike_modules.neurons import WeightedIFNeuron, weighted_train
+from spike_modules.quantizer import coding_levels, max_exact_burst, weighted_spikes
+
+
+def test_levels_per_coding():
+    assert coding_levels(8, "rate") == 8 and coding_levels(8, "weighted") == 255
+    assert max_exact_burst(8, "weighted") == 2**24 // 255
+    with pytest.raises(ValueError, match="weighted coding takes T"):
+        coding_levels(17, "weighted")
+    with pytest.raises(ValueError, match="coding must be one of"):
+        coding_levels(8, "phase")
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 12])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("burst", [1.0, 3.0])
+def test_sequential_equals_closed_form_on_constant_input(T, signed, burst):
+    """Fed x for T steps, the neuron's digits sum (weighted) to the parallel neuron's count, exactly,
+    and it fires exactly the spikes the closed-form cost says."""
+    torch.manual_seed(T)
+    L = 2**T - 1
+    # dyadic inputs and power-of-two thresholds: no float rounding anywhere (the time-mean of T
+    # equal values and u * L are exact), so any difference is a wrong neuron, not a rounding tie
+    th = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    x = (torch.randint(-6 * 256, 6 * 256, (256, 4)).float() / 256) * th
+    seq = WeightedIFNeuron(T, th, signed=signed, burst=burst)
+    par = ParaInfNeuron(T, th, signed=signed, burst=burst, coding="weighted")
+    train = seq(x.expand(T, *x.shape))
+    c = par.counts(x)
+    assert torch.allclose(train.mean(0), c * (th / L), rtol=1e-6, atol=0)
+    lo = -burst * L if signed else 0.0
+    assert c.min() >= lo and c.max() <= burst * L
+    assert seq.spikes_total == float(weighted_spikes(c, T, burst).sum())
+    # and the parallel neuron's spike train is the sequential one
+    assert torch.allclose(par.spike_train(x), train, rtol=0, atol=1e-6)
+    functional.reset_net(seq)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 2**12 - 1))
+def test_unit_burst_cost_is_the_number_of_ones(n):
+    assert float(weighted_spikes(torch.tensor([float(n), -float(n)]), 12).max()) == bin(n).count("1")
+
+
+def test_bursts_carry_values_beyond_the_levels():
+    # T=3 (L=7), B=4: 20 = 4*4 + 2*... greedy: step weight 4 takes min(4, 5)=4 -> 16, then 2 -> 18, then... 20-18=2
+    c = torch.tensor([20.0])
+    train = weighted_train(c, 3, 4.0)
+    assert float((train * 7 / 3).sum()) == 20.0
+    assert float(weighted_spikes(c, 3, 4.0)) == 4 + 2 + 0  # 4 spikes of 4, 2 spikes of 2
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_weighted_site_parallel_equals_sequential_and_counts_cheap_spikes(signed):
+    torch.manual_seed(0)
+    site = DAQCFSSite(16, T=6, signed=signed, mode="parallel", coding="weighted")
+    site.set_params(theta=torch.rand(16) + 0.5, psi=0.01, phi=1.02)
+    x = torch.randn(10, 16)
+    y = site(x)
+    rate_site = DAQCFSSite(16, T=63, signed=signed, mode="parallel")
+    rate_site.set_params(theta=site.theta, psi=0.01, phi=1.02)
+    assert torch.equal(y, rate_site(x)), "63 weighted levels quantise as 63 rate steps"
+    assert site.parallel.spikes_total < 0.5 * rate_site.parallel.spikes_total
+    site.mode = "sequential"
+    seq = site(x.expand(6, *x.shape))
+    assert torch.allclose(seq.mean(0), y, atol=1e-6)
+    assert site.sequential.spikes_total == site.parallel.spikes_total
+
+
+def test_weighted_site_refuses_catch_up():
+    site = DAQCFSSite(4, T=4, coding="weighted")
+    with pytest.raises(ValueError, match="catch-up applies to rate coding only"):
+        site.catch_up = True
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_weighted_network_time_stepped_simulation_equals_parallel_mode(arch):
+    """Every weighted neuron integrates its whole input window before it fires, and every rate-domain
+    op's window sum is f of its mean input, so the time-stepped network computes parallel mode's
+    logits (to float rounding), where rate-coded sites only approach them."""
+    from tiny_models import VOCAB, tiny_model
+
+    from calibration import CalibrationConfig, calibrate
+    from smollm2_converter import ConversionConfig, convert, run_sequential
+    from spike_modules import set_mode
+
+    torch.manual_seed(0)
+    ann = tiny_model(arch, VOCAB)
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    snn = convert(ann, ConversionConfig(T=5, coding="weighted", spike_head=True))
+    calibrate(snn, [ids], CalibrationConfig(T=5, coding="weighted", rule="percentile", percentile=99.0,
+                                            max_burst=8, fit_affine=False), progress=False).apply_to(snn)
+    set_mode(snn, "parallel")
+    with torch.no_grad():
+        par = snn(ids).logits
+        ann_logits = ann(ids).logits
+    seq = run_sequential(snn, ids)
+    rel = float((seq - par).norm() / par.norm())
+    assert rel < 1e-5, rel
+    # and it is a spiking network: the logits are not the ANN's
+    assert float((par - ann_logits).norm() / ann_logits.norm()) > 1e-3
