@@ -14,7 +14,7 @@ from spikingjelly.activation_based.neuron import IFNode, STBIFNode
 from spikingjelly.activation_based.neuron.base_node import SimpleBaseNode
 
 from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
-                        coding_levels, decode, spike_count, weighted_spikes)
+                        coding_levels, decode, signed_digits, spike_count, weighted_spikes)
 
 
 PENDING_LIMIT = 1 << 16  # counts a parallel neuron keeps before reducing them to its statistics
@@ -302,19 +302,12 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
 
 
 def weighted_train(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """The spike train ``[T, ...]`` that sums to ``counts`` in weighted coding, as multiples of one
-    level each: step ``k`` carries ``S[k] * 2**(T-1-k) * T / L`` so that the mean over the T steps
-    is ``counts / L`` (the decoded value over ``theta``), as a rate-coded train's mean is."""
+    """The spike train ``[T, ...]`` of ``counts`` in weighted coding, as multiples of one level each:
+    step ``k`` carries ``S[k] * 2**(T-1-k) * T / L`` (``S`` the :func:`signed_digits`), so that the
+    mean over the T steps is ``counts / L`` (the decoded value over ``theta``), as a rate-coded
+    train's mean is."""
     L = coding_levels(T, "weighted")
-    r, sign = counts.abs(), torch.sign(counts)
-    b = torch.as_tensor(burst, dtype=r.dtype, device=r.device)
-    steps = []
-    for k in range(T):
-        w = float(2 ** (T - 1 - k))
-        s = torch.minimum(torch.floor(r / w), b)
-        r = r - s * w
-        steps.append(sign * s * (w * T / L))
-    return torch.stack(steps)
+    return torch.stack([d * (2.0 ** (T - 1 - k) * T / L) for k, d in enumerate(signed_digits(counts, T, burst))])
 
 
 class BurstIFNeuron(SimpleBaseNode, SpikeStats):
@@ -395,25 +388,28 @@ class BurstIFNeuron(SimpleBaseNode, SpikeStats):
 
 
 class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
-    r"""Phase-coded (weighted-spike) integrate-and-fire neuron, multi-step, on SpikingJelly's ``SimpleBaseNode``.
+    r"""Phase-coded (weighted-spike) integrate-and-fire neuron with signed spikes, multi-step, on
+    SpikingJelly's ``SimpleBaseNode``.
 
     A spike at step :math:`k` of the window weighs :math:`w_k = 2^{T-1-k}` levels, so T steps
-    reach :math:`L = 2^T - 1` levels per sign where rate coding reaches T, and a level ``n``
-    costs as many spikes as ``n`` has ones in binary, not ``n``.
+    reach :math:`L = 2^T - 1` levels per sign where rate coding reaches T, and a level costs
+    the nonzero digits of a signed-digit form (about a third of its binary digits), not one
+    spike per level.
 
     Update (normalised membrane :math:`q`, one level = 1; per-channel burst cap :math:`B`):
         charge, over the whole input window (a phase-coded neuron fires after its input
         window, so each spiking layer adds one window of latency):
-        :math:`q = L \cdot rac{1}{T}\sum_t X[t]/	heta + init\_mem`;
-        fire, :math:`k = 0 .. T-1`:
-        :math:`S[k] = \min(B, \lfloor q / w_k floor)` if :math:`q \ge w_k`;
-        :math:`S[k] = -\min(B, \lfloor \lceil -q ceil / w_k floor)` if signed and :math:`\lceil -q ceil \ge w_k`;
-        else 0; then :math:`q \leftarrow q - w_k S[k]`.
-        Output :math:`	heta\, S[k]\, w_k T / L`, whose mean over the window is :math:`	heta n / L`.
+        :math:`q = L \cdot \frac{1}{T}\sum_t X[t]/\theta + init\_mem`, :math:`r = \lfloor q \rfloor`
+        (:math:`\max(r, 0)` for an unsigned neuron);
+        fire, :math:`k = 0 .. T-1`: :math:`n_k = \lceil (|r| - B (w_k - 1)) / w_k \rceil`;
+        :math:`|S[k]| = \min(B, n_k)` if :math:`n_k > 0`, else 1 if :math:`|r| > \lfloor 2 w_k / 3 \rfloor`,
+        else 0; :math:`S[k]` takes the sign of :math:`r`; :math:`r \leftarrow r - w_k S[k]`.
+        Output :math:`\theta\, S[k]\, w_k T / L`, whose mean over the window is :math:`\theta n / L`.
 
-    The digits sum to :math:`n = \mathrm{clamp}(\lfloor q floor, lo\cdot B L, B L)` (``lo`` = -1 if
-    signed, else 0), the count of :class:`ParaInfNeuron` with ``coding='weighted'``: every
-    subtraction of a power of two below :math:`2^{24}` is exact in float32. Inference only.
+    The digits sum to :math:`n = \mathrm{clamp}(\lfloor q \rfloor, lo\cdot B L, B L)` (``lo`` = -1 if
+    signed, else 0), the count of :class:`ParaInfNeuron` with ``coding='weighted'``, and
+    :func:`~spike_modules.quantizer.signed_digits` gives the same digits in closed form.
+    An unsigned neuron's total stays >= 0, though single digits may be negative. Inference only.
     """
 
     def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5, signed: bool = False,
@@ -433,18 +429,13 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
 
     def multi_step_forward(self, u_seq: torch.Tensor) -> torch.Tensor:
         """Signed digits ``[T, ...]`` (spikes per step, before weighting) of the normalised input ``u_seq``."""
-        q = u_seq.mean(0) * self.levels + self.init_mem
-        b = self._b
-        digits = []
-        for k in range(self.T):
-            w = float(2 ** (self.T - 1 - k))
-            s = torch.minimum(torch.floor(q / w), b).clamp_(min=0)
-            if self.signed:
-                s = s - torch.minimum(torch.floor(torch.ceil(-q) / w), b).clamp_(min=0)
-            q = q - s * w
-            digits.append(s)
-        self.v = q
-        return torch.stack(digits)
+        r = torch.floor(u_seq.mean(0) * self.levels + self.init_mem)
+        if not self.signed:
+            r = r.clamp(min=0)
+        digits = torch.stack(signed_digits(r, self.T, self._b))
+        self.v = r - (digits * torch.tensor([2.0 ** (self.T - 1 - k) for k in range(self.T)], dtype=r.dtype,
+                                            device=r.device).view(-1, *([1] * r.dim()))).sum(0)
+        return digits
 
     def forward(self, x_seq: torch.Tensor, th: torch.Tensor | None = None,
                 burst: torch.Tensor | None = None) -> torch.Tensor:

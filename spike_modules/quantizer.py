@@ -64,19 +64,34 @@ def check_max_burst(max_burst: int, T: int, coding: str = "rate") -> int:
     return max_burst
 
 
-def weighted_spikes(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Spikes a weighted neuron fires for each count (its sign ignored): the greedy digits,
-    most significant first, up to ``burst`` spikes a step (:class:`~spike_modules.neurons.WeightedIFNeuron`).
-    With ``burst`` 1 this is the number of ones in the count's binary form."""
-    r = counts.detach().abs().float()
-    total = torch.zeros_like(r)
+def signed_digits(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> list[torch.Tensor]:
+    """The digits ``S[k]`` (``k = 0..T-1``, weight ``2**(T-1-k)``, each in ``[-B, B]``) a weighted
+    neuron fires for whole-number ``counts``, most significant first; ``sum_k S[k] 2**(T-1-k)``
+    is the count clamped to ``[-B L, B L]`` (``L = 2**T - 1``).
+
+    Rule at weight ``w`` for the remainder ``r``: take as many spikes as the lower digits cannot
+    carry (``ceil((|r| - B (w-1)) / w)``, at most ``B``), else one spike if ``|r| > floor(2w/3)``,
+    else none; the sign is ``r``'s. With ``B = 1`` this gives a signed-digit form with the fewest
+    nonzero digits that T digits allow (checked against an exhaustive search for every count up
+    to T = 12): about a third of the binary digits are spikes, against a half for plain binary.
+    """
+    r = counts.detach().float()
     b = torch.as_tensor(burst, dtype=r.dtype, device=r.device)
+    digits = []
     for k in range(T):
         w = float(2 ** (T - 1 - k))
-        s = torch.minimum(torch.floor(r / w), b)
-        total += s
-        r -= s * w
-    return total
+        a = r.abs()
+        need = torch.ceil((a - b * (w - 1)) / w).clamp_(min=0)
+        d = torch.where(need > 0, need, (a > (2 * w) // 3).to(r.dtype))
+        d = torch.minimum(d, b) * torch.sign(r)
+        r = r - d * w
+        digits.append(d)
+    return digits
+
+
+def weighted_spikes(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Spikes a weighted neuron fires for each count: the magnitudes of its :func:`signed_digits`."""
+    return torch.stack(signed_digits(counts, T, burst)).abs().sum(0)
 
 
 def check_timesteps(T: int) -> int:

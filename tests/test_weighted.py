@@ -1,14 +1,14 @@
 """Weighted (phase-coded) spikes: the sequential neuron, its closed form, the site, the spike cost."""
 
+import functools
+
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from spikingjelly.activation_based import functional
 
 from spike_modules import DAQCFSSite, ParaInfNeuron
 from spike_modules.neurons import WeightedIFNeuron, weighted_train
-from spike_modules.quantizer import coding_levels, max_exact_burst, weighted_spikes
+from spike_modules.quantizer import coding_levels, max_exact_burst, signed_digits, weighted_spikes
 
 
 def test_levels_per_coding():
@@ -45,18 +45,38 @@ def test_sequential_equals_closed_form_on_constant_input(T, signed, burst):
     functional.reset_net(seq)
 
 
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(0, 2**12 - 1))
-def test_unit_burst_cost_is_the_number_of_ones(n):
-    assert float(weighted_spikes(torch.tensor([float(n), -float(n)]), 12).max()) == bin(n).count("1")
+@functools.lru_cache(maxsize=None)
+def fewest_digits(n: int, k: int) -> int:
+    """Exhaustive search: the fewest nonzero digits in {-1, 0, 1} at weights 2**(k-1) .. 1 summing to n."""
+    if k == 0:
+        return 0 if n == 0 else 10**6
+    w = 2 ** (k - 1)
+    if abs(n) > 2 * w - 1:
+        return 10**6
+    return min(fewest_digits(n - d * w, k - 1) + (d != 0) for d in (-1, 0, 1))
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8, 10])
+def test_unit_burst_digits_are_the_fewest_signed_digits(T):
+    L = 2**T - 1
+    n = torch.arange(-L, L + 1, dtype=torch.float32)
+    digits = torch.stack(signed_digits(n, T))
+    weights = torch.tensor([2.0 ** (T - 1 - k) for k in range(T)])[:, None]
+    assert torch.equal((digits * weights).sum(0), n)
+    assert weighted_spikes(n, T).tolist() == [fewest_digits(int(v), T) for v in n.tolist()]
+    # and fewer than plain binary: 7 = 8 - 1 is two spikes, not three
+    if T >= 4:
+        assert float(weighted_spikes(torch.tensor([7.0]), T)) == 2
 
 
 def test_bursts_carry_values_beyond_the_levels():
-    # T=3 (L=7), B=4: 20 = 4*4 + 2*... greedy: step weight 4 takes min(4, 5)=4 -> 16, then 2 -> 18, then... 20-18=2
-    c = torch.tensor([20.0])
+    # T=3 (L=7), B=4: 20 is out of reach of one spike per step; the digits sum to it, at most 4 a step
+    c = torch.tensor([20.0, -20.0, 29.0])
+    digits = torch.stack(signed_digits(c, 3, 4.0))
+    assert torch.equal((digits * torch.tensor([4.0, 2.0, 1.0])[:, None]).sum(0), torch.tensor([20.0, -20.0, 28.0]))
+    assert float(digits.abs().max()) <= 4
     train = weighted_train(c, 3, 4.0)
-    assert float((train * 7 / 3).sum()) == 20.0
-    assert float(weighted_spikes(c, 3, 4.0)) == 4 + 2 + 0  # 4 spikes of 4, 2 spikes of 2
+    assert torch.allclose(train.mean(0) * 7, torch.tensor([20.0, -20.0, 28.0]))
 
 
 @pytest.mark.parametrize("signed", [False, True])
