@@ -18,7 +18,7 @@ from tiny_models import FAMILIES, save_tiny, tiny_config, tiny_model
 
 import run_conversion
 from calibration import CalibrationConfig, calibrate
-from smollm2_converter import ConversionConfig, convert
+from smollm2_converter import ConversionConfig, convert, run_sequential
 from spike_modules import iter_sites, set_mode, set_timesteps
 from spike_modules.adapters import ADAPTERS, check_supported, register
 from spike_modules.adapters.decoder import llama_like
@@ -162,6 +162,22 @@ def test_energy_op_counts_are_consistent(arch):
     assert snn_counts.spike_acs > 0 and snn_counts.tokens == ann_counts.tokens
     summary = energy_summary(ann_counts, snn_counts)
     assert summary["op_counts_consistent"] and 0 < summary["coverage"] <= 1
+
+
+def test_final_logit_softcap_acts_on_the_time_mean_in_the_simulation():
+    """Gemma 2 caps its logits with tanh: in the time-stepped simulation that nonlinearity acts on
+    the time-mean of the head's outputs (as every rate-domain op does), not on each step's part."""
+    snn = calibrated("gemma2")[1]
+    cap, x = snn.config.final_logit_softcapping, ids(2, 12)
+    capped = run_sequential(snn, x, T=8)
+    assert snn.config.final_logit_softcapping == cap  # restored
+    snn.config.final_logit_softcapping = None
+    try:
+        plain = run_sequential(snn, x, T=8)
+    finally:
+        snn.config.final_logit_softcapping = cap
+    torch.testing.assert_close(capped, torch.tanh(plain / cap) * cap)
+    assert rel(capped, plain) > 1e-3
 
 
 # (family, config change that switches one of its features off): each must change the ANN's output
