@@ -89,9 +89,31 @@ def signed_digits(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.
     return digits
 
 
+_DIGIT_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _digit_table(T: int, device: torch.device) -> torch.Tensor:
+    """Spikes of every count ``0..L`` (one spike per step at most), for lookups."""
+    key = (T, str(device))
+    if key not in _DIGIT_TABLES:
+        n = torch.arange(0, 2**T, dtype=torch.float32)
+        _DIGIT_TABLES[key] = torch.stack(signed_digits(n, T)).abs().sum(0).to(device)
+    return _DIGIT_TABLES[key]
+
+
 def weighted_spikes(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Spikes a weighted neuron fires for each count: the magnitudes of its :func:`signed_digits`."""
-    return torch.stack(signed_digits(counts, T, burst)).abs().sum(0)
+    """Spikes a weighted neuron fires for each count: the magnitudes of its :func:`signed_digits`.
+
+    Counts within ``L`` (all but the rare bursts) are looked up in a table of the ``L + 1`` counts;
+    the digits of larger ones are computed."""
+    a = counts.detach().abs().float()
+    L = 2**T - 1
+    spikes = _digit_table(T, a.device)[a.clamp(max=L).long()]
+    big = a > L
+    if bool(big.any()):
+        b = torch.as_tensor(burst, dtype=a.dtype, device=a.device).expand_as(a)[big]
+        spikes[big] = torch.stack(signed_digits(a[big], T, b)).abs().sum(0)
+    return spikes
 
 
 def check_timesteps(T: int) -> int:

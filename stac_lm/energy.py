@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from spike_modules import DAQCFSSite, SiteMode, SpikeStats
+from spike_modules import DAQCFSSite, SiteMode, SpikeStats, iter_sites
 from spike_modules.attention import OP_COUNTER
 from spike_modules.layers import SpikeLinear
 
@@ -309,3 +309,70 @@ def energy_summary(ann: OpCounts, snn: OpCounts, model: nn.Module | None = None)
         "op_counts_consistent": ann_macs == snn.total_macs_equivalent,
         "per_group": _group_table(model, snn),
     }
+
+
+MEMORY_ASSUMPTIONS = (
+    "bytes moved per token when decoding one token at a time (batch 1, no weight reuse across tokens): a dense "
+    "layer reads all its weights; an event-driven layer reads the weight row of each input channel that fired at "
+    "least once in the token's T steps (rows read once per token, the steps of one token back to back); weights at "
+    "their stored width (int8 1 byte plus a float32 scale per output row, float32 4 bytes); the KV cache (float32 k "
+    "and v of the mean earlier context) is read by both; each spiking neuron reads and writes its float32 membrane "
+    "once per step; each spike is a 4-byte address event written once and read once; activations between layers "
+    "and on-chip buffering are not modelled")
+
+
+def _weight_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes as stored, bytes at int8 with a float32 scale per row) of a linear-like layer's weight."""
+    i, o = linear_shape(module)
+    w8 = getattr(module, "weight_int8", None)
+    stored = i * o + 4 * o if w8 is not None else i * o * module.weight.element_size()
+    return stored, i * o + 4 * o
+
+
+def memory_traffic(ann: nn.Module, snn: nn.Module, snn_counts: OpCounts, mean_context: float) -> dict:
+    """Estimated bytes moved per token by ``ann`` and ``snn`` (assumptions in :data:`MEMORY_ASSUMPTIONS`),
+    from the statistics of the pass just counted in ``snn_counts`` (spikes, active channel shares)."""
+    def is_linear(m: nn.Module) -> bool:
+        return linear_shape(m) is not None and (hasattr(m, "weight") or hasattr(m, "weight_int8"))
+
+    def dense_bytes(model):
+        stored = int8 = 0
+        for m in model.modules():
+            if is_linear(m):
+                s, q = _weight_bytes(m)
+                stored, int8 = stored + s, int8 + q
+        return stored, int8
+
+    ann_stored, ann_int8 = dense_bytes(ann)
+    snn_weights = 0.0
+    neurons = steps = spikes = 0.0
+    behind_site = set()
+    for path, m in snn.named_modules():
+        if isinstance(m, SpikeLinear):
+            site = m._shared.site
+            s, _ = _weight_bytes(m.linear)
+            share = site.parallel.active_share
+            snn_weights += (share if share == share else 1.0) * s
+            behind_site.add(id(m.linear))
+    for m in snn.modules():
+        if id(m) not in behind_site and is_linear(m):
+            snn_weights += _weight_bytes(m)[0]
+    for _, site in iter_sites(snn):
+        n = site.parallel.neuron_steps_total
+        neurons, steps = neurons + n / site.T, steps + n
+        spikes += site.parallel.spikes_total
+    tokens = max(snn_counts.tokens, 1)
+    cfg = snn.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    _, head_dim = _attention_dims(cfg)
+    kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4 * mean_context
+    membrane = 8 * steps / tokens
+    events = 8 * spikes / tokens
+    snn_total = snn_weights + kv + membrane + events
+    return {"assumptions": MEMORY_ASSUMPTIONS, "mean_context": mean_context,
+            "ann_bytes_per_token": {"weights": ann_stored, "kv_cache": kv, "total": ann_stored + kv},
+            "ann_int8_bytes_per_token": {"weights": ann_int8, "kv_cache": kv, "total": ann_int8 + kv},
+            "snn_bytes_per_token": {"weights": snn_weights, "kv_cache": kv, "membranes": membrane,
+                                    "spike_events": events, "total": snn_total},
+            "snn_over_ann": snn_total / (ann_stored + kv), "snn_over_ann_int8": snn_total / (ann_int8 + kv)}
+

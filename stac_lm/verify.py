@@ -27,7 +27,7 @@ from spike_modules import iter_sites, set_mode, set_timesteps
 from stac_eval import evaluate_lm
 
 from . import gates, integration
-from .energy import counting, energy_summary, group_name, site_neurons, site_spikes
+from .energy import counting, energy_summary, group_name, memory_traffic, site_neurons, site_spikes
 from .options import EVAL_WINDOW
 
 SATURATION_BOUND = 0.95     # spikes per neuron per step of a site without bursts; signed sites count |spikes|
@@ -149,7 +149,7 @@ def other_timesteps(T: int) -> int:
 
 
 @torch.no_grad()
-def probe_section(ann: nn.Module, snn: nn.Module, ids: torch.Tensor, T: int,
+def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: int,
                   calib: CalibrationConfig) -> dict:
     """What the gates measure on ``ids`` ``[1, S]`` (sites in parallel mode, statistics reset here).
 
@@ -159,6 +159,7 @@ def probe_section(ann: nn.Module, snn: nn.Module, ids: torch.Tensor, T: int,
     calibration rule (``calib``'s rule, percentile, burst cap and budget; no psi/phi fit) predicts
     when its thresholds are fitted afresh on these very inputs, so thresholds edited after (or
     apart from) calibration show. T change: relative change of the logits at ``other_timesteps(T)``.
+    With ``ann``, also the SNN's relative logit error against it.
     """
     sites = dict(iter_sites(snn))
     observers = {n: ChannelObserver(s.num_channels, n, reservoir_rows=0) for n, s in sites.items()}
@@ -200,10 +201,13 @@ def probe_section(ann: nn.Module, snn: nn.Module, ids: torch.Tensor, T: int,
         moved = snn(ids).logits.float()
     finally:
         set_timesteps(snn, T)
-    ref = ann(ids).logits.float()
+    rel_ann = float("nan")
+    if ann is not None:
+        ref = ann(ids).logits.float().to(logits.device)
+        rel_ann = float((logits - ref).norm() / ref.norm())
     return {"tokens": int(ids.shape[1]), "timesteps": T, "other_timesteps": other,
             "relative_logit_change": float((moved - logits).norm() / logits.norm()),
-            "relative_logit_error_vs_ann": float((logits - ref.to(logits.device)).norm() / ref.norm()),
+            "relative_logit_error_vs_ann": rel_ann,
             "pass_through_share": {n: (b / a if a else 0.0) for n, (a, b) in leak.items()},
             "off_level_inputs": {n: a for n, (a, _) in leak.items()},
             "measured_rate": measured, "predicted_rate": predicted,
@@ -262,6 +266,7 @@ def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *,
         report["note"] = RELU_NOTE
 
     energy = energy_summary(ann_counts, snn_counts, snn)
+    energy["memory_traffic"] = memory_traffic(ann, snn, snn_counts, mean_context=(EVAL_WINDOW - 1) / 2)
     report.update(energy=energy, coverage=energy["coverage"], energy_ratio=energy["energy_ratio"])
     checks.append(_check("op counts consistent", energy["op_counts_consistent"],
                          f"ANN MACs {energy['ann_macs']:,} vs SNN dense + spike-driven "

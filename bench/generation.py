@@ -1,0 +1,122 @@
+"""Free-running generation fidelity of saved SNNs against their ANN (``stac_lm.fidelity``).
+
+Greedy replies (chat template, KV cache, up to ``--new_tokens``) of the ANN and of each saved SNN
+to a fixed set of prompts (``bench/generation_prompts.py``: 30 factual questions with answers,
+10 instructions, 20 chit-chat openings calibration never reads). Per model and T: share of
+replies whose first 16 tokens equal the ANN's, mean common prefix, exact match, correct answers
+of both, the share of the ANN's right answers the SNN keeps, and the SNN's teacher-forced top-1
+agreement on the ANN's replies; beside them the model's report figures (Tempest perplexity ratio,
+top-1 agreement, energy ratio). Writes JSON and a markdown table with replies side by side.
+
+    python -m bench.generation --model_dir out/demo_smollm2_T16 --out docs/generation.json \\
+        --markdown docs/generation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bench.generation_prompts import correct, prompts
+from spike_modules import set_timesteps
+from stac_io import atomic_write_text, check_output_free, write_json
+from stac_lm.fidelity import FIRST_N, compare
+from stac_lm.pipeline import load_checked_source
+from stac_lm.saving import REPORT_FILE, load_snn
+
+REPORT_KEYS = ("ppl_ratio", "top1_agreement", "energy_ratio", "coverage", "mean_spike_rate")
+
+
+def report_figures(model_dir: Path) -> dict:
+    path = model_dir / REPORT_FILE
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    return {k: report.get(k) for k in REPORT_KEYS}
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    rows = prompts()
+    results, ann_cache = [], {}
+    t0 = time.perf_counter()
+    for d in args.model_dir:
+        snn, tok, config = load_snn(d, "cpu")
+        source = json.dumps(config["source"], sort_keys=True)
+        if source not in ann_cache:
+            ann_cache[source] = [load_checked_source(config), None]
+        ann, ann_replies = ann_cache[source]
+        Ts = [int(t) for t in args.timesteps.split(",")] if args.timesteps else [int(config["timesteps"])]
+        for T in Ts:
+            set_timesteps(snn, T)
+            t1 = time.perf_counter()
+            out = compare(ann, snn, tok, rows, args.new_tokens, ann_replies, correct,
+                          progress=lambda i, n, r: print(f"  {i}/{n} {r['kind']}: prefix {r['common_prefix']}",
+                                                         flush=True) if args.verbose else None)
+            ann_cache[source][1] = out["ann_replies"]
+            entry = {"model_dir": str(d), "T": T, "saved_T": int(config["timesteps"]),
+                     "coding": config["conversion_config"].get("coding", "rate"),
+                     "calib_text": config["options"].get("calib_text"), "summary": out["summary"],
+                     "report": report_figures(Path(d)) if T == int(config["timesteps"]) else {},
+                     "rows": out["rows"], "seconds": time.perf_counter() - t1}
+            s = entry["summary"]
+            print(f"{d} T={T}: first-{FIRST_N} identity {s[f'first_{FIRST_N}_identity']:.2f}, prefix "
+                  f"{s['mean_common_prefix']:.1f}, exact {s['exact_match']:.2f}, ANN correct {s['ann_correct']:.2f}, "
+                  f"SNN correct {s['snn_correct']:.2f}, kept {s['snn_keeps_ann_correct']:.2f}, forced top-1 "
+                  f"{s['forced_top1_agreement_on_ann_replies']:.3f}", flush=True)
+            results.append(entry)
+    return {"benchmark": "bench/generation.py", "new_tokens": args.new_tokens, "first_n": FIRST_N,
+            "prompts": len(rows), "results": results, "seconds": time.perf_counter() - t0,
+            "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}}
+
+
+def markdown(result: dict, examples: int) -> str:
+    lines = ["# Free-running generation: SNN replies beside the ANN's", "",
+             f"`bench/generation.py`, greedy, up to {result['new_tokens']} new tokens, {result['prompts']} prompts "
+             "(30 questions, 10 instructions, 20 chit-chat openings never used in calibration).", "",
+             f"| model | coding | T | first-{FIRST_N} identity | mean common prefix | exact | ANN correct | SNN correct | "
+             "ANN-correct kept | forced top-1 on ANN replies | Tempest ppl ratio | Tempest top-1 | energy ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    for e in result["results"]:
+        s, r = e["summary"], e["report"]
+        lines.append(f"| `{e['model_dir']}` | {e['coding']} | {e['T']} | {s[f'first_{FIRST_N}_identity']:.2f} | "
+                     f"{s['mean_common_prefix']:.1f} | {s['exact_match']:.2f} | {fmt(s['ann_correct'], '{:.2f}')} | "
+                     f"{fmt(s['snn_correct'], '{:.2f}')} | {fmt(s['snn_keeps_ann_correct'], '{:.2f}')} | "
+                     f"{s['forced_top1_agreement_on_ann_replies']:.3f} | {fmt(r.get('ppl_ratio'))} | "
+                     f"{fmt(r.get('top1_agreement'))} | {fmt(r.get('energy_ratio'))} |")
+    for e in result["results"]:
+        lines += ["", f"## `{e['model_dir']}`, T={e['T']}: replies side by side", "",
+                  "| prompt | ANN | SNN |", "|---|---|---|"]
+        for row in e["rows"][:examples]:
+            cell = lambda t: t.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines.append(f"| {cell(row['prompt'])} | {cell(row['ann'])} | {cell(row['snn'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", action="append", required=True, help="a saved SNN directory (repeat for more)")
+    p.add_argument("--timesteps", default=None, help="comma-separated T to run each model at (default: its own)")
+    p.add_argument("--new_tokens", type=int, default=48)
+    p.add_argument("--examples", type=int, default=12, help="replies shown side by side per model in the markdown")
+    p.add_argument("--out", default="docs/generation.json")
+    p.add_argument("--markdown", default="docs/generation.md")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    for path in (args.out, args.markdown):
+        check_output_free(path, args.overwrite)
+    result = run(args)
+    write_json(Path(args.out), result)
+    atomic_write_text(Path(args.markdown), markdown(result, args.examples))
+    print(f"wrote {args.out} and {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()

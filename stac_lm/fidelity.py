@@ -1,0 +1,134 @@
+"""Free-running generation fidelity: greedy replies of the SNN beside its ANN's, prompt by prompt.
+
+Perplexity and teacher-forced agreement score the SNN on the ANN's own text; in free generation
+one different token sends a reply down another path. This module writes both models' greedy
+replies to the same chat prompts (KV-cached decoding, the chat template of the tokenizer, stop
+at its end-of-turn token) and compares them: identity of the first ``n`` tokens, length of the
+common prefix, whole-reply identity, and for questions with known answers whether each reply
+answers correctly. It also scores the SNN teacher-forced on the ANN's replies (top-1 agreement
+on the reply tokens), which ties the two views together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FIRST_N = 16
+
+
+@dataclass
+class Reply:
+    ids: list[int]
+    text: str
+
+
+def chat_ids(tokenizer, text: str) -> torch.Tensor:
+    """``[1, S]`` prompt ids: the user turn in the chat template with the assistant's turn opened,
+    or the plain text for a tokenizer without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        return ids
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return {i for i in ids if i is not None}
+
+
+@torch.no_grad()
+def greedy_reply(model: nn.Module, prompt: torch.Tensor, new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy continuation of ``prompt [1, S]`` with the KV cache, up to ``new_tokens`` or a stop token
+    (not included)."""
+    device = model.get_input_embeddings().weight.device
+    out = model(prompt.to(device), use_cache=True, logits_to_keep=1)
+    reply: list[int] = []
+    for _ in range(new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt in stop:
+            break
+        reply.append(nxt)
+        out = model(torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values, use_cache=True,
+                    logits_to_keep=1)
+    return reply
+
+
+@torch.no_grad()
+def forced_agreement(snn: nn.Module, prompt: torch.Tensor, reply: list[int]) -> tuple[int, int]:
+    """(agreeing positions, positions): the SNN's top-1 on the ANN's reply tokens, teacher-forced
+    (one full pass over prompt and reply; the reply's first token is predicted from the prompt)."""
+    if not reply:
+        return 0, 0
+    device = snn.get_input_embeddings().weight.device
+    ids = torch.cat([prompt, torch.tensor([reply])], dim=1).to(device)
+    logits = snn(ids).logits[0, prompt.shape[1] - 1: -1]
+    preds = logits.argmax(-1).tolist()
+    return sum(int(p == t) for p, t in zip(preds, reply)), len(reply)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare(ann: nn.Module, snn: nn.Module, tokenizer, prompts: list[dict], new_tokens: int = 48,
+            ann_replies: list[Reply] | None = None, correct=None, progress=None) -> dict:
+    """Greedy replies of both models to every prompt (``{"kind", "text", "answers"}``) and the
+    fidelity figures. ``ann_replies`` (same order) skips the ANN's decoding; ``correct(reply,
+    answers)`` scores questions. Returns ``{"summary": {...}, "rows": [...], "ann_replies": [...]}``."""
+    stop = stop_ids(tokenizer)
+    rows, replies = [], []
+    agree = scored = 0
+    for i, p in enumerate(prompts):
+        prompt = chat_ids(tokenizer, p["text"])
+        if ann_replies is None:
+            a_ids = greedy_reply(ann, prompt, new_tokens, stop)
+            a = Reply(a_ids, tokenizer.decode(a_ids, skip_special_tokens=True))
+        else:
+            a = ann_replies[i]
+        replies.append(a)
+        s_ids = greedy_reply(snn, prompt, new_tokens, stop)
+        s = Reply(s_ids, tokenizer.decode(s_ids, skip_special_tokens=True))
+        k, n = forced_agreement(snn, prompt, a.ids)
+        agree, scored = agree + k, scored + n
+        row = {"kind": p["kind"], "prompt": p["text"], "ann": a.text, "snn": s.text,
+               "common_prefix": common_prefix(a.ids, s.ids), "first_n_equal": a.ids[:FIRST_N] == s.ids[:FIRST_N],
+               "exact": a.ids == s.ids, "forced_agreement": k / n if n else None}
+        if p.get("answers") and correct is not None:
+            row["ann_correct"] = bool(correct(a.text, tuple(p["answers"])))
+            row["snn_correct"] = bool(correct(s.text, tuple(p["answers"])))
+        rows.append(row)
+        if progress is not None:
+            progress(i + 1, len(prompts), row)
+    return {"summary": summarize(rows, agree, scored), "rows": rows, "ann_replies": replies}
+
+
+def summarize(rows: list[dict], agree: int, scored: int) -> dict:
+    n = len(rows)
+    q = [r for r in rows if "ann_correct" in r]
+    ann_right = [r for r in q if r["ann_correct"]]
+    return {
+        "prompts": n,
+        f"first_{FIRST_N}_identity": sum(r["first_n_equal"] for r in rows) / n,
+        "mean_common_prefix": sum(r["common_prefix"] for r in rows) / n,
+        "exact_match": sum(r["exact"] for r in rows) / n,
+        "forced_top1_agreement_on_ann_replies": agree / scored if scored else float("nan"),
+        "questions": len(q),
+        "ann_correct": sum(r["ann_correct"] for r in q) / len(q) if q else None,
+        "snn_correct": sum(r["snn_correct"] for r in q) / len(q) if q else None,
+        "snn_keeps_ann_correct": (sum(r["snn_correct"] for r in ann_right) / len(ann_right)) if ann_right else None,
+        "by_kind": {k: sum(r["first_n_equal"] for r in rows if r["kind"] == k) / max(1, sum(r["kind"] == k for r in rows))
+                    for k in sorted({r["kind"] for r in rows})},
+    }
