@@ -31,7 +31,8 @@ from torch import nn
 
 from .chat_segments import Segment, segments
 from .processor import TemporalSpikeProcessor
-from .verify import AT_CAP_BOUND, SATURATION_BOUND, reset_spike_stats, spike_checks, spike_section
+from . import gates
+from .verify import AT_CAP_BOUND, SATURATION_BOUND, probe_section, reset_spike_stats, spike_checks, spike_section
 
 REL_TOL = 1e-6       # float64: relative logit error (Frobenius) within which two computations are equal
 TOP1_MIN = 1.0       # float64: share of positions whose top-1 token must agree
@@ -245,9 +246,11 @@ def context_limit(proc: TemporalSpikeProcessor, tokenizer) -> tuple[list[dict], 
 
 # -- spike rates ---------------------------------------------------------------------------------
 
-def spike_rates(proc: TemporalSpikeProcessor, tokenizer) -> tuple[list[dict], dict]:
-    """Spike statistics over the three cached turns (verify's fire / saturation checks), and whether
-    another T changes the logits."""
+def spike_rates(proc: TemporalSpikeProcessor, tokenizer, calibration=None) -> tuple[list[dict], dict]:
+    """Spike statistics over the three cached turns (verify's fire / saturation checks), whether
+    another T changes the logits, and (given the model's ``CalibrationConfig``) verify's gates on one
+    pass over the conversation: no site passes float through, each site fires at least a tenth of
+    what its calibration rule predicts."""
     segs = three_turns(tokenizer)
     reset_spike_stats(proc.model)
     feed(proc, segs, "check/spikes")
@@ -273,10 +276,35 @@ def spike_rates(proc: TemporalSpikeProcessor, tokenizer) -> tuple[list[dict], di
             info("spike_rates", "mean spikes per neuron per step", section["mean_spike_rate"],
                  f"{len(rates)} sites, {len(section['bursting_sites'])} with burst neurons; "
                  f"largest site rate {max(rates.values()):.4g}")]
-    return rows, {"sites": len(rates), "mean_spike_rate": section["mean_spike_rate"],
-                  "min_site_rate": lowest, "max_site_rate": max(rates.values()),
-                  "max_at_cap_share": cap, "bursting_sites": len(section["bursting_sites"]),
-                  "timestep_change": {"from": proc.T, "to": other, "relative_logit_change": change}}
+    measured = {"sites": len(rates), "mean_spike_rate": section["mean_spike_rate"],
+                "min_site_rate": lowest, "max_site_rate": max(rates.values()),
+                "max_at_cap_share": cap, "bursting_sites": len(section["bursting_sites"]),
+                "timestep_change": {"from": proc.T, "to": other, "relative_logit_change": change}}
+    if calibration is not None:
+        rows += gate_rows(proc, torch.cat([s.ids for s in segs]), calibration, measured)
+    return rows, measured
+
+
+def gate_rows(proc: TemporalSpikeProcessor, ids: torch.Tensor, calibration, measured: dict) -> list[dict]:
+    """verify's pass-through and activity gates (``stac_lm.gates``) as rows, on one pass over ``ids``."""
+    dev = proc.model.get_input_embeddings().weight.device
+    probe = probe_section(None, proc.model, ids.to(dev)[None], proc.T, calibration)
+    reset_spike_stats(proc.model)
+    leak = max(probe["pass_through_share"].values())
+    pred, got = probe["predicted_rate"], probe["measured_rate"]
+    low = min((got[n] / p if got[n] == got[n] else 0.0 for n, p in pred.items() if p > 0), default=float("nan"))
+    (drive,) = [c for c in gates.drive_checks(1.0, proc.T, proc.T, probe["pass_through_share"])
+                if c["name"].endswith("float through")]
+    (active,) = gates.activity_check(got, pred)
+    rows = [check("spike_rates", "no site passes float through (largest share of off-level inputs unchanged)",
+                  leak, "<=", gates.PASS_THROUGH_MAX, drive["detail"]),
+            check("spike_rates", "site activity matches calibration (lowest measured / predicted rate)",
+                  low, ">=", gates.ACTIVITY_MIN_RATIO, active["detail"])]
+    for row, verdict in zip(rows, (drive, active)):
+        row["passed"] = verdict["passed"]  # the gates' verdict is the one that counts
+    measured["probe"] = {k: probe[k] for k in ("tokens", "prediction", "measured_rate", "predicted_rate",
+                                               "pass_through_share")}
+    return rows
 
 
 def timestep_change(proc: TemporalSpikeProcessor, ids: torch.Tensor, other: int) -> float:

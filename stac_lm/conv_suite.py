@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from calibration import CalibrationConfig
+
 from . import conv_checks, conv_masks, conv_quality
 from .pipeline import load_checked_source, place, resolve_device
 from .processor import TemporalSpikeProcessor
@@ -106,7 +108,8 @@ def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None
     del exact
     if "spike_rates" in groups:
         with step("spike_rates", "spike rates and T"):
-            step.add("spike_rates", conv_checks.spike_rates(proc, tok))
+            calib = CalibrationConfig(**config["calibration_config"])
+            step.add("spike_rates", conv_checks.spike_rates(proc, tok, calib))
     failed = [r["name"] for r in step.rows if r["passed"] is False]
     return {"model_dir": str(model_dir), "model": config["source"]["model_id"], "mode": config["mode"],
             "timesteps": T, "calibrated_timesteps": config["timesteps"], "max_context_length": proc.max_context_length,

@@ -154,9 +154,11 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
     """What the gates measure on ``ids`` ``[1, S]`` (sites in parallel mode, statistics reset here).
 
     Pass-through: per site, of the inputs ``v = phi (x + psi)`` more than ``gates.OFF_LEVEL`` steps
+    (``theta / L``, ``L`` the site's levels)
     from every level, the share whose output equals ``x`` or ``v`` within ``gates.SAME`` steps (a
     spiking site outputs levels, so ~0). Activity: per site, the measured rate against the rate the
-    calibration rule (``calib``'s rule, percentile, burst cap and budget; no psi/phi fit) predicts
+    calibration rule (``calib``'s rule, percentile, burst cap and budget; no psi/phi fit; spikes per
+    count as the site's coding spends them) predicts
     when its thresholds are fitted afresh on these very inputs, so thresholds edited after (or
     apart from) calibration show. T change: relative change of the logits at ``other_timesteps(T)``.
     With ``ann``, also the SNN's relative logit error against it.
@@ -168,7 +170,7 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
     def measure(name, site, x, y):
         observers[name].update(torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0))  # a broken site may feed inf on
         x, y = x.detach().float(), y.detach().float()
-        step = (site.theta.detach() / site.T).float()
+        step = (site.theta.detach() / getattr(site, "levels", site.T)).float()
         v = site.phi.detach().float() * (x + site.psi.detach().float())
         u = v / step
         off = (u - u.round()).abs() > gates.OFF_LEVEL
@@ -185,11 +187,14 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
     spikes = {n: [0.0, 0] for n in sites}
 
     def predict(name, site, x, y):
-        p = fitted[name]
-        hi = p.burst.to(x.device) * T
-        c = torch.floor(x.detach().float() * (T / p.theta.to(x.device)) + site.init_mem)
-        c = torch.minimum(torch.maximum(c, -hi if site.signed else torch.zeros_like(hi)), hi)
-        spikes[name][0] += float(c.abs().sum(dtype=torch.float64))
+        p, L = fitted[name], getattr(site, "levels", T)  # levels per sign: T, or 2**T - 1 in weighted coding
+        burst = p.burst.to(x.device)
+        hi = burst * L
+        c = torch.floor(x.detach().float() * (L / p.theta.to(x.device)) + site.init_mem)
+        c = torch.minimum(torch.maximum(c, -hi if site.signed else torch.zeros_like(hi)), hi).abs()
+        if hasattr(site.parallel, "_spike_cost"):  # what a count costs in spikes in the site's coding
+            c = site.parallel._spike_cost(c, hi if bool((burst > 1).any()) else float(L))
+        spikes[name][0] += float(c.sum(dtype=torch.float64))
         spikes[name][1] += c.numel() * T
 
     with site_hooks(snn, predict):

@@ -1,6 +1,10 @@
 """The conversational checks (stac_lm.conv_checks / conv_quality / conv_suite, test_conversational_snn.py)
 on tiny converted models: they pass on a healthy model, and each fails on a model broken on purpose
-(cache dropped, thresholds zeroed or sites silenced, positions reset per turn, T without effect)."""
+(cache zeroed, or zeroed at each new turn; thresholds zeroed, x10 or x1000; sites passing float
+through; positions reset per turn; the attention mask ignored; T without effect; a different-seed
+"ANN" or one that recalls what the SNN cannot). Quality rows are scored against the model's real
+source ANN, on a tiny Llama trained for a few seconds (``trained_tiny``: on a random one a silent
+SNN agrees with its ANN)."""
 
 import json
 import subprocess
@@ -9,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny
+from tiny_models import save_tiny, tiny_model
 
+from calibration import CalibrationConfig
 from spike_modules import iter_sites, set_mode
 from spike_modules.kv_cache import SpikeKVCache
+from spike_modules.site import DAQCFSSite
 from stac_lm import chat_segments, conv_checks, conv_masks, conv_quality, conv_suite
 from stac_lm.options import ConvertOptions
 from stac_lm.pipeline import run
@@ -55,6 +61,21 @@ def models(saved):
     return {arch: load_snn(d)[:2] for arch, d in saved.items()}
 
 
+@pytest.fixture(scope="module")
+def calibrations(saved):
+    return {arch: CalibrationConfig(**load_snn(d)[2]["calibration_config"]) for arch, d in saved.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(trained_llama, tmp_path_factory):
+    """The trained tiny Llama converted in full mode at T: ``(snn, tokenizer, ann, calibration config)``."""
+    out = tmp_path_factory.mktemp("trained") / "snn"
+    run(ConvertOptions(model_name=str(trained_llama), output_dir=str(out), calib_tokens=256, eval_tokens=512,
+                       verify=False, timesteps=T), progress=False)
+    snn, tok, config = load_snn(out)
+    return snn, tok, conv_suite.load_ann(config, torch.device("cpu")), CalibrationConfig(**config["calibration_config"])
+
+
 @pytest.fixture(autouse=True)
 def short_conversations(monkeypatch):
     monkeypatch.setattr(conv_checks, "THREE_TURNS", SHORT_TURNS)
@@ -79,14 +100,16 @@ def failed(rows: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_healthy_model_passes_every_check(models, arch):
+def test_a_healthy_model_passes_every_check(models, calibrations, arch):
     exact, tok = processor(models, arch, exact=True)
     proc, _ = processor(models, arch)
-    for fn, p in [(fn, exact) for fn in EXACT] + [(conv_checks.cache_contract, proc), (conv_checks.spike_rates, proc)]:
+    spikes = lambda p, t: conv_checks.spike_rates(p, t, calibrations[arch])  # noqa: E731
+    for fn, p in [(fn, exact) for fn in EXACT] + [(conv_checks.cache_contract, proc), (spikes, proc)]:
         rows = rows_of(fn, p, tok)
-        assert rows and not failed(rows), (fn.__name__, [rows[n] for n in failed(rows)])
+        assert rows and not failed(rows), (fn, [rows[n] for n in failed(rows)])
         assert not p.conversations, "the checks clean up their conversations"
     assert any("(float64)" in n for n in rows_of(conv_masks.masks, exact, tok))
+    assert any(n.startswith("site activity matches calibration") for n in rows_of(spikes, proc, tok))
 
 
 @pytest.fixture
@@ -208,23 +231,172 @@ def test_segments_add_up_to_the_template_and_replies_end_with_eos(models):
         chat_segments.segments(tok, msgs[1:])
 
 
-def test_quality_and_recall_rows_reply_by_reply(models, monkeypatch):
-    monkeypatch.setattr(conv_quality, "FACTS", conv_quality.FACTS[:3])
-    monkeypatch.setattr(conv_quality, "RECALL_NEW_TOKENS", 4)
-    proc, tok = processor(models, "llama")
-    # the SNN scored against itself as the "ANN": every figure is exact, so the rows show what they measure
-    rows, measured = conv_quality.multi_turn_quality(proc, proc.model, tok, 2, "full")
-    assert [t["agreement"] for t in measured["per_reply"]] == [1.0] * conv_quality.EXCHANGES
+def scale_thresholds(snn, f: float) -> dict:
+    kept = {n: s.theta.detach().clone() for n, s in iter_sites(snn)}
+    for n, s in iter_sites(snn):
+        s.set_params(kept[n] * f, s.psi.detach().clone(), s.phi.detach().clone(), s.burst.detach().clone())
+    return kept
+
+
+def restore_thresholds(snn, kept: dict) -> None:
+    for n, s in iter_sites(snn):
+        s.set_params(kept[n], s.psi.detach().clone(), s.phi.detach().clone(), s.burst.detach().clone())
+
+
+def test_thresholds_x10_fail_the_activity_row(trained):
+    snn, tok, _, calib = trained
+    kept = scale_thresholds(snn, 10.0)
+    try:
+        rows = {r["name"]: r for r in conv_checks.spike_rates(TemporalSpikeProcessor(snn, T), tok, calib)[0]}
+    finally:
+        restore_thresholds(snn, kept)
+    bad = failed(rows)
+    assert any(n.startswith("site activity matches calibration") for n in bad), bad
+    assert not any(n.startswith("every site fires") for n in bad)  # what let x10 through before
+
+
+def test_float_pass_through_fails_the_spike_rate_rows(trained, monkeypatch):
+    snn, tok, _, calib = trained
+    inner = DAQCFSSite.forward
+    monkeypatch.setattr(DAQCFSSite, "forward", lambda self, x: (inner(self, x), x)[1])
+    bad = failed({r["name"]: r for r in conv_checks.spike_rates(TemporalSpikeProcessor(snn, T), tok, calib)[0]})
+    assert any(n.startswith("no site passes float through") for n in bad), bad
+    assert any(n.startswith("T changes") for n in bad), bad
+
+
+def test_a_forgetful_cache_fails_the_float32_top1_row(trained, forgetful_cache):
+    snn, tok, _, _ = trained
+    rows = rows_of(conv_checks.cache_contract, TemporalSpikeProcessor(snn, T), tok)
+    assert all("(float32)" in n for n in rows)
+    assert [n for n in failed(rows) if n.endswith("top-1 equal")], rows  # measured 0.61 (bar 0.75)
+
+
+def test_a_garbled_cache_fails_both_float32_rows(trained, monkeypatch):
+    """The float32 relative-error bar (0.5) sits above what rounding does to SmolLM2 (~0.2); on this tiny
+    model a forgetful cache moves the logits by 0.17 only, so the row is shown to fail on a cache whose
+    earlier entries read back as noise (measured 0.53; healthy: 0.0)."""
+    snn, tok, _, _ = trained
+    update = SpikeKVCache.update
+
+    def garbled(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = (t.clone() for t in update(self, key_states, value_states, layer_idx, *args, **kwargs))
+        n, g = key_states.shape[-2], torch.Generator().manual_seed(0)
+        for t in (keys, values):
+            t[..., :-n, :] = torch.randn(t[..., :-n, :].shape, generator=g, dtype=t.dtype) * t.std() * 3
+        return keys, values
+
+    monkeypatch.setattr(SpikeKVCache, "update", garbled)
+    rows = rows_of(conv_checks.cache_contract, TemporalSpikeProcessor(snn, T), tok)
+    assert set(failed(rows)) == set(rows) and all("(float32)" in n for n in rows), rows
+
+
+@pytest.fixture
+def cache_zeroed_each_turn(monkeypatch):
+    """A cache that forgets earlier turns: a multi-token step (a turn's prompt) zeroes what was held."""
+    update = SpikeKVCache.update
+
+    def zeroing(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = (t.clone() for t in update(self, key_states, value_states, layer_idx, *args, **kwargs))
+        n = key_states.shape[-2]
+        if n > 1:
+            keys[..., :-n, :], values[..., :-n, :] = 0, 0
+        return keys, values
+
+    monkeypatch.setattr(SpikeKVCache, "update", zeroing)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_cache_zeroed_between_turns_fails_cache_and_boundary_rows(models, arch, cache_zeroed_each_turn):
+    proc, tok = processor(models, arch, exact=True)
+    assert any("relative logit error" in n for n in failed(rows_of(conv_checks.cache_contract, proc, tok)))
+    assert "turn boundaries vs one full pass (float64): relative logit error" in \
+        failed(rows_of(conv_checks.turn_boundaries, proc, tok))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_an_ignored_attention_mask_fails_the_mask_rows(models, arch, monkeypatch):
+    proc, tok = processor(models, arch, exact=True)
+    inner = proc.model.forward
+
+    def maskless(*args, **kw):
+        kw.pop("attention_mask", None)
+        return inner(*args, **kw)
+
+    monkeypatch.setattr(proc.model, "forward", maskless)
+    bad = failed(rows_of(conv_masks.masks, proc, tok))
+    assert "batched (left-padded) vs alone (float64): relative logit error" in bad, bad
+
+
+def quality_rows(proc, ann, tok, n=2) -> tuple[dict, dict]:
+    rows, measured = conv_quality.multi_turn_quality(proc, ann, tok, n, "full")
+    return {r["name"]: r for r in rows}, measured
+
+
+def ratio_row(rows: dict) -> dict:
+    return next(r for n, r in rows.items() if n.startswith("chit-chat all replies: perplexity"))
+
+
+def agreement_rows(rows: dict) -> list[dict]:
+    return [r for n, r in rows.items() if n.startswith("chit-chat reply") and "agreement" in n]
+
+
+# at T=8 the converter issue names a perplexity bar only; this agreement bar (healthy trained tiny model
+# 0.8-0.9 on these replies, a different-seed ANN ~0.1) lets the test see the agreement rows judge
+TINY_AGREEMENT_BAR = 0.6
+
+
+def test_quality_rows_score_the_snn_against_its_real_ann(trained, monkeypatch):
+    snn, tok, ann, _ = trained
+    monkeypatch.setitem(conv_quality.TARGETS, T, {"ppl_ratio": 1.30, "agreement": TINY_AGREEMENT_BAR})
+    proc = TemporalSpikeProcessor(snn, T, pad_token_id=0)
+    rows, measured = quality_rows(proc, ann, tok)
+    assert not failed(rows), [rows[n] for n in failed(rows)]
     ids = measured["conversation_ids"]
     assert len(ids) == 2 and ids == sorted(ids)
-    names = [r["name"] for r in rows]
-    assert sum(n.startswith("chit-chat reply") and "agreement" in n for n in names) == conv_quality.EXCHANGES
-    assert measured["all_replies"]["agreement_one_pass"] == 1.0
-    ratio = next(r for r in rows if r["name"].startswith("chit-chat all replies"))
-    assert ratio["bar"] == "<= 1.3" and ratio["passed"] and abs(ratio["value"] - 1) < 1e-4
-    rows, measured = conv_quality.recall(proc, proc.model, tok)
-    assert len(measured["probes"]) == 3 and rows[0]["passed"]
-    assert measured["recall_rate"]["snn"] == measured["recall_rate"]["ann"]
+    assert len(agreement_rows(rows)) == conv_quality.EXCHANGES
+    ratio = ratio_row(rows)
+    assert ratio["bar"] == "<= 1.3" and ratio["value"] != 1.0  # a measurement against another network
+    total = measured["all_replies"]
+    assert ratio["value"] == pytest.approx(total["ppl_snn"] / total["ppl_ann"])
+    assert not proc.conversations
+
+
+def test_a_different_seed_ann_fails_the_agreement_rows(trained, monkeypatch):
+    snn, tok, _, _ = trained
+    monkeypatch.setitem(conv_quality.TARGETS, T, {"ppl_ratio": 1.30, "agreement": TINY_AGREEMENT_BAR})
+    other = tiny_model("llama", len(tok), seed=1)
+    rows, _ = quality_rows(TemporalSpikeProcessor(snn, T, pad_token_id=0), other, tok)
+    assert all(r["passed"] is False for r in agreement_rows(rows)), agreement_rows(rows)
+
+
+def test_thresholds_x1000_fail_the_perplexity_row(trained, monkeypatch):
+    snn, tok, ann, _ = trained
+    kept = scale_thresholds(snn, 1000.0)
+    try:
+        rows, _ = quality_rows(TemporalSpikeProcessor(snn, T, pad_token_id=0), ann, tok)
+    finally:
+        restore_thresholds(snn, kept)
+    assert ratio_row(rows)["passed"] is False, ratio_row(rows)
+
+
+def test_recall_rows_against_the_real_ann_and_an_ann_that_recalls(trained, monkeypatch):
+    snn, tok, ann, _ = trained
+    monkeypatch.setattr(conv_quality, "FACTS", conv_quality.FACTS[:3])
+    monkeypatch.setattr(conv_quality, "RECALL_NEW_TOKENS", 4)
+    proc = TemporalSpikeProcessor(snn, T, pad_token_id=0)
+    rows, measured = conv_quality.recall(proc, ann, tok)
+    assert len(measured["probes"]) == 3 and rows[0]["passed"], rows[0]
+    assert all(p["ann"]["reply"] != p["snn"]["reply"] or p["ann"]["fact_logprob"] != p["snn"]["fact_logprob"]
+               for p in measured["probes"])  # two networks, not one scored against itself
+    assert not measured["recall_rate"]["snn"]  # a tiny model recalls nothing: the next test gives it a rival
+
+    def recalling_ann(model, ids, new_tokens, stop):  # an "ANN" whose greedy reply names the probe's facts
+        facts = next(f for f in conv_quality.FACTS if f[0] in tok.decode(ids))
+        return tok(" " + " ".join(facts), add_special_tokens=False).input_ids
+
+    monkeypatch.setattr(conv_quality, "ann_greedy", recalling_ann)
+    rows, measured = conv_quality.recall(proc, ann, tok)
+    assert measured["recall_rate"]["ann"] == 1.0 and rows[0]["passed"] is False, rows[0]
     assert not proc.conversations
 
 
