@@ -118,8 +118,9 @@ def check_supported(config) -> Adapter:
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter of ``model``'s architecture; ``ValueError`` listing the supported ones otherwise."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in ADAPTERS:
-        raise ValueError(f"unsupported architecture {getattr(config, 'model_type', None)!r} ({type(model).__name__}); "
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(f"unsupported architecture {model_type!r} ({type(model).__name__}); "
                          f"STAC converts: {supported_families()}")
     return check_supported(config)
 

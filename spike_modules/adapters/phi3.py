@@ -65,7 +65,8 @@ def gated_mlp_paths(model: nn.Module) -> list[str]:
 
 
 def norm_paths(model: nn.Module) -> list[str]:
-    return [f"{p}.{n}" for p in _layers(model) for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"]
+    per_layer = [f"{p}.{n}" for p in _layers(model) for n in ("input_layernorm", "post_attention_layernorm")]
+    return per_layer + ["model.norm"]
 
 
 def attentions(model: nn.Module) -> list[AttentionSpec]:
