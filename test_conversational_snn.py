@@ -10,7 +10,8 @@ Groups: --test_multi_turn (cache contract over three turns, chit-chat perplexity
 with the ANN reply by reply, recall of a turn-1 fact in turn 3), --test_positions (turn
 boundaries and the context limit against one full pass), --test_masks (batched left-padded
 conversations against each alone, mask and position continuity), --test_spike_rates (every site
-fires, none saturates, T changes the output). No group flag means --test_all. Cache, position
+fires, none saturates, T changes the output, no site passes float through, each site fires at least
+a tenth of what its calibration rule predicts: the gates of stac_lm/gates.py). No group flag means --test_all. Cache, position
 and mask logits are compared on a float64 copy of the model, where the cached and the one-pass
 computations agree to rounding; the cache contract is also measured in float32, where rounding
 flips a few quantization levels (stac_lm/conv_checks.py says why and how much).
@@ -46,7 +47,8 @@ def build_parser() -> Parser:
     flag(g, "test_multi_turn", action="store_true", help="cache contract, chit-chat quality, recall")
     flag(g, "test_positions", action="store_true", help="positions at turn boundaries and the context limit")
     flag(g, "test_masks", action="store_true", help="batched vs alone, mask continuity")
-    flag(g, "test_spike_rates", action="store_true", help="sites fire, none saturates, T changes the output")
+    flag(g, "test_spike_rates", action="store_true", help="sites fire, none saturates, T changes the output, no float pass-through, "
+                                                             "activity against calibration")
     g = p.add_argument_group("model and run")
     flag(g, "model_dir", metavar="DIR", help="a saved SNN directory (default: convert the embedded SmolLM2)")
     flag(g, "timesteps", type=int, metavar="T", help="timesteps the processor runs (default: the model's)")
