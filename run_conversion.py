@@ -102,7 +102,7 @@ def _convert(given: dict) -> tuple[dict | None, str]:
 
     from stac_io import check_output_free
 
-    opts = ConvertOptions(**given)  # bad flags fail here, before torch is imported
+    opts = ConvertOptions(**given)  # bad flags fail here, before any model loads
     check_output_free(opts.output_dir, opts.overwrite)
     from stac_lm.pipeline import run
 

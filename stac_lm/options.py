@@ -27,7 +27,6 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from spike_modules.quantizer import CODINGS, check_max_burst, coding_levels, max_exact_burst
 from stac_assets import EMBEDDED_LM, is_embedded_lm
 
 CHITCHAT = "chitchat"  # --calib_text keyword: the embedded chit-chat data in the chat template (stac_lm.texts)
@@ -103,6 +102,9 @@ class ConvertOptions:
     seed: int = 0
 
     def __post_init__(self):
+        # spike_modules imports torch: here, not at the top, so the CLI's --help does not load it
+        from spike_modules.quantizer import CODINGS, check_max_burst, coding_levels, max_exact_burst
+
         full = not self.simplified
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: resolve defaults once)
         if not isinstance(self.model_name, str) or not self.model_name.strip():
