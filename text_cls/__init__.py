@@ -5,13 +5,23 @@
     from text_cls import TextClsOptions, run, load_text_snn, classify
     results = run(TextClsOptions(max_train_samples=500, savedir="runs/quick"))
     model, tok, config = load_text_snn("runs/quick/model", T=8)
+
+Names are imported on first use, so ``python -m text_cls --help`` parses its flags without
+loading torch.
 """
 
-from .data import DataError, Splits, load_splits
-from .model import SiteSpec, classify, convert_classifier, load_classifier, run_sequential
-from .options import TextClsOptions
-from .pipeline import run
-from .saving import load_text_snn
+import importlib
 
-__all__ = ["DataError", "SiteSpec", "Splits", "TextClsOptions", "classify", "convert_classifier", "load_classifier",
-           "load_splits", "load_text_snn", "run", "run_sequential"]
+_EXPORTS = {
+    "DataError": "data", "Splits": "data", "load_splits": "data",
+    "SiteSpec": "model", "classify": "model", "convert_classifier": "model", "load_classifier": "model",
+    "run_sequential": "model",
+    "TextClsOptions": "options", "run": "pipeline", "load_text_snn": "saving",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'text_cls' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
