@@ -468,3 +468,14 @@ def test_cli_default_conversion_is_the_one_make_chat_makes(tmp_path, monkeypatch
     assert (opts.calib_text, opts.percentile, opts.timesteps, opts.simplified) == ("chitchat", 85.0, 8, False)
     (tmp_path / "out" / "chat_smollm2_T8").mkdir(parents=True)
     assert cli_main.converted_dir(args) == "out/chat_smollm2_T8" and len(seen) == 1  # reused, not converted again
+
+
+def test_cli_exits_1_and_names_the_check_on_pass_through_sites(saved, tmp_path, monkeypatch, capsys):
+    import test_conversational_snn as cli_main  # in process, so the broken site reaches the CLI's model
+
+    inner = DAQCFSSite.forward
+    monkeypatch.setattr(DAQCFSSite, "forward", lambda self, x: (inner(self, x), x)[1])
+    code = cli_main.main(["--test_spike_rates", "--model_dir", saved["llama"], "--out", str(tmp_path / "c.json"),
+                          "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "FAILED:" in err and "no site passes float through" in err, err

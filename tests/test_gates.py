@@ -235,3 +235,13 @@ def test_verify_of_a_saved_model_with_thresholds_x10_exits_3(converted, monkeypa
 
 def test_site_hooks_do_not_outlive_verify(converted):
     assert all(not s._forward_hooks for _, s in iter_sites(converted.snn))
+
+
+@pytest.mark.parametrize("change, shares, bad", [
+    (0.3, {"a": 0.0, "b": 0.02}, set()),
+    (0.0, {"a": 0.0}, {"spikes drive the output: T changes the logits"}),
+    (float("nan"), {"a": float("nan")}, {"spikes drive the output: T changes the logits",
+                                         "spikes drive the output: no site passes float through"}),
+    (0.3, {"a": 0.0, "b": 1.0}, {"spikes drive the output: no site passes float through"})])
+def test_drive_checks(change, shares, bad):
+    assert {c["name"] for c in gates.drive_checks(change, 8, 4, shares) if not c["passed"]} == bad
