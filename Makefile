@@ -41,13 +41,13 @@ test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup
-	$(PY) bench/neurons.py --out docs/bench_neurons.json --overwrite
-	$(PY) bench/calibration_smollm2.py --out docs/bench_calibration_smollm2.json --overwrite
-	$(PY) bench/convert.py --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json --overwrite
-	$(PY) bench/sparse.py --out docs/bench_sparse.json --overwrite
-	$(PY) bench/convert.py --timesteps 16,32 --modes full --eval_tokens 1024 --peer --out docs/bench_convert_peer.json --overwrite
-	$(PY) bench/chat.py --repeats 7 --out docs/bench_chat.json --overwrite
-	$(PY) bench/text_cls.py --compare_simulations --out docs/bench_text_cls.json --overwrite
+	$(PY) -m bench.neurons --out docs/bench_neurons.json --overwrite
+	$(PY) -m bench.calibration_smollm2 --out docs/bench_calibration_smollm2.json --overwrite
+	$(PY) -m bench.convert --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json --overwrite
+	$(PY) -m bench.sparse --out docs/bench_sparse.json --overwrite
+	$(PY) -m bench.convert --timesteps 16,32 --modes full --eval_tokens 1024 --peer --out docs/bench_convert_peer.json --overwrite
+	$(PY) -m bench.chat --repeats 7 --out docs/bench_chat.json --overwrite
+	$(PY) -m bench.text_cls --compare_simulations --out docs/bench_text_cls.json --overwrite
 
 clean:
 	rm -rf $(VENV) .assets .pytest_cache .hypothesis

@@ -7,7 +7,7 @@ DA-QCFS psi/phi), and measures on a held-out play the relative error of the
 decoded value, ``||Q(x) - x||^2 / ||x||^2``, against one global threshold per site.
 It tests the calibration core on real data; it is not a perplexity figure.
 
-    python bench/calibration_smollm2.py --out docs/bench_calibration_smollm2.json --overwrite
+    python -m bench.calibration_smollm2 --out docs/bench_calibration_smollm2.json --overwrite
 """
 
 from __future__ import annotations
@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from calibration import ChannelObserver, CalibrationConfig, fit_site, site_error  # noqa: E402
-from stac_assets import load_smollm2, shakespeare_text  # noqa: E402
-from stac_io import check_output_free, write_json  # noqa: E402
+from calibration import ChannelObserver, CalibrationConfig, fit_site, site_error
+from stac_assets import load_smollm2, shakespeare_text
+from stac_io import check_output_free, write_json
 
 CALIB_PLAYS = ["hamlet_gut", "macbeth_gut", "othello_gut"]
 EVAL_PLAY = ["tempest_gut"]

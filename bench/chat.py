@@ -17,7 +17,7 @@ does: full mode, T=16, calibrated on chit-chat):
 User turns are real chit-chat messages (the embedded chitchat-dataset, first conversation
 with enough turns in sorted-id order) in the tokenizer's chat template.
 
-    python bench/chat.py --out docs/bench_chat.json
+    python -m bench.chat --out docs/bench_chat.json
 """
 
 from __future__ import annotations
@@ -35,14 +35,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.timing import side_by_side  # noqa: E402
-from stac_assets import chitchat_json  # noqa: E402
-from stac_io import check_output_free, write_json  # noqa: E402
-from stac_lm import ConvertOptions, TemporalSpikeProcessor, load_snn, run  # noqa: E402
-from stac_lm.options import CHITCHAT  # noqa: E402
-from stac_lm.pipeline import load_source  # noqa: E402
+from bench.timing import side_by_side
+from stac_assets import chitchat_json
+from stac_io import check_output_free, write_json
+from stac_lm import ConvertOptions, TemporalSpikeProcessor, load_snn, run
+from stac_lm.options import CHITCHAT
+from stac_lm.pipeline import load_source
 
 
 def user_messages(n: int, min_turns: int = 12) -> list[str]:
@@ -156,7 +154,7 @@ def main() -> None:
     T = int(config["timesteps"])
     messages = user_messages(args.turns)
     result = {
-        "benchmark": "bench/chat.py", "command": " ".join(["python", *sys.argv]),
+        "benchmark": "bench/chat.py", "command": " ".join(["python -m bench.chat", *sys.argv[1:]]),
         "model": config["source"].get("model_id"), "mode": config["mode"], "timesteps": T,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},

@@ -8,7 +8,7 @@ parallel-SNN forward latency against the ANN's, timed side by side (interleaved,
 Optionally runs SpikingJelly's own Qwen2SNNRecipe on the same model and texts
 (``bench/peer_spikingjelly.py``) for the peer comparison of DESIGN.md section 3.
 
-    python bench/convert.py --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json
+    python -m bench.convert --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.timing import model_latency  # noqa: E402
-from stac_io import check_output_free, write_json  # noqa: E402
-from stac_lm import ConvertOptions, run  # noqa: E402
+from bench.timing import model_latency
+from stac_io import check_output_free, write_json
+from stac_lm import ConvertOptions, run
 
 FIELDS = ("ppl_ann", "ppl_snn", "ppl_ratio", "top1_agreement", "mean_spike_rate", "coverage", "energy_ratio",
           "conversion_seconds")
@@ -78,7 +76,7 @@ def main() -> None:
 
         peer = run_peer_on_embedded([T for T in Ts if T >= 16], args.calib_tokens or 8192, args.eval_tokens)
     result = {
-        "benchmark": "bench/convert.py", "command": " ".join(["python", *sys.argv]),
+        "benchmark": "bench/convert.py", "command": " ".join(["python -m bench.convert", *sys.argv[1:]]),
         "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)",
         "calibration_text": "Shakespeare: hamlet, macbeth, othello", "eval_text": "Shakespeare: tempest",
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,

@@ -4,7 +4,7 @@ Each (variant, T) runs in a fresh child process so its peak memory is its own:
 the child resets the RSS high-water mark (/proc/self/clear_refs) after building
 the input, runs the neuron, and reports VmHWM minus the RSS before the run.
 
-    python bench/neurons.py --out docs/bench_neurons.json --overwrite
+    python -m bench.neurons --out docs/bench_neurons.json --overwrite
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _proc_kb(field: str) -> int:
@@ -65,9 +64,9 @@ def child(variant: str, T: int, shape: tuple[int, ...], reps: int, seed: int) ->
 
 
 def run_child(variant: str, T: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--T", str(T), "--shape", args.shape,
+    cmd = [sys.executable, "-m", "bench.neurons", "--child", variant, "--T", str(T), "--shape", args.shape,
            "--reps", str(args.reps), "--seed", str(args.seed)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     if res.returncode != 0:
         raise SystemExit(f"benchmark child {variant} T={T} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

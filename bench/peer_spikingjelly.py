@@ -13,7 +13,7 @@ copies it into Qwen2 form with zero biases (identical logits, checked). :func:`r
 calibrates, converts with ``ModuleConverter``, runs the true signed-IF simulation
 (``encoding_mode="signed_if"``) under ``stac_eval.evaluate_lm`` and times it against the ANN.
 
-    python bench/peer_spikingjelly.py --timesteps 16,32 --out docs/bench_peer_spikingjelly.json --overwrite
+    python -m bench.peer_spikingjelly --timesteps 16,32 --out docs/bench_peer_spikingjelly.json --overwrite
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.timing import model_latency  # noqa: E402
-from stac_eval import evaluate_lm, windows  # noqa: E402
+from bench.timing import model_latency
+from stac_eval import evaluate_lm, windows
 
 SITE_KINDS = ("input", "query", "key", "value", "mlp")
 SPIKING_SITES = ("signed IF encoders (positive + negative ActivationAwareIFNode, per-channel threshold) at: the "
@@ -288,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OutputExistsError) as e:
         p.error(str(e))
     report = run_peer_on_embedded(Ts, args.calib_tokens, args.eval_tokens, args.levels, args.quantile)
-    command = " ".join(["python bench/peer_spikingjelly.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m bench.peer_spikingjelly", *(sys.argv[1:] if argv is None else argv)])
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"benchmark": "bench/peer_spikingjelly.py", "command": command, **report})
     return 0

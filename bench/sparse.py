@@ -11,7 +11,7 @@ Two measurements, in one run on one machine:
    saved ``--model_dir``), the time-stepped simulation on ``--tokens`` tokens run dense and
    sparse, side by side, with the model's measured spike rates and the logits' agreement.
 
-    python bench/sparse.py --out docs/bench_sparse.json
+    python -m bench.sparse --out docs/bench_sparse.json
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.timing import side_by_side  # noqa: E402
-from spike_modules.sparse import event_linear  # noqa: E402
-from stac_io import check_output_free, write_json  # noqa: E402
+from bench.timing import side_by_side
+from spike_modules.sparse import event_linear
+from stac_io import check_output_free, write_json
 
 SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (576, 192), "gate_proj/up_proj": (576, 1536),
           "down_proj": (1536, 576)}
@@ -126,7 +124,7 @@ def main() -> None:
     if model:
         print(f"whole model T={model['timesteps']} rate {model['mean_spike_rate']:.3f}: sparse/dense "
               f"{model['sparse_over_dense']:.2f} (dense {model['dense_seconds']:.2f} s)", flush=True)
-    result = {"benchmark": "bench/sparse.py", "command": " ".join(["python", *sys.argv]),
+    result = {"benchmark": "bench/sparse.py", "command": " ".join(["python -m bench.sparse", *sys.argv[1:]]),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
               "sparse_product": "torch.sparse.mm(CSR spikes, dense weight [in, out])",

@@ -1,6 +1,6 @@
 """Markdown tables from the benchmark JSON reports, so docs quote them without retyping.
 
-    python bench/tables.py docs/bench_neurons.json docs/bench_calibration_smollm2.json
+    python -m bench.tables docs/bench_neurons.json docs/bench_calibration_smollm2.json
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ sequential SNN on the same test batch, interleaved (``bench.timing.side_by_side`
 Checks the issue's targets and writes ``docs/bench_text_cls.json`` plus copies of the run's
 ``results.md`` and ``accuracy_vs_T.png`` into ``docs/``.
 
-    python bench/text_cls.py --out docs/bench_text_cls.json --overwrite
-    python bench/text_cls.py --max_train_samples 300 --max_eval_samples 100 --time_steps 4,8 --out /tmp/b.json
+    python -m bench.text_cls --out docs/bench_text_cls.json --overwrite
+    python -m bench.text_cls --max_train_samples 300 --max_eval_samples 100 --time_steps 4,8 --out /tmp/b.json
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.timing import side_by_side  # noqa: E402
-from stac_io import check_output_free, write_json  # noqa: E402
-from text_cls import TextClsOptions, load_text_snn, run, run_sequential  # noqa: E402
-from text_cls.batching import encode, eval_batches, model_inputs  # noqa: E402
-from text_cls.data import read_rows  # noqa: E402
-from text_cls.model import float_copy, set_sequential_schedule  # noqa: E402
-from text_cls.options import DEFAULT_SWEEP  # noqa: E402
+from bench.timing import side_by_side
+from stac_io import check_output_free, write_json
+from text_cls import TextClsOptions, load_text_snn, run, run_sequential
+from text_cls.batching import encode, eval_batches, model_inputs
+from text_cls.data import read_rows
+from text_cls.model import float_copy, set_sequential_schedule
+from text_cls.options import DEFAULT_SWEEP
 
 TIME_LIMIT_S = 20 * 60
 
@@ -103,7 +101,7 @@ def norms_of_run(savedir: Path, out: Path, argv: list[str] | None) -> int:
     config = json.loads((savedir / "model" / "config.json").read_text())
     T, batch = max(config["timesteps"]), config["options"]["eval_batchsize"]
     report = {"run": str(savedir), "schedules": simulations(savedir, T, [("causal", None), ("held", None)], batch),
-              "command": " ".join(["python bench/text_cls.py", *(argv if argv is not None else sys.argv[1:])])}
+              "command": " ".join(["python -m bench.text_cls", *(argv if argv is not None else sys.argv[1:])])}
     write_json(out, report)
     for r in report["schedules"]:
         print(f"T={r['T']} {r['norm_schedule']:6s} norms, {r['sequential_neuron']} neurons: agreement "
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                 opts.eval_batchsize)
         report = {"results": results, "side_by_side_latency": latency, "other_simulations": other,
                   "targets": targets(results, latency),
-                  "command": " ".join(["python bench/text_cls.py", *(argv if argv is not None else sys.argv[1:])])}
+                  "command": " ".join(["python -m bench.text_cls", *(argv if argv is not None else sys.argv[1:])])}
         docs.mkdir(parents=True, exist_ok=True)
         write_json(out, report)
         shutil.copyfile(savedir / "results.md", docs / "text_cls_results.md")

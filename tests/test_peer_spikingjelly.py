@@ -1,15 +1,12 @@
 """bench/peer_spikingjelly.py: the Llama -> Qwen2 copy is exact; SpikingJelly's recipe converts and measures."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import peer_spikingjelly as peer  # noqa: E402
+import bench.peer_spikingjelly as peer
 
 WINDOW = 64
 
