@@ -131,9 +131,10 @@ def test_tiny_conversion_writes_a_verified_directory(converted):
     assert "512-token windows" in report["protocol"] and report["eval_tokens"] == 512
     assert math.isfinite(report["ppl_ann"]) and math.isfinite(report["ppl_snn"]) and report["ppl_ann"] > 1
     # a tiny random model predicts from its residual stream: a silent SNN of it still agrees on top-1 (1.0),
-    # but its logits move away from the ANN's (measured relative error 0.21 silent, 0.02 healthy at T=8)
-    assert 0 < report["probe"]["relative_logit_error_vs_ann"] < 0.1
-    assert 0 < report["mean_spike_rate"] < 0.95 and 0 < report["coverage"] < 1 and report["energy_ratio"] > 0
+    # but its logits move away from the ANN's (relative error at T=8, measured: healthy 0.069, silent 1.0;
+    # without the spiking LM-head input 0.02 and 0.21)
+    assert 0 < report["probe"]["relative_logit_error_vs_ann"] < 0.15
+    assert 0 < report["mean_spike_rate"] < 0.95 and 0 < report["coverage"] <= 1 and report["energy_ratio"] > 0
     assert report["conversion_seconds"] > 0 and report["step_seconds"]["calibrate"] > 0
     assert report["energy"]["memory_traffic_counted"] is False and report["energy"]["tokens"] == 512
     assert all(c["passed"] for c in report["checks"]) and len(report["checks"]) == 11
