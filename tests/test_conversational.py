@@ -340,8 +340,9 @@ def agreement_rows(rows: dict) -> list[dict]:
     return [r for n, r in rows.items() if n.startswith("chit-chat reply") and "agreement" in n]
 
 
-# at T=8 the converter issue names a perplexity bar only; this agreement bar (healthy trained tiny model
-# 0.8-0.9 on these replies, a different-seed ANN ~0.1) lets the test see the agreement rows judge
+# at T=8 the converter issue names a perplexity bar only; this agreement bar lets the test see the agreement
+# rows judge (measured per reply: healthy trained tiny model 0.84-0.89 against its ANN, 0.03-0.08 against a
+# different-seed ANN)
 TINY_AGREEMENT_BAR = 0.6
 
 
