@@ -6,8 +6,9 @@ output head stay float. Backends: ``own`` (:class:`Int8Linear`, per-output-chann
 any device, saved as plain int8/float32 tensors), ``bnb`` and ``torchao`` (see
 :mod:`calibration.int8_backends`), and ``none``.
 
-A saved ``own`` model is rebuilt from the float architecture: :func:`prepare_int8_` puts empty
-:class:`Int8Linear` shells at the saved paths, then ``load_state_dict`` fills them.
+A saved 8-bit model is rebuilt from the float architecture: :func:`prepare_int8_` puts empty
+8-bit shells of the saved backend at the saved paths, then ``load_state_dict`` fills them with the
+same int8 numbers (every backend: identical outputs after the round trip).
 """
 
 from __future__ import annotations
@@ -288,16 +289,34 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
     return summary
 
 
-def prepare_int8_(model: nn.Module, quantized_paths: Iterable[str]) -> nn.Module:
-    """Put empty :class:`Int8Linear` shells at ``quantized_paths`` (the ``paths`` of an ``own``
-    summary) so ``model.load_state_dict`` can load a saved 8-bit model into the float architecture.
+def prepare_int8_(model: nn.Module, quantized_paths: Iterable[str], backend: str = "own") -> nn.Module:
+    """Put empty 8-bit layers of ``backend`` at ``quantized_paths`` (the ``paths`` of a
+    :func:`quantize_weights_` summary) so ``model.load_state_dict`` can load a saved 8-bit model
+    into the float architecture.
 
     Raises:
-        ValueError: a path that is missing or not a linear layer (see :func:`find_linears`).
+        ValueError: an unknown backend, or a path that is missing or not a linear layer (see
+            :func:`find_linears`).
+        BackendUnavailableError: ``bnb``/``torchao`` not installed or not running here.
     """
+    if backend not in BACKENDS or backend == "none":
+        raise ValueError(f"no 8-bit layers of backend {backend!r}; choose one of "
+                         f"{', '.join(b for b in BACKENDS if b != 'none')}")
     quantized_paths = list(quantized_paths)
     if not quantized_paths:
         return model
-    for path, layer in find_linears(model, quantized_paths).items():
-        _set(model, path, Int8Linear.shell_like(layer).train(layer.training))
+    targets = find_linears(model, quantized_paths)
+    if backend != "own":
+        int8_backends.require(backend, float_weight(next(iter(targets.values()))).device)
+    with torch.no_grad():
+        for path, layer in targets.items():
+            if backend == "own":
+                shell = Int8Linear.shell_like(layer)
+            elif backend == "bnb":  # any weight will do: loading replaces the int8 numbers and scales
+                shell = int8_backends.bnb_linear(torch.zeros_like(float_weight(layer)), layer.bias)
+            else:
+                shell = _as_linear(layer)
+            _set(model, path, shell.train(layer.training))
+        if backend == "torchao":  # quantizes the float weights there; loading replaces them
+            int8_backends.torchao_quantize_(model, list(targets))
     return model

@@ -17,6 +17,13 @@ another backend.
 - ``torchao``: ``quantize_(model, Int8WeightOnlyConfig(), filter_fn)``, weight-only int8 per output
   channel (``PerRow``), the same scheme as the ``own`` backend. ``set_inductor_config=False``: the
   default rewrites global torch.compile settings, which converting a model must not do.
+
+Saving and loading: a ``Linear8bitLt``'s state dict holds its int8 weight and ``SCB`` scales as plain
+tensors, and loads into a shell built from any weight. torchao's weight is a tensor subclass that
+safetensors cannot write, so each torchao layer gets a pair of state-dict hooks
+(:func:`torchao_state_dict_hooks`): its state dict holds ``weight_qdata`` (int8), ``weight_scale``
+(and any other tensor of the subclass) instead of ``weight``, and loading rebuilds the subclass
+from them. Either way the reloaded layer holds the same int8 numbers and computes the same outputs.
 """
 
 from __future__ import annotations
@@ -125,7 +132,8 @@ def torchao_config():
 
 
 def torchao_quantize_(model: nn.Module, paths: list[str]) -> None:
-    """torchao int8 weight-only on the ``nn.Linear`` modules at ``paths`` only (its ``filter_fn``)."""
+    """torchao int8 weight-only on the ``nn.Linear`` modules at ``paths`` only (its ``filter_fn``),
+    each with :func:`torchao_state_dict_hooks` so the model saves as plain tensors."""
     from torchao.quantization import quantize_
 
     chosen = set(paths)
@@ -133,6 +141,43 @@ def torchao_quantize_(model: nn.Module, paths: list[str]) -> None:
     missed = [p for p in paths if not _is_torchao(model.get_submodule(p))]
     if missed:
         raise RuntimeError(f"torchao left these layers unquantized: {missed[:8]}")
+    for p in paths:
+        torchao_state_dict_hooks(model.get_submodule(p))
+
+
+def _torchao_tensor_names(weight: torch.Tensor) -> list[str]:
+    """The tensors a torchao weight holds: ``qdata``, ``scale``, then the optional ones it has."""
+    cls = type(weight)
+    return list(cls.tensor_data_names) + [n for n in cls.optional_tensor_data_names
+                                          if getattr(weight, n) is not None]
+
+
+def _torchao_save_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    weight = state_dict.pop(prefix + "weight")
+    for name in _torchao_tensor_names(weight):
+        state_dict[f"{prefix}weight_{name}"] = getattr(weight, name).detach()
+
+
+def _torchao_load_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Rebuild the weight from its saved tensors (the shell's subclass gives the rest: block size,
+    dtype); the default loader then copies it into the shell's weight."""
+    shell = module.weight
+    names = _torchao_tensor_names(shell)
+    keys = [f"{prefix}weight_{n}" for n in names]
+    if not all(k in state_dict for k in keys):
+        return  # missing keys: the default loader reports "weight" missing
+    tensors = {n: state_dict.pop(k) for n, k in zip(names, keys)}
+    attrs = {n: getattr(shell, n) for n in type(shell).tensor_attribute_names}
+    optional = {n: tensors[n] for n in type(shell).optional_tensor_data_names if n in tensors}
+    required = [tensors[n] for n in type(shell).tensor_data_names]
+    state_dict[prefix + "weight"] = type(shell)(*required, **attrs, **optional)
+
+
+def torchao_state_dict_hooks(layer: nn.Module) -> nn.Module:
+    """Let a torchao-quantized ``nn.Linear`` save its weight as plain tensors and load it back."""
+    layer.register_state_dict_post_hook(_torchao_save_hook)
+    layer.register_load_state_dict_pre_hook(_torchao_load_hook)
+    return layer
 
 
 def torchao_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

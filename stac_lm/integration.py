@@ -100,9 +100,9 @@ def quantized_paths(summary: dict) -> list[str]:
     return list(summary["paths"])
 
 
-def prepare_int8(model: nn.Module, paths: list[str]) -> None:
-    """Rebuild int8 shells at ``paths`` so a saved state dict loads into ``model``."""
-    _need("calibration.int8", "prepare_int8_", "loading a model with 8-bit weights")(model, paths)
+def prepare_int8(model: nn.Module, paths: list[str], backend: str = "own") -> None:
+    """Rebuild ``backend``'s int8 shells at ``paths`` so a saved state dict loads into ``model``."""
+    _need("calibration.int8", "prepare_int8_", "loading a model with 8-bit weights")(model, paths, backend)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

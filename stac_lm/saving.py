@@ -41,7 +41,7 @@ CALIB_FILES = ("calibration.safetensors", "calibration.json")
 TOKENIZER_DIR = "tokenizer"
 LOG_FILE = "conversion_log.txt"
 REPORT_FILE = "report.json"
-SAVEABLE_INT8 = ("own", "none")  # backends whose layers calibration.int8.prepare_int8_ can rebuild
+SAVEABLE_INT8 = ("own", "bnb", "torchao", "none")  # backends whose layers calibration.int8.prepare_int8_ rebuilds
 
 
 def library_versions() -> dict[str, str]:
@@ -171,7 +171,7 @@ def load_snn(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     if paths:
         if backend not in SAVEABLE_INT8:
             raise ValueError(f"{bad}: 8-bit backend {backend!r} cannot be rebuilt; saveable: {SAVEABLE_INT8}")
-        integration.prepare_int8(model, paths)
+        integration.prepare_int8(model, paths, backend)
     try:
         load_model(model, str(d / WEIGHTS_FILE), strict=True)
     except (RuntimeError, SafetensorError) as e:

@@ -284,30 +284,62 @@ def test_a_model_without_embeddings_quantizes_every_linear():
 
 # --- saving and loading -------------------------------------------------------------------------
 
+STORED_INT8 = {"own": "weight_int8", "bnb": "weight", "torchao": "weight_qdata"}  # int8 tensor of a saved layer
+
+
+@pytest.mark.parametrize("backend", ["own", "bnb", "torchao"])
 @pytest.mark.parametrize("arch, converted", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)])
-def test_safetensors_round_trip_is_exact(tmp_path, arch, converted):
-    """save_model drops the tied head's duplicate; a fresh float model (other random weights) +
-    prepare_int8_ + load_model gives bit-identical logits."""
+def test_safetensors_round_trip_is_exact(tmp_path, arch, converted, backend):
+    """save_model drops the tied head's duplicate and writes plain tensors (torchao's weight subclass
+    through its state-dict hooks); a fresh float model (other random weights) + prepare_int8_ +
+    load_model gives bit-identical logits, for every backend."""
+    if backend != "own":
+        available(backend)
     make, _ = MODELS[arch]
     model = make(seed=0)
     if converted:
         model = convert(model, ConversionConfig(T=8))
-    s = quantize_weights_(model, "own", progress=False)
+    s = quantize_weights_(model, backend, progress=False)
     path = tmp_path / "model.safetensors"
     save_model(model, str(path))
     stored = load_file(str(path))
-    assert all(stored[f"{p}.weight_int8"].dtype == torch.int8 for p in s["paths"])
+    assert all(stored[f"{p}.{STORED_INT8[backend]}"].dtype == torch.int8 for p in s["paths"])
 
     fresh = make(seed=123)
     if converted:
         fresh = convert(fresh, ConversionConfig(T=8))
     x = ids()
     assert not torch.equal(logits(fresh, x), logits(model, x)), "the fresh model must start different"
-    prepare_int8_(fresh, s["paths"])
+    prepare_int8_(fresh, s["paths"], backend)
     missing, unexpected = load_model(fresh, str(path))
     assert not missing and not unexpected
     assert fresh.get_output_embeddings().weight is fresh.get_input_embeddings().weight, "still tied"
     assert torch.equal(logits(fresh, x), logits(model, x))
+
+
+def test_prepare_refuses_an_unknown_backend():
+    with pytest.raises(ValueError, match="choose one of own, bnb, torchao"):
+        prepare_int8_(tiny_llama(), ["model.layers.0.mlp.up_proj"], "int4")
+
+
+@pytest.mark.parametrize("backend", ["bnb", "torchao"])
+def test_a_converted_run_with_a_library_backend_saves_and_reloads_identical_logits(tmp_path, backend):
+    """--quant_backend bnb / torchao: the pipeline converts, saves, and load_snn rebuilds the same model."""
+    from tiny_models import save_tiny
+
+    from stac_lm.options import ConvertOptions
+    from stac_lm.pipeline import run
+    from stac_lm.saving import load_snn
+
+    available(backend)
+    opts = ConvertOptions(model_name=str(save_tiny(tmp_path / "model", "llama")), output_dir=str(tmp_path / "snn"),
+                          timesteps=8, calib_tokens=256, eval_tokens=512, verify=False, quant_backend=backend)
+    out = run(opts, progress=False)
+    assert out.quantization["backend"] == backend and out.quantization["layers"] > 0
+    model, _, config = load_snn(opts.output_dir)
+    assert config["quantization"]["backend"] == backend
+    x = out.eval_stream.ids[:96][None]
+    assert torch.equal(logits(model, x), logits(out.snn, x))
 
 
 def test_prepare_refuses_paths_that_are_not_linears():
