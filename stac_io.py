@@ -51,16 +51,21 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | Path, obj: object) -> None:
-    """Write sorted, indented JSON through a temporary file and a rename."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename: a reader never sees half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    """Write sorted, indented JSON atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -30,9 +29,9 @@ from stac_eval import evaluate_lm
 from stac_io import check_output_free, write_json
 from stac_lm import integration
 from stac_lm.energy import counting, energy_summary
-from stac_lm.pipeline import CALIB_SEQ, load_source
+from stac_lm.pipeline import CALIB_SEQ, load_source, resolve_device
 from stac_lm.texts import calibration_batches, load_streams
-from stac_lm.verify import reset_spike_stats
+from stac_lm.verify import machine_info, reset_spike_stats
 
 BASELINE = "rate:16:95:nohead"
 DEFAULT_POINTS = ("rate:16:95:nohead,rate:16:95,rate:32:95,weighted:4:99,weighted:5:99,weighted:5:99.9,"
@@ -41,15 +40,18 @@ PEER_FILE = Path("docs/bench_convert_peer.json")
 
 
 def parse_point(spec: str) -> dict:
-    """``coding:T:percentile[:nohead]`` -> a point's settings; ``ValueError`` on a bad spec."""
+    """``coding:T:percentile[:nohead][:float]`` -> a point's settings (``nohead``: LM head dense;
+    ``float``: float weights instead of 8-bit); ``ValueError`` on a bad spec."""
     parts = spec.split(":")
-    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "nohead"):
-        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead], e.g. weighted:6:99.9")
+    flags = set(parts[3:])
+    if len(parts) < 3 or flags - {"nohead", "float"}:
+        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float], e.g. weighted:6:99.9")
     return {"spec": spec, "coding": parts[0], "T": int(parts[1]), "percentile": float(parts[2]),
-            "spike_head": len(parts) == 3}
+            "spike_head": "nohead" not in flags, "int8_weights": "float" not in flags}
 
 
 def measure(ann, snn, eval_ids: torch.Tensor) -> dict:
+    """Perplexity, agreement and energy of one pass of ``eval_ids`` through both models."""
     reset_spike_stats(snn)
     with counting(ann) as a, counting(snn) as s, torch.no_grad():
         lm = evaluate_lm({"ann": ann, "snn": snn}, eval_ids, progress=False)
@@ -62,23 +64,26 @@ def measure(ann, snn, eval_ids: torch.Tensor) -> dict:
 def run(args) -> dict:
     torch.manual_seed(0)
     points = [parse_point(s) for s in args.points.split(",")]
+    device = resolve_device(args.device)
     ann, tok = load_source("embedded")
+    ann = ann.to(device)
     calib, evals = load_streams(tok, None, args.calib_tokens, None, args.eval_tokens)
-    batches = calibration_batches(calib.ids, min(CALIB_SEQ, args.calib_tokens))
+    batches = [b.to(device) for b in calibration_batches(calib.ids, min(CALIB_SEQ, args.calib_tokens))]
     # one pass observes every site (a model with a head site has them all); observations depend on
     # neither T nor coding, so every point fits its thresholds from them
-    probe = convert(ann, ConversionConfig(T=4, mode="full", spike_head=True))
+    probe = convert(ann, ConversionConfig(T=4, mode="full", spike_head=True)).to(device)  # new sites start on the CPU
     integration.quantize_weights(probe, "own", False)
     observers, n = observe_sites(probe, batches, CalibrationConfig(T=4), progress=False)
     del probe
     models, rows = {}, []
     t_start = time.perf_counter()
     for pt in points:
-        key = (pt["coding"], pt["spike_head"])
+        key = (pt["coding"], pt["spike_head"], pt["int8_weights"])
         if key not in models:
             cfg = ConversionConfig(T=pt["T"], mode="full", coding=pt["coding"], spike_head=pt["spike_head"])
-            models[key] = convert(ann, cfg)
-            integration.quantize_weights(models[key], "own", False)
+            models[key] = convert(ann, cfg).to(device)
+            if pt["int8_weights"]:
+                integration.quantize_weights(models[key], "own", False)
         snn = models[key]
         names = {name for name, _ in iter_sites(snn)}
         obs = {k: v for k, v in observers.items() if k in names}
@@ -87,7 +92,7 @@ def run(args) -> dict:
                                  max_burst=max_exact_burst(pt["T"], pt["coding"]), burst_budget=64, n_samples=n)
         fit_calibration(obs, ccfg).apply_to(snn)
         set_mode(snn, "parallel")
-        row = {**pt, **measure(ann, snn, evals.ids.to(torch.device("cpu"))), "seconds": time.perf_counter() - t0}
+        row = {**pt, **measure(ann, snn, evals.ids.to(device)), "seconds": time.perf_counter() - t0}
         rows.append(row)
         print(f"{pt['spec']:22s} ratio {row['ppl_ratio']:.3f} top1 {row['top1_agreement']:.3f} "
               f"energy {row['energy_ratio']:.3f} coverage {row['coverage']:.3f} ({row['seconds']:.0f} s)", flush=True)
@@ -95,8 +100,7 @@ def run(args) -> dict:
     return {"points": rows, "baseline": BASELINE, "ann": {"ppl_ratio": 1.0, "top1_agreement": 1.0, "energy_ratio": 1.0},
             "peer": _peer_rows(peer), "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
             "calibration": calib.describe(), "evaluation": evals.describe(),
-            "machine": {"platform": platform.platform(), "cpu_count": torch.get_num_threads(),
-                        "torch": torch.__version__}, "seconds": time.perf_counter() - t_start}
+            "machine": machine_info(device), "seconds": time.perf_counter() - t_start}
 
 
 def _peer_rows(peer: dict | None) -> list[dict]:
@@ -117,11 +121,15 @@ def plot(result: dict, path: Path) -> None:
     for ax, key, label in ((axes[0], "ppl_ratio", "perplexity ratio SNN/ANN"),
                            (axes[1], "top1_agreement", "top-1 agreement with the ANN")):
         for coding, marker in (("rate", "o"), ("weighted", "s")):
-            pts = [p for p in result["points"] if p["coding"] == coding and p["spec"] != result["baseline"]]
+            pts = [p for p in result["points"] if p["coding"] == coding and p["spec"] != result["baseline"]
+                   and p["int8_weights"]]
             ax.scatter([p["energy_ratio"] for p in pts], [p[key] for p in pts], marker=marker, label=f"{coding} coding")
             for p in pts:
                 ax.annotate(f"T={p['T']} p{p['percentile']:g}", (p["energy_ratio"], p[key]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
+        floats = [p for p in result["points"] if not p["int8_weights"]]
+        ax.scatter([p["energy_ratio"] for p in floats], [p[key] for p in floats], marker="^", facecolors="none",
+                   edgecolors="purple", label="float weights")
         base = [p for p in result["points"] if p["spec"] == result["baseline"]]
         if base:
             ax.scatter([base[0]["energy_ratio"]], [base[0][key]], marker="x", color="k", label="before (rate T=16, head dense)")
@@ -148,6 +156,7 @@ def main() -> None:
     p.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated coding:T:percentile[:nohead]")
     p.add_argument("--calib_tokens", type=int, default=8192)
     p.add_argument("--eval_tokens", type=int, default=4096)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--out", default="docs/frontier.json")
     p.add_argument("--plot", default="docs/frontier.png")
     p.add_argument("--overwrite", action="store_true")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -24,10 +23,11 @@ import torch
 
 from bench.generation_prompts import correct, prompts
 from spike_modules import set_timesteps
-from stac_io import atomic_write_text, check_output_free, write_json
+from stac_io import write_text_atomic, check_output_free, write_json
 from stac_lm.fidelity import FIRST_N, compare
-from stac_lm.pipeline import load_checked_source
+from stac_lm.pipeline import load_checked_source, resolve_device
 from stac_lm.saving import REPORT_FILE, load_snn
+from stac_lm.verify import machine_info
 
 REPORT_KEYS = ("ppl_ratio", "top1_agreement", "energy_ratio", "coverage", "mean_spike_rate")
 
@@ -42,14 +42,15 @@ def report_figures(model_dir: Path) -> dict:
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    rows = prompts()
+    rows = prompts(tuple(args.kinds.split(",")))
+    device = resolve_device(args.device)
     results, ann_cache = [], {}
     t0 = time.perf_counter()
     for d in args.model_dir:
-        snn, tok, config = load_snn(d, "cpu")
+        snn, tok, config = load_snn(d, device)
         source = json.dumps(config["source"], sort_keys=True)
         if source not in ann_cache:
-            ann_cache[source] = [load_checked_source(config), None]
+            ann_cache[source] = [load_checked_source(config).to(device), None]
         ann, ann_replies = ann_cache[source]
         Ts = [int(t) for t in args.timesteps.split(",")] if args.timesteps else [int(config["timesteps"])]
         for T in Ts:
@@ -70,15 +71,15 @@ def run(args) -> dict:
                   f"SNN correct {s['snn_correct']:.2f}, kept {s['snn_keeps_ann_correct']:.2f}, forced top-1 "
                   f"{s['forced_top1_agreement_on_ann_replies']:.3f}", flush=True)
             results.append(entry)
-    return {"benchmark": "bench/generation.py", "new_tokens": args.new_tokens, "first_n": FIRST_N,
+    return {"benchmark": "bench/generation.py", "new_tokens": args.new_tokens, "first_n": FIRST_N, "kinds": args.kinds,
             "prompts": len(rows), "results": results, "seconds": time.perf_counter() - t0,
-            "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}}
+            "machine": machine_info(device)}
 
 
 def markdown(result: dict, examples: int) -> str:
     lines = ["# Free-running generation: SNN replies beside the ANN's", "",
              f"`bench/generation.py`, greedy, up to {result['new_tokens']} new tokens, {result['prompts']} prompts "
-             "(30 questions, 10 instructions, 20 chit-chat openings never used in calibration).", "",
+             f"({result['kinds']}: 30 questions, 10 instructions, 20 chit-chat openings never used in calibration).", "",
              f"| model | coding | T | first-{FIRST_N} identity | mean common prefix | exact | ANN correct | SNN correct | "
              "ANN-correct kept | forced top-1 on ANN replies | Tempest ppl ratio | Tempest top-1 | energy ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,12 +110,14 @@ def main() -> None:
     p.add_argument("--markdown", default="docs/generation.md")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--kinds", default="question,instruction,chitchat", help="prompt kinds to run")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     args = p.parse_args()
     for path in (args.out, args.markdown):
         check_output_free(path, args.overwrite)
     result = run(args)
     write_json(Path(args.out), result)
-    atomic_write_text(Path(args.markdown), markdown(result, args.examples))
+    write_text_atomic(Path(args.markdown), markdown(result, args.examples))
     print(f"wrote {args.out} and {args.markdown}")
 
 

@@ -81,9 +81,15 @@ def chitchat_openings(n: int = CHITCHAT_OPENINGS) -> list[str]:
     return out
 
 
-def prompts() -> list[dict]:
-    """Every prompt as ``{"kind", "text", "answers"}`` (answers only for questions)."""
-    rows = [{"kind": "question", "text": q, "answers": list(a)} for q, a in QUESTIONS]
-    rows += [{"kind": "instruction", "text": t, "answers": None} for t in INSTRUCTIONS]
-    rows += [{"kind": "chitchat", "text": t, "answers": None} for t in chitchat_openings()]
+KINDS = ("question", "instruction", "chitchat")
+
+
+def prompts(kinds: tuple[str, ...] = KINDS) -> list[dict]:
+    """The prompts of ``kinds`` as ``{"kind", "text", "answers"}`` (answers only for questions)."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown prompt kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    rows = [{"kind": "question", "text": q, "answers": list(a)} for q, a in QUESTIONS] if "question" in kinds else []
+    rows += [{"kind": "instruction", "text": t, "answers": None} for t in INSTRUCTIONS] if "instruction" in kinds else []
+    rows += [{"kind": "chitchat", "text": t, "answers": None} for t in chitchat_openings()] if "chitchat" in kinds else []
     return rows

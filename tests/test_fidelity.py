@@ -1,0 +1,49 @@
+"""Free-running generation fidelity (stac_lm.fidelity): identical models agree everywhere, a different
+network does not, and the figures are what the rows say."""
+
+import torch
+from tiny_models import VOCAB, tiny_model, tiny_tokenizer
+
+from bench.generation_prompts import correct
+from stac_lm.fidelity import FIRST_N, common_prefix, compare, greedy_reply, stop_ids
+
+PROMPTS = [{"kind": "question", "text": "Who is the king?", "answers": ["king"]},
+           {"kind": "instruction", "text": "Speak of the ghost.", "answers": None},
+           {"kind": "chitchat", "text": "To be, or not to be", "answers": None}]
+
+
+def test_a_model_against_itself_is_identical_everywhere():
+    tok, ann = tiny_tokenizer(), tiny_model("llama", VOCAB)
+    out = compare(ann, ann, tok, PROMPTS, new_tokens=FIRST_N + 4, correct=correct)
+    s = out["summary"]
+    assert s[f"first_{FIRST_N}_identity"] == 1.0 and s["exact_match"] == 1.0
+    assert s["forced_top1_agreement_on_ann_replies"] == 1.0
+    assert s["mean_common_prefix"] == sum(len(r.ids) for r in out["ann_replies"]) / len(PROMPTS) > 0
+
+
+def test_a_different_network_is_caught():
+    tok = tiny_tokenizer()
+    # a random tiny model with the default init repeats one token whatever the prompt; a wider init does not
+    ann, other = (tiny_model("llama", VOCAB, seed=s, initializer_range=0.3) for s in (0, 1))
+    s = compare(ann, other, tok, PROMPTS, new_tokens=FIRST_N + 4, correct=correct)["summary"]
+    assert s[f"first_{FIRST_N}_identity"] < 1.0 and s["exact_match"] < 1.0
+    assert s["forced_top1_agreement_on_ann_replies"] < 0.5
+
+
+def test_greedy_reply_uses_the_cache_as_a_full_pass_would():
+    tok, ann = tiny_tokenizer(), tiny_model("llama", VOCAB)
+    prompt = tok("To be, or not", return_tensors="pt").input_ids
+    reply = greedy_reply(ann, prompt, 12, stop=set())
+    ids = prompt
+    for _ in range(12):
+        with torch.no_grad():
+            nxt = ann(ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    assert reply == ids[0, prompt.shape[1]:].tolist()
+
+
+def test_helpers():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
+    assert correct("The capital of France is Paris.", ("Paris",)) and not correct("Parisian food", ("Paris",))
+    tok = tiny_tokenizer()
+    assert tok.eos_token_id in stop_ids(tok)
