@@ -33,9 +33,9 @@ assets: $(SHAKESPEARE)
 install: setup
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
-# the main job: convert the embedded SmolLM2 (full mode, T=16), verify it, save it, print the report
+# the main job: convert the embedded SmolLM2 (full mode, weighted spikes, T=7), verify it, save it, print the report
 demo: setup
-	$(PY) run_conversion.py --output_dir out/demo_smollm2_T16 --overwrite
+	$(PY) run_conversion.py --output_dir out/demo_smollm2 --overwrite
 
 # the default suite: fast tests plus the marked real-model tests that CI runs
 test: setup
@@ -57,9 +57,18 @@ bench: setup
 clean:
 	rm -rf $(VENV) .assets .pytest_cache .hypothesis
 
-# chat with the embedded SmolLM2 as an SNN (full mode, T=16, calibrated on chat text: --calib_text chitchat, whose
-# default threshold percentile is 85); the first run converts and verifies it (~4 minutes);
+# chat with the embedded SmolLM2 as an SNN (full mode, weighted spikes, T=7, calibrated on chat text: --calib_text
+# chitchat); the first run converts and verifies it (a few minutes);
 # exit 3 means saved but a verification check failed (the report says which): chat anyway
 chat: setup
-	test -d out/chat_smollm2_T16 || $(PY) run_conversion.py --calib_text chitchat --output_dir out/chat_smollm2_T16 || [ $$? -eq 3 ]
-	$(PY) chat.py --model_dir out/chat_smollm2_T16 --float_weights
+	test -d out/chat_smollm2_T7 || $(PY) run_conversion.py --calib_text chitchat --output_dir out/chat_smollm2_T7 || [ $$? -eq 3 ]
+	$(PY) chat.py --model_dir out/chat_smollm2_T7 --float_weights
+
+# on a machine with CUDA: the main job, the conversational checks, generation fidelity and the frontier on the GPU
+# (reports under out/gpu/; docs/gpu.md says what an H200 measured)
+gpu-check: setup
+	mkdir -p out/gpu
+	$(PY) run_conversion.py --device cuda --output_dir out/gpu/demo_smollm2 --overwrite || [ $$? -eq 3 ]
+	$(PY) test_conversational_snn.py --test_all --device cuda --out out/gpu/conversational_checks.json || [ $$? -eq 1 ]
+	$(PY) -m bench.generation --device cuda --model_dir out/gpu/demo_smollm2 --out out/gpu/generation.json --markdown out/gpu/generation.md --overwrite
+	$(PY) -m bench.frontier --device cuda --out out/gpu/frontier.json --plot out/gpu/frontier.png --overwrite

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Chat in the terminal with a spiking LM saved by run_conversion.py (or, with --ann, its original).
 
-  python chat.py --model_dir out/chat_smollm2_T16
-  python chat.py --model_dir out/chat_smollm2_T16 -T 8 --temperature 0.7 --seed 1
-  python chat.py --model_dir out/chat_smollm2_T16 --ann      # the original network, to compare
-  python chat.py --model_dir out/chat_smollm2_T16 --float_weights   # same replies, faster, more memory
+  python chat.py --model_dir out/chat_smollm2_T7
+  python chat.py --model_dir out/chat_smollm2_T7 -T 8 --temperature 0.7 --seed 1
+  python chat.py --model_dir out/chat_smollm2_T7 --ann      # the original network, to compare
+  python chat.py --model_dir out/chat_smollm2_T7 --float_weights   # same replies, faster, more memory
 
 The tokenizer's chat template writes the conversation when it has one; otherwise plain
 "User:/Assistant:" lines. Replies stream as they come. In the session, :help lists the

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Convert a causal language model into a spiking network, verify it against the original, save it.
 
-  python run_conversion.py                                   # embedded SmolLM2-135M-Instruct, full mode, T=16
+  python run_conversion.py                                   # embedded SmolLM2-135M-Instruct, full mode, weighted spikes, T=7
   python run_conversion.py --simplified --timesteps 8
   python run_conversion.py --model_name distilgpt2 --output_dir out/distilgpt2_T16
-  python run_conversion.py --verify --model_dir out/snn_SmolLM2-135M-Instruct_T16_full
+  python run_conversion.py --verify --model_dir out/snn_SmolLM2-135M-Instruct_T7_full
 
 Every flag also takes dashes (--model-name). Exit codes: 0 done, 3 done but a verification check
 failed (report.json says which), 2 bad input (one line on stderr), 1 a STAC component missing from
@@ -38,10 +38,11 @@ def build_parser() -> Parser:
     flag(g, "simplified", action="store_true", help="fast structural swap: ReLU, quick thresholds "
                                                      "(percentile), no 8-bit weights")
     flag(g, "timesteps", type=int, metavar="T", help=f"spike timesteps, 1..{MAX_CLI_TIMESTEPS} (1..16 with weighted "
-                                                      "coding); default 16 for rate coding, 6 for weighted")
+                                                      "coding); default 16 for rate coding, 7 for weighted")
     flag(g, "coding", choices=("rate", "weighted"),
          help="spike coding of every site: rate (a level costs one spike per unit, T levels) or weighted (step k "
-              "weighs 2**(T-1-k): 2**T - 1 levels, a level costs the ones of its binary form) (default rate)")
+              "weighs 2**(T-1-k): 2**T - 1 levels, a level costs the nonzero digits of its signed-digit form) "
+              "(default: weighted in full mode, rate with --simplified)")
     flag(g, "spike_head", action=argparse.BooleanOptionalAction,
          help="a spiking site at the LM head's input, so the head is spike-driven too (default: on in full mode)")
     flag(g, "activation", choices=ACTIVATIONS, help="keep the model's SiLU/GELU or swap them for ReLU "

@@ -3,7 +3,7 @@
 multi-turn quality against the original ANN, and spike rates.
 
   python test_conversational_snn.py --test_all                       # converts the embedded SmolLM2 first
-  python test_conversational_snn.py --test_all --model_dir out/chat_smollm2_T16
+  python test_conversational_snn.py --test_all --model_dir out/chat_smollm2_T7
   python test_conversational_snn.py --test_positions --test_masks --model_dir DIR --timesteps 32
 
 Groups: --test_multi_turn (cache contract over three turns, chit-chat perplexity and agreement
@@ -17,7 +17,7 @@ computations agree to rounding; the cache contract is also measured in float32, 
 flips a few quantization levels (stac_lm/conv_checks.py says why and how much).
 
 Without --model_dir the embedded SmolLM2-135M-Instruct is converted for chatting as `make chat`
-does (full mode, --calib_text chitchat, T from --timesteps, default 16) into out/chat_smollm2_T<T>,
+does (full mode, --calib_text chitchat, T from --timesteps, default the full mode's: 7 with weighted spikes) into out/chat_smollm2_T<T>,
 or that directory is used if it exists. Prints a table (check, measured figure, bar, PASS/FAIL) and writes
 it as JSON to --out. Every flag also takes dashes (--model-dir). Exit codes: 0 every check passed,
 1 a check failed, 2 bad input (one line on stderr), 130 interrupted.
@@ -88,8 +88,9 @@ def converted_dir(args: argparse.Namespace) -> str:
     at ``out/chat_smollm2_T<T>``)."""
     from stac_lm.options import CHITCHAT, ConvertOptions
 
-    T = 16 if args.timesteps is None else args.timesteps
-    opts = ConvertOptions(timesteps=T, device=args.device, calib_text=CHITCHAT, output_dir=f"out/chat_smollm2_T{T}")
+    opts = ConvertOptions(timesteps=args.timesteps, device=args.device, calib_text=CHITCHAT)
+    opts = ConvertOptions(timesteps=opts.timesteps, device=args.device, calib_text=CHITCHAT,
+                          output_dir=f"out/chat_smollm2_T{opts.timesteps}")
     if Path(opts.output_dir).exists():
         print(f"using the existing conversion in {opts.output_dir}", file=sys.stderr)
         return opts.output_dir

@@ -3,21 +3,28 @@
 Mode-dependent defaults (``None`` below) are resolved in ``__post_init__``, so a saved
 options file always holds the concrete values that were used:
 
-=================  ===========  ==============
-option             full mode    ``--simplified``
-=================  ===========  ==============
-threshold_rule     percentile   percentile
-percentile         95.0 [1]     99.9
-max_burst          2**24 // T   1 (plain IF neurons)
-burst_budget       64           none
-quant_backend      own          none (int8 is refused)
-activation         keep         relu
-calib_tokens       8192         2048
-=================  ===========  ==============
+=================  =====================  ==============
+option             full mode              ``--simplified``
+=================  =====================  ==============
+coding             weighted [1]           rate
+timesteps          7 (weighted), 16 rate  16
+spike_head         on                     off
+threshold_rule     percentile             percentile
+percentile         99.9 (rate: 95.0 [2])  99.9
+max_burst          2**24 // levels        1 (plain IF neurons)
+burst_budget       64                     none
+quant_backend      own                    none (int8 is refused)
+activation         keep                   relu
+calib_tokens       8192                   2048
+=================  =====================  ==============
 
-[1] 85.0 with ``calib_text='chitchat'``: chat replies have many next tokens that the ANN itself
-nearly ties, so a finer step keeps its top-1 choice more often (chit-chat agreement 0.87 at T=16,
-against 0.80-0.85 with 95.0); it costs about half as many spikes again (``docs/conversational.md``).
+[1] Weighted spikes at T=7 (127 levels per sign, a level costs its signed-digit spikes): on the
+embedded SmolLM2 and The Tempest, perplexity ratio 1.006, top-1 agreement 0.946 at 0.49 of the
+ANN's energy, where rate coding at T=16 costs 1.17-1.23 (``docs/frontier.json``).
+[2] With rate coding, 85.0 with ``calib_text='chitchat'``: chat replies have many next tokens that
+the ANN itself nearly ties, so a finer step keeps its top-1 choice more often (chit-chat agreement
+0.87 at T=16, against 0.80-0.85 with 95.0); it costs about half as many spikes again
+(``docs/conversational.md``). Weighted coding gets its finer steps from more levels instead.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ CHITCHAT = "chitchat"  # --calib_text keyword: the embedded chit-chat data in th
 CHAT_PERCENTILE = 85.0  # full mode's default threshold percentile with --calib_text chitchat (see [1] above)
 
 MAX_CLI_TIMESTEPS = 512
-DEFAULT_CODING = {"full": "rate", "simplified": "rate"}
-DEFAULT_TIMESTEPS = {"rate": 16, "weighted": 6}  # weighted: 2**6 - 1 = 63 levels per sign
+DEFAULT_CODING = {"full": "weighted", "simplified": "rate"}
+DEFAULT_TIMESTEPS = {"rate": 16, "weighted": 7}  # weighted: 2**7 - 1 = 127 levels per sign
 DEVICES = ("auto", "cpu", "cuda")
 THRESHOLD_RULES = ("max", "percentile", "mse")
 QUANT_BACKENDS = ("own", "bnb", "torchao", "none")
@@ -127,7 +134,8 @@ class ConvertOptions:
         if self.percentile is None:
             # full mode: a finer step, bursts carry the tail (bench/convert.py), finer still for chat text;
             # simplified: few clipped values
-            set_("percentile", (CHAT_PERCENTILE if self.calib_text == CHITCHAT else 95.0) if full else 99.9)
+            rate_full = full and self.coding == "rate"
+            set_("percentile", (CHAT_PERCENTILE if self.calib_text == CHITCHAT else 95.0) if rate_full else 99.9)
         if self.max_burst is None:
             set_("max_burst", max_exact_burst(self.timesteps, self.coding) if full else 1)
         check_max_burst(self.max_burst, self.timesteps, self.coding)

@@ -17,6 +17,7 @@ from tiny_models import save_tiny
 
 from calibration import Calibration
 from spike_modules import iter_sites, set_mode
+from spike_modules.quantizer import coding_levels
 from stac_lm.options import ConvertOptions
 from stac_lm.pipeline import CALIB_SEQ, run
 from stac_lm.texts import calibration_batches
@@ -170,8 +171,9 @@ def full_runs(tiny, tmp_path_factory):
 
 
 def test_max_burst_is_the_saved_burst_cap(full_runs):
-    assert full_runs["default"].options.max_burst == 2 ** 24 // T
-    for key, cap in (("default", 2 ** 24 // T), ("burst4", 4)):
+    top = 2 ** 24 // coding_levels(T, full_runs["default"].options.coding)  # counts stay exact in float32
+    assert full_runs["default"].options.max_burst == top
+    for key, cap in (("default", top), ("burst4", 4)):
         bursts = saved(full_runs[key], "burst")
         assert all(bool((b == cap).all()) for b in bursts.values()), key
 
@@ -181,12 +183,13 @@ def test_burst_budget_raises_thresholds_to_max_over_budget(full_runs):
     top = rule_thetas(inputs, "max")
     # budget 1: the largest calibration value must fit one spike per step, so theta is the maximum
     assert_close(saved_thetas(full_runs["budget1"]), top, rel=1e-6)
-    # budget 64 (full mode's default): theta = max(95th percentile, max / 64): exactly max / 64 where
+    # budget 64 (full mode's default): theta = max(percentile, max / 64): exactly max / 64 where
     # that is above the percentile's bracket, else the percentile
     got = saved_thetas(full_runs["default"])
+    pct = full_runs["default"].options.percentile
     for n, (x, signed) in inputs.items():
         floor = top[n] / 64
-        ok, ambiguous = percentile_verdict(got[n], x, signed, 95.0)
+        ok, ambiguous = percentile_verdict(got[n], x, signed, pct)
         exact = (got[n].double() - floor).abs() <= 1e-6 * floor
         assert bool((ok | ambiguous | exact).all()), n
         assert bool((got[n].double() >= floor * (1 - 1e-6)).all()), n  # never below the budget's floor

@@ -82,21 +82,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 def test_options_resolve_mode_defaults_and_round_trip_through_json():
     full, simple = ConvertOptions(), ConvertOptions(simplified=True, timesteps=8)
+    assert (full.coding, full.timesteps, full.spike_head, simple.coding, simple.timesteps, simple.spike_head) == \
+        ("weighted", 7, True, "rate", 8, False)
     assert (full.threshold_rule, full.percentile, full.max_burst, full.quant_backend, full.activation,
-            full.calib_tokens, full.burst_budget) == ("percentile", 95.0, 2**24 // 16, "own", "keep", 8192, 64)
+            full.calib_tokens, full.burst_budget) == ("percentile", 99.9, 2**24 // 127, "own", "keep", 8192, 64)
+    rate = ConvertOptions(coding="rate")
+    assert (rate.timesteps, rate.percentile, rate.max_burst) == (16, 95.0, 2**24 // 16)
     assert (simple.threshold_rule, simple.percentile, simple.max_burst, simple.quant_backend, simple.activation,
             simple.calib_tokens, simple.burst_budget) == ("percentile", 99.9, 1, "none", "relu", 2048, None)
     with pytest.raises(ValueError, match="max_burst must be an integer between 1 and 1048576 at T=16"):
-        ConvertOptions(max_burst=0)
+        ConvertOptions(coding="rate", max_burst=0)
     with pytest.raises(ValueError, match="between 1 and 524288 at T=32"):
-        ConvertOptions(timesteps=32, max_burst=2**20)
-    assert ConvertOptions(timesteps=32).max_burst == 2**19
-    # chat text: a finer threshold percentile unless one is given; simplified mode keeps its own
-    assert ConvertOptions(calib_text="chitchat").percentile == 85.0
+        ConvertOptions(coding="rate", timesteps=32, max_burst=2**20)
+    with pytest.raises(ValueError, match="weighted coding takes T from 1 to 16"):
+        ConvertOptions(timesteps=32)
+    assert ConvertOptions(coding="rate", timesteps=32).max_burst == 2**19
+    # chat text with rate coding: a finer threshold percentile unless one is given; weighted coding
+    # gets finer steps from its levels; simplified mode keeps its own
+    assert ConvertOptions(calib_text="chitchat", coding="rate").percentile == 85.0
+    assert ConvertOptions(calib_text="chitchat").percentile == 99.9
     assert ConvertOptions(calib_text="chitchat", percentile=97.5).percentile == 97.5
     assert ConvertOptions(calib_text="chitchat", simplified=True).percentile == 99.9
     assert simple.output_dir == "out/snn_SmolLM2-135M-Instruct_T8_simplified"
-    assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T16_full"
+    assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T7_full"
     for opts in (full, simple):
         again = ConvertOptions.from_json(opts.to_json())
         assert again == opts and again.to_dict() == opts.to_dict()

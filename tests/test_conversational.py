@@ -466,7 +466,8 @@ def test_cli_default_conversion_is_the_one_make_chat_makes(tmp_path, monkeypatch
     args = cli_main.build_parser().parse_args(["--timesteps", "8", "--device", "cpu"])
     assert cli_main.converted_dir(args) == "out/chat_smollm2_T8"
     (opts,) = seen
-    assert (opts.calib_text, opts.percentile, opts.timesteps, opts.simplified) == ("chitchat", 85.0, 8, False)
+    assert (opts.calib_text, opts.percentile, opts.timesteps, opts.simplified, opts.coding) == \
+        ("chitchat", 99.9, 8, False, "weighted")
     (tmp_path / "out" / "chat_smollm2_T8").mkdir(parents=True)
     assert cli_main.converted_dir(args) == "out/chat_smollm2_T8" and len(seen) == 1  # reused, not converted again
 
