@@ -36,6 +36,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _traffic(m: dict | None) -> str:
+    """SNN bytes per token over the float ANN's and the int8 ANN's (older reports have no estimate)."""
+    if not m:
+        return "-"
+    return f"{m['snn_over_ann']:.2f}x / {m['snn_over_ann_int8']:.2f}x"
+
+
 def _peak(peak: dict | None) -> str:
     if not peak or peak.get("site") is None:
         return "-"
@@ -55,6 +62,7 @@ def report_table(report: dict) -> Table:
         ("most spikes of one neuron for one token", _peak(report["spikes"].get("peak_spikes_per_token"))),
         ("coverage (spike-driven MACs)", report["coverage"]),
         ("energy ratio SNN/ANN", report["energy_ratio"]),
+        ("memory traffic SNN / float ANN / int8 ANN (est.)", _traffic(report["energy"].get("memory_traffic"))),
         ("parallel vs sequential top-1", report["sequential"]["top1_agreement"]),
         ("conversion seconds", report["conversion_seconds"]),
         ("eval tokens / calib tokens", f"{report['eval_tokens']} / {report['calib_tokens']}"),
@@ -67,7 +75,8 @@ def report_table(report: dict) -> Table:
         mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
         table.add_row(f"check: {check['name']}", mark)
     gen = report["generation"]
-    table.caption = (f"perplexity: {report['protocol']}; energy: 45 nm op counts, memory traffic not counted "
-                     f"(report.json: energy.convention)\nprompt {gen['prompt']!r}\n  ANN: {gen['ann']!r}\n"
+    table.caption = (f"perplexity: {report['protocol']}; energy: 45 nm op counts, memory traffic estimated apart, "
+                     f"not in the ratio (report.json: energy.convention, energy.memory_traffic)\n"
+                     f"prompt {gen['prompt']!r}\n  ANN: {gen['ann']!r}\n"
                      f"  SNN: {gen['snn']!r}")
     return table
