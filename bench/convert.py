@@ -32,7 +32,7 @@ FIELDS = ("ppl_ann", "ppl_snn", "ppl_ratio", "top1_agreement", "mean_spike_rate"
 
 
 def one_run(mode: str, T: int, args, workdir: Path) -> dict:
-    opts = ConvertOptions(simplified=mode == "simplified", timesteps=T, calib_tokens=args.calib_tokens,
+    opts = ConvertOptions(simplified=mode == "simplified", timesteps=T, coding=args.coding, calib_tokens=args.calib_tokens,
                           eval_tokens=args.eval_tokens, finetune_steps=args.finetune_steps,
                           output_dir=str(workdir / f"{mode}_T{T}"), overwrite=True, device="cpu")
     out = run(opts, progress=False)
@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--calib_tokens", type=int, default=None,
                    help="calibration tokens (default: each mode's own, 8192 full, 2048 simplified)")
     p.add_argument("--eval_tokens", type=int, default=4096)
+    p.add_argument("--coding", default=None, choices=("rate", "weighted"),
+                   help="spike coding (default: each mode's own: weighted in full mode, rate in simplified)")
     p.add_argument("--finetune_steps", type=int, default=0)
     p.add_argument("--peer", action="store_true", help="also run SpikingJelly's Qwen2SNNRecipe at T >= 16")
     p.add_argument("--out", default="docs/bench_convert.json")

@@ -97,7 +97,7 @@ def run(args) -> dict:
         print(f"{pt['spec']:22s} ratio {row['ppl_ratio']:.3f} top1 {row['top1_agreement']:.3f} "
               f"energy {row['energy_ratio']:.3f} coverage {row['coverage']:.3f} ({row['seconds']:.0f} s)", flush=True)
     peer = json.loads(PEER_FILE.read_text()) if PEER_FILE.is_file() else None
-    return {"points": rows, "baseline": BASELINE, "ann": {"ppl_ratio": 1.0, "top1_agreement": 1.0, "energy_ratio": 1.0},
+    return {"benchmark": "bench/frontier.py", "points": rows, "baseline": BASELINE, "ann": {"ppl_ratio": 1.0, "top1_agreement": 1.0, "energy_ratio": 1.0},
             "peer": _peer_rows(peer), "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
             "calibration": calib.describe(), "evaluation": evals.describe(),
             "machine": machine_info(device), "seconds": time.perf_counter() - t_start}

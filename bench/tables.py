@@ -64,12 +64,24 @@ def sparse(report: dict) -> str:
     return "\n".join(lines)
 
 
+def frontier(report: dict) -> str:
+    lines = ["| coding | T | threshold percentile | LM head | weights | ppl ratio | top-1 agreement | energy SNN/ANN | coverage |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    for r in report["points"]:
+        lines.append(f"| {r['coding']} | {r['T']} | {r['percentile']:g} | {'spiking' if r['spike_head'] else 'dense'} "
+                     f"| {'int8' if r['int8_weights'] else 'float'} | {r['ppl_ratio']:.3f} | {r['top1_agreement']:.3f} "
+                     f"| {r['energy_ratio']:.3f} | {r['coverage']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         with open(path) as f:
             report = json.load(f)
         print(f"<!-- {path} -->")
-        if report["benchmark"] == "bench/neurons.py":
+        if report.get("benchmark") == "bench/frontier.py" or "points" in report:  # older runs had no name
+            print(frontier(report))
+        elif report.get("benchmark") == "bench/neurons.py":
             print(neurons(report))
         elif report["benchmark"] == "bench/convert.py":
             print(convert(report))
