@@ -121,10 +121,12 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(tiny_llama, tmp_path_factory):
-    """A full-mode conversion through the CLI's main(), dash spellings."""
+    """A full-mode conversion through the CLI's main(), dash spellings; rate coding, whose T=8 the gates
+    and the figures below measure (the default, weighted coding, is held by tests/test_real_quality.py)."""
     out = tmp_path_factory.mktemp("cli") / "snn"
     code = run_conversion.main(["--model-name", str(tiny_llama), "--output-dir", str(out), "--timesteps", "8",
-                                "--calib-tokens", "256", "--eval-tokens", "512", "--threshold-rule", "percentile"])
+                                "--coding", "rate", "--calib-tokens", "256", "--eval-tokens", "512",
+                                "--threshold-rule", "percentile"])
     return code, out
 
 

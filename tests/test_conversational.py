@@ -50,7 +50,7 @@ def saved(tmp_path_factory):
     for arch in ("llama", "gpt2"):
         base = tmp_path_factory.mktemp(arch)
         opts = ConvertOptions(model_name=str(save_tiny(base / "model", arch)), output_dir=str(base / "snn"),
-                              calib_tokens=256, eval_tokens=512, verify=False, timesteps=T)
+                              calib_tokens=256, eval_tokens=512, verify=False, timesteps=T, coding="rate")
         run(opts, progress=False)
         out[arch] = opts.output_dir
     return out
@@ -71,7 +71,7 @@ def trained(trained_llama, tmp_path_factory):
     """The trained tiny Llama converted in full mode at T: ``(snn, tokenizer, ann, calibration config)``."""
     out = tmp_path_factory.mktemp("trained") / "snn"
     run(ConvertOptions(model_name=str(trained_llama), output_dir=str(out), calib_tokens=256, eval_tokens=512,
-                       verify=False, timesteps=T), progress=False)
+                       verify=False, timesteps=T, coding="rate"), progress=False)
     snn, tok, config = load_snn(out)
     return snn, tok, conv_suite.load_ann(config, torch.device("cpu")), CalibrationConfig(**config["calibration_config"])
 

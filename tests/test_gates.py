@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def converted(trained_llama, tmp_path_factory):
     opts = ConvertOptions(model_name=str(trained_llama), output_dir=str(tmp_path_factory.mktemp("gates") / "snn"),
-                          calib_tokens=256, eval_tokens=512, timesteps=T)
+                          calib_tokens=256, eval_tokens=512, timesteps=T, coding="rate")  # the measured bars of T=8
     return run(opts, progress=False, console=Console(file=io.StringIO()))
 
 

@@ -11,6 +11,7 @@ from tiny_models import save_tiny
 import stac_lm.saving as saving
 from calibration import Calibration
 from spike_modules import iter_sites
+from spike_modules.quantizer import coding_levels
 from stac_io import OutputExistsError, write_json
 from stac_lm.options import ConvertOptions
 from stac_lm.pipeline import run
@@ -64,7 +65,7 @@ def test_directory_holds_what_rebuilding_needs(converted):
     assert config["source"]["sha256"] and config["hf_config"]["model_type"] == "llama"
     assert config["options"] == out.options.to_dict()
     assert config["conversion_config"]["T"] == 8 and config["calibration_config"]["rule"] == "percentile" \
-        and config["calibration_config"]["max_burst"] == 2**24 // 8
+        and config["calibration_config"]["max_burst"] == 2**24 // coding_levels(8, out.options.coding)
     paths = config["quantization"]["quantized_paths"]
     assert config["quantization"]["backend"] == "own" and len(paths) == 14  # 7 linears x 2 layers, head stays float
     assert {"torch", "transformers", "spikingjelly"} <= set(config["versions"])
