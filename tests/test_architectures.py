@@ -47,13 +47,7 @@ def left_padded_mask(x, starts=(0, 7, 13)):
     return mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and spinning threads slow a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _CALIBRATED = {}

@@ -34,13 +34,7 @@ SHORT_OPENERS = ["Hi!", "Good morning, a question on my garden.", "A poem?"]
 EXACT = (conv_checks.cache_contract, conv_checks.turn_boundaries, conv_checks.context_limit, conv_masks.masks)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and spinning threads slow a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
