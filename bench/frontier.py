@@ -37,6 +37,7 @@ BASELINE = "rate:16:95:nohead"
 DEFAULT_POINTS = ("rate:16:95:nohead,rate:16:95,rate:32:95,weighted:4:99,weighted:5:99,weighted:5:99.9,"
                   "weighted:6:99.9,weighted:7:99.9,weighted:8:99.9")
 PEER_FILE = Path("docs/bench_convert_peer.json")
+DEFAULT_POINT = ("weighted", 7, 99.9, True, True)  # stac_lm.options: full mode's coding, T, percentile, head, int8
 
 
 def parse_point(spec: str) -> dict:
@@ -133,6 +134,11 @@ def plot(result: dict, path: Path) -> None:
         base = [p for p in result["points"] if p["spec"] == result["baseline"]]
         if base:
             ax.scatter([base[0]["energy_ratio"]], [base[0][key]], marker="x", color="k", label="before (rate T=16, head dense)")
+        default = [p for p in result["points"] if (p["coding"], p["T"], p["percentile"], p["spike_head"],
+                                                   p["int8_weights"]) == DEFAULT_POINT]
+        if default:
+            ax.scatter([default[0]["energy_ratio"]], [default[0][key]], s=260, facecolors="none", edgecolors="red",
+                       label="default (make demo)")
         ax.scatter([1.0], [1.0], marker="*", s=120, color="gold", edgecolor="k", label="ANN")
         for r in result["peer"]:
             if r.get(key) is not None:
@@ -160,7 +166,13 @@ def main() -> None:
     p.add_argument("--out", default="docs/frontier.json")
     p.add_argument("--plot", default="docs/frontier.png")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--replot", metavar="JSON", help="only draw --plot from an existing result file")
     args = p.parse_args()
+    if args.replot:
+        check_output_free(args.plot, args.overwrite)
+        plot(json.loads(Path(args.replot).read_text()), Path(args.plot))
+        print(f"wrote {args.plot}")
+        return
     for path in (args.out, args.plot):
         check_output_free(path, args.overwrite)
     result = run(args)
