@@ -128,3 +128,11 @@ def test_weighted_network_time_stepped_simulation_equals_parallel_mode(arch):
     assert rel < 1e-5, rel
     # and it is a spiking network: the logits are not the ANN's
     assert float((par - ann_logits).norm() / ann_logits.norm()) > 1e-3
+
+
+def test_the_frontier_marks_the_default_conversion():
+    from bench.frontier import DEFAULT_POINT
+    from stac_lm.options import ConvertOptions
+
+    o = ConvertOptions()
+    assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none") == DEFAULT_POINT
