@@ -1,5 +1,6 @@
 """Parallel-mode latency of saved SNNs against their ANN: one 512-token forward of each, interleaved,
-median of ``--repeats`` (``bench/timing.py``), on the first 512 tokens of the model's own evaluation text.
+median of ``--repeats`` (``bench/timing.py``), on the first 512 tokens of the model's own evaluation text;
+with the spike statistics that reports need, and without them (``set_spike_counting``, as deployed).
 
     python -m bench.latency --model_dir out/demo_smollm2 --out docs/bench_latency.json
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.timing import model_latency
+from spike_modules.site import set_spike_counting
 from stac_io import check_output_free, write_json
 from stac_lm.pipeline import load_checked_source
 from stac_lm.saving import load_snn
@@ -36,10 +38,13 @@ def main() -> None:
         text, src, _ = read_text(saved["eval_text"], EVAL_PLAYS)
         ids = tokenize(tok, text, args.tokens, "eval", src, ()).ids[: args.tokens][None]
         with torch.inference_mode():
-            lat = model_latency(ann, snn, ids, repeats=args.repeats)
+            counted = model_latency(ann, snn, ids, repeats=args.repeats)
+            set_spike_counting(snn, False)
+            deployed = model_latency(ann, snn, ids, repeats=args.repeats)
         rows.append({"model_dir": d, "coding": config["conversion_config"].get("coding", "rate"),
-                     "T": config["timesteps"], **lat})
-        print(f"{d}: SNN/ANN latency {lat['ratio']:.2f}x (ANN {lat['ann_seconds']:.3f} s, SNN {lat['snn_seconds']:.3f} s)")
+                     "T": config["timesteps"], "with_spike_statistics": counted, "without_spike_statistics": deployed})
+        print(f"{d}: SNN/ANN latency {counted['ratio']:.2f}x with spike statistics, {deployed['ratio']:.2f}x without "
+              f"(ANN {deployed['ann_seconds']:.3f} s, SNN {deployed['snn_seconds']:.3f} s)")
     write_json(Path(args.out), {"benchmark": "bench/latency.py", "results": rows, "machine": machine_info(torch.device("cpu"))})
 
 

@@ -14,7 +14,8 @@ from spikingjelly.activation_based.neuron import IFNode, STBIFNode
 from spikingjelly.activation_based.neuron.base_node import SimpleBaseNode
 
 from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
-                        coding_levels, decode, signed_digits, spike_count, weighted_spikes)
+                        coding_levels, decode, signed_digits, spike_count, weighted_digit_table,
+                        weighted_spikes)
 
 
 PENDING_LIMIT = 1 << 16  # counts a parallel neuron keeps before reducing them to its statistics
@@ -35,10 +36,6 @@ class SpikeStats:
         # the site's own arithmetic when decoding one token
         self.__dict__.update(_spikes=0.0, neuron_steps_total=0, _peak=0.0, _inputs=0, _at_cap=0, _active=0,
                              _pending=[], _pending_numel=0, _pending_hi=None)
-
-    def _spike_cost(self, a: torch.Tensor, hi: float | torch.Tensor) -> torch.Tensor:
-        """Spikes fired for the counts ``a`` (magnitudes): one per count unit in rate coding."""
-        return a
 
     def _record(self, n_spikes: torch.Tensor, numel: int, T: int, peak: torch.Tensor | None = None) -> None:
         """``peak``: the most spikes one neuron fired for one input over its T steps, in this call."""
@@ -72,16 +69,21 @@ class SpikeStats:
         per_channel = isinstance(hi, torch.Tensor) and hi.dim() == 1
         flat = [p.reshape(-1, hi.numel()) if per_channel else p.reshape(-1) for p in pending]
         a = (flat[0] if len(flat) == 1 else torch.cat(flat)).abs()
-        peak = float(a.max())
-        spikes = self._spike_cost(a, hi)
-        d["_spikes"] += float(spikes.sum(dtype=torch.float64))
-        d["_peak"] = max(d["_peak"], float(spikes.max()))
+        spikes, most, active, at_cap = self._reduce(a, hi)
+        d["_spikes"] += spikes
+        d["_peak"] = max(d["_peak"], most)
         d["_inputs"] += a.numel()
-        d["_active"] += int(torch.count_nonzero(a))
-        # only counts at the cap can be at the cap: skip that reduction when none reaches it
-        if not isinstance(hi, float) or peak >= hi:
-            d["_at_cap"] += int(torch.count_nonzero(a >= hi))
+        d["_active"] += active
+        d["_at_cap"] += at_cap
         d.update(_pending=[], _pending_numel=0, _pending_hi=None)
+
+    def _reduce(self, a: torch.Tensor, hi: float | torch.Tensor) -> tuple[float, float, int, int]:
+        """``(spikes, most spikes for one input, inputs with a spike, inputs at the cap)`` of the count
+        magnitudes ``a`` capped at ``hi``: one spike per count unit (rate coding)."""
+        peak = float(a.max())
+        # only counts at the cap can be at the cap: skip that reduction when none reaches it
+        at_cap = int(torch.count_nonzero(a >= hi)) if not isinstance(hi, float) or peak >= hi else 0
+        return float(a.sum(dtype=torch.float64)), peak, int(torch.count_nonzero(a)), at_cap
 
     @property
     def spikes_total(self) -> float:
@@ -254,11 +256,34 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         """Levels per sign: T (rate) or ``2**T - 1`` (weighted)."""
         return coding_levels(self.T, self.coding)
 
-    def _spike_cost(self, a: torch.Tensor, hi: float | torch.Tensor) -> torch.Tensor:
+    def _reduce(self, a: torch.Tensor, hi: float | torch.Tensor) -> tuple[float, float, int, int]:
+        """Weighted coding: counts within the levels are histogrammed (one pass) and priced from a
+        table of every level's spikes, which also gives the inputs with a spike; the few beyond the
+        levels (bursts, the only ones that can reach the cap) get their digits computed."""
         if self.coding == "rate":
-            return a
+            return super()._reduce(a, hi)
         L = self.levels
-        return weighted_spikes(a, self.T, 1.0 if isinstance(hi, float) else hi / L)
+        big = a > L
+        n_big = int(torch.count_nonzero(big))
+        small = a.clamp(max=L)
+        if bool(torch.isnan(small).any()):  # a NaN count: no spike figure either
+            return float("nan"), float("nan"), 0, 0
+        table = weighted_digit_table(self.T, a.device).double()
+        hist = torch.bincount(small.long().flatten(), minlength=L + 1)
+        hist[L] -= n_big  # the bursts, counted below
+        spikes = float((hist.double() * table).sum())
+        most = float(table[hist > 0].max()) if bool((hist > 0).any()) else 0.0
+        active = a.numel() - int(hist[0])
+        at_cap = 0
+        if n_big:
+            caps = hi.expand_as(a)[big] if isinstance(hi, torch.Tensor) else torch.full((n_big,), hi)
+            extra = weighted_spikes(a[big], self.T, caps / L)
+            spikes += float(extra.sum(dtype=torch.float64))
+            most = max(most, float(extra.max()))
+            at_cap = int(torch.count_nonzero(a[big] >= caps))
+        elif not isinstance(hi, torch.Tensor) and hi <= L:
+            at_cap = int(hist[int(hi)]) if hi == L else 0
+        return spikes, most, active, at_cap
 
     def forward(self, x: torch.Tensor, th: torch.Tensor | None = None,
                 burst: torch.Tensor | None = None) -> torch.Tensor:

@@ -92,8 +92,8 @@ def signed_digits(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.
 _DIGIT_TABLES: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def _digit_table(T: int, device: torch.device) -> torch.Tensor:
-    """Spikes of every count ``0..L`` (one spike per step at most), for lookups."""
+def weighted_digit_table(T: int, device: torch.device) -> torch.Tensor:
+    """Spikes of every count ``0..L`` (float32, indexed by the count), for lookups."""
     key = (T, str(device))
     if key not in _DIGIT_TABLES:
         n = torch.arange(0, 2**T, dtype=torch.float32)
@@ -108,7 +108,7 @@ def weighted_spikes(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 
     the digits of larger ones are computed."""
     a = counts.detach().abs().float()
     L = 2**T - 1
-    spikes = _digit_table(T, a.device)[a.clamp(max=L).long()]
+    spikes = weighted_digit_table(T, a.device)[a.clamp(max=L).long()]
     big = a > L
     if bool(big.any()):
         b = torch.as_tensor(burst, dtype=a.dtype, device=a.device).expand_as(a)[big]

@@ -75,6 +75,7 @@ class DAQCFSSite(nn.Module):
             self.sequential = (SignedIFNeuron if self.signed else IFNeuron)(T, 1.0, init_mem)
             self.sequential_burst = BurstIFNeuron(T, 1.0, init_mem, signed=self.signed)
         self.observer = None
+        self.count_spikes = True  # parallel mode keeps spike statistics (reports, energy); off when deployed
         self.surrogate: nn.Module | None = None  # gradient of the floor in quant mode; None = straight through
         self.mode = mode
 
@@ -200,7 +201,8 @@ class DAQCFSSite(nn.Module):
             torch.maximum(torch.minimum(c, hi, out=c), lo, out=c)
         if mode is SiteMode.QUANT:
             return c.mul_(step)
-        self.parallel.record(c, hi)
+        if self.count_spikes:
+            self.parallel.record(c, hi)
         return c * step
 
     def _forward_grad(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,6 +285,13 @@ def set_timesteps(model: nn.Module, T: int) -> None:
     T = check_timesteps(T)
     for _, site in iter_sites(model):
         site.T = T
+
+
+def set_spike_counting(model: nn.Module, on: bool) -> None:
+    """Whether parallel-mode sites keep spike statistics (spike rates, energy counts need them; a
+    deployed model does not, and skips their reductions)."""
+    for _, site in iter_sites(model):
+        site.count_spikes = bool(on)
 
 
 def spike_rates(model: nn.Module) -> dict[str, float]:

@@ -176,3 +176,18 @@ def test_data_edits_of_psi_phi_burst_reach_the_inference_path(name):
     before = site(x).clone()
     getattr(site, name).data.fill_(3.0)
     assert not torch.equal(before, site(x))
+
+
+def test_spike_counting_can_be_switched_off_without_changing_outputs():
+    from spike_modules.site import set_spike_counting
+
+    model = toy()
+    set_mode(model, "parallel")
+    x = torch.randn(4, 6)
+    y = model(x)
+    counted = model[0].parallel.neuron_steps_total
+    set_spike_counting(model, False)
+    assert torch.equal(model(x), y) and model[0].parallel.neuron_steps_total == counted
+    set_spike_counting(model, True)
+    model(x)
+    assert model[0].parallel.neuron_steps_total == 2 * counted

@@ -136,3 +136,27 @@ def test_the_frontier_marks_the_default_conversion():
 
     o = ConvertOptions()
     assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none") == DEFAULT_POINT
+
+
+@pytest.mark.parametrize("burst", [1.0, 4.0])
+def test_weighted_statistics_equal_a_direct_count(burst):
+    """The histogram reduction of the parallel neuron's statistics against the digits counted one by one."""
+    torch.manual_seed(1)
+    T, H = 5, 6
+    L = 2**T - 1
+    site = DAQCFSSite(H, T=T, signed=True, mode="parallel", coding="weighted")
+    site.set_params(theta=torch.rand(H) + 0.5, burst=burst)
+    xs = [torch.randn(40, H) * 2, torch.randn(7, H) * 0.1]
+    counts = []
+    for x in xs:
+        site(x)
+        scale, shift, _, lo, hi = site._fused()
+        counts.append(torch.clamp(torch.floor(scale * x + shift), min=-burst * L, max=burst * L))
+    c = torch.cat(counts).abs()
+    spikes = weighted_spikes(c, T, burst)
+    n = site.parallel
+    assert n.spikes_total == float(spikes.sum()) and n.peak_spikes == float(spikes.max())
+    assert n.active_share == int((c > 0).sum()) / c.numel()
+    assert n.at_cap_share == int((c >= burst * L).sum()) / c.numel()
+    if burst > 1:
+        assert float(c.max()) > L, "the test must reach the bursts"
