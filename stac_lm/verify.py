@@ -24,6 +24,7 @@ from torch import nn
 from calibration import CalibrationConfig, ChannelObserver
 from calibration.calibrate import fit_site
 from spike_modules import iter_sites, set_mode, set_timesteps
+from spike_modules.quantizer import weighted_spikes
 from stac_eval import evaluate_lm
 
 from . import gates, integration
@@ -192,8 +193,8 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
         hi = burst * L
         c = torch.floor(x.detach().float() * (L / p.theta.to(x.device)) + site.init_mem)
         c = torch.minimum(torch.maximum(c, -hi if site.signed else torch.zeros_like(hi)), hi).abs()
-        if hasattr(site.parallel, "_spike_cost"):  # what a count costs in spikes in the site's coding
-            c = site.parallel._spike_cost(c, hi if bool((burst > 1).any()) else float(L))
+        if site.coding == "weighted":  # what a count costs in spikes in the site's coding
+            c = weighted_spikes(c, site.T, burst)
         spikes[name][0] += float(c.sum(dtype=torch.float64))
         spikes[name][1] += c.numel() * T
 
