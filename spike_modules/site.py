@@ -86,6 +86,7 @@ class DAQCFSSite(nn.Module):
     @T.setter
     def T(self, T: int) -> None:
         self._L = coding_levels(T, self.coding)
+        self.parallel._flush()  # pending counts are priced with the T they were fired at
         self._T = self.parallel.T = self.sequential.T = T
         if self.coding == "weighted":
             return

@@ -160,3 +160,11 @@ def test_weighted_statistics_equal_a_direct_count(burst):
     assert n.at_cap_share == int((c >= burst * L).sum()) / c.numel()
     if burst > 1:
         assert float(c.max()) > L, "the test must reach the bursts"
+
+
+def test_counts_are_priced_with_the_t_they_were_fired_at():
+    site = DAQCFSSite(1, T=3, signed=False, mode="parallel", coding="weighted")
+    site.set_params(theta=1.0)
+    site(torch.tensor([[1.0]]))            # level 7 of 7: three spikes at T=3
+    site.T = 7                              # at T=7 level 7 would be two spikes (8 - 1)
+    assert site.parallel.spikes_total == 3
