@@ -224,8 +224,8 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
 
     ``coding='weighted'``: the closed form of :class:`WeightedIFNeuron`. The count is
     :math:`n = \mathrm{clamp}(\lfloor L x/\theta + init\_mem \rfloor, lo\cdot B L, B L)` with
-    :math:`L = 2^T - 1` levels, decoded :math:`\theta n / L`; its spikes are the greedy digits of
-    :math:`|n|` (:func:`~spike_modules.quantizer.weighted_spikes`), and those are what the
+    :math:`L = 2^T - 1` levels, decoded :math:`\theta n / L`; its spikes are the signed digits of
+    :math:`n` (:func:`~spike_modules.quantizer.weighted_spikes`), and those are what the
     statistics count.
     """
 
@@ -281,8 +281,8 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
             spikes += float(extra.sum(dtype=torch.float64))
             most = max(most, float(extra.max()))
             at_cap = int(torch.count_nonzero(a[big] >= caps))
-        elif not isinstance(hi, torch.Tensor) and hi <= L:
-            at_cap = int(hist[int(hi)]) if hi == L else 0
+        elif not isinstance(hi, torch.Tensor):  # no bursts: the cap is L itself
+            at_cap = int(hist[L])
         return spikes, most, active, at_cap
 
     def forward(self, x: torch.Tensor, th: torch.Tensor | None = None,
@@ -326,13 +326,20 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
                 f"max_burst={float(self.burst.max()):g}, coding={self.coding}")
 
 
+def step_weights(T: int, like: torch.Tensor) -> torch.Tensor:
+    """``[T, 1, ...]``: the levels ``2**(T-1-k)`` a weighted spike at step ``k`` carries, shaped to
+    broadcast against digits ``[T, *like.shape]``."""
+    w = torch.tensor([2.0 ** (T - 1 - k) for k in range(T)], dtype=like.dtype, device=like.device)
+    return w.view(-1, *([1] * like.dim()))
+
+
 def weighted_train(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> torch.Tensor:
     """The spike train ``[T, ...]`` of ``counts`` in weighted coding, as multiples of one level each:
     step ``k`` carries ``S[k] * 2**(T-1-k) * T / L`` (``S`` the :func:`signed_digits`), so that the
     mean over the T steps is ``counts / L`` (the decoded value over ``theta``), as a rate-coded
     train's mean is."""
-    L = coding_levels(T, "weighted")
-    return torch.stack([d * (2.0 ** (T - 1 - k) * T / L) for k, d in enumerate(signed_digits(counts, T, burst))])
+    digits = torch.stack(signed_digits(counts, T, burst))
+    return digits * step_weights(T, counts) * (T / coding_levels(T, "weighted"))
 
 
 class BurstIFNeuron(SimpleBaseNode, SpikeStats):
@@ -458,8 +465,7 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
         if not self.signed:
             r = r.clamp(min=0)
         digits = torch.stack(signed_digits(r, self.T, self._b))
-        self.v = r - (digits * torch.tensor([2.0 ** (self.T - 1 - k) for k in range(self.T)], dtype=r.dtype,
-                                            device=r.device).view(-1, *([1] * r.dim()))).sum(0)
+        self.v = r - (digits * step_weights(self.T, r)).sum(0)  # what the window could not fire (clamped)
         return digits
 
     def forward(self, x_seq: torch.Tensor, th: torch.Tensor | None = None,
@@ -474,9 +480,7 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
             digits = self.multi_step_forward((x_seq / th).detach())
         per_input = digits.abs().sum(0)
         self._record(per_input.sum(), digits[0].numel(), self.T, per_input.max())
-        weights = torch.tensor([2.0 ** (self.T - 1 - k) * self.T / self.levels for k in range(self.T)],
-                               dtype=digits.dtype, device=digits.device).view(-1, *([1] * (digits.dim() - 1)))
-        return digits * weights * th
+        return digits * step_weights(self.T, digits[0]) * (self.T / self.levels) * th
 
     def extra_repr(self) -> str:
         return (f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}, signed={self.signed}, "

@@ -345,9 +345,9 @@ def memory_traffic(ann: nn.Module, snn: nn.Module, snn_counts: OpCounts, mean_co
 
     ann_stored, ann_int8 = dense_bytes(ann)
     snn_weights = 0.0
-    neurons = steps = spikes = 0.0
+    steps = spikes = 0.0
     behind_site = set()
-    for path, m in snn.named_modules():
+    for m in snn.modules():
         if isinstance(m, SpikeLinear):
             site = m._shared.site
             s, _ = _weight_bytes(m.linear)
@@ -358,8 +358,7 @@ def memory_traffic(ann: nn.Module, snn: nn.Module, snn_counts: OpCounts, mean_co
         if id(m) not in behind_site and is_linear(m):
             snn_weights += _weight_bytes(m)[0]
     for _, site in iter_sites(snn):
-        n = site.parallel.neuron_steps_total
-        neurons, steps = neurons + n / site.T, steps + n
+        steps += site.parallel.neuron_steps_total
         spikes += site.parallel.spikes_total
     tokens = max(snn_counts.tokens, 1)
     cfg = snn.config
