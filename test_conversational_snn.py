@@ -11,8 +11,10 @@ with the ANN reply by reply, recall of a turn-1 fact in turn 3), --test_position
 boundaries and the context limit against one full pass), --test_masks (batched left-padded
 conversations against each alone, mask and position continuity), --test_spike_rates (every site
 fires, none saturates, T changes the output, no site passes float through, each site fires at least
-a tenth of what its calibration rule predicts: the gates of stac_lm/gates.py). No group flag means --test_all. Cache, position
-and mask logits are compared on a float64 copy of the model, where the cached and the one-pass
+a tenth of what its calibration rule predicts: the gates of stac_lm/gates.py), --test_fidelity
+(greedy replies of SNN and ANN to held-out questions and chit-chat openings: the share whose first
+16 tokens agree, and the share of the ANN's right answers the SNN keeps; stac_lm/conv_fidelity.py).
+No group flag means --test_all. Cache, position and mask logits are compared on a float64 copy of the model, where the cached and the one-pass
 computations agree to rounding; the cache contract is also measured in float32, where rounding
 flips a few quantization levels (stac_lm/conv_checks.py says why and how much).
 
@@ -34,7 +36,7 @@ from stac_cli import Parser, flag
 from stac_cli import fail as cli_fail
 
 PROG = "test_conversational_snn.py"
-GROUP_FLAGS = ("test_multi_turn", "test_positions", "test_masks", "test_spike_rates")
+GROUP_FLAGS = ("test_multi_turn", "test_positions", "test_masks", "test_spike_rates", "test_fidelity")
 DEFAULT_OUT = "out/conversational_checks.json"
 
 fail = partial(cli_fail, PROG)
@@ -47,8 +49,11 @@ def build_parser() -> Parser:
     flag(g, "test_multi_turn", action="store_true", help="cache contract, chit-chat quality, recall")
     flag(g, "test_positions", action="store_true", help="positions at turn boundaries and the context limit")
     flag(g, "test_masks", action="store_true", help="batched vs alone, mask continuity")
-    flag(g, "test_spike_rates", action="store_true", help="sites fire, none saturates, T changes the output, no float pass-through, "
-                                                             "activity against calibration")
+    flag(g, "test_spike_rates", action="store_true", help="sites fire, none saturates, T changes the output, no "
+                                                             "float pass-through, activity against calibration")
+    flag(g, "test_fidelity", action="store_true", help="free-running greedy replies to held-out questions and "
+                                                          "chit-chat: first 16 tokens equal the ANN's, right "
+                                                          "answers kept")
     g = p.add_argument_group("model and run")
     flag(g, "model_dir", metavar="DIR", help="a saved SNN directory (default: convert the embedded SmolLM2)")
     flag(g, "timesteps", type=int, metavar="T", help="timesteps the processor runs (default: the model's)")

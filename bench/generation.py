@@ -1,7 +1,7 @@
 """Free-running generation fidelity of saved SNNs against their ANN (``stac_lm.fidelity``).
 
 Greedy replies (chat template, KV cache, up to ``--new_tokens``) of the ANN and of each saved SNN
-to a fixed set of prompts (``bench/generation_prompts.py``: 30 factual questions with answers,
+to a fixed set of prompts (``stac_lm/prompts.py``: 30 factual questions with answers,
 10 instructions, 20 chit-chat openings calibration never reads). Per model and T: share of
 replies whose first 16 tokens equal the ANN's, mean common prefix, exact match, correct answers
 of both, the share of the ANN's right answers the SNN keeps, and the SNN's teacher-forced top-1
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.generation_prompts import correct, prompts
+from stac_lm.prompts import correct, prompts
 from spike_modules import set_timesteps
 from stac_io import write_text_atomic, check_output_free, write_json
 from stac_lm.fidelity import FIRST_N, compare

@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from spike_modules.layers import SpikeLinear
 
 from . import int8_backends
+from .gptq import gptq_int8
 from .int8_backends import BackendUnavailableError
 
 BACKENDS = ("own", "bnb", "torchao", "none")
@@ -32,21 +33,48 @@ __all__ = ["BACKENDS", "BackendUnavailableError", "Int8Linear", "find_linears", 
            "quantize_rows", "quantize_weights_"]
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of ``weight`` ``[out, in]``: ``(q int8 [out, in], scale float32 [out])``.
+def quantize_rows(weight: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of ``weight`` ``[out, in]``, or per group of ``group_size`` input columns
+    of each row: ``(q int8 [out, in], scale float32 [out])``, or ``scale [out, ceil(in / group_size)]``
+    with groups (the last group may be narrower).
 
-    ``scale = absmax / 127`` and ``q = round(w / scale)``, so ``|w - q * scale| <= scale / 2``.
-    An all-zero row gets ``scale = 1`` (positive) and ``q = 0``: it decodes to exactly 0.
+    ``scale = absmax / 127`` over the row (group) and ``q = round(w / scale)``, so
+    ``|w - q * scale| <= scale / 2``. An all-zero row (group) gets ``scale = 1`` and ``q = 0``: it
+    decodes to exactly 0. A group as wide as the row is the per-row case.
     """
     w = weight.detach().float()
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("the weight holds NaN or inf; int8 cannot represent it")
-    absmax = w.abs().amax(dim=1)
+    check_group_size(group_size)
+    if not group_size or group_size >= w.shape[1]:
+        absmax = w.abs().amax(dim=1)
+        scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return q, scale
+    out, width = w.shape
+    groups = -(-width // group_size)
+    padded = nn.functional.pad(w, (0, groups * group_size - width)).view(out, groups, group_size)
+    absmax = padded.abs().amax(dim=2)
     scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    q = torch.round(padded / scale[:, :, None]).clamp_(-127, 127).view(out, -1)[:, :width]
+    return q.to(torch.int8).contiguous(), scale
+
+
+def check_group_size(group_size) -> None:
+    """``group_size`` is 0 (one scale per row) or a positive integer (columns per scale)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+        raise ValueError(f"the int8 group size must be 0 (one scale per output row) or a positive number of input "
+                         f"columns, got {group_size!r}")
+
+
+def expand_scale(scale: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
+    """A ``[out]`` or ``[out, groups]`` scale (groups of ``group_size`` columns) as one factor per
+    weight, ``[out, width]``."""
+    if scale.dim() == 1:
+        return scale[:, None].expand(-1, width)
+    return scale.repeat_interleave(group_size, dim=1)[:, :width]
 
 
 def float_weight(linear: nn.Module) -> torch.Tensor:
@@ -60,61 +88,78 @@ def float_weight(linear: nn.Module) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (weight_int8 * scale[:, None]).T + bias`` with int8 weights per output channel.
+    """``y = x @ (weight_int8 * scale).T + bias`` with int8 weights, one scale per output channel or
+    per group of ``group_size`` input columns of each output channel.
 
-    Buffers ``weight_int8`` (int8 ``[out, in]``) and ``scale`` (float32 ``[out]``) are saved in the
-    state dict; ``bias`` is the source layer's parameter, not a copy. No float weight is kept: each
-    forward converts the int8 weight to ``x``'s dtype (a temporary the size of one float weight),
-    multiplies and scales the output columns, ``(x @ q.T) * scale``, which equals the formula
-    above and is as fast as a float layer at 256 tokens. In float16 the unscaled product can pass
-    65504, so there the weight is dequantized first. ``model.to(dtype)`` casts ``scale`` as well.
+    Buffers ``weight_int8`` (int8 ``[out, in]``) and ``scale`` (float32 ``[out]``, or ``[out, groups]``
+    with groups) are saved in the state dict; ``bias`` is the source layer's parameter, not a copy.
+    No float weight is kept: each forward converts the int8 weight to ``x``'s dtype (a temporary
+    the size of one float weight). Per row, it multiplies and scales the output columns,
+    ``(x @ q.T) * scale``, which equals the formula above and is as fast as a float layer at 256
+    tokens; with groups it decodes the weight first. In float16 the unscaled product can pass
+    65504, so there the weight is always decoded first. ``model.to(dtype)`` casts ``scale`` as well.
+
+    Per-group scales cost one multiply-add per group and output to rescale the group's partial sum
+    (``rescale_ops``); the energy estimate counts them.
 
     Args:
         in_features, out_features: widths (``Int8Linear.from_linear`` fills everything).
         bias: whether the layer has a bias (zeros until loaded).
+        group_size: 0 for one scale per output row, else input columns per scale.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, group_size: int = 0):
         super().__init__()
+        check_group_size(group_size)
         self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size if 0 < group_size < in_features else 0
+        groups = -(-in_features // self.group_size) if self.group_size else 0
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        shape = (out_features, groups) if groups else (out_features,)
+        self.register_buffer("scale", torch.ones(shape, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> Int8Linear:
+    def from_linear(cls, linear: nn.Module, group_size: int = 0) -> Int8Linear:
         """Quantize an ``nn.Linear`` or ``Conv1D`` (on its device) into a new ``Int8Linear``."""
         weight = float_weight(linear)
-        layer = cls(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
-        q, scale = quantize_rows(weight)
+        layer = cls(weight.shape[1], weight.shape[0], bias=False, device=weight.device, group_size=group_size)
+        q, scale = quantize_rows(weight, layer.group_size)
         layer.weight_int8.copy_(q)
         layer.scale.copy_(scale)
         layer.bias = linear.bias
         return layer
 
     @classmethod
-    def shell_like(cls, linear: nn.Module) -> Int8Linear:
+    def shell_like(cls, linear: nn.Module, group_size: int = 0) -> Int8Linear:
         """An empty ``Int8Linear`` with ``linear``'s widths, bias, device and bias dtype, to load into."""
         weight = float_weight(linear)
         return cls(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device,
-                   dtype=weight.dtype)
+                   dtype=weight.dtype, group_size=group_size)
+
+    @property
+    def rescale_ops(self) -> int:
+        """Multiply-adds per token that apply the scales to partial sums: one per output and group."""
+        return self.out_features * (self.scale.shape[1] if self.scale.dim() == 2 else 1)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``[out, in]`` this layer computes with."""
-        return self.weight_int8.float() * self.scale.float()[:, None]
+        return self.weight_int8.float() * expand_scale(self.scale.float(), self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float16:
-            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         cached = self.__dict__.get("_float_weight")
+        if self.group_size or x.dtype == torch.float16:
+            w = cached if cached is not None and cached.dtype == x.dtype and self.group_size else None
+            return F.linear(x, w if w is not None else self.dequantize().to(x.dtype), self.bias)
         w = cached if cached is not None and cached.dtype == x.dtype else self.weight_int8.to(x.dtype)
         y = F.linear(x, w)
         scale = self.scale.to(x.dtype)
         return y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{group}"
 
 
 def keep_float_weights(model: nn.Module, keep: bool = True, dtype: torch.dtype = torch.float32) -> int:
@@ -126,8 +171,8 @@ def keep_float_weights(model: nn.Module, keep: bool = True, dtype: torch.dtype =
     total = 0
     for m in model.modules():
         if isinstance(m, Int8Linear):
-            if keep:
-                m.__dict__["_float_weight"] = m.weight_int8.to(dtype)
+            if keep:  # with groups, the decoded weight (the scales cannot be applied after the product)
+                m.__dict__["_float_weight"] = m.dequantize().to(dtype) if m.group_size else m.weight_int8.to(dtype)
                 total += m.__dict__["_float_weight"].nbytes
             else:
                 m.__dict__.pop("_float_weight", None)
@@ -222,7 +267,7 @@ def _relative_error(weight: torch.Tensor, decoded: torch.Tensor) -> float:
 
 
 def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[str] | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, group_size: int = 0, hessians: dict | None = None) -> dict:
     """Give the linear layers of ``model`` 8-bit weights, in place.
 
     Args:
@@ -230,9 +275,13 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
         backend: one of :data:`BACKENDS`; ``none`` changes nothing.
         paths: qualified names of the layers; default :func:`find_linears`.
         progress: show a rich progress bar.
+        group_size: ``own`` only: 0 for one scale per output row, else input columns per scale.
+        hessians: ``own`` only: ``{path: (X^T X, rows)}`` of each layer's calibration inputs
+            (:func:`calibration.gptq.input_hessians`); given, the weights are rounded with GPTQ's
+            error compensation instead of to nearest (same stored format).
 
     Returns:
-        ``{"backend", "settings", "layers", "paths", "bytes_before", "bytes_after", "max_rel_error",
+        ``{"backend", "group_size", "settings", "layers", "paths", "bytes_before", "bytes_after", "max_rel_error",
         "mean_rel_error"}``: bytes of the replaced layers' weights and biases; the relative error
         ``||W - decoded W|| / ||W||`` per layer, from what the backend actually stores.
 
@@ -243,11 +292,21 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown 8-bit backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    settings = {"own": {"granularity": "per output channel", "symmetric": True},
+    check_group_size(group_size)
+    if hessians is not None and backend != "own":
+        raise ValueError(f"GPTQ rounding is built for the 'own' backend only, not {backend!r}")
+    if group_size and backend != "own":
+        raise ValueError(f"int8 groups (group size {group_size}) are built by the 'own' backend only; "
+                         f"{backend!r} quantizes per output row: use --quant_backend own or group size 0")
+    granularity = f"per group of {group_size} input columns of each output channel" if group_size \
+        else "per output channel"
+    rounding = "GPTQ (error-compensating, on calibration inputs)" if hessians is not None else "to nearest"
+    settings = {"own": {"granularity": granularity, "symmetric": True, "rounding": rounding},
                 "bnb": {"threshold": int8_backends.BNB_THRESHOLD, "has_fp16_weights": False},
                 "torchao": {"config": "Int8WeightOnlyConfig(granularity=PerRow())"},
                 "none": {}}[backend]
-    summary = {"backend": backend, "settings": settings, "layers": 0, "paths": [], "bytes_before": 0,
+    summary = {"backend": backend, "group_size": group_size, "settings": settings, "layers": 0, "paths": [],
+               "bytes_before": 0,
                "bytes_after": 0, "max_rel_error": 0.0, "mean_rel_error": 0.0}
     if backend == "none":
         return summary
@@ -269,7 +328,12 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
             int8_backends.torchao_quantize_(model, list(targets))
         for path, layer in targets.items():
             if backend == "own":
-                new = Int8Linear.from_linear(layer)
+                new = Int8Linear.from_linear(layer, group_size)
+                if hessians is not None:
+                    q, scale = gptq_int8(float_weight(layer), hessians[path][0].to(new.weight_int8.device),
+                                         new.group_size)
+                    new.weight_int8.copy_(q)
+                    new.scale.copy_(scale)
                 _set(model, path, new)
                 decoded, stored = new.dequantize(), sum(t.nbytes for t in new.state_dict().values())
             elif backend == "bnb":
@@ -289,10 +353,12 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
     return summary
 
 
-def prepare_int8_(model: nn.Module, quantized_paths: Iterable[str], backend: str = "own") -> nn.Module:
+def prepare_int8_(model: nn.Module, quantized_paths: Iterable[str], backend: str = "own",
+                  group_size: int = 0) -> nn.Module:
     """Put empty 8-bit layers of ``backend`` at ``quantized_paths`` (the ``paths`` of a
     :func:`quantize_weights_` summary) so ``model.load_state_dict`` can load a saved 8-bit model
-    into the float architecture.
+    into the float architecture. ``group_size``: the summary's (0 for one scale per row, the only
+    kind saved before groups existed).
 
     Raises:
         ValueError: an unknown backend, or a path that is missing or not a linear layer (see
@@ -311,7 +377,7 @@ def prepare_int8_(model: nn.Module, quantized_paths: Iterable[str], backend: str
     with torch.no_grad():
         for path, layer in targets.items():
             if backend == "own":
-                shell = Int8Linear.shell_like(layer)
+                shell = Int8Linear.shell_like(layer, group_size)
             elif backend == "bnb":  # any weight will do: loading replaces the int8 numbers and scales
                 shell = int8_backends.bnb_linear(torch.zeros_like(float_weight(layer)), layer.bias)
             else:

@@ -19,13 +19,13 @@ from torch import nn
 
 from calibration import CalibrationConfig
 
-from . import conv_checks, conv_masks, conv_quality
+from . import conv_checks, conv_fidelity, conv_masks, conv_quality
 from .pipeline import load_checked_source, place, resolve_device
 from .processor import TemporalSpikeProcessor
 from .saving import load_snn
 from .verify import machine_info
 
-GROUPS = ("multi_turn", "positions", "masks", "spike_rates")
+GROUPS = ("multi_turn", "positions", "masks", "spike_rates", "fidelity")
 
 
 def load_ann(config: dict, device) -> nn.Module:
@@ -106,6 +106,11 @@ def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None
         with step("masks", "masks: batched vs alone (float64)"):
             step.add("masks", conv_masks.masks(exact, tok))
     del exact
+    if "fidelity" in groups:
+        ann = load_ann(config, dev)
+        with step("fidelity", "free-running replies beside the ANN's") as tick:
+            step.add("fidelity", conv_fidelity.free_running(proc, ann, tok, progress=tick))
+        del ann
     if "spike_rates" in groups:
         with step("spike_rates", "spike rates and T"):
             calib = CalibrationConfig(**config["calibration_config"])
@@ -117,7 +122,9 @@ def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None
             "tolerances": {"rel_tol_float64": conv_checks.REL_TOL, "top1_min_float64": conv_checks.TOP1_MIN,
                            "rel_tol_float32": conv_checks.F32_REL_TOL, "top1_min_float32": conv_checks.F32_TOP1_MIN,
                            "t_change_min": conv_checks.T_CHANGE_MIN, "recall_tolerance": conv_quality.RECALL_TOLERANCE,
-                           "quality_targets": conv_quality.TARGETS},
+                           "quality_targets": conv_quality.TARGETS,
+                           "fidelity_identity_min": conv_fidelity.IDENTITY_MIN,
+                           "fidelity_keep_min": conv_fidelity.KEEP_MIN},
             "checks": step.rows, "failed": failed, "all_passed": not failed, "measurements": step.measurements,
             "seconds": {**step.seconds, "total": time.perf_counter() - t_start}, "machine": machine_info(dev)}
 

@@ -18,6 +18,8 @@ Conventions (stated in every report):
   every query that may attend that position. The probabilities stay in the rate domain.
 - A weighted spike (``coding='weighted'``: step ``k`` weighs ``2**(T-1-k)``) adds a weight
   shifted by ``T-1-k`` places: an accumulate plus an integer add on the exponent, 0.9 + 0.1 pJ.
+- An 8-bit layer applies its scales to partial sums: one multiply-add per output and scale group
+  (one group per row, or one per ``group_size`` input columns) per token, counted as MACs.
 - Element-wise work (norms, activations, softmax, residual adds, embedding lookups) is not
   counted. Memory traffic is estimated apart (:func:`memory_traffic`), never in the energy ratio.
 """
@@ -47,7 +49,8 @@ CONVENTION = (
     "of its readers' out_features) accumulates; other linear layers (the LM head without a head site) cost tokens "
     "x in x out MACs; attention matmuls are sized over the causal S(S+1)/2 query-key pairs per head (plus S x P "
     "with P cached positions): QK^T behind a q site costs |q spikes| x allowed keys accumulates, PV behind a v site "
-    "|v spikes| x queries allowed to see them, else head_dim MACs per pair; element-wise ops (norms, activations, "
+    "|v spikes| x queries allowed to see them, else head_dim MACs per pair; an 8-bit layer's scales cost one MAC "
+    "per output and scale group per token; element-wise ops (norms, activations, "
     "softmax, residual adds) are not counted; memory traffic is estimated apart (memory_traffic), not in the ratio")
 
 
@@ -120,6 +123,7 @@ class OpCounts:
     spike_acs: float = 0.0
     shifted_acs: float = 0.0  # the part of spike_acs made by weighted spikes (each adds a shifted weight)
     spike_driven_macs: int = 0
+    rescale_macs: int = 0  # int8 layers: one multiply-add per output and scale group per token (not in the ANN)
     per_module: dict[str, dict] = field(default_factory=dict)
     predictions: torch.Tensor | None = None  # top-1 tokens of the last counted forward [B, S]
 
@@ -130,7 +134,7 @@ class OpCounts:
 
     @property
     def energy_pj(self) -> float:
-        return self.dense_macs * E_MAC_PJ + self.spike_acs * E_AC_PJ + self.shifted_acs * E_SHIFT_PJ
+        return (self.dense_macs + self.rescale_macs) * E_MAC_PJ + self.spike_acs * E_AC_PJ + self.shifted_acs * E_SHIFT_PJ
 
     def add_acs(self, path: str, acs: float, weighted: bool) -> None:
         self.spike_acs += acs
@@ -144,8 +148,8 @@ class OpCounts:
         out: dict[str, dict] = {}
         for path, d in self.per_module.items():
             g = out.setdefault(group_name(path), {"kind": d["kind"], "macs": 0, "acs": 0.0, "shifted_acs": 0.0,
-                                                  "mac_equivalent": 0})
-            for k in ("macs", "acs", "shifted_acs", "mac_equivalent"):
+                                                  "rescale_macs": 0, "mac_equivalent": 0})
+            for k in ("macs", "acs", "shifted_acs", "rescale_macs", "mac_equivalent"):
                 g[k] += d.get(k, 0)
         return out
 
@@ -230,8 +234,10 @@ def counting(model: nn.Module, causal: bool = True) -> Iterator[OpCounts]:
         i, o = shapes[path]
         macs = tokens * i * o
         spiking = path in driven
+        rescale = tokens * int(getattr(model.get_submodule(path), "rescale_ops", 0))
+        counts.rescale_macs += rescale
         counts.per_module[path] = {"kind": "spike" if spiking else "dense", "macs": 0 if spiking else macs,
-                                   "acs": 0.0, "mac_equivalent": macs}
+                                   "acs": 0.0, "rescale_macs": rescale, "mac_equivalent": macs}
         if spiking:
             counts.spike_driven_macs += macs
         else:
@@ -263,7 +269,7 @@ def _group_table(model: nn.Module | None, counts: OpCounts) -> dict[str, dict]:
     groups = counts.per_group()
     total = counts.energy_pj or float("nan")
     for g in groups.values():
-        g["energy_share"] = (g["macs"] * E_MAC_PJ + g["acs"] * E_AC_PJ + g["shifted_acs"] * E_SHIFT_PJ) / total
+        g["energy_share"] = ((g["macs"] + g["rescale_macs"]) * E_MAC_PJ + g["acs"] * E_AC_PJ + g["shifted_acs"] * E_SHIFT_PJ) / total
     if model is None:
         return groups
     for path, m in model.named_modules():
@@ -302,6 +308,7 @@ def energy_summary(ann: OpCounts, snn: OpCounts, model: nn.Module | None = None)
         "snn_spike_acs": snn.spike_acs,
         "snn_shifted_acs": snn.shifted_acs,
         "snn_spike_driven_macs": snn.spike_driven_macs,
+        "snn_rescale_macs": snn.rescale_macs,
         "coverage": snn.spike_driven_macs / ann_macs if ann_macs else 0.0,
         "ann_energy_uj_per_token": e_ann / ann.tokens * 1e-6,
         "snn_energy_uj_per_token": e_snn / snn.tokens * 1e-6,
@@ -315,9 +322,9 @@ MEMORY_ASSUMPTIONS = (
     "bytes moved per token when decoding one token at a time (batch 1, no weight reuse across tokens): a dense "
     "layer reads all its weights; an event-driven layer reads the weight row of each input channel that fired at "
     "least once in the token's T steps (rows read once per token, the steps of one token back to back); weights at "
-    "their stored width (int8 1 byte plus a float32 scale per output row, float32 4 bytes); the KV cache (float32 k "
-    "and v of the mean earlier context) is read by both; each spiking neuron reads and writes its float32 membrane "
-    "once per step; each spike is a 4-byte address event written once and read once; activations between layers "
+    "their stored width (int8 1 byte plus a float32 scale per output row or scale group, float32 4 bytes); the KV "
+    "cache (float32 k and v of the mean earlier context) is read by both; each spiking neuron reads and writes its "
+    "float32 membrane once per step; each spike is a 4-byte address event written once and read once; activations between layers "
     "and on-chip buffering are not modelled")
 
 
@@ -325,7 +332,8 @@ def _weight_bytes(module: nn.Module) -> tuple[int, int]:
     """(bytes as stored, bytes at int8 with a float32 scale per row) of a linear-like layer's weight."""
     i, o = linear_shape(module)
     w8 = getattr(module, "weight_int8", None)
-    stored = i * o + 4 * o if w8 is not None else i * o * module.weight.element_size()
+    scale = getattr(module, "scale", None)
+    stored = i * o + 4 * scale.numel() if w8 is not None else i * o * module.weight.element_size()
     return stored, i * o + 4 * o
 
 

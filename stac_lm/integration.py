@@ -90,9 +90,11 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, T: int, sparse: bo
 
 # -- 8-bit weights (calibration.int8) ------------------------------------------------------------
 
-def quantize_weights(model: nn.Module, backend: str, progress: bool) -> dict:
+def quantize_weights(model: nn.Module, backend: str, progress: bool, group_size: int = 0,
+                     hessians: dict | None = None) -> dict:
     """Quantize ``model``'s weights in place; returns the backend's summary (with the quantized paths)."""
-    return _need("calibration.int8", "quantize_weights_", "--quant_backend")(model, backend, progress=progress)
+    return _need("calibration.int8", "quantize_weights_", "--quant_backend")(model, backend, progress=progress,
+                                                                             group_size=group_size, hessians=hessians)
 
 
 def quantized_paths(summary: dict) -> list[str]:
@@ -100,9 +102,9 @@ def quantized_paths(summary: dict) -> list[str]:
     return list(summary["paths"])
 
 
-def prepare_int8(model: nn.Module, paths: list[str], backend: str = "own") -> None:
+def prepare_int8(model: nn.Module, paths: list[str], backend: str = "own", group_size: int = 0) -> None:
     """Rebuild ``backend``'s int8 shells at ``paths`` so a saved state dict loads into ``model``."""
-    _need("calibration.int8", "prepare_int8_", "loading a model with 8-bit weights")(model, paths, backend)
+    _need("calibration.int8", "prepare_int8_", "loading a model with 8-bit weights")(model, paths, backend, group_size)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

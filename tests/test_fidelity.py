@@ -4,7 +4,7 @@ network does not, and the figures are what the rows say."""
 import torch
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
-from bench.generation_prompts import correct
+from stac_lm.prompts import correct
 from stac_lm.fidelity import FIRST_N, common_prefix, compare, greedy_reply, stop_ids
 
 PROMPTS = [{"kind": "question", "text": "Who is the king?", "answers": ["king"]},

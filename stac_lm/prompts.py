@@ -1,6 +1,7 @@
-"""The fixed prompts of ``bench/generation.py``: plain factual questions with the answers that count
-as right, short instructions, and chit-chat openings taken from the embedded conversations that
-calibration never reads (``stac_lm.texts.chitchat_text`` reads the last 200 by sorted id; these
+"""The fixed prompts of the free-running fidelity measurements (``bench/generation.py`` and the
+validator's fidelity gate): plain factual questions with the answers that count as right, short
+instructions, and chit-chat openings taken from the embedded conversations that calibration never
+reads (``stac_lm.texts.chitchat_text`` reads the last 200 by sorted id; these
 come from the front).
 
 A reply answers a question correctly when it contains one of its answers as a whole word,
