@@ -4,6 +4,7 @@
   python chat.py --model_dir out/chat_smollm2_T7
   python chat.py --model_dir out/chat_smollm2_T7 -T 8 --temperature 0.7 --seed 1
   python chat.py --model_dir out/chat_smollm2_T7 --ann      # the original network, to compare
+  python chat.py --model_dir out/chat_smollm2_T7 --ann --dtype bfloat16   # ... in half precision
   python chat.py --model_dir out/chat_smollm2_T7 --float_weights   # same replies, faster, more memory
 
 The tokenizer's chat template writes the conversation when it has one; otherwise plain
@@ -15,29 +16,34 @@ Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted while load
 
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
 
-from stac_cli import Parser, flag
+import stac_cli
+from stac_cli import TIMESTEPS_RANGE, Parser, flag
 from stac_cli import fail as cli_fail
 
 PROG = "chat.py"
+# why the SNN takes float32 only
+SNN_FLOAT32 = ("the SNN runs in float32, where its spike counts are exact whole numbers (docs/design.md); "
+               "half precision is for the original network (--ann)")
 
 fail = partial(cli_fail, PROG)
 
 
 def build_parser() -> Parser:
     p = Parser(PROG, __doc__)
-    flag(p, "model_dir", required=True, metavar="DIR", help="a directory saved by run_conversion.py")
-    flag(p, "device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present (default auto)")
-    flag(p, "timesteps", short=("-T",), type=int, metavar="T", help="spike timesteps per token (default: the saved T)")
+    stac_cli.model_dir_flag(p, required=True, help="a directory saved by run_conversion.py")
+    stac_cli.device_flag(p, default="auto")
+    stac_cli.dtype_flag(p, default="float32", help="float32 (default); float16 and bfloat16 with --ann only: the "
+                                                   "SNN's spike counts are exact in float32")
+    stac_cli.timesteps_flag(p, help=f"spike timesteps per token, {TIMESTEPS_RANGE} (default: the saved T)")
     flag(p, "max_new_tokens", type=int, default=128, metavar="N", help="longest reply in tokens (default 128)")
     flag(p, "temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples at that temperature")
     flag(p, "top_k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (default 0: off)")
     flag(p, "top_p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
-    flag(p, "seed", type=int, help="seed of the sampling (default: unseeded)")
+    stac_cli.seed_flag(p, help="seed of the sampling (default: unseeded)")
     flag(p, "max_context_length", type=int, default=2048, metavar="N",
          help="tokens of conversation the model keeps; the oldest turns go beyond it (default 2048, at most "
               "the model's positions)")
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--max_context_length must be >= 2, got {args.max_context_length}")
     if args.ann and args.float_weights:
         fail("--float_weights applies to the SNN's 8-bit weights; the original network (--ann) is float already")
+    if not args.ann:
+        stac_cli.float32_only(PROG, args.dtype, SNN_FLOAT32)
     from stac_lm.chat_engines import open_engine
     from stac_lm.chat_format import ChatFormat
     from stac_lm.chat_session import ChatSession, Settings
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         engine, tok, config = open_engine(args.model_dir, args.device, args.timesteps, args.max_context_length,
-                                          args.ann, args.float_weights)
+                                          args.ann, args.float_weights, args.dtype)
         fmt = ChatFormat(tok, args.system, config["hf_config"].get("eos_token_id"))
     except (ValueError, OSError) as e:  # a bad directory or setting; MissingAssetError is an OSError
         fail(str(e))
@@ -86,8 +94,9 @@ def banner(args, config: dict, engine, session) -> str:
     source = config.get("source", {}).get("model_id") or config["options"].get("model_name")
     saved_T = f", calibrated at T={config['timesteps']}" if engine.kind == "snn" else ""
     settings = ", ".join(f"{k}={v}" for k, v in session.describe().items())
-    device = engine.model.get_input_embeddings().weight.device
-    return (f"STAC chat with {what} of {source} on {device}{saved_T}\n"
+    weight = engine.model.get_input_embeddings().weight
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return (f"STAC chat with {what} of {source} on {weight.device} in {dtype}{saved_T}\n"
             f"settings: {settings}; context {engine.limit} tokens\n"
             f"format: {session.fmt.describe()}\n"
             ":help lists the commands; Ctrl-C stops a reply, Ctrl-D ends the session")

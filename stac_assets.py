@@ -31,7 +31,7 @@ def not_offline(name: str, error: OSError, embedded: str) -> MissingAssetError:
     return MissingAssetError(
         f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the hub could not be "
         f"reached ({str(error).splitlines()[0]}). Go online once to cache it, pass a local folder, or use the "
-        f"embedded default (--model_name embedded = {embedded}).")
+        f"embedded default (--model_name_or_path embedded = {embedded}).")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ multi-turn quality against the original ANN, and spike rates.
 
   python test_conversational_snn.py --test_all                       # converts the embedded SmolLM2 first
   python test_conversational_snn.py --test_all --model_dir out/chat_smollm2_T7
-  python test_conversational_snn.py --test_positions --test_masks --model_dir DIR --timesteps 32
+  python test_conversational_snn.py --test_positions --test_masks --model_dir DIR -T 32
 
 Groups: --test_multi_turn (cache contract over three turns, chit-chat perplexity and agreement
 with the ANN reply by reply, recall of a turn-1 fact in turn 3), --test_positions (turn
@@ -32,10 +32,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from stac_cli import Parser, flag
+import stac_cli
+from stac_cli import TIMESTEPS_RANGE, Parser, flag
 from stac_cli import fail as cli_fail
 
 PROG = "test_conversational_snn.py"
+FLOAT32_ONLY = ("the checks run the SNN in float32, where its spike counts are exact whole numbers, and compare "
+                "cache, positions and masks on a float64 copy (stac_lm/conv_checks.py)")
 GROUP_FLAGS = ("test_multi_turn", "test_positions", "test_masks", "test_spike_rates", "test_fidelity")
 DEFAULT_OUT = "out/conversational_checks.json"
 
@@ -55,9 +58,11 @@ def build_parser() -> Parser:
                                                           "chit-chat: first 16 tokens equal the ANN's, right "
                                                           "answers kept")
     g = p.add_argument_group("model and run")
-    flag(g, "model_dir", metavar="DIR", help="a saved SNN directory (default: convert the embedded SmolLM2)")
-    flag(g, "timesteps", type=int, metavar="T", help="timesteps the processor runs (default: the model's)")
-    flag(g, "device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present")
+    stac_cli.model_dir_flag(g, help="a saved SNN directory (default: convert the embedded SmolLM2)")
+    stac_cli.timesteps_flag(g, help=f"timesteps the processor runs, {TIMESTEPS_RANGE} (default: the model's)")
+    stac_cli.device_flag(g, default="auto")
+    stac_cli.dtype_flag(g, default="float32", help="float32 only (the default): the checks are defined in float32 "
+                                                   "and float64")
     flag(g, "conversations", type=int, default=50, metavar="N", help="chit-chat conversations scored (default 50)")
     flag(g, "max_context_length", type=int, default=512, metavar="N",
          help="most tokens a conversation keeps (default 512)")
@@ -82,10 +87,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--conversations must be >= 1, got {args.conversations}")
     if args.max_context_length < 2:
         raise ValueError(f"--max_context_length must be >= 2, got {args.max_context_length}")
-    if args.timesteps is not None:
-        from spike_modules.quantizer import check_timesteps  # imports torch: last
-
-        check_timesteps(args.timesteps)
 
 
 def converted_dir(args: argparse.Namespace) -> str:
@@ -107,6 +108,7 @@ def converted_dir(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stac_cli.float32_only(PROG, args.dtype, FLOAT32_ONLY)
     from stac_io import check_output_free, write_json
 
     from stac_assets import MissingAssetError

@@ -197,19 +197,27 @@ class ANNEngine(Engine):
             raise
 
 
+HALF_DTYPES = ("float16", "bfloat16")  # the original network (ann) runs in these too
+
+
 def open_engine(model_dir: str, device: str, T: int | None, max_context_length: int,
-                ann: bool, float_weights: bool = False) -> tuple[Engine, object, dict]:
+                ann: bool, float_weights: bool = False, dtype: str = "float32") -> tuple[Engine, object, dict]:
     """Load a saved SNN directory as ``(engine, tokenizer, config)``; with ``ann``, the engine
-    runs the directory's source model instead. ``float_weights``: the SNN keeps float copies of
-    its 8-bit weights (see :class:`TemporalSpikeProcessor`).
+    runs the directory's source model instead, cast to ``dtype``. ``float_weights``: the SNN keeps
+    float copies of its 8-bit weights (see :class:`TemporalSpikeProcessor`).
 
     Raises:
-        ValueError: a missing or damaged directory, a bad device, ``T`` or context length.
+        ValueError: a missing or damaged directory, a bad device, ``T`` or context length, or a
+            ``dtype`` other than float32 for the SNN (its spike counts are exact in float32 only).
         OSError: the source model cannot be found (``ann``).
     """
     from .pipeline import load_source, resolve_device
     from .saving import load_snn
 
+    if dtype != "float32" and (not ann or dtype not in HALF_DTYPES):
+        what = "the original network" if ann else "the SNN"
+        allowed = "float32, float16 or bfloat16" if ann else "float32 only (its spike counts are exact in float32)"
+        raise ValueError(f"{what} runs in {allowed}, got dtype {dtype!r}")
     dev = resolve_device(device)
     model, tok, config = load_snn(model_dir, dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -221,4 +229,4 @@ def open_engine(model_dir: str, device: str, T: int | None, max_context_length: 
 
     hf_logging.disable_progress_bar()  # its weight-loading bar would land in the chat
     source, _ = load_source(config["options"]["model_name"])
-    return ANNEngine(source.to(dev), max_context_length), tok, config
+    return ANNEngine(source.to(dev, getattr(torch, dtype)), max_context_length), tok, config

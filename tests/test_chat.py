@@ -16,7 +16,7 @@ from tiny_models import save_tiny, tiny_model
 from transformers import AutoTokenizer
 
 import chat
-from stac_lm.chat_engines import ANNEngine, Reply
+from stac_lm.chat_engines import ANNEngine, Reply, open_engine
 from stac_lm.chat_format import ChatFormat
 from stac_lm.chat_session import PROMPT, ChatSession, Settings, _Stream
 from stac_lm.options import ConvertOptions
@@ -275,6 +275,18 @@ def test_ann_engine_cached_loop_matches_recomputing(tiny_tok):
         assert reply.tokens == expect and reply.stop_reason == "max_new_tokens"
         context += expect
     assert engine.last.tokens == 6 and engine.last.spike_rates is None and engine.last.energy_pj > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_ann_runs_in_the_dtype_asked_and_the_snn_refuses_it(snn_dir, dtype):
+    """--dtype casts the original network (--ann); the SNN stays float32, where its spike counts are exact."""
+    engine, tok, _ = open_engine(str(snn_dir), "cpu", None, 256, ann=True, dtype=dtype)
+    assert {p.dtype for p in engine.model.parameters()} == {getattr(torch, dtype)}
+    sampling = SamplingConfig(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=1)
+    reply = engine.generate(tok.encode("User: Hello\nAssistant:"), 4, sampling, frozenset(), lambda t: None)
+    assert len(reply.tokens) == 4 and engine.last.energy_pj > 0
+    with pytest.raises(ValueError, match="the SNN runs in float32 only"):
+        open_engine(str(snn_dir), "cpu", None, 256, ann=False, dtype=dtype)
 
 
 # -- chat.py through a pseudo-terminal ------------------------------------------------------------

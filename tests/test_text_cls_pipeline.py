@@ -160,7 +160,7 @@ def test_cli_with_friendly_dashed_flags(workdir, capsys):
 BAD_CLI = [
     ("missing column", ["--text_column", "sentence"], "no column 'sentence'"),
     ("unknown dataset", ["--dataset", "mnist"], "dataset must be one of"),
-    ("bad T", ["--time_steps", "0,4"], "each of time_steps must be an integer between 1"),
+    ("bad T", ["--timesteps", "0,4"], "timesteps must be between 1 and 512, got 0"),
     ("unknown neuron", ["--neuron_type", "LIF"], "neuron_type must be one of"),
     ("test file alone", ["--test_file", "x.csv"], "--test_file needs --train_file"),
     ("unknown flag", ["--frobnicate"], "unrecognized arguments"),

@@ -2,12 +2,13 @@
 spiking neurons, and measure ANN, DA-QCFS ANN, parallel and sequential SNN side by side.
 
   python -m text_cls                                      # embedded tweets, MiniLM-L6, --spike_sites all, T=2,4,8,16
-  python -m text_cls --max_train_samples 500 --max_eval_samples 200 --time_steps 4,8 --savedir runs/quick
+  python -m text_cls --max_train_samples 500 --max_eval_samples 200 -T 4,8 --output_dir runs/quick
   python -m text_cls --train_file my.csv --text_column sentence --label_column label --spike_sites ffn
   python -m text_cls --dataset TextCLS --datadir data/ --savedir runs/x --net_arch bert_base_qcfs \\
       --batchsize 32 --dev 0 --time_step 8 --neuron_type ParaInfNeuron --pretrained_model embedded
 
-Every flag also takes dashes (--max-train-samples). Multi-GPU training: accelerate launch -m text_cls ...
+The last line is the research command: its names still work (listed at the end). Every flag also
+takes dashes (--max-train-samples). Multi-GPU training: accelerate launch -m text_cls ...
 Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 1 failure, 130 interrupted.
 """
 
@@ -17,11 +18,13 @@ import argparse
 import sys
 from functools import partial
 
-from stac_cli import Parser
+import stac_cli
+from stac_cli import MAX_TIMESTEPS, Parser
 from stac_cli import fail as cli_fail
 from stac_cli import flag as cli_flag
 
 PROG = "python -m text_cls"
+FLOAT32_ONLY = "text_cls fine-tunes, calibrates and measures in float32, where spike counts are exact whole numbers"
 
 fail = partial(cli_fail, PROG)
 flag = partial(cli_flag, unset=True)  # unset flags stay unset: the defaults live in TextClsOptions
@@ -34,13 +37,6 @@ def samples(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of samples or 'all', got {text!r}") from None
-
-
-def timesteps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 2,4,8,16, got {text!r}") from None
 
 
 def build_parser() -> Parser:
@@ -67,8 +63,9 @@ def build_parser() -> Parser:
     flag(g, "test_fraction", dest="test_fraction", type=float, metavar="F",
          help="share of the data held out for testing when there is no test file (default 0.1)")
     g = p.add_argument_group("model and conversion")
-    flag(g, "model_name", "pretrained_model", "model_name_or_path", dest="model_name", metavar="NAME",
-         help="BERT-family checkpoint: 'embedded' (all-MiniLM-L6-v2, default), a local folder or a hub name")
+    stac_cli.model_flag(g, old=("pretrained_model",), unset=True,
+                        help="BERT-family checkpoint: 'embedded' (all-MiniLM-L6-v2, default), a local folder or a "
+                             "hub name")
     flag(g, "net_arch", dest="net_arch", metavar="NAME", help="accepted for the research command: bert_base_qcfs "
                                                               "(the architecture comes from the checkpoint)")
     flag(g, "spike_sites", dest="spike_sites", choices=("ffn", "all"),
@@ -86,9 +83,12 @@ def build_parser() -> Parser:
     flag(g, "neuron_type", dest="neuron_type", metavar="NAME",
          help="ParaInfNeuron (parallel, default) or IFNeuron (sequential): the saved model's neuron; both are "
               "evaluated")
-    flag(g, "time_step", "T", dest="time_step", type=int, metavar="T",
-         help="one T to evaluate (and the T of the DA-QCFS ANN figure and of the saved model; default 8)")
-    flag(g, "time_steps", dest="time_steps", type=timesteps, metavar="LIST", help="T sweep (default 2,4,8,16)")
+    stac_cli.timesteps_flag(g, sweep=True, dest="time_steps", old=("time_steps",), unset=True,
+                            help=f"the T, or a comma-separated sweep of Ts, to evaluate, each 1..{MAX_TIMESTEPS} "
+                                 "(default 2,4,8,16)")
+    flag(g, "primary_timesteps", dest="time_step", type=stac_cli.timesteps, metavar="T", old=("time_step", "T"),
+         help="the T of the saved model and of the DA-QCFS ANN figure, added to the sweep (default 8 when the "
+              "sweep holds it, else its largest)")
     g = p.add_argument_group("training and calibration")
     flag(g, "ann_epochs", dest="ann_epochs", type=int, metavar="N",
          help="epochs of a separate float fine-tune before the DA-QCFS one; its model is then the float ANN "
@@ -98,9 +98,9 @@ def build_parser() -> Parser:
     flag(g, "learning_rate", "lr", dest="learning_rate", type=float, metavar="LR", help="float phase (default 1e-4)")
     flag(g, "snn_learning_rate", dest="snn_learning_rate", type=float, metavar="LR",
          help="DA-QCFS phase (default 1e-4)")
-    flag(g, "batchsize", "batch_size", dest="batchsize", type=int, metavar="B", help="training batch (default 32)")
-    flag(g, "eval_batchsize", "eval_batch_size", dest="eval_batchsize", type=int, metavar="B",
-         help="evaluation batch (default 64)")
+    stac_cli.batch_size_flag(g, dest="batchsize", old=("batchsize",), unset=True, help="training batch (default 32)")
+    flag(g, "eval_batch_size", dest="eval_batchsize", type=int, metavar="B", old=("eval_batchsize",),
+         help="evaluation and calibration batch (default 64)")
     flag(g, "freeze_embeddings", dest="freeze_embeddings", action=argparse.BooleanOptionalAction,
          help="keep the word embeddings fixed while fine-tuning (default on)")
     flag(g, "direct_inference", dest="direct_inference", action="store_true",
@@ -115,11 +115,13 @@ def build_parser() -> Parser:
     flag(g, "calib_samples", dest="calib_samples", type=int, metavar="N",
          help="training samples seen by calibration (default 256)")
     g = p.add_argument_group("run")
-    flag(g, "device", "dev", dest="device", metavar="DEV", help="auto (default), cpu, cuda, cuda:N or N")
-    flag(g, "savedir", "output_dir", dest="savedir", metavar="DIR",
-         help="run directory (default runs/text_cls_<data>_<sites>)")
+    stac_cli.device_flag(g, choices=None, metavar="DEV", old=("dev",), unset=True,
+                         help="auto (default: CUDA when present), cpu, cuda, cuda:N or N")
+    stac_cli.dtype_flag(g, unset=True, help=f"float32 only (the default): {FLOAT32_ONLY}")
+    stac_cli.output_dir_flag(g, dest="savedir", old=("savedir",), unset=True,
+                             help="run directory (default runs/text_cls_<data>_<sites>)")
     flag(g, "overwrite", dest="overwrite", action="store_true", help="replace an existing run directory")
-    flag(g, "seed", dest="seed", type=int, help="seed of the split, sampling and training (default 0)")
+    stac_cli.seed_flag(g, unset=True, help="seed of the split, sampling and training (default 0)")
     flag(g, "threads", dest="threads", type=int, metavar="N",
          help="torch CPU threads (default: torch's choice; on a loaded machine fewer threads can be much faster)")
     flag(g, "progress", dest="progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
@@ -128,6 +130,7 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
+    stac_cli.float32_only(PROG, given.pop("dtype", None), FLOAT32_ONLY)
     from stac_assets import MissingAssetError
 
     from .options import TextClsOptions

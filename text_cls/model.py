@@ -28,7 +28,7 @@ from stac_assets import minilm_dir, not_offline
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_ALIASES = {"", "embedded", "minilm", "minilm-l6", EMBEDDED_MODEL.lower(),
                     f"sentence-transformers/{EMBEDDED_MODEL.lower()}"}
-# the research command's --net_arch names; each means "the BERT-family model given by --model_name"
+# the research command's --net_arch names; each means "the BERT-family model given by --model_name_or_path"
 NET_ARCHS = ("bert_base_qcfs", "bert_qcfs", "bert")
 ACTIVATIONS = ("keep", "relu")
 NORM_SCHEDULES = ("causal", "held")

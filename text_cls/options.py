@@ -1,10 +1,11 @@
 """``TextClsOptions``: every parameter of one text-classification run, validated, saved as JSON.
 
 ``None`` fields are resolved in ``__post_init__`` (dataset-dependent max length, the T sweep,
-the run directory), so the saved options hold the values that were used. The research
-command's names (``--dataset TextCLS --datadir --savedir --net_arch bert_base_qcfs --batchsize
---dev --time_step --neuron_type --pretrained_model --direct_inference``) map onto these fields
-in ``text_cls.cli``.
+the run directory), so the saved options hold the values that were used. Some fields keep the
+research command's names; ``text_cls.cli`` maps the shared flags onto them (``--timesteps`` ->
+``time_steps``, ``--primary_timesteps`` -> ``time_step``, ``--output_dir`` -> ``savedir``,
+``--batch_size`` -> ``batchsize``, ``--eval_batch_size`` -> ``eval_batchsize``,
+``--model_name_or_path`` -> ``model_name``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spike_modules.adapters.bert import SITE_SCOPES
+from stac_cli import MAX_TIMESTEPS as MAX_T
 
 from .data import DATASETS, FILE_MAX_LEN, FILE_SUFFIXES, HUB_DATASETS, TWEETS, TWEETS_MAX_LEN
 from .model import ACTIVATIONS, NET_ARCHS, NORM_SCHEDULES, SEQUENTIAL_NEURONS
 
 DEFAULT_SWEEP = (2, 4, 8, 16)
 DEFAULT_T = 8
-MAX_T = 256
 NEURON_TYPES = ("ParaInfNeuron", "IFNeuron")
 NEURON_ALIASES = {"parainfneuron": "ParaInfNeuron", "parainfneuron_text": "ParaInfNeuron", "parallel": "ParaInfNeuron",
                   "ifneuron": "IFNeuron", "ifneuron_text": "IFNeuron", "sequential": "IFNeuron"}
@@ -175,7 +176,7 @@ class TextClsOptions:
             sweep = (self.time_step,) if self.time_step is not None else DEFAULT_SWEEP
         sweep = tuple(sweep)
         if not sweep:
-            raise ValueError("time_steps is empty; give at least one T, e.g. --time_steps 4,8")
+            raise ValueError("time_steps is empty; give at least one T, e.g. --timesteps 4,8")
         for T in sweep:
             _int("each of time_steps", T, 1, MAX_T)
         primary = self.time_step if self.time_step is not None else (DEFAULT_T if DEFAULT_T in sweep else max(sweep))
