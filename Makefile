@@ -49,6 +49,8 @@ bench: setup
 	$(PY) -m bench.neurons --out docs/bench_neurons.json --overwrite
 	$(PY) -m bench.calibration_smollm2 --out docs/bench_calibration_smollm2.json --overwrite
 	$(PY) -m bench.convert --coding rate --timesteps 4,8,16,32 --modes full,simplified --out docs/bench_convert.json --overwrite
+	$(PY) -m bench.convert --modes simplified --coding rate --timesteps 16,32 --out docs/bench_convert_simplified.json --overwrite
+	$(PY) -m bench.convert --modes simplified --coding rate --timesteps 16 --activation relu --out docs/bench_convert_simplified_relu.json --overwrite
 	$(PY) -m bench.sparse --out docs/bench_sparse.json --overwrite
 	$(PY) -m bench.convert --coding rate --timesteps 16,32 --modes full --eval_tokens 1024 --peer --out docs/bench_convert_peer.json --overwrite
 	$(PY) -m bench.chat --repeats 7 --out docs/bench_chat.json --overwrite

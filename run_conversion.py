@@ -35,18 +35,21 @@ def build_parser() -> Parser:
     g = p.add_argument_group("model and mode")
     flag(g, "model_name", metavar="NAME", help="source model: 'embedded' (default: SmolLM2-135M-Instruct, offline), "
                                                "a local Hugging Face folder, or a hub name (online or cached)")
-    flag(g, "simplified", action="store_true", help="fast structural swap: ReLU, quick thresholds "
-                                                     "(percentile), no 8-bit weights")
+    flag(g, "simplified", action="store_true", help="fast conversion: float weights, 2048 calibration "
+                                                     "tokens, percentile thresholds without the psi/phi fit")
     flag(g, "timesteps", type=int, metavar="T", help=f"spike timesteps, 1..{MAX_CLI_TIMESTEPS} (1..16 with weighted "
                                                       "coding); default 16 for rate coding, 7 for weighted")
     flag(g, "coding", choices=("rate", "weighted"),
          help="spike coding of every site: rate (a level costs one spike per unit, T levels) or weighted (step k "
               "weighs 2**(T-1-k): 2**T - 1 levels, a level costs the nonzero digits of its signed-digit form) "
               "(default: weighted in full mode, rate with --simplified)")
+    flag(g, "spike_probs", action=argparse.BooleanOptionalAction,
+         help="a spiking site on the attention probabilities too (default: off: they stay in the rate domain, "
+              "where the time-stepped network keeps closer to parallel mode)")
     flag(g, "spike_head", action=argparse.BooleanOptionalAction,
          help="a spiking site at the LM head's input, so the head is spike-driven too (default: on in full mode)")
     flag(g, "activation", choices=ACTIVATIONS, help="keep the model's SiLU/GELU or swap them for ReLU "
-                                                    "(default: keep; relu with --simplified)")
+                                                    "(default: keep; relu breaks a pretrained LM unless fine-tuned)")
     flag(g, "device", choices=DEVICES, help="auto = CUDA when present (default auto)")
     g = p.add_argument_group("calibration and evaluation text (kept apart)")
     flag(g, "calib_text", metavar="PATH", help="UTF-8 text for calibration (default: embedded Shakespeare: "
@@ -58,14 +61,14 @@ def build_parser() -> Parser:
     g = p.add_argument_group("thresholds, weights, fine-tune")
     flag(g, "threshold_rule", choices=THRESHOLD_RULES, help="per-channel threshold rule (default: percentile)")
     flag(g, "percentile", type=float, metavar="Q", help="percentile of the percentile rule "
-                                                         "(default 95.0; 85.0 with --calib_text chitchat; 99.9 with --simplified)")
+                                                         "(rate coding: 95.0, 85.0 with --calib_text chitchat; weighted: 99.9)")
     flag(g, "max_burst", type=int, metavar="B", help="most spikes a neuron may fire in one step, 1..2**24/T; "
                                                       "values past theta pass as bursts instead of being clipped, "
                                                       "every spike counted (default 2**24/T, i.e. no clipping; "
-                                                      "1 with --simplified)")
+                                                      "1: plain IF neurons)")
     flag(g, "burst_budget", type=int, metavar="B", help="spikes per step a channel's calibration maximum may "
                                                          "need; channels needing more get theta = max / B "
-                                                         "(default 64; none with --simplified)")
+                                                         "(default 64; 0: none)")
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_weight_lr", type=float, metavar="LR", help="learning rate of the decoder weights in the "

@@ -36,12 +36,13 @@ def _need(module: str, name: str, what: str):
 
 # -- converter (smollm2_converter) ---------------------------------------------------------------
 
-def conversion_config(T: int, activation: str, simplified: bool, coding: str = "rate", spike_head: bool = False):
+def conversion_config(T: int, activation: str, simplified: bool, coding: str = "rate", spike_head: bool = False,
+                      spike_probs: bool | None = None):
     """The converter's config for this run (the rest of the structure follows the converter's mode defaults)."""
     from smollm2_converter import ConversionConfig
 
     return ConversionConfig(T=T, mode="simplified" if simplified else "full", activation=activation, coding=coding,
-                            spike_head=spike_head)
+                            spike_head=spike_head, spike_probs=spike_probs)
 
 
 def conversion_config_from_dict(d: dict):

@@ -9,12 +9,13 @@ option             full mode              ``--simplified``
 coding             weighted [1]           rate
 timesteps          7 (weighted), 16 rate  16
 spike_head         on                     off
+spike_probs        off                    off [3]
 threshold_rule     percentile             percentile
-percentile         99.9 (rate: 95.0 [2])  99.9
-max_burst          2**24 // levels        1 (plain IF neurons)
-burst_budget       64                     none
+percentile         99.9 (rate: 95.0 [2])  95.0 [2]
+max_burst          2**24 // levels        2**24 // levels
+burst_budget       64 (0: none)           64
 quant_backend      own                    none (int8 is refused)
-activation         keep                   relu
+activation         keep                   keep [3]
 calib_tokens       8192                   2048
 =================  =====================  ==============
 
@@ -25,6 +26,15 @@ ANN's energy, where rate coding at T=16 costs 1.17-1.23 (``docs/frontier.json``)
 the ANN itself nearly ties, so a finer step keeps its top-1 choice more often (chit-chat agreement
 0.87 at T=16, against 0.80-0.85 with 95.0); it costs about half as many spikes again
 (``docs/conversational.md``). Weighted coding gets its finer steps from more levels instead.
+[3] Simplified mode is the fast, float-weight conversion: per-channel percentile thresholds with
+bursts and no ``psi``/``phi`` fit, the LM head dense: on the embedded SmolLM2 and The Tempest,
+perplexity ratio 1.039 / top-1 0.864 at T=16 and 1.011 / 0.927 at T=32, converted in 95-98 s on
+the shared 2-core CPU (``docs/bench_convert_simplified.json``).
+The attention probabilities stay in the rate domain in both modes: spiked (``spike_probs``), they
+leave parallel mode's perplexity nearly as it was but make the time-stepped network drift from it
+(top-1 of sequential against parallel mode 0.63 at T=16 in simplified mode, 0.88 without).
+``activation='relu'`` swaps SiLU/GELU for ReLU, which breaks a pretrained LM without fine-tuning
+(the report says so and measures it).
 """
 
 from __future__ import annotations
@@ -88,6 +98,7 @@ class ConvertOptions:
     timesteps: int | None = None
     coding: str | None = None
     spike_head: bool | None = None
+    spike_probs: bool | None = None
     output_dir: str | None = None
     overwrite: bool = False
     device: str = "auto"
@@ -127,22 +138,27 @@ class ConvertOptions:
             set_("spike_head", full)
         if not isinstance(self.spike_head, bool):
             raise ValueError(f"spike_head must be true or false, got {self.spike_head!r}")
+        if self.spike_probs is None:
+            set_("spike_probs", False)  # both modes: see [3]
+        if not isinstance(self.spike_probs, bool):
+            raise ValueError(f"spike_probs must be true or false, got {self.spike_probs!r}")
         _check_choice("device", self.device, DEVICES)
         if self.threshold_rule is None:
             set_("threshold_rule", "percentile")
         _check_choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
         if self.percentile is None:
-            # full mode: a finer step, bursts carry the tail (bench/convert.py), finer still for chat text;
-            # simplified: few clipped values
-            rate_full = full and self.coding == "rate"
-            set_("percentile", (CHAT_PERCENTILE if self.calib_text == CHITCHAT else 95.0) if rate_full else 99.9)
+            # rate coding, either mode: a finer step, bursts carry the tail (bench/convert.py), finer still for
+            # chat text; weighted coding gets its finer steps from more levels
+            rate = self.coding == "rate"
+            set_("percentile", (CHAT_PERCENTILE if self.calib_text == CHITCHAT else 95.0) if rate else 99.9)
         if self.max_burst is None:
-            set_("max_burst", max_exact_burst(self.timesteps, self.coding) if full else 1)
+            # both modes: bursts carry the rare huge activations that plain IF neurons (1) would clip
+            set_("max_burst", max_exact_burst(self.timesteps, self.coding))
         check_max_burst(self.max_burst, self.timesteps, self.coding)
-        if self.burst_budget is None and full:
+        if self.burst_budget is None:
             set_("burst_budget", min(64, self.max_burst))
         if self.burst_budget is not None:
-            _check_int("burst_budget", self.burst_budget, 1, self.max_burst)
+            _check_int("burst_budget", self.burst_budget, 0, self.max_burst)  # 0: no budget
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
@@ -153,7 +169,7 @@ class ConvertOptions:
             raise ValueError(f"--simplified does not quantize weights (quant_backend {self.quant_backend!r} asked); "
                              "drop --quant_backend, or drop --simplified for 8-bit weights")
         if self.activation is None:
-            set_("activation", "keep" if full else "relu")
+            set_("activation", "keep")  # relu only when asked: without fine-tuning it breaks a pretrained LM
         _check_choice("activation", self.activation, ACTIVATIONS)
         if self.calib_tokens is None:
             set_("calib_tokens", 8192 if full else 2048)

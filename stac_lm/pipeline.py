@@ -6,6 +6,7 @@ directory is checked before any work, and written atomically at the end.
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch import nn
 
 from calibration import Calibration, CalibrationConfig, calibrate
 from spike_modules import set_mode
-from stac_assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, smollm2_gguf
+from stac_assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, not_offline, smollm2_gguf
 from stac_io import check_output_free, sha256_file, write_json
 
 from . import integration
@@ -124,8 +125,55 @@ def max_positions(model: nn.Module) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+ENCODER_FAMILIES = ("bert",)  # adapters for encoders: text_cls converts them (classification), not this pipeline
+
+
+def causal_families() -> str:
+    """``family (model types); ...`` of the registered adapters for causal LMs, for error messages."""
+    from spike_modules.adapters import ADAPTERS
+
+    return "; ".join(sorted({f"{a.family} ({', '.join(a.model_types)})" for a in ADAPTERS.values()
+                             if a.family not in ENCODER_FAMILIES}))
+
+
+def check_architecture(model_name: str) -> None:
+    """Refuse a model STAC cannot convert from its config alone, before any weights or tokenizer load.
+
+    The config's ``model_type`` must have a registered adapter (``spike_modules.adapters``) for a
+    causal LM; the adapter may refuse features of the config (ALiBi, cross-attention, ...). The
+    embedded SmolLM2 (a Llama) needs no check.
+
+    Raises:
+        ValueError: unsupported architecture; the message lists the supported families.
+        MissingAssetError: no config under that name offline.
+    """
+    if is_embedded_lm(model_name):
+        return
+    from transformers import AutoConfig
+
+    from spike_modules.adapters import ADAPTERS, check_supported
+
+    def refuse(model_type) -> ValueError:
+        return ValueError(f"{model_name}: unsupported architecture {model_type!r}; STAC converts: "
+                          f"{causal_families()}")
+
+    config_file = Path(model_name) / "config.json"
+    if config_file.is_file():  # read the type first: transformers refuses a type it does not know in its own words
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        if model_type not in ADAPTERS:
+            raise refuse(model_type)
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+    except OSError as e:
+        raise not_offline(model_name, e, EMBEDDED_LM) from None
+    if config.model_type not in ADAPTERS or ADAPTERS[config.model_type].family in ENCODER_FAMILIES:
+        raise refuse(config.model_type)
+    check_supported(config)  # the family's own refusals (ALiBi, cross-attention, ...)
+
+
 def load_source(model_name: str) -> tuple[nn.Module, object]:
-    """The source model (float32, eval mode) and its tokenizer."""
+    """The source model (float32, eval mode) and its tokenizer, after :func:`check_architecture`."""
+    check_architecture(model_name)
     model, tok = load_causal_lm(None if is_embedded_lm(model_name) else model_name, dtype=torch.float32)
     return model.eval(), tok
 
@@ -159,6 +207,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
 
     # everything that can be refused is refused before the first minute of work
     check_output_free(opts.output_dir, opts.overwrite)
+    check_architecture(opts.model_name)
     device = resolve_device(opts.device)
     if opts.quant_backend not in SAVEABLE_INT8:
         raise ValueError(f"--quant_backend {opts.quant_backend}: such a model cannot be saved yet (load_snn rebuilds "
@@ -183,7 +232,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         batches = calibration_batches(calib.ids, seq)
     with step("convert", spinner=True):
         cfg = integration.conversion_config(opts.timesteps, opts.activation, opts.simplified, opts.coding,
-                                            opts.spike_head)
+                                            opts.spike_head, opts.spike_probs)
         snn = integration.convert(ann, cfg)
         ann, snn = place(ann, device), place(snn, device)
     dev = input_device(snn)
@@ -196,7 +245,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     with step("calibrate"):
         # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
         ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
-                                 max_burst=opts.max_burst, burst_budget=opts.burst_budget,
+                                 max_burst=opts.max_burst, burst_budget=opts.burst_budget or None,
                                  seed=opts.seed, fit_affine=not opts.simplified, coding=opts.coding)
         calibration = calibrate(snn, batches, ccfg, model_id=source["model_id"], progress=progress)
         calibration.apply_to(snn)

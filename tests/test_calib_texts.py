@@ -33,11 +33,11 @@ def test_chitchat_calibration_is_templated_and_apart_from_the_scored_conversatio
     assert calib.ids.numel() == 8192 and calib.source == source and evals.source.endswith("tempest_gut")
 
 
-def test_chitchat_needs_a_chat_template(tmp_path):
+def test_chitchat_without_a_chat_template_falls_back_to_the_plain_format(tmp_path):
     plain = AutoTokenizer.from_pretrained(str(save_tiny(tmp_path / "m", "llama")))
     assert not getattr(plain, "chat_template", None)
-    with pytest.raises(ValueError, match="chat template"):
-        read_text("chitchat", (), plain)
+    text, source, _ = read_text("chitchat", (), plain)
+    assert text.startswith("User: ") and "\nAssistant:" in text and "no chat template" in source
     with pytest.raises(ValueError, match="not a file"):
         read_text("chitchat", ())
 

@@ -112,9 +112,10 @@ def assert_close(got: dict, want: dict, rel: float):
 
 @pytest.fixture(scope="module")
 def simplified_runs(tiny, tmp_path_factory):
-    """Simplified mode (no psi/phi fit, no burst budget, no 8-bit weights): the rule alone sets theta."""
+    """Simplified mode (no psi/phi fit, no 8-bit weights) without a burst budget (0): the rule alone sets theta."""
     base = tmp_path_factory.mktemp("simplified")
-    return {q: convert(tiny, base / f"p{q}", simplified=True, percentile=q, calib_tokens=1024) for q in (50.0, 99.9)}
+    return {q: convert(tiny, base / f"p{q}", simplified=True, percentile=q, calib_tokens=1024, burst_budget=0)
+            for q in (50.0, 99.9)}
 
 
 def test_percentile_sets_the_thresholds_as_the_rule_on_observed_values(simplified_runs):

@@ -167,10 +167,18 @@ def test_a_broken_simulation_fails_parallel_vs_sequential(converted, monkeypatch
     assert failed(report(converted)) == {"parallel vs sequential top-1"}
 
 
-def test_simplified_mode_fails_its_quality_gate_whatever_it_measures(converted):
-    rep = report(converted, mode="simplified")  # the healthy full-mode SNN, judged as simplified mode
+def test_a_mode_marked_not_usable_fails_its_quality_gate_whatever_it_measures(converted, monkeypatch):
+    unusable = gates.ModeGates(usable=False, sequential_top1=0.75, quality=dict(gates.GATES[("full", "rate")].quality),
+                               note="this mode is not usable as a language model")
+    monkeypatch.setitem(gates.GATES, ("simplified", "rate"), unusable)
+    rep = report(converted, mode="simplified", coding="rate")  # the healthy SNN, judged as an unusable mode
     assert failed(rep) == {"quality: mode claims quality"}
     assert "not usable" in next(c["detail"] for c in rep["checks"] if not c["passed"])
+
+
+def test_simplified_mode_is_judged_by_its_own_bars(converted):
+    rep = report(converted, mode="simplified", coding="rate")  # T=8: simplified mode claims T=16 and 32 only
+    assert not failed(rep) and rep["quality_bars"]["gated"] is False and "T=[16, 32]" in rep["quality_bars"]["why"]
 
 
 def test_a_mode_or_coding_without_bars_fails_and_says_so(converted):
