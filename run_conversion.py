@@ -3,10 +3,10 @@
 
   python run_conversion.py                                   # embedded SmolLM2-135M-Instruct, full mode, weighted spikes, T=7
   python run_conversion.py --simplified --timesteps 8
-  python run_conversion.py --model_name distilgpt2 --output_dir out/distilgpt2_T16
+  python run_conversion.py --model_name_or_path distilgpt2 --output_dir out/distilgpt2_T16
   python run_conversion.py --verify --model_dir out/snn_SmolLM2-135M-Instruct_T7_full
 
-Every flag also takes dashes (--model-name). Exit codes: 0 done, 3 done but a verification check
+Every flag also takes dashes (--model-name-or-path). Exit codes: 0 done, 3 done but a verification check
 failed (report.json says which), 2 bad input (one line on stderr), 1 a STAC component missing from
 this checkout, 130 interrupted (nothing half-written is left).
 """
@@ -17,14 +17,19 @@ import argparse
 import sys
 from functools import partial
 
-from stac_cli import Parser
+import stac_cli
+from stac_cli import TIMESTEPS_RANGE, Parser
 from stac_cli import fail as cli_fail
 from stac_cli import flag as cli_flag
-from stac_lm.options import ACTIVATIONS, DEVICES, MAX_CLI_TIMESTEPS, QUANT_BACKENDS, THRESHOLD_RULES
+from stac_lm.options import ACTIVATIONS, DEVICES, QUANT_BACKENDS, THRESHOLD_RULES
 
 PROG = "run_conversion.py"
 # flags that still mean something when verifying a saved directory
 VERIFY_FLAGS = {"model_dir", "verify", "eval_text", "eval_tokens", "device", "use_sparse"}
+FLAG_OF = {"model_name": "model_name_or_path"}  # option fields whose flag has another name
+# why --dtype takes float32 only here
+FLOAT32_ONLY = ("conversion calibrates, rounds weights to int8 and verifies in float32, where spike counts are exact "
+                "whole numbers (docs/design.md); chat.py --ann --dtype runs the original network in half precision")
 
 fail = partial(cli_fail, PROG)
 flag = partial(cli_flag, unset=True)  # unset flags stay unset: the defaults live in ConvertOptions
@@ -33,12 +38,12 @@ flag = partial(cli_flag, unset=True)  # unset flags stay unset: the defaults liv
 def build_parser() -> Parser:
     p = Parser(PROG, __doc__)
     g = p.add_argument_group("model and mode")
-    flag(g, "model_name", metavar="NAME", help="source model: 'embedded' (default: SmolLM2-135M-Instruct, offline), "
-                                               "a local Hugging Face folder, or a hub name (online or cached)")
+    stac_cli.model_flag(g, unset=True, help="source model: 'embedded' (default: SmolLM2-135M-Instruct, offline), "
+                                            "a local Hugging Face folder, or a hub name (online or cached)")
     flag(g, "simplified", action="store_true", help="fast conversion: float weights, 2048 calibration "
                                                      "tokens, percentile thresholds without the psi/phi fit")
-    flag(g, "timesteps", type=int, metavar="T", help=f"spike timesteps, 1..{MAX_CLI_TIMESTEPS} (1..16 with weighted "
-                                                      "coding); default 16 for rate coding, 7 for weighted")
+    stac_cli.timesteps_flag(g, unset=True, help=f"spike timesteps, {TIMESTEPS_RANGE}; default 16 for rate "
+                                                "coding, 7 for weighted")
     flag(g, "coding", choices=("rate", "weighted"),
          help="spike coding of every site: rate (a level costs one spike per unit, T levels) or weighted (step k "
               "weighs 2**(T-1-k): 2**T - 1 levels, a level costs the nonzero digits of its signed-digit form) "
@@ -50,7 +55,8 @@ def build_parser() -> Parser:
          help="a spiking site at the LM head's input, so the head is spike-driven too (default: on in full mode)")
     flag(g, "activation", choices=ACTIVATIONS, help="keep the model's SiLU/GELU or swap them for ReLU "
                                                     "(default: keep; relu breaks a pretrained LM unless fine-tuned)")
-    flag(g, "device", choices=DEVICES, help="auto = CUDA when present (default auto)")
+    stac_cli.device_flag(g, choices=DEVICES, unset=True)
+    stac_cli.dtype_flag(g, unset=True, help="float32 only (the default): conversion and verification run in float32")
     g = p.add_argument_group("calibration and evaluation text (kept apart)")
     flag(g, "calib_text", metavar="PATH", help="UTF-8 text for calibration (default: embedded Shakespeare: "
                                                 "Hamlet, Macbeth, Othello), or 'chitchat': embedded chit-chat "
@@ -70,21 +76,27 @@ def build_parser() -> Parser:
                                                          "need; channels needing more get theta = max / B "
                                                          "(default 64; 0: none)")
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
+    flag(g, "int8_rounding", choices=("nearest", "gptq"),
+         help="how weights round to int8: to nearest, or GPTQ's error compensation on the calibration text's "
+              "inputs (same stored format; default nearest)")
+    flag(g, "int8_group_size", type=int, metavar="G", help="input columns per int8 scale; 0 = one scale per output "
+                                                             "row (default 0); each group costs one rescale "
+                                                             "multiply-add per output and token, counted in energy")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_weight_lr", type=float, metavar="LR", help="learning rate of the decoder weights in the "
                                                                  "fine-tune (default 1e-5 after a ReLU swap, else 0: "
                                                                  "thresholds and shifts only)")
     flag(g, "surrogate_function", metavar="NAME", help="SpikingJelly surrogate gradient for the fine-tune, e.g. "
                                                        "Sigmoid, ATan (default Sigmoid)")
-    flag(g, "seed", type=int, help="seed of the calibration sampling (default 0)")
+    stac_cli.seed_flag(g, unset=True, help="seed of the calibration sampling (default 0)")
     g = p.add_argument_group("verification and output")
     flag(g, "verify", action=argparse.BooleanOptionalAction,
          help="measure the SNN against the ANN and write report.json (default: on); with --model_dir, "
               "verify a saved directory instead of converting")
-    flag(g, "model_dir", metavar="DIR", help="a saved SNN directory to verify (with --verify)")
+    stac_cli.model_dir_flag(g, unset=True, help="a saved SNN directory to verify (with --verify)")
     flag(g, "use_sparse", action="store_true", help="event-driven accumulation in the sequential simulation "
                                                      "that verification runs")
-    flag(g, "output_dir", metavar="DIR", help="where to save (default: out/snn_<model>_T<T>_<mode>)")
+    stac_cli.output_dir_flag(g, unset=True, help="where to save (default: out/snn_<model>_T<T>_<mode>)")
     flag(g, "overwrite", action="store_true", help="replace an existing output directory")
     return p
 
@@ -92,7 +104,8 @@ def build_parser() -> Parser:
 def _verify_saved(given: dict) -> dict:
     extra = sorted(set(given) - VERIFY_FLAGS)
     if extra:
-        fail(f"--model_dir verifies a saved SNN; conversion flags do not apply: {', '.join('--' + e for e in extra)}")
+        flags = ", ".join("--" + FLAG_OF.get(e, e) for e in extra)
+        fail(f"--model_dir verifies a saved SNN; conversion flags do not apply: {flags}")
     if given.get("verify") is False:
         fail("--model_dir with --no-verify does nothing; use --verify --model_dir DIR")
     from stac_lm.pipeline import verify_saved
@@ -116,6 +129,7 @@ def _convert(given: dict) -> tuple[dict | None, str]:
 
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
+    stac_cli.float32_only(PROG, given.pop("dtype", None), FLOAT32_ONLY)
     from stac_assets import MissingAssetError  # light: no torch until the work needs it
     from stac_lm.integration import NotIntegratedError, user_error_types
 

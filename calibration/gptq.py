@@ -94,9 +94,11 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 0, 
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H.diagonal().add_(damp * H.diagonal().mean())
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # the inverse in float64, the column loop in float32 (as GPTQ's reference does): twice as fast
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    W = W.float()
     groups = -(-width // group_size) if group_size else 0
-    scale = torch.empty(out, groups, dtype=torch.float64) if groups else _scale(W)
+    scale = torch.empty(out, groups, dtype=torch.float32) if groups else _scale(W)
     Q = torch.zeros_like(W)
     for i1 in range(0, width, block):
         i2 = min(i1 + block, width)
@@ -111,7 +113,7 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 0, 
             q = torch.clamp(torch.round(w / s), -127, 127)
             Q[:, col] = q
             err = (w - q * s) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q.to(torch.int8), scale.float()

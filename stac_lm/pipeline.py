@@ -18,6 +18,8 @@ from rich.console import Console
 from torch import nn
 
 from calibration import Calibration, CalibrationConfig, calibrate
+from calibration.gptq import input_hessians
+from calibration.int8 import find_linears
 from spike_modules import set_mode
 from stac_assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, not_offline, smollm2_gguf
 from stac_io import check_output_free, sha256_file, write_json
@@ -240,8 +242,14 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     quantization = None
     if opts.quant_backend != "none":
         # before calibration, so the thresholds fit the activations of the 8-bit network
-        with step(f"8-bit weights ({opts.quant_backend})"):
-            quantization = integration.quantize_weights(snn, opts.quant_backend, progress)
+        hessians = None
+        if opts.int8_rounding == "gptq":
+            with step("int8 rounding statistics"):  # the inputs each linear layer sees, from the float model
+                hessians = input_hessians(snn, find_linears(snn), batches)
+        with step(f"8-bit weights ({opts.quant_backend}, {opts.int8_rounding})"):
+            quantization = integration.quantize_weights(snn, opts.quant_backend, progress, opts.int8_group_size,
+                                                        hessians)
+            del hessians
     with step("calibrate"):
         # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
         ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
