@@ -16,7 +16,20 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["gptq_int8", "input_hessians"]
+__all__ = ["absmax_scale", "check_group_size", "gptq_int8", "input_hessians"]
+
+
+def check_group_size(group_size) -> None:
+    """``group_size`` is 0 (one scale per row) or a positive integer (columns per scale)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+        raise ValueError(f"the int8 group size must be 0 (one scale per output row) or a positive number of input "
+                         f"columns, got {group_size!r}")
+
+
+def absmax_scale(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scales over the last dimension: ``absmax / 127``, 1 where all are zero."""
+    absmax = w.abs().amax(dim=-1)
+    return torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
 
 
 @torch.no_grad()
@@ -79,9 +92,8 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 0, 
         ``(q int8 [out, in], scale float32 [out] or [out, groups])``, the format of
         :func:`calibration.int8.quantize_rows`.
     """
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
-        raise ValueError(f"group_size must be 0 or a positive number of input columns, got {group_size!r}")
-    W = weight.detach().double().clone()
+    check_group_size(group_size)
+    W = weight.detach().float().clone()
     out, width = W.shape
     if hessian.shape != (width, width):
         raise ValueError(f"the input Hessian is {tuple(hessian.shape)}, the weight takes {width} inputs")
@@ -96,9 +108,8 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 0, 
     H.diagonal().add_(damp * H.diagonal().mean())
     # the inverse in float64, the column loop in float32 (as GPTQ's reference does): twice as fast
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    W = W.float()
     groups = -(-width // group_size) if group_size else 0
-    scale = torch.empty(out, groups, dtype=torch.float32) if groups else _scale(W)
+    scale = torch.empty(out, groups, dtype=torch.float32) if groups else absmax_scale(W)
     Q = torch.zeros_like(W)
     for i1 in range(0, width, block):
         i2 = min(i1 + block, width)
@@ -107,7 +118,7 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 0, 
         for i in range(i2 - i1):
             col = i1 + i
             if group_size and col % group_size == 0:
-                scale[:, col // group_size] = _scale(W1[:, i:i + group_size])
+                scale[:, col // group_size] = absmax_scale(W1[:, i:i + group_size])
             s = scale[:, col // group_size] if group_size else scale
             w, d = W1[:, i], Hinv1[i, i]
             q = torch.clamp(torch.round(w / s), -127, 127)
@@ -117,9 +128,4 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 0, 
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q.to(torch.int8), scale.float()
-
-
-def _scale(w: torch.Tensor) -> torch.Tensor:
-    absmax = w.abs().amax(dim=1)
-    return torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
 

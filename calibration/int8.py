@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from spike_modules.layers import SpikeLinear
 
 from . import int8_backends
-from .gptq import gptq_int8
+from .gptq import absmax_scale, check_group_size, gptq_int8
 from .int8_backends import BackendUnavailableError
 
 BACKENDS = ("own", "bnb", "torchao", "none")
@@ -49,24 +49,15 @@ def quantize_rows(weight: torch.Tensor, group_size: int = 0) -> tuple[torch.Tens
         raise ValueError("the weight holds NaN or inf; int8 cannot represent it")
     check_group_size(group_size)
     if not group_size or group_size >= w.shape[1]:
-        absmax = w.abs().amax(dim=1)
-        scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+        scale = absmax_scale(w)
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         return q, scale
     out, width = w.shape
     groups = -(-width // group_size)
     padded = nn.functional.pad(w, (0, groups * group_size - width)).view(out, groups, group_size)
-    absmax = padded.abs().amax(dim=2)
-    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    scale = absmax_scale(padded)
     q = torch.round(padded / scale[:, :, None]).clamp_(-127, 127).view(out, -1)[:, :width]
     return q.to(torch.int8).contiguous(), scale
-
-
-def check_group_size(group_size) -> None:
-    """``group_size`` is 0 (one scale per row) or a positive integer (columns per scale)."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
-        raise ValueError(f"the int8 group size must be 0 (one scale per output row) or a positive number of input "
-                         f"columns, got {group_size!r}")
 
 
 def expand_scale(scale: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
