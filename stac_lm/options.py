@@ -38,10 +38,8 @@ leave parallel mode's perplexity nearly as it was but make the time-stepped netw
 ``activation='relu'`` swaps SiLU/GELU for ReLU, which breaks a pretrained LM without fine-tuning
 (the report says so and measures it).
 [4] ``gptq`` rounds the same int8 format with GPTQ's error compensation on the calibration
-inputs (``calibration.gptq``). Round-to-nearest int8 alone keeps 0.966 top-1 agreement on the
-ANN's own replies on the embedded SmolLM2, the cap that limits free-running fidelity; GPTQ lifts it
-only to 0.968 (float activations, teacher-forced on the 60 replies of ``bench/generation.py``) and
-its statistics and rounding took 140 s + 443 s on the shared 2-core CPU, so it is not the default.
+inputs (``calibration.gptq``). Not the default: its statistics and rounding take minutes on two
+cores against a 4-minute conversion, and it is not yet benchmarked on the embedded SmolLM2.
 """
 
 from __future__ import annotations
