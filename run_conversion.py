@@ -83,6 +83,8 @@ def build_parser() -> Parser:
                                                              "row (default 0); each group costs one rescale "
                                                              "multiply-add per output and token, counted in energy")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
+    flag(g, "finetune_text", choices=("calib", "replies"), help="what the distillation reads: calib (the calibration "
+         "text, default) or replies (the ANN's greedy chat replies to chit-chat openings calibration reads)")
     flag(g, "finetune_weight_lr", type=float, metavar="LR", help="learning rate of the decoder weights in the "
                                                                  "fine-tune (default 1e-5 after a ReLU swap, else 0: "
                                                                  "thresholds and shifts only)")

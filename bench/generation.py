@@ -8,6 +8,12 @@ of both, the share of the ANN's right answers the SNN keeps, and the SNN's teach
 agreement on the ANN's replies; beside them the model's report figures (Tempest perplexity ratio,
 top-1 agreement, energy ratio). Writes JSON and a markdown table with replies side by side.
 
+``--site_modes parallel,ann`` also runs each model with its spiking sites passing their inputs
+through (the 8-bit weights alone, no spikes): the row that tells the weights' share of the
+disagreement from the spikes'. ``--forced_only`` skips free-running decoding of the SNN and
+reports the teacher-forced figures alone (top-1, and the share of replies whose first 16 tokens
+are all predicted), a quick sweep before the full run.
+
     python -m bench.generation --model_dir out/demo_smollm2_T16 --out docs/generation.json \\
         --markdown docs/generation.md
 """
@@ -22,7 +28,8 @@ from pathlib import Path
 import torch
 
 from stac_lm.prompts import correct, prompts
-from spike_modules import set_timesteps
+from spike_modules import set_mode, set_timesteps
+from spike_modules.site import set_spike_counting
 from stac_io import write_text_atomic, check_output_free, write_json
 from stac_lm.fidelity import FIRST_N, compare
 from stac_lm.pipeline import load_checked_source, resolve_device
@@ -52,28 +59,48 @@ def run(args) -> dict:
         if source not in ann_cache:
             ann_cache[source] = [load_checked_source(config).to(device), None]
         ann, ann_replies = ann_cache[source]
+        set_spike_counting(snn, False)  # no spike statistics: the report's figures are read from the saved report
         Ts = [int(t) for t in args.timesteps.split(",")] if args.timesteps else [int(config["timesteps"])]
-        for T in Ts:
-            set_timesteps(snn, T)
-            t1 = time.perf_counter()
-            out = compare(ann, snn, tok, rows, args.new_tokens, ann_replies, correct,
-                          progress=lambda i, n, r: print(f"  {i}/{n} {r['kind']}: prefix {r['common_prefix']}",
-                                                         flush=True) if args.verbose else None)
-            ann_cache[source][1] = out["ann_replies"]
-            entry = {"model_dir": str(d), "T": T, "saved_T": int(config["timesteps"]),
-                     "coding": config["conversion_config"].get("coding", "rate"),
-                     "calib_text": config["options"].get("calib_text"), "summary": out["summary"],
-                     "report": report_figures(Path(d)) if T == int(config["timesteps"]) else {},
-                     "rows": out["rows"], "seconds": time.perf_counter() - t1}
-            s = entry["summary"]
-            print(f"{d} T={T}: first-{FIRST_N} identity {s[f'first_{FIRST_N}_identity']:.2f}, prefix "
-                  f"{s['mean_common_prefix']:.1f}, exact {s['exact_match']:.2f}, ANN correct {s['ann_correct']:.2f}, "
-                  f"SNN correct {s['snn_correct']:.2f}, kept {s['snn_keeps_ann_correct']:.2f}, forced top-1 "
-                  f"{s['forced_top1_agreement_on_ann_replies']:.3f}", flush=True)
-            results.append(entry)
+        options = config["options"]
+        for mode in args.site_modes.split(","):
+            set_mode(snn, mode)
+            for T in Ts:
+                set_timesteps(snn, T)
+                t1 = time.perf_counter()
+                out = compare(ann, snn, tok, rows, args.new_tokens, ann_replies, correct, free_running=not args.forced_only,
+                              progress=lambda i, n, r: print(f"  {i}/{n} {r['kind']}: prefix {r.get('common_prefix')}",
+                                                             flush=True) if args.verbose else None)
+                ann_replies = ann_cache[source][1] = out["ann_replies"]
+                entry = {"model_dir": str(d), "T": T, "saved_T": int(config["timesteps"]), "site_mode": mode,
+                         "coding": config["conversion_config"].get("coding", "rate"),
+                         "int8": {k: options.get(k) for k in ("quant_backend", "int8_rounding", "int8_group_size")},
+                         "finetune": {k: options.get(k) for k in ("finetune_steps", "finetune_text")},
+                         "calib_text": options.get("calib_text"), "summary": out["summary"],
+                         "report": report_figures(Path(d)) if T == int(config["timesteps"]) and mode == "parallel" else {},
+                         "rows": out["rows"], "seconds": time.perf_counter() - t1}
+                print(f"{d} T={T} sites {mode}: {summary_line(entry['summary'])}", flush=True)
+                results.append(entry)
     return {"benchmark": "bench/generation.py", "new_tokens": args.new_tokens, "first_n": FIRST_N, "kinds": args.kinds,
             "prompts": len(rows), "results": results, "seconds": time.perf_counter() - t0,
             "machine": machine_info(device)}
+
+
+def summary_line(s: dict) -> str:
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    return (f"first-{FIRST_N} identity {fmt(s[f'first_{FIRST_N}_identity'])}, prefix {fmt(s['mean_common_prefix'], '{:.1f}')}, "
+            f"exact {fmt(s['exact_match'])}, ANN correct {fmt(s['ann_correct'])}, SNN correct {fmt(s['snn_correct'])}, "
+            f"kept {fmt(s['snn_keeps_ann_correct'])}, forced top-1 {fmt(s['forced_top1_agreement_on_ann_replies'], '{:.3f}')}, "
+            f"forced first-{FIRST_N} {fmt(s[f'forced_first_{FIRST_N}'])}")
+
+
+def label(e: dict) -> str:
+    """What the row measured: the model, and "8-bit weights only" where its sites passed floats."""
+    i8 = e.get("int8") or {}
+    group = i8.get("int8_group_size")
+    scales = f"groups of {group}" if group else "per row"
+    weights = "float weights" if i8.get("quant_backend") == "none" else f"int8 {i8.get('int8_rounding') or 'nearest'}, {scales}"
+    sites = "" if e.get("site_mode", "parallel") == "parallel" else f", sites {e['site_mode']} (no spikes)"
+    return f"`{e['model_dir']}` ({weights}{sites})"
 
 
 def markdown(result: dict, examples: int) -> str:
@@ -81,17 +108,20 @@ def markdown(result: dict, examples: int) -> str:
              f"`bench/generation.py`, greedy, up to {result['new_tokens']} new tokens, {result['prompts']} prompts "
              f"({result['kinds']}: 30 questions, 10 instructions, 20 chit-chat openings never used in calibration).", "",
              f"| model | coding | T | first-{FIRST_N} identity | mean common prefix | exact | ANN correct | SNN correct | "
-             "ANN-correct kept | forced top-1 on ANN replies | Tempest ppl ratio | Tempest top-1 | energy ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"ANN-correct kept | forced top-1 on ANN replies | forced first-{FIRST_N} | Tempest ppl ratio | Tempest top-1 | "
+             "energy ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
     for e in result["results"]:
         s, r = e["summary"], e["report"]
-        lines.append(f"| `{e['model_dir']}` | {e['coding']} | {e['T']} | {s[f'first_{FIRST_N}_identity']:.2f} | "
-                     f"{s['mean_common_prefix']:.1f} | {s['exact_match']:.2f} | {fmt(s['ann_correct'], '{:.2f}')} | "
-                     f"{fmt(s['snn_correct'], '{:.2f}')} | {fmt(s['snn_keeps_ann_correct'], '{:.2f}')} | "
-                     f"{s['forced_top1_agreement_on_ann_replies']:.3f} | {fmt(r.get('ppl_ratio'))} | "
+        lines.append(f"| {label(e)} | {e['coding']} | {e['T']} | {fmt(s[f'first_{FIRST_N}_identity'], '{:.2f}')} | "
+                     f"{fmt(s['mean_common_prefix'], '{:.1f}')} | {fmt(s['exact_match'], '{:.2f}')} | "
+                     f"{fmt(s['ann_correct'], '{:.2f}')} | {fmt(s['snn_correct'], '{:.2f}')} | "
+                     f"{fmt(s['snn_keeps_ann_correct'], '{:.2f}')} | {fmt(s['forced_top1_agreement_on_ann_replies'])} | "
+                     f"{fmt(s.get(f'forced_first_{FIRST_N}'), '{:.2f}')} | {fmt(r.get('ppl_ratio'))} | "
                      f"{fmt(r.get('top1_agreement'))} | {fmt(r.get('energy_ratio'))} |")
     for e in result["results"]:
+        if not e["rows"] or "snn" not in e["rows"][0] or e.get("site_mode", "parallel") != "parallel":
+            continue
         lines += ["", f"## `{e['model_dir']}`, T={e['T']}: replies side by side", "",
                   "| prompt | ANN | SNN |", "|---|---|---|"]
         for row in e["rows"][:examples]:
@@ -112,7 +142,14 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--kinds", default="question,instruction,chitchat", help="prompt kinds to run")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--site_modes", default="parallel",
+                   help="comma-separated site modes to run each model in: parallel (spikes), ann (8-bit weights only)")
+    p.add_argument("--forced_only", action="store_true",
+                   help="teacher-forced figures only (no free-running decoding of the SNN): a quick sweep")
     args = p.parse_args()
+    for mode in args.site_modes.split(","):
+        if mode not in ("parallel", "ann", "sequential"):
+            p.error(f"--site_modes: unknown mode {mode!r}; use parallel, ann or sequential")
     for path in (args.out, args.markdown):
         check_output_free(path, args.overwrite)
     result = run(args)

@@ -109,7 +109,7 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 0, 
     # the inverse in float64, the column loop in float32 (as GPTQ's reference does): twice as fast
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     groups = -(-width // group_size) if group_size else 0
-    scale = torch.empty(out, groups, dtype=torch.float32) if groups else absmax_scale(W)
+    scale = torch.empty(out, groups, dtype=torch.float32, device=W.device) if groups else absmax_scale(W)
     Q = torch.zeros_like(W)
     for i1 in range(0, width, block):
         i2 = min(i1 + block, width)

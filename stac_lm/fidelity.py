@@ -62,16 +62,21 @@ def greedy_reply(model: nn.Module, prompt: torch.Tensor, new_tokens: int, stop: 
 
 
 @torch.no_grad()
-def forced_agreement(snn: nn.Module, prompt: torch.Tensor, reply: list[int]) -> tuple[int, int]:
-    """(agreeing positions, positions): the SNN's top-1 on the ANN's reply tokens, teacher-forced
+def forced_predictions(snn: nn.Module, prompt: torch.Tensor, reply: list[int]) -> list[bool]:
+    """Per reply token, whether the SNN's top-1 teacher-forced on the ANN's reply is that token
     (one full pass over prompt and reply; the reply's first token is predicted from the prompt)."""
     if not reply:
-        return 0, 0
+        return []
     device = snn.get_input_embeddings().weight.device
     ids = torch.cat([prompt, torch.tensor([reply])], dim=1).to(device)
-    logits = snn(ids).logits[0, prompt.shape[1] - 1: -1]
-    preds = logits.argmax(-1).tolist()
-    return sum(int(p == t) for p, t in zip(preds, reply)), len(reply)
+    preds = snn(ids).logits[0, prompt.shape[1] - 1: -1].argmax(-1).tolist()
+    return [p == t for p, t in zip(preds, reply)]
+
+
+def forced_agreement(snn: nn.Module, prompt: torch.Tensor, reply: list[int]) -> tuple[int, int]:
+    """(agreeing positions, positions) of :func:`forced_predictions`."""
+    hits = forced_predictions(snn, prompt, reply)
+    return sum(hits), len(hits)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -84,10 +89,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def compare(ann: nn.Module, snn: nn.Module, tokenizer, prompts: list[dict], new_tokens: int = 48,
-            ann_replies: list[Reply] | None = None, correct=None, progress=None) -> dict:
+            ann_replies: list[Reply] | None = None, correct=None, progress=None, free_running: bool = True) -> dict:
     """Greedy replies of both models to every prompt (``{"kind", "text", "answers"}``) and the
     fidelity figures. ``ann_replies`` (same order) skips the ANN's decoding; ``correct(reply,
-    answers)`` scores questions. Returns ``{"summary": {...}, "rows": [...], "ann_replies": [...]}``."""
+    answers)`` scores questions. ``free_running=False`` scores the SNN teacher-forced only (minutes
+    faster; the free-running figures are then absent). Returns ``{"summary": {...}, "rows": [...],
+    "ann_replies": [...]}``."""
     stop = stop_ids(tokenizer)
     rows, replies = [], []
     agree = scored = 0
@@ -99,16 +106,20 @@ def compare(ann: nn.Module, snn: nn.Module, tokenizer, prompts: list[dict], new_
         else:
             a = ann_replies[i]
         replies.append(a)
-        s_ids = greedy_reply(snn, prompt, new_tokens, stop)
-        s = Reply(s_ids, tokenizer.decode(s_ids, skip_special_tokens=True))
-        k, n = forced_agreement(snn, prompt, a.ids)
-        agree, scored = agree + k, scored + n
-        row = {"kind": p["kind"], "prompt": p["text"], "ann": a.text, "snn": s.text,
-               "common_prefix": common_prefix(a.ids, s.ids), "first_n_equal": a.ids[:FIRST_N] == s.ids[:FIRST_N],
-               "exact": a.ids == s.ids, "forced_agreement": k / n if n else None}
+        hits = forced_predictions(snn, prompt, a.ids)
+        agree, scored = agree + sum(hits), scored + len(hits)
+        row = {"kind": p["kind"], "prompt": p["text"], "ann": a.text,
+               "forced_agreement": sum(hits) / len(hits) if hits else None,
+               "forced_first_n": all(hits[:FIRST_N])}
+        if free_running:
+            s_ids = greedy_reply(snn, prompt, new_tokens, stop)
+            s = Reply(s_ids, tokenizer.decode(s_ids, skip_special_tokens=True))
+            row.update(snn=s.text, common_prefix=common_prefix(a.ids, s.ids),
+                       first_n_equal=a.ids[:FIRST_N] == s.ids[:FIRST_N], exact=a.ids == s.ids)
         if p.get("answers") and correct is not None:
             row["ann_correct"] = bool(correct(a.text, tuple(p["answers"])))
-            row["snn_correct"] = bool(correct(s.text, tuple(p["answers"])))
+            if free_running:
+                row["snn_correct"] = bool(correct(s.text, tuple(p["answers"])))
         rows.append(row)
         if progress is not None:
             progress(i + 1, len(prompts), row)
@@ -116,17 +127,20 @@ def compare(ann: nn.Module, snn: nn.Module, tokenizer, prompts: list[dict], new_
 
 
 def summarize(rows: list[dict], agree: int, scored: int) -> dict:
+    """The figures of :func:`compare`'s rows; the free-running ones are None where it ran teacher-forced only."""
     n = len(rows)
     q = [r for r in rows if "ann_correct" in r]
+    forced = {"prompts": n, "forced_top1_agreement_on_ann_replies": agree / scored if scored else float("nan"),
+              f"forced_first_{FIRST_N}": sum(r["forced_first_n"] for r in rows) / n, "questions": len(q),
+              "ann_correct": sum(r["ann_correct"] for r in q) / len(q) if q else None}
+    if rows and "snn" not in rows[0]:
+        return forced | {f"first_{FIRST_N}_identity": None, "mean_common_prefix": None, "exact_match": None,
+                         "snn_correct": None, "snn_keeps_ann_correct": None, "by_kind": None}
     ann_right = [r for r in q if r["ann_correct"]]
-    return {
-        "prompts": n,
+    return forced | {
         f"first_{FIRST_N}_identity": sum(r["first_n_equal"] for r in rows) / n,
         "mean_common_prefix": sum(r["common_prefix"] for r in rows) / n,
         "exact_match": sum(r["exact"] for r in rows) / n,
-        "forced_top1_agreement_on_ann_replies": agree / scored if scored else float("nan"),
-        "questions": len(q),
-        "ann_correct": sum(r["ann_correct"] for r in q) / len(q) if q else None,
         "snn_correct": sum(r["snn_correct"] for r in q) / len(q) if q else None,
         "snn_keeps_ann_correct": (sum(r["snn_correct"] for r in ann_right) / len(ann_right)) if ann_right else None,
         "by_kind": {k: sum(r["first_n_equal"] for r in rows if r["kind"] == k) / max(1, sum(r["kind"] == k for r in rows))

@@ -62,6 +62,7 @@ THRESHOLD_RULES = ("max", "percentile", "mse")
 QUANT_BACKENDS = ("own", "bnb", "torchao", "none")
 ACTIVATIONS = ("keep", "relu")
 INT8_ROUNDINGS = ("nearest", "gptq")
+FINETUNE_TEXTS = ("calib", "replies")  # replies: the ANN's greedy chat replies (stac_lm.replies)
 DEFAULT_INT8_GROUP = 0  # one scale per output row
 EVAL_WINDOW = 512  # the fixed perplexity protocol of stac_eval
 FORMAT_VERSION = 1
@@ -122,6 +123,7 @@ class ConvertOptions:
     max_burst: int | None = None
     burst_budget: int | None = None
     finetune_steps: int = 0
+    finetune_text: str = "calib"
     finetune_weight_lr: float | None = None
     surrogate_function: str = "Sigmoid"
     use_sparse: bool = False
@@ -195,6 +197,10 @@ class ConvertOptions:
         _check_int("calib_tokens", self.calib_tokens, 1)
         _check_int("eval_tokens", self.eval_tokens, EVAL_WINDOW)
         _check_int("finetune_steps", self.finetune_steps, 0)
+        _check_choice("finetune_text", self.finetune_text, FINETUNE_TEXTS)
+        if self.finetune_text != "calib" and not self.finetune_steps:
+            raise ValueError(f"--finetune_text {self.finetune_text} chooses the distillation text, but "
+                             "--finetune_steps is 0 (no distillation); give --finetune_steps N")
         if self.finetune_weight_lr is None:
             # after a ReLU swap the weights must adapt; otherwise thresholds and shifts are enough
             set_("finetune_weight_lr", 1e-5 if self.activation == "relu" else 0.0)

@@ -26,10 +26,12 @@ from stac_io import check_output_free, sha256_file, write_json
 
 from . import integration
 from .options import EVAL_WINDOW, ConvertOptions
+from .replies import ann_reply_windows
 from .texts import TokenStream, calibration_batches, finetune_windows, load_streams
 from .verify import input_device, verify
 
 CALIB_SEQ = 512  # tokens per calibration window (shorter only if the model or the text is shorter)
+REPLY_WINDOWS = 128  # --finetune_text replies: ANN replies to distil on, cycled when there are more steps
 FINETUNE_SEQ = 128  # tokens per distillation step: a step costs its tokens, so 300 steps stay in minutes
 
 
@@ -261,7 +263,10 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     out = Converted(opts, ann, snn, tok, cfg, calibration, calib, evals, source, device, quantization)
     if opts.finetune_steps:
         with step(f"fine-tune ({opts.finetune_steps} steps)"):
-            windows, ft_tokens = finetune_windows(tok, opts.calib_text, opts.finetune_steps, min(FINETUNE_SEQ, seq))
+            if opts.finetune_text == "replies":
+                windows, ft_tokens = ann_reply_windows(ann, tok, min(opts.finetune_steps, REPLY_WINDOWS))
+            else:
+                windows, ft_tokens = finetune_windows(tok, opts.calib_text, opts.finetune_steps, min(FINETUNE_SEQ, seq))
             out.finetune = integration.finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
                                                 opts.surrogate_function, progress,
                                                 weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode

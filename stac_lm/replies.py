@@ -1,0 +1,53 @@
+"""Distillation text made of the ANN's own replies.
+
+Perplexity-style distillation reads prose; a chat model is judged on what it writes. With
+``--finetune_text replies`` the thresholds and shifts are distilled on the ANN's greedy replies
+(in the chat template, KV-cached, up to :data:`REPLY_TOKENS` tokens) to chit-chat openings taken
+from the end of the embedded conversations, the part calibration reads: never the openings that
+``bench/generation.py`` and the validator score (``stac_lm.prompts.chitchat_openings``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fidelity import chat_ids, greedy_reply, stop_ids
+from .prompts import chitchat_openings
+from .texts import chitchat_data, turn_texts
+
+REPLY_TOKENS = 48  # as many new tokens as the generation benchmark lets a reply have
+MAX_OPENING_CHARS = 300
+
+
+def reply_openings(n: int) -> list[str]:
+    """``n`` first user turns of the embedded conversations, read from the last sorted id backwards,
+    none of them a scored opening; ``ValueError`` if the data has fewer."""
+    if n < 1:
+        raise ValueError(f"need at least one opening, got {n}")
+    scored = set(chitchat_openings())
+    _, data = chitchat_data()
+    out: list[str] = []
+    for cid in sorted(data, reverse=True):
+        texts = [t for t in turn_texts(data[cid]) if t]
+        if texts and len(texts[0]) <= MAX_OPENING_CHARS and texts[0] not in scored and texts[0] not in out:
+            out.append(texts[0])
+            if len(out) == n:
+                return out
+    raise ValueError(f"the embedded chit-chat data has {len(out)} usable openings, fewer than the {n} asked")
+
+
+@torch.no_grad()
+def ann_reply_windows(ann: nn.Module, tokenizer, n: int, new_tokens: int = REPLY_TOKENS) -> tuple[list[torch.Tensor], int]:
+    """``n`` windows ``[1, S]``: an opening in the chat template followed by the ANN's greedy reply.
+
+    Returns ``(windows on the ANN's device, tokens in all)``.
+    """
+    device = ann.get_input_embeddings().weight.device
+    stop = stop_ids(tokenizer)
+    windows = []
+    for text in reply_openings(n):
+        prompt = chat_ids(tokenizer, text)
+        reply = greedy_reply(ann, prompt, new_tokens, stop)
+        windows.append(torch.cat([prompt, torch.tensor([reply], dtype=prompt.dtype)], dim=1).to(device))
+    return windows, sum(w.shape[1] for w in windows)
