@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fidelity import chat_ids, greedy_reply, stop_ids
+from .fidelity import chat_ids, stop_ids
 from .prompts import chitchat_openings
 from .texts import chitchat_data, turn_texts
 
 REPLY_TOKENS = 48  # as many new tokens as the generation benchmark lets a reply have
 MAX_OPENING_CHARS = 300
+REPLY_BATCH = 16  # prompts decoded together
 
 
 def reply_openings(n: int) -> list[str]:
@@ -38,16 +39,29 @@ def reply_openings(n: int) -> list[str]:
 
 
 @torch.no_grad()
-def ann_reply_windows(ann: nn.Module, tokenizer, n: int, new_tokens: int = REPLY_TOKENS) -> tuple[list[torch.Tensor], int]:
+def ann_reply_windows(ann: nn.Module, tokenizer, n: int, new_tokens: int = REPLY_TOKENS,
+                      batch_size: int = REPLY_BATCH) -> tuple[list[torch.Tensor], int]:
     """``n`` windows ``[1, S]``: an opening in the chat template followed by the ANN's greedy reply.
 
+    The replies are decoded ``batch_size`` prompts at a time (left-padded, transformers'
+    ``generate``, greedy), each cut at its first end-of-turn token.
     Returns ``(windows on the ANN's device, tokens in all)``.
     """
     device = ann.get_input_embeddings().weight.device
     stop = stop_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
+    prompts = [chat_ids(tokenizer, text)[0] for text in reply_openings(n)]
     windows = []
-    for text in reply_openings(n):
-        prompt = chat_ids(tokenizer, text)
-        reply = greedy_reply(ann, prompt, new_tokens, stop)
-        windows.append(torch.cat([prompt, torch.tensor([reply], dtype=prompt.dtype)], dim=1).to(device))
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b: b + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        out = ann.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=pad, eos_token_id=sorted(stop))[:, width:].cpu()
+        for p, row in zip(chunk, out.tolist()):
+            reply = next((row[:k] for k, t in enumerate(row) if t in stop), row)
+            windows.append(torch.cat([p, torch.tensor(reply, dtype=p.dtype)])[None].to(device))
     return windows, sum(w.shape[1] for w in windows)

@@ -47,3 +47,26 @@ def test_helpers():
     assert correct("The capital of France is Paris.", ("Paris",)) and not correct("Parisian food", ("Paris",))
     tok = tiny_tokenizer()
     assert tok.eos_token_id in stop_ids(tok)
+
+
+def test_forced_only_reports_the_teacher_forced_figures_alone():
+    tok = tiny_tokenizer()
+    ann, other = (tiny_model("llama", VOCAB, seed=s, initializer_range=0.3) for s in (0, 1))
+    same = compare(ann, ann, tok, PROMPTS, new_tokens=FIRST_N + 4, correct=correct, free_running=False)["summary"]
+    assert same[f"forced_first_{FIRST_N}"] == 1.0 and same["forced_top1_agreement_on_ann_replies"] == 1.0
+    assert same[f"first_{FIRST_N}_identity"] is None and same["snn_keeps_ann_correct"] is None
+    diff = compare(ann, other, tok, PROMPTS, new_tokens=FIRST_N + 4, correct=correct, free_running=False)["summary"]
+    assert diff[f"forced_first_{FIRST_N}"] < 1.0
+
+
+def test_site_groups_cover_roles_and_depth():
+    from bench.fidelity_sites import groups
+
+    names = [f"model.layers.{i}.{s}" for i in range(6) for s in
+             ("self_attn.q_proj.site", "self_attn.k_site", "self_attn.o_proj.site", "mlp.gate_proj.site",
+              "mlp.down_proj.site")] + ["lm_head.site"]
+    g = groups(names)
+    assert len(g["qkv_input"]) == len(g["k"]) == len(g["o_input"]) == len(g["mlp_input"]) == 6
+    assert g["lm_head"] == ["lm_head.site"] and len(g["all"]) == len(names)
+    assert [k for k in g if k.startswith("layers_")] == ["layers_0-1", "layers_2-3", "layers_4-5"]
+    assert "q" not in g  # a role no site has is left out
