@@ -29,7 +29,7 @@ import torch
 from spike_modules import iter_sites, set_mode
 from spike_modules.site import set_spike_counting
 from stac_io import check_output_free, write_json
-from stac_lm.fidelity import FIRST_N, chat_ids, greedy_reply, stop_ids
+from stac_lm.fidelity import FIRST_N, ann_replies, chat_ids
 from stac_lm.pipeline import load_checked_source, resolve_device
 from stac_lm.prompts import prompts
 from stac_lm.saving import load_snn
@@ -105,33 +105,29 @@ def run(args) -> dict:
     snn, tok, config = load_snn(args.model_dir, device)
     set_spike_counting(snn, False)
     ann = load_checked_source(config).to(device).eval()
-    stop = stop_ids(tok)
     t0 = time.perf_counter()
-    items = []
-    for p in prompts(tuple(args.kinds.split(","))):
-        prompt = chat_ids(tok, p["text"])
-        reply = greedy_reply(ann, prompt, args.new_tokens, stop)
-        if reply:
-            items.append((prompt, reply))
+    rows = prompts(tuple(args.kinds.split(",")))
+    replies = ann_replies(ann, tok, rows, args.new_tokens, args.ann_replies, key=config["source"])
+    items = [(chat_ids(tok, p["text"]), r.ids) for p, r in zip(rows, replies) if r.ids]
     print(f"{len(items)} ANN replies in {time.perf_counter() - t0:.0f} s", flush=True)
     names = [n for n, _ in iter_sites(snn)]
     sites = dict(iter_sites(snn))
     set_mode(snn, "parallel")
     base = forced(snn, items)
     print(f"all spiking: {base}", flush=True)
-    rows = []
+    found = []
     for g, members in groups(names).items():
         for n in members:
             sites[n].mode = "ann"
         r = forced(snn, items)
         set_mode(snn, "parallel")
-        rows.append({"group": g, "sites": len(members), **r,
+        found.append({"group": g, "sites": len(members), **r,
                      "gain_top1": r["forced_top1"] - base["forced_top1"],
                      f"gain_first_{FIRST_N}": r[f"forced_first_{FIRST_N}"] - base[f"forced_first_{FIRST_N}"]})
         print(f"{g} ({len(members)} sites) as floats: {r}", flush=True)
     return {"benchmark": "bench/fidelity_sites.py", "model_dir": str(args.model_dir), "T": int(config["timesteps"]),
             "replies": len(items), "reply_tokens": sum(len(r) for _, r in items), "new_tokens": args.new_tokens,
-            "all_spiking": base, "groups_as_floats": rows, "tokens": token_classes(ann, snn, tok, items),
+            "all_spiking": base, "groups_as_floats": found, "tokens": token_classes(ann, snn, tok, items),
             "seconds": time.perf_counter() - t0, "machine": machine_info(device)}
 
 
@@ -141,6 +137,7 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=48)
     p.add_argument("--kinds", default="question,instruction,chitchat", help="prompt kinds to run")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--ann_replies", metavar="JSON", help="cache of the ANN's replies (bench/generation.py's option)")
     p.add_argument("--out", default="docs/fidelity_sites.json")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()

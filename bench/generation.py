@@ -31,6 +31,7 @@ from stac_lm.prompts import correct, prompts
 from spike_modules import set_mode, set_timesteps
 from spike_modules.site import set_spike_counting
 from stac_io import write_text_atomic, check_output_free, write_json
+from stac_lm import fidelity
 from stac_lm.fidelity import FIRST_N, compare
 from stac_lm.pipeline import load_checked_source, resolve_device
 from stac_lm.saving import REPORT_FILE, load_snn
@@ -59,6 +60,9 @@ def run(args) -> dict:
         if source not in ann_cache:
             ann_cache[source] = [load_checked_source(config).to(device), None]
         ann, ann_replies = ann_cache[source]
+        if ann_replies is None and args.ann_replies:
+            ann_replies = ann_cache[source][1] = fidelity.ann_replies(ann, tok, rows, args.new_tokens, args.ann_replies,
+                                                                      key=config["source"])
         set_spike_counting(snn, False)  # no spike statistics: the report's figures are read from the saved report
         Ts = [int(t) for t in args.timesteps.split(",")] if args.timesteps else [int(config["timesteps"])]
         options = config["options"]
@@ -144,6 +148,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--site_modes", default="parallel",
                    help="comma-separated site modes to run each model in: parallel (spikes), ann (8-bit weights only)")
+    p.add_argument("--ann_replies", metavar="JSON", help="read the ANN's replies from this file when it holds them "
+                   "for the same source model, prompts and length; else decode them and write it")
     p.add_argument("--forced_only", action="store_true",
                    help="teacher-forced figures only (no free-running decoding of the SNN): a quick sweep")
     args = p.parse_args()

@@ -11,7 +11,9 @@ on the reply tokens), which ties the two views together.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -77,6 +79,29 @@ def forced_agreement(snn: nn.Module, prompt: torch.Tensor, reply: list[int]) -> 
     """(agreeing positions, positions) of :func:`forced_predictions`."""
     hits = forced_predictions(snn, prompt, reply)
     return sum(hits), len(hits)
+
+
+def ann_replies(ann: nn.Module, tokenizer, prompts: list[dict], new_tokens: int, cache: str | Path | None = None,
+                key: dict | None = None) -> list[Reply]:
+    """The ANN's greedy replies to ``prompts``. With ``cache`` (a JSON file), replies saved there for
+    the same ``key`` (say the source model's hashes), prompts and ``new_tokens`` are read instead of
+    decoded; otherwise they are decoded and the file is (re)written."""
+    ident = {"key": key, "new_tokens": new_tokens, "prompts": [p["text"] for p in prompts]}
+    if cache is not None and Path(cache).is_file():
+        saved = json.loads(Path(cache).read_text())
+        if {k: saved.get(k) for k in ident} == ident:
+            return [Reply(ids, tokenizer.decode(ids, skip_special_tokens=True)) for ids in saved["replies"]]
+        print(f"{cache} holds replies of another model, prompt set or length: decoding again")
+    stop = stop_ids(tokenizer)
+    replies = []
+    for p in prompts:
+        ids = greedy_reply(ann, chat_ids(tokenizer, p["text"]), new_tokens, stop)
+        replies.append(Reply(ids, tokenizer.decode(ids, skip_special_tokens=True)))
+    if cache is not None:
+        from stac_io import write_json
+
+        write_json(Path(cache), ident | {"replies": [r.ids for r in replies]})
+    return replies
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

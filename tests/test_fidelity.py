@@ -70,3 +70,18 @@ def test_site_groups_cover_roles_and_depth():
     assert g["lm_head"] == ["lm_head.site"] and len(g["all"]) == len(names)
     assert [k for k in g if k.startswith("layers_")] == ["layers_0-1", "layers_2-3", "layers_4-5"]
     assert "q" not in g  # a role no site has is left out
+
+
+def test_ann_replies_are_read_back_from_their_cache_only_for_the_same_model(tmp_path, monkeypatch):
+    import stac_lm.fidelity as fidelity
+
+    tok, ann = tiny_tokenizer(), tiny_model("llama", VOCAB)
+    cache = tmp_path / "replies.json"
+    first = fidelity.ann_replies(ann, tok, PROMPTS, 6, cache, key={"sha": "a"})
+    assert cache.is_file()
+    calls = []
+    monkeypatch.setattr(fidelity, "greedy_reply", lambda *a: calls.append(1) or [5])
+    again = fidelity.ann_replies(ann, tok, PROMPTS, 6, cache, key={"sha": "a"})
+    assert [r.ids for r in again] == [r.ids for r in first] and not calls
+    other = fidelity.ann_replies(ann, tok, PROMPTS, 6, cache, key={"sha": "b"})  # another model: decoded again
+    assert len(calls) == len(PROMPTS) and [r.ids for r in other] == [[5]] * len(PROMPTS)
