@@ -19,12 +19,12 @@ from torch import nn
 
 from calibration import Calibration, CalibrationConfig, calibrate
 from calibration.gptq import input_hessians
-from calibration.int8 import find_linears
+from calibration.int8 import find_linears, quantize_weights_
 from spike_modules import set_mode
+from spike_modules.conversion import ConversionConfig, convert
 from stac_assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, not_offline, smollm2_gguf
 from stac_io import check_output_free, sha256_file, write_json
 
-from . import integration
 from .options import EVAL_WINDOW, ConvertOptions
 from .texts import TokenStream, calibration_batches, finetune_windows, load_streams
 from .verify import input_device, verify
@@ -197,6 +197,18 @@ def load_checked_source(config: dict) -> nn.Module:
     return ann
 
 
+def finetune(snn: nn.Module, ann: nn.Module, batches: list, steps: int, surrogate: str, progress: bool,
+             weight_lr: float = 0.0) -> dict:
+    """Spike-aware distillation of ``snn`` from ``ann`` with the named SpikingJelly surrogate (its
+    default settings); returns the fine-tune's summary."""
+    from spikingjelly.activation_based import surrogate as sj_surrogate
+
+    from calibration.distill import finetune_
+
+    return finetune_(snn, ann, batches, steps, surrogate=getattr(sj_surrogate, surrogate)(), progress=progress,
+                     weight_lr=weight_lr)
+
+
 def run(opts: ConvertOptions, console: Console | None = None, progress: bool = True) -> Converted:
     """Convert ``opts.model_name`` as ``opts`` say, verify (if asked) and save to ``opts.output_dir``.
 
@@ -214,10 +226,6 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     if opts.quant_backend not in SAVEABLE_INT8:
         raise ValueError(f"--quant_backend {opts.quant_backend}: such a model cannot be saved yet (load_snn rebuilds "
                          f"only {', '.join(SAVEABLE_INT8)} 8-bit layers); use --quant_backend own")
-    if opts.use_sparse:
-        integration.check_sparse()
-    if opts.finetune_steps:
-        integration.finetune_fn()
     torch.manual_seed(opts.seed)
     step = StepTimer(console, progress)
 
@@ -233,9 +241,9 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         seq = min(CALIB_SEQ, opts.calib_tokens, positions or CALIB_SEQ)
         batches = calibration_batches(calib.ids, seq)
     with step("convert", spinner=True):
-        cfg = integration.conversion_config(opts.timesteps, opts.activation, opts.simplified, opts.coding,
-                                            opts.spike_head, opts.spike_probs)
-        snn = integration.convert(ann, cfg)
+        cfg = ConversionConfig(T=opts.timesteps, mode=opts.mode, activation=opts.activation, coding=opts.coding,
+                               spike_head=opts.spike_head, spike_probs=opts.spike_probs)
+        snn = convert(ann, cfg)
         ann, snn = place(ann, device), place(snn, device)
     dev = input_device(snn)
     batches = [b.to(dev) for b in batches]
@@ -247,8 +255,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
             with step("int8 rounding statistics"):  # the inputs each linear layer sees, from the float model
                 hessians = input_hessians(snn, find_linears(snn), batches)
         with step(f"8-bit weights ({opts.quant_backend}, {opts.int8_rounding})"):
-            quantization = integration.quantize_weights(snn, opts.quant_backend, progress, opts.int8_group_size,
-                                                        hessians)
+            quantization = quantize_weights_(snn, opts.quant_backend, progress=progress,
+                                             group_size=opts.int8_group_size, hessians=hessians)
             del hessians
     with step("calibrate"):
         # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
@@ -262,9 +270,9 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     if opts.finetune_steps:
         with step(f"fine-tune ({opts.finetune_steps} steps)"):
             windows, ft_tokens = finetune_windows(tok, opts.calib_text, opts.finetune_steps, min(FINETUNE_SEQ, seq))
-            out.finetune = integration.finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
-                                                opts.surrogate_function, progress,
-                                                weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
+            out.finetune = finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
+                                    opts.surrogate_function, progress,
+                                    weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
             out.finetune["tokens"] = ft_tokens
     out.conversion_seconds = sum(step.seconds.values())
     if opts.verify:
@@ -295,8 +303,6 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
     from .texts import EVAL_PLAYS, read_text, tokenize
 
     dev = resolve_device(device)
-    if use_sparse:
-        integration.check_sparse()
     step = StepTimer(console, progress)
     with step("load saved SNN", spinner=True):
         snn, tok, config = load_snn(model_dir, "cpu")

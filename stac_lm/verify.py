@@ -25,9 +25,10 @@ from calibration import CalibrationConfig, ChannelObserver
 from calibration.calibrate import fit_site
 from spike_modules import iter_sites, set_mode, set_timesteps
 from spike_modules.quantizer import weighted_spikes
+from spike_modules.simulation import run_sequential
 from stac_eval import evaluate_lm
 
-from . import gates, integration
+from . import gates
 from .energy import counting, energy_summary, group_name, memory_traffic, site_neurons, site_spikes
 from .options import EVAL_WINDOW
 
@@ -125,7 +126,7 @@ def spike_checks(section: dict) -> list[dict]:
 def sequential_section(snn: nn.Module, ids: torch.Tensor, T: int, use_sparse: bool) -> dict:
     """Parallel-mode logits against the whole-model time-stepped simulation on ``ids`` ``[1, S]``."""
     par = snn(ids).logits.float()
-    seq = integration.run_sequential(snn, ids, T, sparse=use_sparse).float()
+    seq = run_sequential(snn, ids, T, sparse=use_sparse).float()
     rel = float((seq - par).norm() / par.norm())
     top1 = float((seq.argmax(-1) == par.argmax(-1)).float().mean())
     return {"tokens": int(ids.shape[1]), "relative_logit_error": rel, "max_abs_logit_diff": float((seq - par).abs().max()),

@@ -19,7 +19,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import Adapter, AttentionSpec, SiteGroup, attention_spec
+from .registry import Adapter, AttentionSpec, SiteGroup, attention_spec
 
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 # Gemma 2 and 3 also normalise around the MLP (pre/post feed-forward norms)
