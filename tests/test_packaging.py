@@ -53,7 +53,8 @@ def test_pyproject_lists_every_package_and_top_level_module():
 
 
 def test_console_scripts_name_functions_that_exist():
-    assert set(PYPROJECT["project"]["scripts"]) == {"stac-convert", "stac-chat", "stac-validate", "stac-text-cls"}
+    assert set(PYPROJECT["project"]["scripts"]) == {"stac-convert", "stac-chat", "stac-validate", "stac-text-cls",
+                                                    "stac-lm-eval"}
     sources = installed_sources()
     for script, target in PYPROJECT["project"]["scripts"].items():
         module, func = target.split(":")
@@ -64,7 +65,7 @@ def test_console_scripts_name_functions_that_exist():
 def test_dependencies_are_the_pins_of_requirements_txt_without_the_no_deps_ones():
     pins = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
     pins = {p for p in pins if p}
-    declared = set(PYPROJECT["project"]["dependencies"]) | set(PYPROJECT["project"]["optional-dependencies"]["test"])
+    declared = set(PYPROJECT["project"]["dependencies"]).union(*PYPROJECT["project"]["optional-dependencies"].values())
     assert declared == pins
     no_deps = [line.split("==")[0].strip() for line in (REPO / "requirements-nodeps.txt").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
@@ -203,7 +204,7 @@ def test_no_import_cycles_among_the_project_modules(imports):
 
 # --- --help parses before the heavy libraries load --------------------------------------------------
 
-HELP = [["run_conversion.py"], ["test_conversational_snn.py"], ["chat.py"], ["-m", "text_cls"]]
+HELP = [["run_conversion.py"], ["test_conversational_snn.py"], ["chat.py"], ["-m", "text_cls"], ["-m", "stac_lm.harness"]]
 HEAVY = ("torch", "transformers", "spikingjelly")
 
 
