@@ -291,6 +291,12 @@ def set_timesteps(model: nn.Module, T: int) -> None:
         site.T = T
 
 
+def reset_spike_stats(model: nn.Module) -> None:
+    """Zero the spike statistics of every neuron of every site (parallel and sequential)."""
+    for _, site in iter_sites(model):
+        site.reset_stats()
+
+
 def set_spike_counting(model: nn.Module, on: bool) -> None:
     """Whether parallel-mode sites keep spike statistics (spike rates, energy counts need them; a
     deployed model does not, and skips their reductions)."""

@@ -7,11 +7,8 @@ directory is checked before any work, and written atomically at the end.
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -26,34 +23,12 @@ from stac_assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, n
 from stac_io import check_output_free, sha256_file, write_json
 
 from .options import EVAL_WINDOW, ConvertOptions
+from .runtime import StepTimer, place, resolve_device  # noqa: F401  (imported from here by callers)
 from .texts import TokenStream, calibration_batches, finetune_windows, load_streams
 from .verify import input_device, verify
 
 CALIB_SEQ = 512  # tokens per calibration window (shorter only if the model or the text is shorter)
 FINETUNE_SEQ = 128  # tokens per distillation step: a step costs its tokens, so 300 steps stay in minutes
-
-
-class StepTimer:
-    """Times named steps and logs each one to a rich console (stderr).
-
-    ``spinner=True`` shows a rich status spinner for a step that has no progress bar of its
-    own (rich allows one live display at a time, so never around a step that draws a bar).
-    """
-
-    def __init__(self, console: Console | None = None, progress: bool = True):
-        self.console = console or Console(stderr=True)
-        self.progress = progress
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str, spinner: bool = False) -> Iterator[None]:
-        self.console.print(f"[bold cyan]>[/] {name} ...")
-        t0 = time.perf_counter()
-        with self.console.status(name) if spinner and self.progress else nullcontext():
-            yield
-        dt = time.perf_counter() - t0
-        self.seconds[name] = self.seconds.get(name, 0.0) + dt
-        self.console.print(f"  [green]done[/] {name} in {dt:.1f} s")
 
 
 @dataclass
@@ -75,33 +50,6 @@ class Converted:
     step_seconds: dict[str, float] = field(default_factory=dict)
     conversion_seconds: float = 0.0
     report: dict | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present; ``cuda`` asked without one is a ``ValueError``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked but this machine has no CUDA GPU that torch can use "
-                         f"(torch {torch.__version__}); use --device cpu or auto")
-    return torch.device(device)
-
-
-def place(model: nn.Module, device: torch.device, share: float = 0.4) -> nn.Module:
-    """Move ``model`` to ``device``. On CUDA a model larger than ``share`` of the free GPU memory
-    goes through accelerate's device placement (whole decoder layers per device, CPU offload)."""
-    if device.type == "cpu":
-        return model.to(device)
-    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    free, _ = torch.cuda.mem_get_info(device)
-    if need <= share * free:
-        return model.to(device)
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    budget = {device.index or 0: int(share * free), "cpu": int(64 * 2**30)}
-    device_map = infer_auto_device_map(model, max_memory=budget,
-                                       no_split_module_classes=getattr(model, "_no_split_modules", None))
-    return dispatch_model(model, device_map=device_map)
 
 
 def source_info(model_name: str, model: nn.Module) -> dict:

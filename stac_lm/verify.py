@@ -11,11 +11,8 @@ activity against calibration, parallel vs sequential) are checks in the same lis
 from __future__ import annotations
 
 import math
-import os
-import platform
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from importlib.metadata import version
 
 import torch
 from rich.console import Console
@@ -26,11 +23,13 @@ from calibration.calibrate import fit_site
 from spike_modules import iter_sites, set_mode, set_timesteps
 from spike_modules.quantizer import weighted_spikes
 from spike_modules.simulation import run_sequential
+from spike_modules.site import reset_spike_stats  # noqa: F401  (callers import it from here too)
 from stac_eval import evaluate_lm
 
 from . import gates
 from .energy import counting, energy_summary, group_name, memory_traffic, site_neurons, site_spikes
 from .options import EVAL_WINDOW
+from .runtime import machine_info  # noqa: F401  (callers import it from here too)
 
 SATURATION_BOUND = 0.95     # spikes per neuron per step of a site without bursts; signed sites count |spikes|
 AT_CAP_BOUND = 0.05         # share of a site's (neuron, token) counts at the cap B*T (clipped)
@@ -63,12 +62,6 @@ def greedy(model: nn.Module, tokenizer, prompt: str = PROMPT, new_tokens: int = 
         if i + 1 < new_tokens:
             out = model(new[-1], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     return tokenizer.decode(torch.cat(new, dim=1)[0], skip_special_tokens=False)
-
-
-def reset_spike_stats(model: nn.Module) -> None:
-    for _, site in iter_sites(model):
-        for neuron in site_neurons(site):
-            neuron.reset_stats()
 
 
 def spike_section(model: nn.Module) -> dict:
@@ -221,15 +214,6 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
             "prediction": f"rule {calib.rule!r} (percentile {calib.percentile}, max_burst {calib.max_burst}, "
                           f"burst_budget {calib.burst_budget}) fitted on these {int(ids.shape[1])} tokens' "
                           "site inputs, psi = 0, phi = 1"}
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-            "versions": {p: version(p) for p in ("torch", "transformers", "spikingjelly", "safetensors")}}
-    if device.type == "cuda":
-        info["cuda_device"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *, T: int, activation: str,
