@@ -279,7 +279,7 @@ def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *,
     checks += gates.activity_check(probe["measured_rate"], probe["predicted_rate"])
     with stage(f"sequential simulation ({SEQUENTIAL_TOKENS} tokens, T={T})"):
         seq = sequential_section(snn, ids[:SEQUENTIAL_TOKENS][None], T, use_sparse)
-    report["sequential"] = seq  # DESIGN.md section 1: measured, with a bar per mode
+    report["sequential"] = seq  # docs/design.md section 2: measured, with a bar per mode
     checks += gates.sequential_check(mode, coding, seq["top1_agreement"], seq["tokens"])
     with stage(f"greedy continuation ({NEW_TOKENS} tokens)"):
         report["generation"] = {"prompt": PROMPT, "new_tokens": NEW_TOKENS,
