@@ -268,6 +268,8 @@ def test_wheel_holds_the_packages_modules_and_console_scripts(tmp_path):
     for module, path in installed_sources().items():
         assert path.relative_to(REPO).as_posix() in names, module
     assert not any(n.startswith(("bench/", "tests/")) for n in names)
+    for yaml in (REPO / "stac_lm/lm_eval_tasks").glob("*.yaml"):  # package data: lm-eval's task definitions
+        assert yaml.relative_to(REPO).as_posix() in names, yaml.name
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert all(script in text for script in PYPROJECT["project"]["scripts"])
