@@ -48,14 +48,15 @@ built from The Tempest, the held-out text of every perplexity figure (never cali
 
 - `tempest_lastword`: LAMBADA-style. A speech (its last {lines} lines at most), its last word taken
   away; `acc` is the share of speeches whose greedy continuation is that word, `perplexity` the
-  perplexity of the word.
+  perplexity of the word (over all its tokens). `acc` counts exact hits only; where it is 0 for
+  every model, the word's perplexity is what tells them apart.
 - `tempest_cloze`: the lines of a speech before its last, then four candidate last lines (the true
   one and three lines of other speeches, seeded); `acc` picks the most likely, `acc_norm` the most
   likely per byte.
 
-Model: {model}. Each SNN is converted with its mode's defaults (simplified mode: rate spikes,
-float weights, per-channel percentile thresholds on 2,048 tokens of Hamlet, Macbeth and Othello)
-and runs in parallel mode; the JSON beside this page holds each one's options.
+Model: {model}. Each SNN is converted with its mode's defaults (simplified
+mode: rate spikes, float weights, per-channel percentile thresholds on 2,048 tokens of Hamlet,
+Macbeth and Othello) and runs in parallel mode; the JSON beside this page holds each one's options.
 Documents per task: {limit}. The ± is lm-eval's standard error (bootstrap for perplexity); with
 this few documents, differences inside it say nothing.
 
@@ -76,8 +77,12 @@ def page(result: dict) -> str:
     m = result["machine"]
     machine = (f"{m['cpu_count']}-CPU {m['platform']}, torch {m['torch']} with {m['threads']} threads, shared "
                f"(load average {m['load_average_1_5_15min_at_end'][0]:.1f} at the end)")
+    # the JSON's keys are sorted: the ANN first, then the SNNs by mode and T
+    order = sorted(result["results"], key=lambda k: (k != "ANN", k.split(" T=")[0], int(k.split("T=")[-1] or 0)
+                                                     if "T=" in k else 0))
+    rows = {k: result["results"][k] for k in order}
     return PAGE.format(lines=MAX_CONTEXT_LINES, model=result["model"], limit=result["limit"] or "all",
-                       table=markdown_table(result["results"], result["tasks"]), command=result["command"],
+                       table=markdown_table(rows, result["tasks"]), command=result["command"],
                        machine=machine, seconds=result["seconds"])
 
 
