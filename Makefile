@@ -28,7 +28,7 @@ $(SHAKESPEARE): | $(PY)
 
 assets: $(SHAKESPEARE)
 
-# STAC itself into .venv, editable: the stac-convert, stac-chat, stac-validate and stac-text-cls commands
+# STAC itself into .venv, editable: the stac-convert, stac-chat, stac-validate, stac-lm-eval and stac-text-cls commands
 # (setup installed the dependencies; the build uses .venv's setuptools, so no index is needed)
 install: setup
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -59,6 +59,7 @@ bench: setup
 	$(PY) run_conversion.py --output_dir out/demo_smollm2 --overwrite
 	$(PY) -m bench.generation --model_dir out/demo_smollm2 --out docs/generation.json --markdown docs/generation.md --overwrite
 	$(PY) -m bench.latency --model_dir out/demo_smollm2 --out docs/bench_latency.json --overwrite
+	$(PY) -m bench.lm_harness --points simplified:8,simplified:16,simplified:32 --limit 40 --out docs/lm_eval.json --markdown docs/lm_eval.md --overwrite
 
 clean:
 	rm -rf $(VENV) .assets .pytest_cache .hypothesis

@@ -129,11 +129,18 @@ def _convert(given: dict) -> tuple[dict | None, str]:
     return out.report, opts.output_dir
 
 
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    """An 8-bit backend that is not installed is the user's setup, not a bug. Its error type is
+    looked up only if its module was imported (a module never imported cannot have raised it), so
+    a failure before any work pulls in no torch."""
+    backends = sys.modules.get("calibration.int8_backends")
+    return (backends.BackendUnavailableError,) if backends is not None else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
     stac_cli.float32_only(PROG, given.pop("dtype", None), FLOAT32_ONLY)
     from stac_assets import MissingAssetError  # light: no torch until the work needs it
-    from stac_lm.integration import NotIntegratedError, user_error_types
 
     target = given.get("model_dir") or given.get("output_dir") or "the output directory"
     try:
@@ -147,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         # ValueError covers OutputExistsError; MissingAssetError is a FileNotFoundError
-        if isinstance(e, (ValueError, FileNotFoundError, MissingAssetError, *user_error_types())):
+        if isinstance(e, (ValueError, FileNotFoundError, MissingAssetError, *_backend_errors())):
             fail(str(e))
-        if isinstance(e, NotIntegratedError):
-            fail(str(e), code=1)
         raise  # anything else is a bug: let it show its traceback
     if report is not None:
         from rich.console import Console

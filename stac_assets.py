@@ -1,6 +1,6 @@
 """Offline assets: the embedded models and data that ship inside registry packages.
 
-No model or dataset hub is needed. Each asset lives in a package (DESIGN.md
+No model or dataset hub is needed. Each asset lives in a package (docs/design.md
 section 5); a missing one raises :class:`MissingAssetError` naming the package
 and the command that installs it. Hub names go through ``transformers`` as
 usual when online.

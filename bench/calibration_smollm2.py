@@ -1,6 +1,6 @@
 """Calibration rules on real activations: the MLP down-projection inputs of SmolLM2-135M.
 
-DESIGN.md names this site the hardest: a few tokens carry activations in the
+docs/design.md (section 1) names this site the hardest: a few tokens carry activations in the
 thousands. This benchmark streams the calibration plays through the embedded
 model with one ChannelObserver per layer, fits thresholds by each rule (and the
 DA-QCFS psi/phi), and measures on a held-out play the relative error of the

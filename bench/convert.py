@@ -6,7 +6,7 @@ same held-out evaluation text (The Tempest), and collects from each report: perp
 top-1 agreement, mean spike rate, coverage, energy ratio, conversion seconds, and the
 parallel-SNN forward latency against the ANN's, timed side by side (interleaved, median).
 Optionally runs SpikingJelly's own Qwen2SNNRecipe on the same model and texts
-(``bench/peer_spikingjelly.py``) for the peer comparison of DESIGN.md section 3.
+(``bench/peer_spikingjelly.py``) for the peer comparison of docs/benchmarks.md.
 ``--activation``, ``--percentile`` and ``--spike_probs`` override a mode's default (the ReLU
 swap, another threshold, spiked attention probabilities) for ablations. Each row records the machine's load average before and after
 its run: the 2-core development machine is shared, and a loaded one stretches every time.

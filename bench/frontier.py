@@ -23,11 +23,11 @@ import torch
 
 from calibration import CalibrationConfig
 from calibration.calibrate import fit_calibration, observe_sites
+from calibration.int8 import quantize_weights_
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import iter_sites, max_exact_burst, set_mode
 from stac_eval import evaluate_lm
 from stac_io import check_output_free, write_json
-from stac_lm import integration
 from stac_lm.energy import counting, energy_summary
 from stac_lm.pipeline import CALIB_SEQ, load_source, resolve_device
 from stac_lm.texts import calibration_batches, load_streams
@@ -73,7 +73,7 @@ def run(args) -> dict:
     # one pass observes every site (a model with a head site has them all); observations depend on
     # neither T nor coding, so every point fits its thresholds from them
     probe = convert(ann, ConversionConfig(T=4, mode="full", spike_head=True)).to(device)  # new sites start on the CPU
-    integration.quantize_weights(probe, "own", False)
+    quantize_weights_(probe, "own", progress=False)
     observers, n = observe_sites(probe, batches, CalibrationConfig(T=4), progress=False)
     del probe
     models, rows = {}, []
@@ -84,7 +84,7 @@ def run(args) -> dict:
             cfg = ConversionConfig(T=pt["T"], mode="full", coding=pt["coding"], spike_head=pt["spike_head"])
             models[key] = convert(ann, cfg).to(device)
             if pt["int8_weights"]:
-                integration.quantize_weights(models[key], "own", False)
+                quantize_weights_(models[key], "own", progress=False)
         snn = models[key]
         names = {name for name, _ in iter_sites(snn)}
         obs = {k: v for k, v in observers.items() if k in names}

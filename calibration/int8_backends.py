@@ -9,7 +9,7 @@ another backend.
   scheme: int8 weights per output channel *and* int8 activations per token, with the activation
   columns holding a value ``>= threshold`` multiplied in float against the dequantized weight
   columns. 6.0 is the paper's and transformers' default, and it matters here: at threshold 0 a
-  token whose ``down_proj`` input reaches the thousands (DESIGN.md) gets an int8 step of ~20 for
+  token whose ``down_proj`` input reaches the thousands (docs/design.md section 1) gets an int8 step of ~20 for
   all its channels, wiping out the ones near 1. bitsandbytes casts activations to float16 to
   quantize them; values beyond 65504 become inf, which the outlier split keeps out of the int8
   part. On CPU (no AVX-512) its int8 matmul runs as a float matmul. All this holds in eval mode;

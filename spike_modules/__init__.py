@@ -1,4 +1,4 @@
-"""Spiking neurons and DA-QCFS sites on top of SpikingJelly (see DESIGN.md section 1)."""
+"""Spiking neurons and DA-QCFS sites on top of SpikingJelly (see docs/design.md section 1)."""
 
 import stac_logs  # noqa: F401  (drops known harmless library notes before they are logged)
 

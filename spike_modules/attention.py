@@ -6,7 +6,7 @@ projection are theirs), and :func:`attach_attention_sites` registers the sites o
 as ``q_site``, ``k_site``, ``v_site`` and ``p_site`` (e.g. ``model.layers.3.self_attn.q_site``),
 where ``iter_sites``, calibration and ``state_dict`` find them.
 
-Sites (DESIGN.md section 2):
+Sites (docs/design.md section 1):
 
 - ``q_site``, ``k_site``, ``v_site``: signed, one channel per (head, head_dim) pair, so
   ``heads * head_dim`` channels (key/value heads for k and v under grouped-query attention).

@@ -26,7 +26,7 @@ from .site import DAQCFSSite, iter_sites
 MODES = ("full", "simplified")
 ACTIVATIONS = ("keep", "relu")
 STRUCTURE = ("activation", "spike_qkv", "spike_probs", "spike_norm", "spike_head")
-# DESIGN.md section 2: simplified spikes the attention probabilities too; full keeps them in
+# docs/design.md section 1: simplified spikes the attention probabilities too; full keeps them in
 # the rate domain (dynamic synaptic weights on spiking V), where T=16 costs far less.
 MODE_DEFAULTS = {
     "full": {"activation": "keep", "spike_qkv": True, "spike_probs": False, "spike_norm": True, "spike_head": False},

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .site import DAQCFSSite, SiteMode
-from .sparse import event_linear
+from .sparse import event_linear, sparse_supported
 from .temporal import apply_site, rate_op
 
 
@@ -110,3 +110,8 @@ class SpikeGatedMLP(nn.Module):
         g, u = self.gate_proj(x), self.up_proj(x)
         h = self._gated(g, u) if self.stac_sim_T is None else rate_op(self._gated, self.stac_sim_T, g, u)
         return self.down_proj(h)
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the spiking linear layers of ``model`` that :func:`event_linear` cannot run."""
+    return [name for name, m in model.named_modules() if isinstance(m, SpikeLinear) and not sparse_supported(m.linear)]

@@ -13,6 +13,7 @@ from spikingjelly.activation_based import surrogate
 from spikingjelly.activation_based.neuron import IFNode, STBIFNode
 from spikingjelly.activation_based.neuron.base_node import SimpleBaseNode
 
+from .neuron_registry import register_neuron
 from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
                         coding_levels, decode, signed_digits, spike_count, weighted_digit_table,
                         weighted_spikes)
@@ -131,6 +132,7 @@ def _check_seq(x_seq: torch.Tensor, T: int, who: str) -> None:
         )
 
 
+@register_neuron(coding="rate", signed=False)
 class IFNeuron(IFNode, SpikeStats):
     r"""Sequential integrate-and-fire neuron, multi-step, on SpikingJelly's ``IFNode``.
 
@@ -170,6 +172,7 @@ class IFNeuron(IFNode, SpikeStats):
         return f"T={self.T}, channels={self.th.numel()}, init_mem={self.init_mem}"
 
 
+@register_neuron(coding="rate", signed=True)
 class SignedIFNeuron(STBIFNode, SpikeStats):
     r"""Sequential signed IF neuron with a spike-count tracer (ST-BIF), on SpikingJelly's ``STBIFNode``.
 
@@ -185,10 +188,20 @@ class SignedIFNeuron(STBIFNode, SpikeStats):
     def __init__(self, T: int, th: float | torch.Tensor = 1.0, init_mem: float = 0.5):
         T = check_timesteps(T)
         super().__init__(1.0, level=2 * T + 1, sym=True, pos_max=float(T), neg_min=-float(T), step_mode="m")
-        self.T = T
+        self._T = T
         self.init_mem = check_init_mem(init_mem)
         self.register_buffer("th", as_threshold(th))
         self._init_stats()
+
+    @property
+    def T(self) -> int:
+        return self._T
+
+    @T.setter
+    def T(self, T: int) -> None:
+        self._T = check_timesteps(T)
+        self.pos_max.fill_(float(T))  # the tracer bounds follow T
+        self.neg_min.fill_(-float(T))
 
     def materialize_states(self, inputs, states, step_mode):
         q, acc_q, cur = super().materialize_states(inputs, states, step_mode)
@@ -342,6 +355,7 @@ def weighted_train(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1
     return digits * step_weights(T, counts) * (T / coding_levels(T, "weighted"))
 
 
+@register_neuron(coding="rate", bursts=True)
 class BurstIFNeuron(SimpleBaseNode, SpikeStats):
     r"""Sequential IF neuron that may fire up to ``B`` spikes in one step, on SpikingJelly's ``SimpleBaseNode``.
 
@@ -419,6 +433,7 @@ class BurstIFNeuron(SimpleBaseNode, SpikeStats):
                 f"max_burst={float(self.burst.max()):g}, catch_up={self.catch_up}")
 
 
+@register_neuron(coding="weighted", bursts=True)
 class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
     r"""Phase-coded (weighted-spike) integrate-and-fire neuron with signed spikes, multi-step, on
     SpikingJelly's ``SimpleBaseNode``.

@@ -1,4 +1,4 @@
-"""SpikeNorm: LayerNorm / RMSNorm in the rate domain (DESIGN.md section 1).
+"""SpikeNorm: LayerNorm / RMSNorm in the rate domain (docs/design.md section 2).
 
 Outside the sequential simulation (ann, quant, parallel) a SpikeNorm is exactly the wrapped
 norm: the same module, called on the same tensor. In the simulation it computes the norm of

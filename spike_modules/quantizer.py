@@ -1,4 +1,4 @@
-"""The one quantizer every spiking site agrees on (DESIGN.md section 1).
+"""The one quantizer every spiking site agrees on (docs/design.md section 1).
 
 An integrate-and-fire neuron with soft reset and membrane starting at
 ``init_mem * theta``, fed the constant input ``x`` for ``t`` steps, has emitted

@@ -16,10 +16,9 @@ import torch
 from spikingjelly.activation_based import functional
 from torch import nn
 
-from .layers import SpikeLinear
+from .layers import SpikeLinear, unsupported_layers
 from .quantizer import check_timesteps
 from .site import SiteMode, iter_sites
-from .sparse import unsupported_layers
 from .temporal import set_simulation
 
 

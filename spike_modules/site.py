@@ -8,7 +8,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .neurons import BurstIFNeuron, IFNeuron, ParaInfNeuron, SignedIFNeuron, WeightedIFNeuron
+from .neuron_registry import neuron_kind
+from .neurons import ParaInfNeuron  # also registers the built-in sequential neurons
 from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
                         coding_levels, levels)
 
@@ -69,11 +70,14 @@ class DAQCFSSite(nn.Module):
         self.burst = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.parallel = ParaInfNeuron(T, 1.0, init_mem, signed=self.signed, coding=coding)
         self.parallel.keep_counts = False  # a copy per call, and the counts of every site held at once
-        if coding == "weighted":
-            self.sequential = WeightedIFNeuron(T, 1.0, init_mem, signed=self.signed)
-        else:
-            self.sequential = (SignedIFNeuron if self.signed else IFNeuron)(T, 1.0, init_mem)
-            self.sequential_burst = BurstIFNeuron(T, 1.0, init_mem, signed=self.signed)
+        # the sequential neurons come from the registry (spike_modules.neuron_registry): one for
+        # channels that never burst, and one that takes a burst cap where that is another class
+        self._kinds = {"sequential": neuron_kind(coding, self.signed, bursts=False)}
+        burst_kind = neuron_kind(coding, self.signed, bursts=True)
+        if burst_kind is not self._kinds["sequential"]:
+            self._kinds["sequential_burst"] = burst_kind
+        for attr, kind in self._kinds.items():
+            self.add_module(attr, kind.build(T, init_mem, self.signed))
         self.observer = None
         self.count_spikes = True  # parallel mode keeps spike statistics (reports, energy); off when deployed
         self.surrogate: nn.Module | None = None  # gradient of the floor in quant mode; None = straight through
@@ -87,13 +91,9 @@ class DAQCFSSite(nn.Module):
     def T(self, T: int) -> None:
         self._L = coding_levels(T, self.coding)
         self.parallel._flush()  # pending counts are priced with the T they were fired at
-        self._T = self.parallel.T = self.sequential.T = T
-        if self.coding == "weighted":
-            return
-        self.sequential_burst.T = T
-        if self.signed:  # the ST-BIF tracer bounds follow T
-            self.sequential.pos_max.fill_(float(T))
-            self.sequential.neg_min.fill_(-float(T))
+        self._T = self.parallel.T = T
+        for attr in self._kinds:
+            getattr(self, attr).T = T
 
     @property
     def levels(self) -> int:
@@ -185,11 +185,8 @@ class DAQCFSSite(nn.Module):
         if mode is SiteMode.ANN:
             return x
         if mode is SiteMode.SEQUENTIAL:
-            if self.coding == "weighted":
-                return self.sequential(self._mapped(x), self.theta, self.burst)
-            if self.bursts or self.catch_up:
-                return self.sequential_burst(self._mapped(x), self.theta, self.burst)
-            return self.sequential(self._mapped(x), self.theta)
+            attr = self._sequential_attr()
+            return self._kinds[attr](getattr(self, attr), self._mapped(x), self.theta, self.burst)
         if torch.is_grad_enabled() and (x.requires_grad or self._trains()):
             return self._forward_grad(x)
         # inference (quant and parallel alike, so they agree bit for bit): one fused multiply-add,
@@ -222,17 +219,20 @@ class DAQCFSSite(nn.Module):
     def catch_up(self) -> bool:
         """Whether the sequential neuron may catch up: fire, in one step, every spike its count still
         allows (:class:`BurstIFNeuron` ``catch_up``); parallel mode is the same either way. A
-        weighted neuron integrates its whole input window before it fires, so it has no catch-up."""
-        return self.coding == "rate" and self.sequential_burst.catch_up
+        weighted neuron integrates its whole input window before it fires, so it has no catch-up
+        (a neuron offers catch-up by having a ``catch_up`` attribute)."""
+        neuron = getattr(self, "sequential_burst", None)
+        return bool(getattr(neuron, "catch_up", False))
 
     @catch_up.setter
     def catch_up(self, on: bool) -> None:
-        if self.coding == "weighted":
+        neuron = getattr(self, "sequential_burst", None)
+        if not hasattr(neuron, "catch_up"):
             if on:
-                raise ValueError(f"site {self.name!r}: weighted neurons fire after their whole input window; "
-                                 "catch-up applies to rate coding only")
+                raise ValueError(f"site {self.name!r}: the {self.coding} coding's neurons have no catch-up (weighted "
+                                 "neurons fire after their whole input window); catch-up applies to rate coding only")
             return
-        self.sequential_burst.catch_up = bool(on)
+        neuron.catch_up = bool(on)
 
     @property
     def bursts(self) -> bool:
@@ -252,16 +252,19 @@ class DAQCFSSite(nn.Module):
             return self._sequential_neuron().spike_rate
         return float("nan")
 
+    def _sequential_attr(self) -> str:
+        """``sequential_burst`` where one exists and a channel bursts or the site catches up."""
+        if "sequential_burst" in self._kinds and (self.bursts or self.catch_up):
+            return "sequential_burst"
+        return "sequential"
+
     def _sequential_neuron(self):
-        if self.coding == "weighted" or not (self.bursts or self.catch_up):
-            return self.sequential
-        return self.sequential_burst
+        return getattr(self, self._sequential_attr())
 
     def reset_stats(self) -> None:
         self.parallel.reset_stats()
-        self.sequential.reset_stats()
-        if self.coding == "rate":
-            self.sequential_burst.reset_stats()
+        for attr in self._kinds:
+            getattr(self, attr).reset_stats()
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, channels={self.num_channels}, T={self._T}, signed={self.signed}, "
@@ -286,6 +289,12 @@ def set_timesteps(model: nn.Module, T: int) -> None:
     T = check_timesteps(T)
     for _, site in iter_sites(model):
         site.T = T
+
+
+def reset_spike_stats(model: nn.Module) -> None:
+    """Zero the spike statistics of every neuron of every site (parallel and sequential)."""
+    for _, site in iter_sites(model):
+        site.reset_stats()
 
 
 def set_spike_counting(model: nn.Module, on: bool) -> None:

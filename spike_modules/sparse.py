@@ -61,10 +61,3 @@ def event_linear(linear: nn.Module, spikes: torch.Tensor) -> torch.Tensor:
     if linear.bias is not None:
         out = out + linear.bias.to(out.dtype)
     return out.reshape(*spikes.shape[:-1], out.shape[-1])
-
-
-def unsupported_layers(model: nn.Module) -> list[str]:
-    """Qualified names of the spiking linear layers of ``model`` that :func:`event_linear` cannot run."""
-    from .layers import SpikeLinear
-
-    return [name for name, m in model.named_modules() if isinstance(m, SpikeLinear) and not sparse_supported(m.linear)]

@@ -4,7 +4,7 @@ The simulation folds time into the batch: a tensor of per-step values is ``[T*B,
 step-major (rows ``t*B .. t*B+B-1`` hold step ``t``). Linear layers act on every step at
 once. A site reshapes to ``[T, B, ...]`` and runs its SpikingJelly multi-step neuron.
 Every other nonlinear op ``f`` (norms, softmax, SiLU/GELU, gate*up, q.k^T, probs.V) runs in
-the rate domain (DESIGN.md section 1), in one of two schedules:
+the rate domain (docs/design.md section 2), in one of two schedules:
 
 - causal (:func:`rate_op`): on the running mean ``A_t`` of its inputs, emitting
   ``y_t = t f(A_t) - (t-1) f(A_{t-1})``, so ``sum_{s<=t} y_s = t f(A_t)`` at every step;

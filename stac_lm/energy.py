@@ -1,4 +1,4 @@
-"""Operation counts and the energy estimate of DESIGN.md (45 nm: MAC 4.6 pJ, accumulate 0.9 pJ).
+"""Operation counts and the energy estimate of docs/design.md section 4 (45 nm: MAC 4.6 pJ, accumulate 0.9 pJ).
 
 Conventions (stated in every report):
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RATIO_MARGIN = 0.10     # a single perplexity moves 1-2% between runs (DESIGN.md); shorter calibration costs more
+RATIO_MARGIN = 0.10     # a single perplexity moves 1-2% between runs (docs/design.md section 6); shorter calibration costs more
 AGREEMENT_MARGIN = 0.07  # about 4.5 standard errors of an agreement near 0.8 on 512 evaluation tokens
 T_CHANGE_MIN = 0.01      # the same pass at the same T repeats exactly; other levels move the logits by far more
 PASS_THROUGH_MAX = 0.10  # a spiking site's output is on a level: it never equals an off-level input (share ~0)

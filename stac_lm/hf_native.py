@@ -43,8 +43,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-# the converter and 8-bit layers straight from their packages, not through stac_lm.integration: the
-# pipeline reaches this module, and the converter reaches the pipeline (tests/test_packaging.py)
 from calibration import Calibration, Int8Linear, SiteParams, prepare_int8_
 from calibration.artifact import PARAMS as SITE_PARAMS
 from spike_modules import iter_sites, set_mode

@@ -7,11 +7,8 @@ directory is checked before any work, and written atomically at the end.
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -19,43 +16,21 @@ from torch import nn
 
 from calibration import Calibration, CalibrationConfig, calibrate
 from calibration.gptq import input_hessians
-from calibration.int8 import find_linears
+from calibration.int8 import find_linears, quantize_weights_
 from spike_modules import set_mode
+from spike_modules.conversion import ConversionConfig, convert
 from stac_assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, not_offline, smollm2_gguf
 from stac_io import check_output_free, sha256_file, write_json
 
-from . import integration
 from .options import EVAL_WINDOW, ConvertOptions
 from .replies import ann_reply_windows
+from .runtime import StepTimer, place, resolve_device  # noqa: F401  (imported from here by callers)
 from .texts import TokenStream, calibration_batches, finetune_windows, load_streams
 from .verify import input_device, verify
 
 CALIB_SEQ = 512  # tokens per calibration window (shorter only if the model or the text is shorter)
 REPLY_WINDOWS = 128  # --finetune_text replies: ANN replies to distil on, cycled when there are more steps
 FINETUNE_SEQ = 128  # tokens per distillation step: a step costs its tokens, so 300 steps stay in minutes
-
-
-class StepTimer:
-    """Times named steps and logs each one to a rich console (stderr).
-
-    ``spinner=True`` shows a rich status spinner for a step that has no progress bar of its
-    own (rich allows one live display at a time, so never around a step that draws a bar).
-    """
-
-    def __init__(self, console: Console | None = None, progress: bool = True):
-        self.console = console or Console(stderr=True)
-        self.progress = progress
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str, spinner: bool = False) -> Iterator[None]:
-        self.console.print(f"[bold cyan]>[/] {name} ...")
-        t0 = time.perf_counter()
-        with self.console.status(name) if spinner and self.progress else nullcontext():
-            yield
-        dt = time.perf_counter() - t0
-        self.seconds[name] = self.seconds.get(name, 0.0) + dt
-        self.console.print(f"  [green]done[/] {name} in {dt:.1f} s")
 
 
 @dataclass
@@ -77,33 +52,6 @@ class Converted:
     step_seconds: dict[str, float] = field(default_factory=dict)
     conversion_seconds: float = 0.0
     report: dict | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present; ``cuda`` asked without one is a ``ValueError``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked but this machine has no CUDA GPU that torch can use "
-                         f"(torch {torch.__version__}); use --device cpu or auto")
-    return torch.device(device)
-
-
-def place(model: nn.Module, device: torch.device, share: float = 0.4) -> nn.Module:
-    """Move ``model`` to ``device``. On CUDA a model larger than ``share`` of the free GPU memory
-    goes through accelerate's device placement (whole decoder layers per device, CPU offload)."""
-    if device.type == "cpu":
-        return model.to(device)
-    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    free, _ = torch.cuda.mem_get_info(device)
-    if need <= share * free:
-        return model.to(device)
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    budget = {device.index or 0: int(share * free), "cpu": int(64 * 2**30)}
-    device_map = infer_auto_device_map(model, max_memory=budget,
-                                       no_split_module_classes=getattr(model, "_no_split_modules", None))
-    return dispatch_model(model, device_map=device_map)
 
 
 def source_info(model_name: str, model: nn.Module) -> dict:
@@ -199,6 +147,18 @@ def load_checked_source(config: dict) -> nn.Module:
     return ann
 
 
+def finetune(snn: nn.Module, ann: nn.Module, batches: list, steps: int, surrogate: str, progress: bool,
+             weight_lr: float = 0.0) -> dict:
+    """Spike-aware distillation of ``snn`` from ``ann`` with the named SpikingJelly surrogate (its
+    default settings); returns the fine-tune's summary."""
+    from spikingjelly.activation_based import surrogate as sj_surrogate
+
+    from calibration.distill import finetune_
+
+    return finetune_(snn, ann, batches, steps, surrogate=getattr(sj_surrogate, surrogate)(), progress=progress,
+                     weight_lr=weight_lr)
+
+
 def run(opts: ConvertOptions, console: Console | None = None, progress: bool = True) -> Converted:
     """Convert ``opts.model_name`` as ``opts`` say, verify (if asked) and save to ``opts.output_dir``.
 
@@ -216,10 +176,6 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     if opts.quant_backend not in SAVEABLE_INT8:
         raise ValueError(f"--quant_backend {opts.quant_backend}: such a model cannot be saved yet (load_snn rebuilds "
                          f"only {', '.join(SAVEABLE_INT8)} 8-bit layers); use --quant_backend own")
-    if opts.use_sparse:
-        integration.check_sparse()
-    if opts.finetune_steps:
-        integration.finetune_fn()
     torch.manual_seed(opts.seed)
     step = StepTimer(console, progress)
 
@@ -235,9 +191,9 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         seq = min(CALIB_SEQ, opts.calib_tokens, positions or CALIB_SEQ)
         batches = calibration_batches(calib.ids, seq)
     with step("convert", spinner=True):
-        cfg = integration.conversion_config(opts.timesteps, opts.activation, opts.simplified, opts.coding,
-                                            opts.spike_head, opts.spike_probs)
-        snn = integration.convert(ann, cfg)
+        cfg = ConversionConfig(T=opts.timesteps, mode=opts.mode, activation=opts.activation, coding=opts.coding,
+                               spike_head=opts.spike_head, spike_probs=opts.spike_probs)
+        snn = convert(ann, cfg)
         ann, snn = place(ann, device), place(snn, device)
     dev = input_device(snn)
     batches = [b.to(dev) for b in batches]
@@ -249,8 +205,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
             with step("int8 rounding statistics"):  # the inputs each linear layer sees, from the float model
                 hessians = input_hessians(snn, find_linears(snn), batches)
         with step(f"8-bit weights ({opts.quant_backend}, {opts.int8_rounding})"):
-            quantization = integration.quantize_weights(snn, opts.quant_backend, progress, opts.int8_group_size,
-                                                        hessians)
+            quantization = quantize_weights_(snn, opts.quant_backend, progress=progress,
+                                             group_size=opts.int8_group_size, hessians=hessians)
             del hessians
     with step("calibrate"):
         # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
@@ -267,9 +223,9 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
                 windows, ft_tokens = ann_reply_windows(ann, tok, min(opts.finetune_steps, REPLY_WINDOWS))
             else:
                 windows, ft_tokens = finetune_windows(tok, opts.calib_text, opts.finetune_steps, min(FINETUNE_SEQ, seq))
-            out.finetune = integration.finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
-                                                opts.surrogate_function, progress,
-                                                weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
+            out.finetune = finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
+                                    opts.surrogate_function, progress,
+                                    weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
             out.finetune["tokens"] = ft_tokens
     out.conversion_seconds = sum(step.seconds.values())
     if opts.verify:
@@ -300,8 +256,6 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
     from .texts import EVAL_PLAYS, read_text, tokenize
 
     dev = resolve_device(device)
-    if use_sparse:
-        integration.check_sparse()
     step = StepTimer(console, progress)
     with step("load saved SNN", spinner=True):
         snn, tok, config = load_snn(model_dir, "cpu")

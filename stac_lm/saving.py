@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from spike_modules import iter_sites
+from spike_modules.conversion import swap_log
 from stac_io import write_json
 
-from . import integration
 from .hf_native import SpikingCausalLM, _load, write_pretrained
 from .hf_native import (  # noqa: F401  (names this module had before hf_native: callers import them from here)
     CALIB_FILES, CONFIG_FILE, CONVERSION_FILE, SAVEABLE_INT8, WEIGHTS_FILE, calibration_from_model, library_versions,
@@ -39,7 +39,7 @@ def conversion_log(out) -> str:
     lines = [f"STAC conversion of {out.source['model_id']} ({o.model_name})", f"mode: {o.mode}, T={o.timesteps}",
              "options: " + ", ".join(f"{k}={v}" for k, v in sorted(o.to_dict().items())), "",
              "== modules swapped or added =="]
-    lines += integration.swap_log(out.snn).splitlines()
+    lines += swap_log(out.snn).splitlines()
     lines += ["", "== spiking sites (theta min / median / max; channels with psi != 0 or phi != 1) =="]
     for name, site in iter_sites(out.snn):
         th = site.theta.detach().float().cpu()

@@ -11,11 +11,8 @@ activity against calibration, parallel vs sequential) are checks in the same lis
 from __future__ import annotations
 
 import math
-import os
-import platform
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from importlib.metadata import version
 
 import torch
 from rich.console import Console
@@ -25,11 +22,14 @@ from calibration import CalibrationConfig, ChannelObserver
 from calibration.calibrate import fit_site
 from spike_modules import iter_sites, set_mode, set_timesteps
 from spike_modules.quantizer import weighted_spikes
+from spike_modules.simulation import run_sequential
+from spike_modules.site import reset_spike_stats  # noqa: F401  (callers import it from here too)
 from stac_eval import evaluate_lm
 
-from . import gates, integration
+from . import gates
 from .energy import counting, energy_summary, group_name, memory_traffic, site_neurons, site_spikes
 from .options import EVAL_WINDOW
+from .runtime import machine_info  # noqa: F401  (callers import it from here too)
 
 SATURATION_BOUND = 0.95     # spikes per neuron per step of a site without bursts; signed sites count |spikes|
 AT_CAP_BOUND = 0.05         # share of a site's (neuron, token) counts at the cap B*T (clipped)
@@ -62,12 +62,6 @@ def greedy(model: nn.Module, tokenizer, prompt: str = PROMPT, new_tokens: int = 
         if i + 1 < new_tokens:
             out = model(new[-1], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     return tokenizer.decode(torch.cat(new, dim=1)[0], skip_special_tokens=False)
-
-
-def reset_spike_stats(model: nn.Module) -> None:
-    for _, site in iter_sites(model):
-        for neuron in site_neurons(site):
-            neuron.reset_stats()
 
 
 def spike_section(model: nn.Module) -> dict:
@@ -125,7 +119,7 @@ def spike_checks(section: dict) -> list[dict]:
 def sequential_section(snn: nn.Module, ids: torch.Tensor, T: int, use_sparse: bool) -> dict:
     """Parallel-mode logits against the whole-model time-stepped simulation on ``ids`` ``[1, S]``."""
     par = snn(ids).logits.float()
-    seq = integration.run_sequential(snn, ids, T, sparse=use_sparse).float()
+    seq = run_sequential(snn, ids, T, sparse=use_sparse).float()
     rel = float((seq - par).norm() / par.norm())
     top1 = float((seq.argmax(-1) == par.argmax(-1)).float().mean())
     return {"tokens": int(ids.shape[1]), "relative_logit_error": rel, "max_abs_logit_diff": float((seq - par).abs().max()),
@@ -222,15 +216,6 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
                           "site inputs, psi = 0, phi = 1"}
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-            "versions": {p: version(p) for p in ("torch", "transformers", "spikingjelly", "safetensors")}}
-    if device.type == "cuda":
-        info["cuda_device"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *, T: int, activation: str,
            mode: str, calibration: CalibrationConfig, coding: str | None = None, use_sparse: bool = False,
            progress: bool = True, console: Console | None = None) -> dict:
@@ -294,7 +279,7 @@ def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *,
     checks += gates.activity_check(probe["measured_rate"], probe["predicted_rate"])
     with stage(f"sequential simulation ({SEQUENTIAL_TOKENS} tokens, T={T})"):
         seq = sequential_section(snn, ids[:SEQUENTIAL_TOKENS][None], T, use_sparse)
-    report["sequential"] = seq  # DESIGN.md section 1: measured, with a bar per mode
+    report["sequential"] = seq  # docs/design.md section 2: measured, with a bar per mode
     checks += gates.sequential_check(mode, coding, seq["top1_agreement"], seq["tokens"])
     with stage(f"greedy continuation ({NEW_TOKENS} tokens)"):
         report["generation"] = {"prompt": PROMPT, "new_tokens": NEW_TOKENS,

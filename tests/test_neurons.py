@@ -39,7 +39,7 @@ def test_parallel_spike_trains_equal_sequential_exactly(case, signed):
     assert torch.equal(para.spike_train(x), train_seq)  # every step, not only the total
     decoded = para(x)
     assert torch.equal(para.last_counts.float(), (train_seq.sum(0) / th).round())
-    # independent float64 reference of DESIGN.md: count = clamp(floor(x*T/theta + 1/2), lo, T)
+    # independent float64 reference of docs/design.md section 1: count = clamp(floor(x*T/theta + 1/2), lo, T)
     ref = torch.clamp(torch.floor(x.double() * T / th.double() + 0.5), -T if signed else 0, T)
     assert torch.equal(para.last_counts.double(), ref)
     torch.testing.assert_close(decoded.double(), ref * th.double() / T, rtol=1e-6, atol=0)

@@ -8,7 +8,8 @@ from transformers.pytorch_utils import Conv1D
 from calibration.int8 import Int8Linear, quantize_weights_
 from smollm2_converter import ConversionConfig, run_sequential, sequential_mode
 from spike_modules.layers import SpikeLinear
-from spike_modules.sparse import event_linear, sparse_supported, unsupported_layers
+from spike_modules.layers import unsupported_layers
+from spike_modules.sparse import event_linear, sparse_supported
 from tests.test_attention import calibrated, padded
 from tests.test_converter import MODELS, data
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,7 +180,8 @@ def test_bad_data_fails_with_a_clear_message(tmp_path, case, given, message):
         load_splits(**kwargs)
 
 
-def test_hub_datasets_need_the_datasets_package_offline():
+def test_hub_datasets_need_the_datasets_package_offline(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as without it (lm-eval's extra installs it)
     with pytest.raises(DataError, match="pip install datasets"):
         load_splits(dataset="sst2")
 

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from spike_modules.site import iter_sites, set_mode, set_timesteps
+from spike_modules.site import iter_sites, reset_spike_stats, set_mode, set_timesteps  # noqa: F401
 from stac_lm.energy import group_name, site_neurons
 
 from .batching import model_inputs
@@ -97,12 +97,6 @@ def parallel_run(model: nn.Module, T: int, mode: str = "parallel") -> Callable[[
 def sequential_run(model: nn.Module, T: int) -> Callable[[dict], torch.Tensor]:
     """The time-stepped simulation (SpikingJelly neurons, state reset before every batch)."""
     return lambda inputs: run_sequential(model, inputs["input_ids"], inputs.get("attention_mask"), T)
-
-
-def reset_spike_stats(model: nn.Module) -> None:
-    for _, site in iter_sites(model):
-        for n in site_neurons(site):
-            n.reset_stats()
 
 
 def spike_rates(model: nn.Module) -> dict:

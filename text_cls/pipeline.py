@@ -18,7 +18,7 @@ from rich.console import Console
 
 from calibration import Calibration, CalibrationConfig, fit_calibration, observe_sites
 from stac_io import atomic_dir, check_output_free, write_json
-from stac_lm.pipeline import StepTimer
+from stac_lm.runtime import StepTimer, resolve_device
 
 from .batching import Encoded, encode, eval_batches, model_inputs
 from .data import load_splits, write_splits
@@ -34,19 +34,6 @@ RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "accuracy_vs
 # token rows per site kept for the psi/phi fit: the fit costs rows x channels x 35 quantizer passes per T,
 # about 40 s per T at 4096 rows for MiniLM's 30 sites on 2 cores; 2048 rows take a quarter of that
 RESERVOIR_ROWS = 2048
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} was asked but torch sees no CUDA GPU (torch {torch.__version__}); "
-                             "use --device cpu or auto")
-        index = torch.device(device).index or 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return torch.device(device)
 
 
 def _subset(data: Encoded, n: int) -> Encoded:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import Adapter, AttentionSpec, SiteGroup, register
+from .registry import Adapter, AttentionSpec, SiteGroup, register
 
 SITE_SCOPES = ("ffn", "all")
 SCOPE_ATTR = "stac_site_scope"

@@ -8,7 +8,7 @@ and ``lm_head`` close the model.
 Sites: one at the attention input (read by q, k and v), one at ``o_proj``, one at the MLP
 input (read by gate and up), one at ``down_proj``. All are signed: norm outputs, attention
 outputs and ``act(gate) * up`` all take both signs (``relu(gate) * up`` too: ``up`` does). The
-``down_proj`` input is the worst site (DESIGN.md): a few tokens carry activations in the
+``down_proj`` input is the worst site (docs/design.md section 1): a few tokens carry activations in the
 thousands. Attention: q, k (after the rotary embedding, and after the QK-norm where there is
 one) and v have their own sites; k and v have ``num_key_value_heads`` heads.
 """
@@ -19,7 +19,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import Adapter, AttentionSpec, SiteGroup, attention_spec
+from .registry import Adapter, AttentionSpec, SiteGroup, attention_spec
 
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 # Gemma 2 and 3 also normalise around the MLP (pre/post feed-forward norms)

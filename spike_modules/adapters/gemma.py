@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from transformers.models.gemma.modeling_gemma import GemmaMLP, GemmaRMSNorm
 
-from . import register, register_gated_mlp, register_norm
 from .decoder import llama_like
+from .registry import register, register_gated_mlp, register_norm
 
 register_norm(GemmaRMSNorm)
 register_gated_mlp(GemmaMLP)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP, Gemma2RMSNorm
 
-from . import register, register_gated_mlp, register_norm
 from .decoder import SANDWICH_NORMS, llama_like
+from .registry import register, register_gated_mlp, register_norm
 
 register_norm(Gemma2RMSNorm)
 register_gated_mlp(Gemma2MLP)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
 
-from . import register, register_gated_mlp, register_norm
 from .decoder import SANDWICH_NORMS, llama_like
+from .registry import register, register_gated_mlp, register_norm
 
 register_norm(Gemma3RMSNorm)
 register_gated_mlp(Gemma3MLP)

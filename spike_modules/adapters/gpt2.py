@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import Adapter, AttentionSpec, SiteGroup, register
+from .registry import Adapter, AttentionSpec, SiteGroup, register
 
 
 def _blocks(model: nn.Module) -> list[str]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from . import register, register_gated_mlp, register_norm
 from .decoder import llama_like
+from .registry import register, register_gated_mlp, register_norm
 
 register_norm(LlamaRMSNorm)
 register_gated_mlp(LlamaMLP)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSNorm
 
-from . import register, register_gated_mlp, register_norm
 from .decoder import llama_like
+from .registry import register, register_gated_mlp, register_norm
 
 register_norm(MistralRMSNorm)
 register_gated_mlp(MistralMLP)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import Adapter, AttentionSpec, SiteGroup, attention_spec, register
+from .registry import Adapter, AttentionSpec, SiteGroup, attention_spec, register
 
 
 def _layers(model: nn.Module) -> list[str]:

@@ -16,7 +16,8 @@ from torch import nn
 from transformers.models.phi3.modeling_phi3 import Phi3MLP, Phi3RMSNorm
 
 from ..temporal import rate_op
-from . import Adapter, AttentionSpec, SiteGroup, attention_spec, register, register_gated_mlp, register_norm
+from .registry import (Adapter, AttentionSpec, SiteGroup, attention_spec, register, register_gated_mlp,
+                       register_norm)
 
 
 class SpikeFusedGatedMLP(nn.Module):

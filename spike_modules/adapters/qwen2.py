@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
-from . import register, register_gated_mlp, register_norm
 from .decoder import llama_like
+from .registry import register, register_gated_mlp, register_norm
 
 register_norm(Qwen2RMSNorm)
 register_gated_mlp(Qwen2MLP)

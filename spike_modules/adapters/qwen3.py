@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
 
-from . import register, register_gated_mlp, register_norm
 from .decoder import llama_like
+from .registry import register, register_gated_mlp, register_norm
 
 register_norm(Qwen3RMSNorm)
 register_gated_mlp(Qwen3MLP)
