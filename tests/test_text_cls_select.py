@@ -57,7 +57,11 @@ def test_calibration_is_chosen_per_T_by_agreement_with_the_float_ann(selected):
     table = results["calibration_selection"]
     assert sorted(table) == ["2", "8"]
     for rows in table.values():
-        assert [r["rule"] for r in rows] == ["percentile", "mse", "max"]
+        # the training thresholds as they are, the run's rule with the DA-QCFS shift and scale, then each rule's
+        # thresholds alone
+        assert [(r["rule"], r["refit"], r["fit_affine"]) for r in rows] == [
+            ("percentile", False, False), ("percentile", True, True), ("percentile", True, False),
+            ("mse", True, False), ("max", True, False)]
         chosen = [r for r in rows if r.get("chosen")]
         assert len(chosen) == 1
         best = max((r["validation_agreement_with_ann"], r["validation_accuracy"]) for r in rows)

@@ -158,9 +158,11 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
             elif len(rules) == 1:
                 calibrations[T] = fit_calibration(observers, cfg, model_id=str(opts.model_name))
             else:
+                kept = (Calibration(replace(calibration_config(opts, T, False), n_samples=base.config.n_samples),
+                                    base.sites, base.model_id, base.stats) if qcfs_training else None)
                 calibrations[T], selection[T] = select_calibration(
                     snn, observers, candidate_configs(cfg, rules), val_batches, float_pred, val_labels, device,
-                    str(opts.model_name))
+                    str(opts.model_name), kept)
     if not accelerator.is_main_process:
         return None
     with step("phase 3: evaluate ANN, DA-QCFS ANN, SNN parallel and sequential"):

@@ -26,23 +26,27 @@ def logits_of(model: nn.Module, batches: list[dict], device) -> torch.Tensor:
 
 
 def candidate_configs(base: CalibrationConfig, rules: tuple[str, ...]) -> list[CalibrationConfig]:
-    """``base`` with each threshold rule of ``rules`` (``base``'s own first, no repeats)."""
-    order = dict.fromkeys((base.rule, *rules))
-    return [replace(base, rule=rule) for rule in order]
+    """``base`` as it is, then thresholds alone (no DA-QCFS shift and scale, a fraction of the fitting
+    time) by ``base``'s rule and each rule of ``rules``; no repeats."""
+    configs = [base, *(replace(base, rule=rule, fit_affine=False) for rule in dict.fromkeys((base.rule, *rules)))]
+    return list({(c.rule, c.fit_affine): c for c in configs}.values())
 
 
 def select_calibration(snn: nn.Module, observers, configs: list[CalibrationConfig], batches: list[dict],
                        float_pred: torch.Tensor, labels: torch.Tensor, device, model_id: str,
-                       on_candidate=None) -> tuple[Calibration, list[dict]]:
+                       kept: Calibration | None = None) -> tuple[Calibration, list[dict]]:
     """Fit every config of ``configs`` (one T) and return the chosen calibration and the scores of all.
 
     Each candidate is applied to ``snn`` and run in ``quant`` mode on ``batches`` (validation); the
     score is agreement with ``float_pred`` (the float ANN's predictions there), then accuracy.
-    ``on_candidate()`` is called after each (progress).
+    ``kept``: one more candidate taken as it is (the thresholds the DA-QCFS fine-tune trained with,
+    which the weights adapted to), tried first.
     """
     best, table = None, []
-    for cfg in configs:
-        calib = fit_calibration(observers, cfg, model_id=model_id)
+    fitted = ((None, kept),) if kept is not None else ()
+    for cfg, given in (*fitted, *((c, None) for c in configs)):
+        calib = given if given is not None else fit_calibration(observers, cfg, model_id=model_id)
+        cfg = calib.config
         calib.apply_to(snn)
         set_timesteps(snn, cfg.T)
         set_mode(snn, "quant")
@@ -51,13 +55,11 @@ def select_calibration(snn: nn.Module, observers, configs: list[CalibrationConfi
         finally:
             set_mode(snn, "ann")
         row = {"rule": cfg.rule, "percentile": cfg.percentile if cfg.rule == "percentile" else None,
-               "fit_affine": cfg.fit_affine, "validation_agreement_with_ann": float((pred == float_pred).double().mean()),
+               "fit_affine": cfg.fit_affine, "refit": given is None, "validation_agreement_with_ann": float((pred == float_pred).double().mean()),
                "validation_accuracy": float((pred == labels).double().mean())}
         table.append(row)
         key = (row["validation_agreement_with_ann"], row["validation_accuracy"])
         if best is None or key > best[0]:
             best = (key, calib, len(table) - 1)
-        if on_candidate is not None:
-            on_candidate()
     table[best[2]]["chosen"] = True
     return best[1], table
