@@ -126,9 +126,11 @@ def build_parser() -> Parser:
          help="per-channel threshold rule (default percentile)")
     flag(g, "percentile", dest="percentile", type=float, metavar="Q", help="default 99.9")
     flag(g, "threshold_candidates", dest="threshold_candidates", type=rule_list, metavar="RULES",
-         help="other threshold rules fitted at each T besides --threshold_rule, comma-separated, or 'none'; "
-              "the one whose DA-QCFS network agrees most often with the float ANN on the validation split is "
-              "kept (default mse)")
+         help="other threshold rules tried at each T besides --threshold_rule, comma-separated (default mse); "
+              "the candidates (the training thresholds as they are, --threshold_rule with the DA-QCFS shift and "
+              "scale, each rule's thresholds alone) are scored on the validation split and the one whose DA-QCFS "
+              "network agrees most often with the float ANN is kept; 'none': no choice, --threshold_rule with "
+              "the shift and scale at every T")
     flag(g, "distill", dest="distill", type=float, metavar="W",
          help="weight of distillation from the float ANN's logits in the DA-QCFS fine-tune, 0..1 (default 0.5; "
               "0: labels only)")
