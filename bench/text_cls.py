@@ -58,6 +58,9 @@ def timing_batch(savedir: Path, tok, config: dict, batch_size: int) -> dict:
     return model_inputs(batches[len(batches) // 2])
 
 
+# timed as inference runs: with gradients on, every mode would build an autograd graph and the sites take their
+# gradient path
+@torch.inference_mode()
 def side_by_side_latency(savedir: Path, sweep: list[int], batch_size: int, repeats: int) -> dict:
     """ANN, parallel SNN (with the spike statistics reports need, and without them as deployed:
     ``set_spike_counting(False)``) and sequential SNN on the same batch, interleaved, medians."""
