@@ -55,6 +55,9 @@ bench: setup
 	$(PY) -m bench.convert --coding rate --timesteps 16,32 --modes full --eval_tokens 1024 --peer --out docs/bench_convert_peer.json --overwrite
 	$(PY) -m bench.chat --repeats 7 --out docs/bench_chat.json --overwrite
 	$(PY) -m bench.text_cls --compare_simulations --out docs/bench_text_cls.json --overwrite
+	$(PY) -m bench.text_cls_data --out out/text_cls_data --overwrite
+	$(PY) -m bench.text_cls --train_file out/text_cls_data/tweets_binary/train.csv --test_file out/text_cls_data/tweets_binary/test.csv --out docs/bench_text_cls_tweets_binary.json --docs_name text_cls_tweets_binary --overwrite
+	$(PY) -m bench.text_cls --train_file out/text_cls_data/plays_genre/train.csv --test_file out/text_cls_data/plays_genre/test.csv --out docs/bench_text_cls_plays_genre.json --docs_name text_cls_plays_genre --overwrite
 	$(PY) -m bench.frontier --points rate:16:95:nohead,rate:16:95,weighted:5:99.9,weighted:6:99.9,weighted:7:99.9,weighted:8:99.9,weighted:7:99.99 --out docs/frontier.json --plot docs/frontier.png --overwrite
 	$(PY) run_conversion.py --output_dir out/demo_smollm2 --overwrite
 	$(PY) -m bench.generation --model_dir out/demo_smollm2 --out docs/generation.json --markdown docs/generation.md --overwrite

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def neurons(report: dict) -> str:
@@ -74,6 +75,35 @@ def frontier(report: dict) -> str:
     return "\n".join(lines)
 
 
+def text_cls(report: dict) -> str:
+    """One row per T of a ``bench/text_cls.py`` report: accuracy against the float ANN, agreement, timing."""
+    r = report["results"]
+    src = r["data"]["source"]
+    data = Path(src["train_file"]).parent.name if src.get("dataset") == "files" else src.get("dataset")
+    stages = r["samples_per_stage"]
+    lines = [f"{data}: {len(r['data']['classes'])} classes, {stages['qcfs_fine_tune']} training, {stages['validation']} "
+             f"validation, {stages['test']} test samples (sequential on {stages['sequential']}); float ANN "
+             f"{100 * r['acc_ann']:.2f}%, DA-QCFS ANN at T={r['qcfs_T']} {100 * r['acc_qcfs']:.2f}%; whole run "
+             f"{r['seconds_total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in r["step_seconds"].items()) + ")",
+             "",
+             "| T | SNN parallel % | minus ANN (points) | agreement with ANN | sequential agreement (samples) "
+             "| energy SNN/ANN | calibration kept |",
+             "|---:|---:|---:|---:|---:|---:|:---|"]
+    for row in r["per_T"]:
+        chosen = [c for c in r.get("calibration_selection", {}).get(str(row["T"]), []) if c.get("chosen")]
+        how = (f"{chosen[0]['rule']}{' + psi/phi' if chosen[0]['fit_affine'] else ''}"
+               f"{'' if chosen[0]['refit'] else ' (as trained)'}") if chosen else "(no choice)"
+        lines.append(f"| {row['T']} | {100 * row['acc_snn_parallel']:.2f} | "
+                     f"{100 * (row['acc_snn_parallel'] - r['acc_ann']):+.2f} | {row['agreement_with_ann']:.4f} | "
+                     f"{row['agreement']:.4f} ({row['sequential_samples']}) | {row['energy']['energy_ratio']:.3f} | "
+                     f"{how} |")
+    for T, lat in report.get("side_by_side_latency", {}).items():
+        lines.append(f"\nSide by side at T={T} (batch {lat['batch']}): parallel / ANN {lat['parallel_over_ann']:.2f}x "
+                     f"(deployed, no spike statistics: {lat['parallel_deployed_over_ann']:.2f}x), sequential / "
+                     f"parallel {lat['sequential_over_parallel']:.1f}x.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         with open(path) as f:
@@ -81,6 +111,8 @@ def main() -> None:
         print(f"<!-- {path} -->")
         if report.get("benchmark") == "bench/frontier.py" or "points" in report:  # older runs had no name
             print(frontier(report))
+        elif "side_by_side_latency" in report and "results" in report:  # bench/text_cls.py
+            print(text_cls(report))
         elif report.get("benchmark") == "bench/neurons.py":
             print(neurons(report))
         elif report.get("benchmark") == "bench/convert.py":

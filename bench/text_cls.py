@@ -1,6 +1,6 @@
 """Text-classification benchmark: the default ``python -m text_cls`` run, then latency side by side.
 
-Runs the pipeline (embedded tweets, MiniLM-L6, ``--spike_sites all``, T in 2,4,8,16 unless told
+Runs the pipeline (embedded tweets, MiniLM-L6, ``--spike_sites all``, T in 4,8,16 unless told
 otherwise), reloads the saved SNN, rebuilds its float network (the run's "ANN (float)" when the
 reference is the DA-QCFS-trained weights, the default), and times ANN, parallel SNN and
 sequential SNN on the same test batch, interleaved (``bench.timing.side_by_side``, medians).
@@ -29,7 +29,8 @@ from text_cls import TextClsOptions, load_text_snn, run, run_sequential
 from text_cls.batching import encode, eval_batches, model_inputs
 from text_cls.data import read_rows
 from text_cls.model import float_copy, set_sequential_schedule
-from text_cls.options import DEFAULT_SWEEP
+from spike_modules.site import set_spike_counting
+from text_cls.options import DEFAULT_SWEEP, DEFAULT_T
 
 TIME_LIMIT_S = 20 * 60
 
@@ -57,17 +58,26 @@ def timing_batch(savedir: Path, tok, config: dict, batch_size: int) -> dict:
     return model_inputs(batches[len(batches) // 2])
 
 
+# timed as inference runs: with gradients on, every mode would build an autograd graph and the sites take their
+# gradient path
+@torch.inference_mode()
 def side_by_side_latency(savedir: Path, sweep: list[int], batch_size: int, repeats: int) -> dict:
+    """ANN, parallel SNN (with the spike statistics reports need, and without them as deployed:
+    ``set_spike_counting(False)``) and sequential SNN on the same batch, interleaved, medians."""
     out = {}
     for T in sweep:
         snn, tok, config = load_text_snn(savedir / "model", T=T)
+        deployed = load_text_snn(savedir / "model", T=T)[0]
+        set_spike_counting(deployed, False)
         ann = float_copy(snn, float_template(config))
         x = timing_batch(savedir, tok, config, batch_size)
         med = side_by_side({"ann": lambda: ann(**x), "parallel": lambda: snn(**x),
+                            "parallel_deployed": lambda: deployed(**x),
                             "sequential": lambda: run_sequential(snn, x["input_ids"], x["attention_mask"], T)},
                            repeats=repeats)
         out[T] = {"batch": list(x["input_ids"].shape), "seconds": med,
                   "parallel_over_ann": med["parallel"] / med["ann"],
+                  "parallel_deployed_over_ann": med["parallel_deployed"] / med["ann"],
                   "sequential_over_parallel": med["sequential"] / med["parallel"]}
     return out
 
@@ -137,8 +147,9 @@ def targets(results: dict, latency: dict) -> list[dict]:
     if 8 in latency:
         s = latency[8]["sequential_over_parallel"]
         check("parallel at least 0.8*T times faster than sequential (side by side)", 8, s, 6.4, s >= 6.4)
-        r = latency[8]["parallel_over_ann"]
-        check("parallel no more than 1.5x slower than the float ANN (side by side)", 8, r, 1.5, r <= 1.5)
+        r = latency[8]["parallel_deployed_over_ann"]
+        check("parallel (deployed: no spike statistics) no more than 1.5x slower than the float ANN (side by side)",
+              8, r, 1.5, r <= 1.5)
     check("whole run within 20 minutes", None, results["seconds_total"], TIME_LIMIT_S,
           results["seconds_total"] <= TIME_LIMIT_S)
     return checks
@@ -148,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/bench_text_cls.json", help="report JSON")
     p.add_argument("--docs", default=None, help="folder for results.md / png copies (default: the --out folder)")
+    p.add_argument("--docs_name", default="text_cls",
+                   help="copies are named <docs_name>_results.md and <docs_name>_accuracy_vs_T.png (default text_cls)")
     p.add_argument("--savedir", default=None, help="run directory (default: a temporary one, removed after)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median)")
@@ -158,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spike_sites", default="all", choices=("ffn", "all"))
     p.add_argument("--model_name", default=None, help="another BERT-family checkpoint (default: embedded MiniLM-L6)")
     p.add_argument("--train_file", default=None, help="local data instead of the embedded tweets")
+    p.add_argument("--test_file", default=None, help="local test data (default: a split of --train_file)")
+    p.add_argument("--text_column", default=None)
+    p.add_argument("--label_column", default=None)
+    p.add_argument("--sequential_samples", default=None,
+                   help="test samples of the sequential simulation, or 'all' (default: the run's default)")
+    p.add_argument("--latency_timesteps", default=str(DEFAULT_T),
+                   help="the T's timed side by side after the run, comma-separated (default 8)")
     p.add_argument("--max_len", type=int, default=None)
     p.add_argument("--norm_schedule", default="causal", choices=("causal", "held"),
                    help="the run's LayerNorm schedule in the sequential simulation")
@@ -178,14 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None if args.savedir else tempfile.mkdtemp(prefix="bench_text_cls_")
     savedir = Path(args.savedir or Path(tmp) / "run")
     given = {k: getattr(args, k) for k in ("max_train_samples", "max_eval_samples", "threads", "model_name", "train_file",
-                                      "max_len")
+                                      "test_file", "text_column", "label_column", "max_len")
              if getattr(args, k)}
+    if args.sequential_samples is not None:
+        given["sequential_samples"] = None if args.sequential_samples == "all" else int(args.sequential_samples)
     try:
         opts = TextClsOptions(savedir=str(savedir), overwrite=args.overwrite, time_steps=sweep,
                               spike_sites=args.spike_sites, norm_schedule=args.norm_schedule,
                               sequential_neuron=args.sequential_neuron, **given)
         results = run(opts)
-        latency = side_by_side_latency(savedir, list(opts.time_steps), opts.eval_batchsize, args.repeats)
+        latency = side_by_side_latency(savedir, [int(t) for t in args.latency_timesteps.split(",")],
+                                       opts.eval_batchsize, args.repeats)
         other = []
         if args.compare_simulations:
             schedule = "held" if args.norm_schedule == "causal" else "causal"
@@ -197,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
                   "command": " ".join(["python -m bench.text_cls", *(argv if argv is not None else sys.argv[1:])])}
         docs.mkdir(parents=True, exist_ok=True)
         write_json(out, report)
-        shutil.copyfile(savedir / "results.md", docs / "text_cls_results.md")
-        shutil.copyfile(savedir / "accuracy_vs_T.png", docs / "text_cls_accuracy_vs_T.png")
+        shutil.copyfile(savedir / "results.md", docs / f"{args.docs_name}_results.md")
+        shutil.copyfile(savedir / "accuracy_vs_T.png", docs / f"{args.docs_name}_accuracy_vs_T.png")
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in results["step_seconds"].items())
+          + f"; total {results['seconds_total']:.0f}")
     for c in report["targets"]:
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']} (T={c['T']}): {c['value']:.4g} vs {c['bound']:.4g}")
     for r in other:

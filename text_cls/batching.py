@@ -40,6 +40,15 @@ def encode(tokenizer, rows: list[tuple[str, int]], max_len: int) -> Encoded:
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in rows], dtype=torch.long))
 
 
+def pick(data: Encoded, n: int | None, seed: int) -> Encoded:
+    """``n`` samples drawn without replacement (seeded; all of them when ``n`` is None or not smaller),
+    kept in their original order."""
+    if n is None or n >= len(data):
+        return data
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Encoded(data.input_ids[idx], data.attention_mask[idx], data.labels[idx])
+
+
 def _batch(data: Encoded, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     mask = data.attention_mask[idx]
     width = max(int(mask.sum(1).max()), 1)

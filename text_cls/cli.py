@@ -1,7 +1,7 @@
 """``python -m text_cls``: fine-tune a BERT-family classifier with DA-QCFS sites, calibrate, convert to
 spiking neurons, and measure ANN, DA-QCFS ANN, parallel and sequential SNN side by side.
 
-  python -m text_cls                                      # embedded tweets, MiniLM-L6, --spike_sites all, T=2,4,8,16
+  python -m text_cls                                      # embedded tweets, MiniLM-L6, --spike_sites all, T=4,8,16
   python -m text_cls --max_train_samples 500 --max_eval_samples 200 -T 4,8 --output_dir runs/quick
   python -m text_cls --train_file my.csv --text_column sentence --label_column label --spike_sites ffn
   python -m text_cls --dataset TextCLS --datadir data/ --savedir runs/x --net_arch bert_base_qcfs \\
@@ -39,6 +39,16 @@ def samples(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a number of samples or 'all', got {text!r}") from None
 
 
+def rule_list(text: str) -> tuple[str, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    rules = tuple(r.strip() for r in text.split(",") if r.strip())
+    bad = [r for r in rules if r not in ("max", "percentile", "mse")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown threshold rule(s) {bad}; choose from max, percentile, mse, or none")
+    return rules
+
+
 def build_parser() -> Parser:
     p = Parser(PROG, __doc__)
     g = p.add_argument_group("data")
@@ -57,6 +67,9 @@ def build_parser() -> Parser:
          help="stratified subset of the training split, or 'all' (default 2000)")
     flag(g, "max_eval_samples", dest="max_eval_samples", type=samples, metavar="N",
          help="stratified subset of the test (and validation) split, or 'all' (default 800)")
+    flag(g, "sequential_samples", dest="sequential_samples", type=samples, metavar="N",
+         help="test samples the sequential simulation runs on (a seeded subset; it costs T parallel passes), "
+              "or 'all' (default 256); its agreement with the parallel pass is on the same samples")
     flag(g, "max_len", "max_length", dest="max_len", type=int, metavar="L",
          help="tokens per sample (default: tweets 64, sst2/ag_news 128, imdb 256, files 128)")
     flag(g, "validation_fraction", dest="validation_fraction", type=float, metavar="F", help="default 0.1")
@@ -85,7 +98,7 @@ def build_parser() -> Parser:
               "evaluated")
     stac_cli.timesteps_flag(g, sweep=True, dest="time_steps", old=("time_steps",), unset=True,
                             help=f"the T, or a comma-separated sweep of Ts, to evaluate, each 1..{MAX_TIMESTEPS} "
-                                 "(default 2,4,8,16)")
+                                 "(default 4,8,16)")
     flag(g, "primary_timesteps", dest="time_step", type=stac_cli.timesteps, metavar="T", old=("time_step", "T"),
          help="the T of the saved model and of the DA-QCFS ANN figure, added to the sweep (default 8 when the "
               "sweep holds it, else its largest)")
@@ -112,6 +125,15 @@ def build_parser() -> Parser:
     flag(g, "threshold_rule", dest="threshold_rule", choices=("max", "percentile", "mse"),
          help="per-channel threshold rule (default percentile)")
     flag(g, "percentile", dest="percentile", type=float, metavar="Q", help="default 99.9")
+    flag(g, "threshold_candidates", dest="threshold_candidates", type=rule_list, metavar="RULES",
+         help="other threshold rules tried at each T besides --threshold_rule, comma-separated (default mse); "
+              "the candidates (the training thresholds as they are, --threshold_rule with the DA-QCFS shift and "
+              "scale, each rule's thresholds alone) are scored on the validation split and the one whose DA-QCFS "
+              "network agrees most often with the float ANN is kept; 'none': no choice, --threshold_rule with "
+              "the shift and scale at every T")
+    flag(g, "distill", dest="distill", type=float, metavar="W",
+         help="weight of distillation from the float ANN's logits in the DA-QCFS fine-tune, 0..1 (default 0.5; "
+              "0: labels only)")
     flag(g, "calib_samples", dest="calib_samples", type=int, metavar="N",
          help="training samples seen by calibration (default 256)")
     g = p.add_argument_group("run")

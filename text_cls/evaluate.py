@@ -47,14 +47,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Tracker:
+    """One progress bar (with the time left) over a whole evaluation: each pass adds ``cost`` units per
+    batch (a sequential pass at T costs about T parallel ones), so the estimate covers every pass to come."""
+
+    def __init__(self, bar, total: float):
+        self.bar, self.task = bar, bar.add_task("evaluate", total=total, info="")
+
+    def start(self, desc: str) -> None:
+        self.bar.update(self.task, info=desc)
+
+    def advance(self, units: float) -> None:
+        self.bar.advance(self.task, units)
+
+
 @torch.inference_mode()
 def predict(run: Callable[[dict], torch.Tensor], batches: list[dict], device: torch.device, desc: str,
-            progress: bool = True) -> dict:
-    """Run ``run(inputs) -> logits`` on every batch; logits, labels, latency per batch (ms) and peak memory."""
+            progress: bool = True, tracker: Tracker | None = None, cost: float = 1.0) -> dict:
+    """Run ``run(inputs) -> logits`` on every batch; logits, labels, latency per batch (ms) and peak memory.
+    With a ``tracker`` the pass advances that shared bar by ``cost`` per batch instead of showing its own."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     logits, labels, times = [], [], []
-    with progress_bar(not progress) as bar:
+    if tracker is not None:
+        tracker.start(desc)
+    with progress_bar(not progress or tracker is not None) as bar:
         task = bar.add_task(desc, total=len(batches), info="")
         for batch in batches:
             inputs = model_inputs(batch, device)
@@ -66,6 +83,8 @@ def predict(run: Callable[[dict], torch.Tensor], batches: list[dict], device: to
             logits.append(out.float().cpu())
             labels.append(batch["labels"])
             bar.advance(task)
+            if tracker is not None:
+                tracker.advance(cost)
     logits_all = torch.cat(logits)
     return {"logits": logits_all, "labels": torch.cat(labels), "latency_ms": 1000 * sum(times) / len(times),
             "batches": len(batches), "peak_memory_mb": peak_memory_mb(device)}

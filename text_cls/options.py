@@ -21,7 +21,7 @@ from stac_cli import MAX_TIMESTEPS as MAX_T
 from .data import DATASETS, FILE_MAX_LEN, FILE_SUFFIXES, HUB_DATASETS, TWEETS, TWEETS_MAX_LEN
 from .model import ACTIVATIONS, NET_ARCHS, NORM_SCHEDULES, SEQUENTIAL_NEURONS
 
-DEFAULT_SWEEP = (2, 4, 8, 16)
+DEFAULT_SWEEP = (4, 8, 16)
 DEFAULT_T = 8
 NEURON_TYPES = ("ParaInfNeuron", "IFNeuron")
 NEURON_ALIASES = {"parainfneuron": "ParaInfNeuron", "parainfneuron_text": "ParaInfNeuron", "parallel": "ParaInfNeuron",
@@ -67,6 +67,7 @@ class TextClsOptions:
     test_fraction: float = 0.1
     max_train_samples: int | None = 2000
     max_eval_samples: int | None = 800
+    sequential_samples: int | None = 256
     max_len: int | None = None
     model_name: str = "embedded"
     net_arch: str = "bert_base_qcfs"
@@ -89,6 +90,8 @@ class TextClsOptions:
     fit_affine: bool = True
     threshold_rule: str = "percentile"
     percentile: float = 99.9
+    threshold_candidates: tuple[str, ...] = ("mse",)
+    distill: float = 0.5
     calib_samples: int = 256
     device: str = "auto"
     savedir: str | None = None
@@ -114,7 +117,7 @@ class TextClsOptions:
                 raise ValueError(f"--{key} {path}: no such file")
         for key in ("validation_fraction", "test_fraction"):
             _float(key, getattr(self, key), 0.0, 0.5)
-        for key in ("max_train_samples", "max_eval_samples"):
+        for key in ("max_train_samples", "max_eval_samples", "sequential_samples"):
             if getattr(self, key) is not None:
                 _int(key, getattr(self, key), 1)
         if self.max_len is None:
@@ -138,6 +141,10 @@ class TextClsOptions:
             _float(key, getattr(self, key), 0.0, 1.0)
         _choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
         _float("percentile", self.percentile, 0.0, 100.0)
+        set_("threshold_candidates", tuple(self.threshold_candidates))
+        for rule in self.threshold_candidates:
+            _choice("each of threshold_candidates", rule, THRESHOLD_RULES)
+        _float("distill", self.distill, 0.0, 1.0, lo_open=False)
         device = str(self.device).lower()
         if not DEVICE_RE.match(device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or a GPU index N, got {self.device!r}")
@@ -187,6 +194,7 @@ class TextClsOptions:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["time_steps"] = list(self.time_steps)
+        d["threshold_candidates"] = list(self.threshold_candidates)
         return d
 
     def to_json(self) -> str:

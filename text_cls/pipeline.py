@@ -20,7 +20,7 @@ from calibration import Calibration, CalibrationConfig, fit_calibration, observe
 from stac_io import atomic_dir, check_output_free, write_json
 from stac_lm.runtime import StepTimer, resolve_device
 
-from .batching import Encoded, encode, eval_batches, model_inputs
+from .batching import Encoded, encode, eval_batches, model_inputs, pick
 from .data import load_splits, write_splits
 from .measure import measure
 from .model import (EMBEDDED_MODEL, SiteSpec, convert_classifier, float_copy, is_embedded, load_classifier,
@@ -28,6 +28,7 @@ from .model import (EMBEDDED_MODEL, SiteSpec, convert_classifier, float_copy, is
 from .options import TextClsOptions
 from .report import console_table, markdown, plot
 from .saving import write_model
+from .select import candidate_configs, logits_of, select_calibration
 from .train import finetune_
 
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "accuracy_vs_T.png"
@@ -105,6 +106,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
     snn = convert_classifier(ann, spec).to(device)
     calib_batches = eval_batches(_subset(train, opts.calib_samples), opts.eval_batchsize)
     qcfs_training = not opts.direct_inference and opts.trainsnn_epochs > 0
+    rules = tuple(dict.fromkeys((opts.threshold_rule, *opts.threshold_candidates)))
     with step("calibrate the sites (per-channel thresholds)"):
         observers, n = observe_sites(snn, calib_batches, calibration_config(opts, opts.time_step, False),
                                      run_batch=_run_batch, progress=opts.progress)
@@ -115,7 +117,8 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
     if qcfs_training:
         with step(f"phase 1b: DA-QCFS fine-tune ({opts.trainsnn_epochs} epoch(s), T cycling {list(opts.time_steps)})"):
             training["qcfs"] = finetune_(snn, train, epochs=opts.trainsnn_epochs, lr=opts.snn_learning_rate,
-                                         timesteps=opts.time_steps, desc="DA-QCFS fine-tune", **train_args)
+                                         timesteps=opts.time_steps, desc="DA-QCFS fine-tune", distill=opts.distill,
+                                         teacher=ann if opts.ann_epochs else None, **train_args)
     if qcfs_training and not opts.ann_epochs:
         ann = float_copy(snn, ann)
         reference = "the DA-QCFS-trained weights run as a float network (sites off, the original modules)"
@@ -124,22 +127,45 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
     else:
         reference = "the checkpoint as given (--direct_inference)" if opts.direct_inference else "the checkpoint"
     calibrations: dict[int, Calibration] = {}
-    with step("phase 2: calibrate per T" if opts.calibrate_th else "phase 2: keep the training thresholds"):
+    selection: dict[int, list[dict]] = {}
+    with step("phase 2: calibrate per T" + (f" (choosing among {', '.join(rules)} on {len(val)} validation samples)"
+                                            if len(rules) > 1 else "")
+              if opts.calibrate_th else "phase 2: keep the training thresholds"):
         if opts.calibrate_th and qcfs_training:  # the weights moved: observe the trained network again
             observers, n = observe_sites(snn, calib_batches, calibration_config(opts, opts.time_step, True),
                                          run_batch=_run_batch, progress=opts.progress)
+        if opts.calibrate_th and len(rules) > 1:
+            val_batches = eval_batches(val, opts.eval_batchsize)
+            float_pred = logits_of(ann, val_batches, device).argmax(-1)
+            val_labels = torch.cat([b["labels"] for b in val_batches])
         for T in opts.time_steps:
             cfg = replace(calibration_config(opts, T, opts.calibrate_th), n_samples=n)
-            calibrations[T] = (fit_calibration(observers, cfg, model_id=str(opts.model_name)) if opts.calibrate_th
-                               else Calibration(cfg, base.sites, base.model_id, base.stats))
+            if not opts.calibrate_th:
+                calibrations[T] = Calibration(cfg, base.sites, base.model_id, base.stats)
+            elif len(rules) == 1:
+                calibrations[T] = fit_calibration(observers, cfg, model_id=str(opts.model_name))
+            else:
+                kept = (Calibration(replace(calibration_config(opts, T, False), n_samples=base.config.n_samples),
+                                    base.sites, base.model_id, base.stats) if qcfs_training else None)
+                calibrations[T], selection[T] = select_calibration(
+                    snn, observers, candidate_configs(cfg, rules), val_batches, float_pred, val_labels, device,
+                    str(opts.model_name), kept)
     if not accelerator.is_main_process:
         return None
     with step("phase 3: evaluate ANN, DA-QCFS ANN, SNN parallel and sequential"):
         ann_val = measure_val(ann, val, opts, device)
+        seq_test = pick(test, opts.sequential_samples, opts.seed)
         results = measure(ann, snn, calibrations, eval_batches(test, opts.eval_batchsize), test, opts.time_step,
-                          device, opts.progress)
+                          device, opts.progress,
+                          None if seq_test is test else eval_batches(seq_test, opts.eval_batchsize))
     calibrations[opts.time_step].apply_to(snn)
     results.update({
+        "calibration_selection": {str(T): rows for T, rows in selection.items()},
+        "samples_per_stage": {"float_fine_tune": len(train) if training.get("ann") else 0,
+                              "qcfs_fine_tune": len(train) if training.get("qcfs") else 0,
+                              "calibration": n, "calibration_choice": len(val) if selection else 0,
+                              "validation": len(val), "test": len(test),
+                              "sequential": results["sequential_samples"]},
         "acc_ann_validation": ann_val, "ann_reference": reference, "options": opts.to_dict(), "data": splits.describe(),
         "model": {"name": EMBEDDED_MODEL if is_embedded(opts.model_name) else opts.model_name,
                   "model_type": ann.config.model_type, "layers": ann.config.num_hidden_layers,

@@ -37,9 +37,18 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - weight) CE(student, labels) + weight KL(teacher || student)`` on the classes' softmax."""
+    ce = nn.functional.cross_entropy(student, labels)
+    kl = nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                              reduction="batchmean")
+    return (1 - weight) * ce + weight * kl
+
+
 def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, lr: float, seed: int,
               accelerator, timesteps: tuple[int, ...] | None = None, freeze_embeddings: bool = True,
-              desc: str = "fine-tune", progress: bool = True) -> dict:
+              desc: str = "fine-tune", progress: bool = True, distill: float = 0.0,
+              teacher: nn.Module | None = None) -> dict:
     """Train ``model`` in place on ``data`` for ``epochs``; returns a summary (losses, seconds).
 
     Args:
@@ -51,7 +60,15 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             optimizer step then costs a third as much, and the vocabulary the tweets do not use
             stays as pretrained).
         accelerator: an ``accelerate.Accelerator`` (device, and sharding under ``accelerate launch``).
+        distill: weight of the distillation term (DA-QCFS phase): the loss is ``(1 - distill)`` times
+            the cross-entropy plus ``distill`` times the KL divergence from the float ANN's logits on the
+            same batch, so the quantized network learns to answer as the float one does (its errors
+            included), not only to fit the labels.
+        teacher: the float ANN; ``None`` means ``model`` itself with its sites off (the same weights
+            run as a float network, the default reference), computed without gradients.
     """
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], got {distill}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     word = model.get_input_embeddings()
@@ -79,7 +96,11 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
                     if T is not None:
                         set_timesteps(model, T)
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                    loss = wrapped(**batch).loss
+                    if distill and timesteps is not None:
+                        target = _teacher_logits(model, teacher, batch)
+                        loss = distill_loss(wrapped(**batch).logits, target, batch["labels"], distill)
+                    else:
+                        loss = wrapped(**batch).loss
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch + 1}, "
                                                  f"batch {i + 1}; lower --learning_rate")
@@ -95,8 +116,23 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
         if timesteps is not None:
             set_mode(model, "ann")
     n = len(losses)
-    return {"epochs": epochs, "steps": n, "samples": len(data), "batch_size": batch_size, "lr": lr,
+    return {"epochs": epochs, "distill": distill if timesteps is not None else 0.0, "steps": n, "samples": len(data), "batch_size": batch_size, "lr": lr,
             "timesteps": list(timesteps) if timesteps else None, "freeze_embeddings": freeze_embeddings,
             "first_loss": sum(losses[:10]) / min(10, n) if n else None,
             "last_loss": sum(losses[-10:]) / min(10, n) if n else None,
             "seconds": time.perf_counter() - t0, "sites": sum(1 for _ in iter_sites(model))}
+
+
+@torch.no_grad()
+def _teacher_logits(model: nn.Module, teacher: nn.Module | None, batch: dict) -> torch.Tensor:
+    """The float ANN's logits on ``batch`` (dropout off): ``teacher``'s, or ``model``'s with its sites off."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if teacher is not None:
+        return teacher.eval()(**inputs).logits
+    model.eval()
+    set_mode(model, "ann")
+    try:
+        return model(**inputs).logits
+    finally:
+        set_mode(model, "quant")
+        model.train()

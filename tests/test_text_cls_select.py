@@ -1,0 +1,94 @@
+"""text_cls's robustness machinery: distillation loss, the sequential subset, the per-T calibration chosen on
+validation data, and the results' record of samples per stage (tiny random BERT, synthetic data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_text_cls_data import save_tiny_bert, synthetic_rows, write_file
+from text_cls import TextClsOptions, run
+from text_cls.batching import Encoded, pick
+from text_cls.cli import main
+from text_cls.train import distill_loss
+
+torch.set_num_threads(1)
+FAST = dict(max_len=16, batchsize=16, eval_batchsize=32, calib_samples=64, progress=False, threads=1,
+            learning_rate=3e-3, snn_learning_rate=1e-3, freeze_embeddings=False)
+
+
+def test_distill_loss_is_cross_entropy_at_0_and_kl_at_1():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 3), torch.randn(8, 3), torch.randint(0, 3, (8,))
+    assert torch.equal(distill_loss(s, t, y, 0.0), torch.nn.functional.cross_entropy(s, y))
+    assert float(distill_loss(t, t, y, 1.0)) == pytest.approx(0.0, abs=1e-7)
+    kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    assert float(distill_loss(s, t, y, 1.0)) == pytest.approx(float(kl), rel=1e-5)
+
+
+def test_pick_draws_n_samples_seeded_in_order():
+    data = Encoded(torch.arange(40).view(20, 2), torch.ones(20, 2, dtype=torch.long), torch.arange(20))
+    a, b = pick(data, 7, seed=3), pick(data, 7, seed=3)
+    assert len(a) == 7 and torch.equal(a.labels, b.labels) and bool((a.labels.diff() > 0).all())
+    assert torch.equal(a.input_ids[:, 0], 2 * a.labels)  # rows stay together
+    assert not torch.equal(pick(data, 7, seed=4).labels, a.labels)
+    assert pick(data, None, seed=0) is data and pick(data, 20, seed=0) is data
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text_cls_select")
+    save_tiny_bert(d / "bert")
+    rows = synthetic_rows(300, seed=7)
+    for i in range(0, len(rows), 4):
+        rows[i]["label"] = ("negative", "neutral", "positive")[(i + 1) % 3]
+    write_file(d / "train.csv", rows)
+    opts = TextClsOptions(train_file=str(d / "train.csv"), model_name=str(d / "bert"), savedir=str(d / "run"),
+                          time_steps=(2, 8), time_step=8, trainsnn_epochs=2, sequential_samples=10,
+                          threshold_candidates=("mse", "max"), **FAST)
+    return opts, run(opts)
+
+
+def test_calibration_is_chosen_per_T_by_agreement_with_the_float_ann(selected):
+    opts, results = selected
+    table = results["calibration_selection"]
+    assert sorted(table) == ["2", "8"]
+    for rows in table.values():
+        # the training thresholds as they are, the run's rule with the DA-QCFS shift and scale, then each rule's
+        # thresholds alone
+        assert [(r["rule"], r["refit"], r["fit_affine"]) for r in rows] == [
+            ("percentile", False, False), ("percentile", True, True), ("percentile", True, False),
+            ("mse", True, False), ("max", True, False)]
+        chosen = [r for r in rows if r.get("chosen")]
+        assert len(chosen) == 1
+        best = max((r["validation_agreement_with_ann"], r["validation_accuracy"]) for r in rows)
+        assert (chosen[0]["validation_agreement_with_ann"], chosen[0]["validation_accuracy"]) == best
+    assert results["training"]["qcfs"]["distill"] == 0.5
+
+
+def test_sequential_runs_on_the_subset_and_results_say_how_many_samples_each_stage_used(selected):
+    opts, results = selected
+    stages = results["samples_per_stage"]
+    assert stages["sequential"] == 10 and stages["test"] == results["samples"] > 10
+    assert stages["qcfs_fine_tune"] == results["data"]["sizes"]["train"] and stages["float_fine_tune"] == 0
+    assert stages["calibration_choice"] == stages["validation"] == results["data"]["sizes"]["validation"]
+    for row in results["per_T"]:
+        assert row["sequential_samples"] == 10 and 0.0 <= row["agreement"] <= 1.0
+        assert row["agreement"] * 10 == round(row["agreement"] * 10)  # a share of the 10 samples
+    saved = json.loads((Path(opts.savedir) / "results.json").read_text())
+    assert saved["samples_per_stage"] == stages and {"step_seconds", "seconds_total"} <= set(saved)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--threshold_candidates", "mse,bogus"], "unknown threshold rule"),
+    (["--distill", "1.5"], "distill must be a number in [0.0, 1.0]"),
+    (["--sequential_samples", "0"], "sequential_samples must be an integer >= 1"),
+])
+def test_bad_new_flags_exit_2(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--savedir", str(tmp_path / "out"), "--no-progress", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,65 @@
+"""Per-T calibration chosen on held-back data: the candidate that best keeps the float ANN's answers.
+
+Thresholds tuned to one data set do not carry to the next (long texts spread attention over many
+keys, so a threshold set by the largest probabilities rounds most of them to zero at small T). So
+the run fits several candidates per T on the training samples and keeps the one whose DA-QCFS
+network agrees most often with the float ANN on the validation split (ties: validation accuracy,
+then the order given). The test set plays no part in the choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from calibration import Calibration, CalibrationConfig, fit_calibration
+from spike_modules.site import set_mode, set_timesteps
+
+from .batching import model_inputs
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, batches: list[dict], device) -> torch.Tensor:
+    return torch.cat([model(**model_inputs(b, device)).logits.float().cpu() for b in batches])
+
+
+def candidate_configs(base: CalibrationConfig, rules: tuple[str, ...]) -> list[CalibrationConfig]:
+    """``base`` as it is, then thresholds alone (no DA-QCFS shift and scale, a fraction of the fitting
+    time) by ``base``'s rule and each rule of ``rules``; no repeats."""
+    configs = [base, *(replace(base, rule=rule, fit_affine=False) for rule in dict.fromkeys((base.rule, *rules)))]
+    return list({(c.rule, c.fit_affine): c for c in configs}.values())
+
+
+def select_calibration(snn: nn.Module, observers, configs: list[CalibrationConfig], batches: list[dict],
+                       float_pred: torch.Tensor, labels: torch.Tensor, device, model_id: str,
+                       kept: Calibration | None = None) -> tuple[Calibration, list[dict]]:
+    """Fit every config of ``configs`` (one T) and return the chosen calibration and the scores of all.
+
+    Each candidate is applied to ``snn`` and run in ``quant`` mode on ``batches`` (validation); the
+    score is agreement with ``float_pred`` (the float ANN's predictions there), then accuracy.
+    ``kept``: one more candidate taken as it is (the thresholds the DA-QCFS fine-tune trained with,
+    which the weights adapted to), tried first.
+    """
+    best, table = None, []
+    fitted = ((None, kept),) if kept is not None else ()
+    for cfg, given in (*fitted, *((c, None) for c in configs)):
+        calib = given if given is not None else fit_calibration(observers, cfg, model_id=model_id)
+        cfg = calib.config
+        calib.apply_to(snn)
+        set_timesteps(snn, cfg.T)
+        set_mode(snn, "quant")
+        try:
+            pred = logits_of(snn, batches, device).argmax(-1)
+        finally:
+            set_mode(snn, "ann")
+        row = {"rule": cfg.rule, "percentile": cfg.percentile if cfg.rule == "percentile" else None,
+               "fit_affine": cfg.fit_affine, "refit": given is None, "validation_agreement_with_ann": float((pred == float_pred).double().mean()),
+               "validation_accuracy": float((pred == labels).double().mean())}
+        table.append(row)
+        key = (row["validation_agreement_with_ann"], row["validation_accuracy"])
+        if best is None or key > best[0]:
+            best = (key, calib, len(table) - 1)
+    table[best[2]]["chosen"] = True
+    return best[1], table
