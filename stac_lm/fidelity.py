@@ -81,6 +81,16 @@ def forced_agreement(snn: nn.Module, prompt: torch.Tensor, reply: list[int]) -> 
     return sum(hits), len(hits)
 
 
+def decode_ann_replies(ann: nn.Module, tokenizer, prompts: list[dict], new_tokens: int) -> list[Reply]:
+    """The ANN's greedy reply to each prompt (chat template, KV cache, up to ``new_tokens``)."""
+    stop = stop_ids(tokenizer)
+    replies = []
+    for p in prompts:
+        ids = greedy_reply(ann, chat_ids(tokenizer, p["text"]), new_tokens, stop)
+        replies.append(Reply(ids, tokenizer.decode(ids, skip_special_tokens=True)))
+    return replies
+
+
 def ann_replies(ann: nn.Module, tokenizer, prompts: list[dict], new_tokens: int, cache: str | Path | None = None,
                 key: dict | None = None) -> list[Reply]:
     """The ANN's greedy replies to ``prompts``. With ``cache`` (a JSON file), replies saved there for
@@ -92,11 +102,7 @@ def ann_replies(ann: nn.Module, tokenizer, prompts: list[dict], new_tokens: int,
         if {k: saved.get(k) for k in ident} == ident:
             return [Reply(ids, tokenizer.decode(ids, skip_special_tokens=True)) for ids in saved["replies"]]
         print(f"{cache} holds replies of another model, prompt set or length: decoding again")
-    stop = stop_ids(tokenizer)
-    replies = []
-    for p in prompts:
-        ids = greedy_reply(ann, chat_ids(tokenizer, p["text"]), new_tokens, stop)
-        replies.append(Reply(ids, tokenizer.decode(ids, skip_special_tokens=True)))
+    replies = decode_ann_replies(ann, tokenizer, prompts, new_tokens)
     if cache is not None:
         from stac_io import write_json
 
@@ -121,16 +127,12 @@ def compare(ann: nn.Module, snn: nn.Module, tokenizer, prompts: list[dict], new_
     faster; the free-running figures are then absent). Returns ``{"summary": {...}, "rows": [...],
     "ann_replies": [...]}``."""
     stop = stop_ids(tokenizer)
-    rows, replies = [], []
+    replies = decode_ann_replies(ann, tokenizer, prompts, new_tokens) if ann_replies is None else list(ann_replies)
+    rows = []
     agree = scored = 0
     for i, p in enumerate(prompts):
         prompt = chat_ids(tokenizer, p["text"])
-        if ann_replies is None:
-            a_ids = greedy_reply(ann, prompt, new_tokens, stop)
-            a = Reply(a_ids, tokenizer.decode(a_ids, skip_special_tokens=True))
-        else:
-            a = ann_replies[i]
-        replies.append(a)
+        a = replies[i]
         hits = forced_predictions(snn, prompt, a.ids)
         agree, scored = agree + sum(hits), scored + len(hits)
         row = {"kind": p["kind"], "prompt": p["text"], "ann": a.text,
