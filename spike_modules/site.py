@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .neuron_registry import neuron_kind
+from . import neurons_multi  # noqa: F401  (registers the burst and weighted sequential neurons)
 from .neurons import ParaInfNeuron  # also registers the built-in sequential neurons
 from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
                         coding_levels, levels)
@@ -46,7 +47,7 @@ class DAQCFSSite(nn.Module):
         name: the site's name in the model, used in error messages and reports.
         coding: ``rate`` (one spike per level, T levels) or ``weighted`` (spike ``k`` of the
             window weighs ``2**(T-1-k)`` levels: ``2**T - 1`` levels, a level costs the ones of
-            its binary form; :class:`~spike_modules.neurons.WeightedIFNeuron`). Everything
+            its binary form; :class:`~spike_modules.neurons_multi.WeightedIFNeuron`). Everything
             above holds with T replaced by the coding's levels ``L``.
 
     An attached ``observer`` (see ``calibration``) sees every input ``x`` before the mapping.

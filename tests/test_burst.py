@@ -11,7 +11,8 @@ from spikingjelly.activation_based import functional
 
 from calibration import CalibrationConfig, ChannelObserver, fit_site
 from spike_modules import DAQCFSSite, ParaInfNeuron
-from spike_modules.neurons import BurstIFNeuron, IFNeuron, SignedIFNeuron
+from spike_modules.neurons import IFNeuron, SignedIFNeuron
+from spike_modules.neurons_multi import BurstIFNeuron
 
 GRID = 64
 

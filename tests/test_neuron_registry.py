@@ -5,7 +5,8 @@ import torch
 
 from spike_modules import neuron_registry
 from spike_modules.neuron_registry import neuron_kind, register_neuron
-from spike_modules.neurons import BurstIFNeuron, IFNeuron, SignedIFNeuron, WeightedIFNeuron
+from spike_modules.neurons import IFNeuron, SignedIFNeuron
+from spike_modules.neurons_multi import BurstIFNeuron, WeightedIFNeuron
 from spike_modules.site import DAQCFSSite
 
 

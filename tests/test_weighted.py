@@ -7,7 +7,8 @@ import torch
 from spikingjelly.activation_based import functional
 
 from spike_modules import DAQCFSSite, ParaInfNeuron
-from spike_modules.neurons import WeightedIFNeuron, weighted_train
+from spike_modules.neurons import weighted_train
+from spike_modules.neurons_multi import WeightedIFNeuron
 from spike_modules.quantizer import coding_levels, max_exact_burst, signed_digits, weighted_spikes
 
 
