@@ -39,7 +39,11 @@ leave parallel mode's perplexity nearly as it was but make the time-stepped netw
 (the report says so and measures it).
 [4] ``gptq`` rounds the same int8 format with GPTQ's error compensation on the calibration
 inputs (``calibration.gptq``). Not the default: its statistics and rounding take minutes on two
-cores against a 4-minute conversion, and it is not yet benchmarked on the embedded SmolLM2.
+cores against a 4-minute conversion. Scales per group of input columns (``int8_group_size``) did
+not keep more of the ANN's replies on the embedded SmolLM2 (``docs/generation_fidelity.md``) and
+cost energy, so one scale per row stays the default.
+``finetune_text='replies'`` distils on the ANN's own greedy chat replies (``stac_lm.replies``)
+instead of the calibration text.
 """
 
 from __future__ import annotations
