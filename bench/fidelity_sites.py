@@ -29,11 +29,11 @@ import torch
 from spike_modules import iter_sites, set_mode
 from spike_modules.site import set_spike_counting
 from stac_io import check_output_free, write_json
-from stac_lm.fidelity import FIRST_N, ann_replies, chat_ids
-from stac_lm.pipeline import load_checked_source, resolve_device
+from stac_lm.fidelity import FIRST_N, ann_replies, chat_ids, forced_predictions, reply_logits
+from stac_lm.pipeline import load_checked_source
 from stac_lm.prompts import prompts
 from stac_lm.saving import load_snn
-from stac_lm.verify import machine_info
+from stac_lm.runtime import machine_info, resolve_device
 
 ROLES = {  # group name -> pattern on the site's qualified name
     "qkv_input": r"self_attn\.(q_proj|c_attn)\.site$", "q": r"\.q_site$", "k": r"\.k_site$", "v": r"\.v_site$",
@@ -60,21 +60,10 @@ def groups(names: list[str]) -> dict[str, list[str]]:
     return {g: v for g, v in out.items() if v}
 
 
-@torch.no_grad()
-def reply_logits(model, prompt: torch.Tensor, reply: list[int]) -> torch.Tensor:
-    device = model.get_input_embeddings().weight.device
-    ids = torch.cat([prompt, torch.tensor([reply])], dim=1).to(device)
-    return model(ids).logits[0, prompt.shape[1] - 1: -1].float().cpu()
-
-
 def forced(snn, items: list[tuple[torch.Tensor, list[int]]]) -> dict:
-    hits, first = 0, 0
-    total = sum(len(r) for _, r in items)
-    for prompt, reply in items:
-        ok = (reply_logits(snn, prompt, reply).argmax(-1) == torch.tensor(reply)).tolist()
-        hits += sum(ok)
-        first += all(ok[:FIRST_N])
-    return {"forced_top1": hits / total, f"forced_first_{FIRST_N}": first / len(items)}
+    hits = [forced_predictions(snn, prompt, reply) for prompt, reply in items]
+    return {"forced_top1": sum(map(sum, hits)) / sum(map(len, hits)),
+            f"forced_first_{FIRST_N}": sum(all(h[:FIRST_N]) for h in hits) / len(hits)}
 
 
 def token_classes(ann, snn, tok, items) -> dict:
@@ -110,13 +99,12 @@ def run(args) -> dict:
     replies = ann_replies(ann, tok, rows, args.new_tokens, args.ann_replies, key=config["source"])
     items = [(chat_ids(tok, p["text"]), r.ids) for p, r in zip(rows, replies) if r.ids]
     print(f"{len(items)} ANN replies in {time.perf_counter() - t0:.0f} s", flush=True)
-    names = [n for n, _ in iter_sites(snn)]
     sites = dict(iter_sites(snn))
     set_mode(snn, "parallel")
     base = forced(snn, items)
     print(f"all spiking: {base}", flush=True)
     found = []
-    for g, members in groups(names).items():
+    for g, members in groups(list(sites)).items():
         for n in members:
             sites[n].mode = "ann"
         r = forced(snn, items)

@@ -26,12 +26,13 @@ from calibration.calibrate import fit_calibration, observe_sites
 from calibration.int8 import quantize_weights_
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import iter_sites, max_exact_burst, set_mode
+from spike_modules.site import reset_spike_stats
 from stac_eval import evaluate_lm
 from stac_io import check_output_free, write_json
 from stac_lm.energy import counting, energy_summary
-from stac_lm.pipeline import CALIB_SEQ, load_source, resolve_device
+from stac_lm.pipeline import CALIB_SEQ, load_source
 from stac_lm.texts import calibration_batches, load_streams
-from stac_lm.verify import machine_info, reset_spike_stats
+from stac_lm.runtime import machine_info, resolve_device
 
 BASELINE = "rate:16:95:nohead"
 DEFAULT_POINTS = ("rate:16:95:nohead,rate:16:95,rate:32:95,weighted:4:99,weighted:5:99,weighted:5:99.9,"

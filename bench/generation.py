@@ -33,9 +33,9 @@ from spike_modules.site import set_spike_counting
 from stac_io import write_text_atomic, check_output_free, write_json
 from stac_lm import fidelity
 from stac_lm.fidelity import FIRST_N, compare
-from stac_lm.pipeline import load_checked_source, resolve_device
+from stac_lm.pipeline import load_checked_source
 from stac_lm.saving import REPORT_FILE, load_snn
-from stac_lm.verify import machine_info
+from stac_lm.runtime import machine_info, resolve_device
 
 REPORT_KEYS = ("ppl_ratio", "top1_agreement", "energy_ratio", "coverage", "mean_spike_rate")
 
@@ -89,12 +89,18 @@ def run(args) -> dict:
             "machine": machine_info(device)}
 
 
+def fmt(v, f: str = "{:.3f}") -> str:
+    """``v`` in format ``f``, or "-" for a figure the run did not measure."""
+    return "-" if v is None else f.format(v)
+
+
 def summary_line(s: dict) -> str:
-    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
-    return (f"first-{FIRST_N} identity {fmt(s[f'first_{FIRST_N}_identity'])}, prefix {fmt(s['mean_common_prefix'], '{:.1f}')}, "
-            f"exact {fmt(s['exact_match'])}, ANN correct {fmt(s['ann_correct'])}, SNN correct {fmt(s['snn_correct'])}, "
-            f"kept {fmt(s['snn_keeps_ann_correct'])}, forced top-1 {fmt(s['forced_top1_agreement_on_ann_replies'], '{:.3f}')}, "
-            f"forced first-{FIRST_N} {fmt(s[f'forced_first_{FIRST_N}'])}")
+    two = "{:.2f}"
+    return (f"first-{FIRST_N} identity {fmt(s[f'first_{FIRST_N}_identity'], two)}, prefix "
+            f"{fmt(s['mean_common_prefix'], '{:.1f}')}, exact {fmt(s['exact_match'], two)}, ANN correct "
+            f"{fmt(s['ann_correct'], two)}, SNN correct {fmt(s['snn_correct'], two)}, kept {fmt(s['snn_keeps_ann_correct'], two)}, "
+            f"forced top-1 {fmt(s['forced_top1_agreement_on_ann_replies'])}, forced first-{FIRST_N} "
+            f"{fmt(s[f'forced_first_{FIRST_N}'], two)}")
 
 
 def label(e: dict) -> str:
@@ -114,7 +120,6 @@ def markdown(result: dict, examples: int) -> str:
              f"| model | coding | T | first-{FIRST_N} identity | mean common prefix | exact | ANN correct | SNN correct | "
              f"ANN-correct kept | forced top-1 on ANN replies | forced first-{FIRST_N} | Tempest ppl ratio | Tempest top-1 | "
              "energy ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
     for e in result["results"]:
         s, r = e["summary"], e["report"]
         lines.append(f"| {label(e)} | {e['coding']} | {e['T']} | {fmt(s[f'first_{FIRST_N}_identity'], '{:.2f}')} | "

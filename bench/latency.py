@@ -18,7 +18,7 @@ from stac_io import check_output_free, write_json
 from stac_lm.pipeline import load_checked_source
 from stac_lm.saving import load_snn
 from stac_lm.texts import EVAL_PLAYS, read_text, tokenize
-from stac_lm.verify import machine_info
+from stac_lm.runtime import machine_info
 
 
 def main() -> None:

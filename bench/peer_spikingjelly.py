@@ -240,7 +240,7 @@ def run_peer_on_embedded(Ts: list[int], calib_tokens: int = 8192, eval_tokens: i
     """
     from stac_assets import load_smollm2
     from stac_lm.texts import load_streams
-    from stac_lm.verify import machine_info
+    from stac_lm.runtime import machine_info
 
     for T in Ts:
         peer_config(T, levels, quantile)

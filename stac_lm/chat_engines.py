@@ -19,7 +19,9 @@ from .energy import E_MAC_PJ, counting
 from .pipeline import max_positions
 from .processor import TemporalSpikeProcessor
 from .sampling import SamplingConfig, pick_next
-from .verify import reset_spike_stats, spike_section
+from spike_modules.site import reset_spike_stats
+
+from .verify import spike_section
 
 CONVERSATION = "chat"
 
@@ -211,7 +213,8 @@ def open_engine(model_dir: str, device: str, T: int | None, max_context_length: 
             ``dtype`` other than float32 for the SNN (its spike counts are exact in float32 only).
         OSError: the source model cannot be found (``ann``).
     """
-    from .pipeline import load_source, resolve_device
+    from .pipeline import load_source
+    from .runtime import resolve_device
     from .saving import load_snn
 
     if dtype != "float32" and (not ann or dtype not in HALF_DTYPES):

@@ -29,10 +29,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from spike_modules.site import reset_spike_stats
+
 from .chat_segments import Segment, segments
 from .processor import TemporalSpikeProcessor
 from . import gates
-from .verify import AT_CAP_BOUND, SATURATION_BOUND, probe_section, reset_spike_stats, spike_checks, spike_section
+from .verify import AT_CAP_BOUND, SATURATION_BOUND, probe_section, spike_checks, spike_section
 
 REL_TOL = 1e-6       # float64: relative logit error (Frobenius) within which two computations are equal
 TOP1_MIN = 1.0       # float64: share of positions whose top-1 token must agree

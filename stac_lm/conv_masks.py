@@ -8,22 +8,13 @@ import torch
 from .chat_segments import Segment, segments
 from . import conv_checks
 from .conv_checks import check, compare, equal_rows, feed, messages, recorded_calls
+from .fidelity import left_padded
 from .processor import TemporalSpikeProcessor
 
 GREEDY_TOKENS = 8    # tokens generated batched and alone
 # three conversations of different lengths for the batch: the first user message differs
 BATCH_OPENERS = ["Hello!", "Good morning. I have a question about my small garden and the tomatoes in it.",
                  "Can you help me write a short poem about the sea?"]
-
-
-def left_padded(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` of different lengths as left-padded ``ids [B, S]`` and ``mask [B, S]``."""
-    S = max(int(r.numel()) for r in rows)
-    ids = torch.full((len(rows), S), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), S, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, S - r.numel():], mask[i, S - r.numel():] = r, 1
-    return ids, mask
 
 
 def _ones_last(m: torch.Tensor, n: int) -> torch.Tensor:

@@ -20,10 +20,10 @@ from torch import nn
 from calibration import CalibrationConfig
 
 from . import conv_checks, conv_fidelity, conv_masks, conv_quality
-from .pipeline import load_checked_source, place, resolve_device
+from .pipeline import load_checked_source
 from .processor import TemporalSpikeProcessor
 from .saving import load_snn
-from .verify import machine_info
+from .runtime import machine_info, place, resolve_device
 
 GROUPS = ("multi_turn", "positions", "masks", "spike_rates", "fidelity")
 

@@ -37,6 +37,16 @@ def chat_ids(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
+def left_padded(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` of different lengths as left-padded ``ids [B, S]`` and ``mask [B, S]``."""
+    S = max(int(r.numel()) for r in rows)
+    ids = torch.full((len(rows), S), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, S - r.numel():], mask[i, S - r.numel():] = r, 1
+    return ids, mask
+
+
 def stop_ids(tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
@@ -64,21 +74,21 @@ def greedy_reply(model: nn.Module, prompt: torch.Tensor, new_tokens: int, stop: 
 
 
 @torch.no_grad()
+def reply_logits(model: nn.Module, prompt: torch.Tensor, reply: list[int]) -> torch.Tensor:
+    """``[len(reply), vocab]`` logits (float32, on the CPU) of ``model`` for each of ``reply``'s tokens,
+    teacher-forced: one full pass over prompt and reply; the reply's first token is predicted from
+    the prompt."""
+    device = model.get_input_embeddings().weight.device
+    ids = torch.cat([prompt, torch.tensor([reply])], dim=1).to(device)
+    return model(ids).logits[0, prompt.shape[1] - 1: -1].float().cpu()
+
+
 def forced_predictions(snn: nn.Module, prompt: torch.Tensor, reply: list[int]) -> list[bool]:
-    """Per reply token, whether the SNN's top-1 teacher-forced on the ANN's reply is that token
-    (one full pass over prompt and reply; the reply's first token is predicted from the prompt)."""
+    """Per reply token, whether the SNN's top-1 teacher-forced on the ANN's reply is that token."""
     if not reply:
         return []
-    device = snn.get_input_embeddings().weight.device
-    ids = torch.cat([prompt, torch.tensor([reply])], dim=1).to(device)
-    preds = snn(ids).logits[0, prompt.shape[1] - 1: -1].argmax(-1).tolist()
+    preds = reply_logits(snn, prompt, reply).argmax(-1).tolist()
     return [p == t for p, t in zip(preds, reply)]
-
-
-def forced_agreement(snn: nn.Module, prompt: torch.Tensor, reply: list[int]) -> tuple[int, int]:
-    """(agreeing positions, positions) of :func:`forced_predictions`."""
-    hits = forced_predictions(snn, prompt, reply)
-    return sum(hits), len(hits)
 
 
 def decode_ann_replies(ann: nn.Module, tokenizer, prompts: list[dict], new_tokens: int) -> list[Reply]:

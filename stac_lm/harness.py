@@ -95,7 +95,8 @@ def markdown_table(results: dict[str, dict], tasks: list[str]) -> str:
 def load_pair(model_dir: str, device: str = "cpu"):
     """``(ann, snn, tokenizer)``: a saved SNN and the source model it was converted from, checked."""
     from .hf_native import _load
-    from .pipeline import load_checked_source, place, resolve_device
+    from .pipeline import load_checked_source
+    from .runtime import place, resolve_device
 
     dev = resolve_device(device)
     snn, conversion, _ = _load(Path(model_dir), "cpu")

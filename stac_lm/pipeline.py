@@ -24,7 +24,7 @@ from stac_io import check_output_free, sha256_file, write_json
 
 from .options import EVAL_WINDOW, ConvertOptions
 from .replies import ann_reply_windows
-from .runtime import StepTimer, place, resolve_device  # noqa: F401  (imported from here by callers)
+from .runtime import StepTimer, place, resolve_device
 from .texts import TokenStream, calibration_batches, finetune_windows, load_streams
 from .verify import input_device, verify
 

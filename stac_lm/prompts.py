@@ -12,6 +12,8 @@ know; what matters is whether the SNN keeps the answers its ANN gets right.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from itertools import islice
 
 QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What is the capital of France?", ("Paris",)),
@@ -60,6 +62,7 @@ INSTRUCTIONS: tuple[str, ...] = (
 )
 
 CHITCHAT_OPENINGS = 20  # first user turns of the first conversations (sorted ids) with text
+MAX_OPENING_CHARS = 300
 
 
 def correct(reply: str, answers: tuple[str, ...]) -> bool:
@@ -67,19 +70,21 @@ def correct(reply: str, answers: tuple[str, ...]) -> bool:
     return any(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", reply, flags=re.IGNORECASE) for a in answers)
 
 
-def chitchat_openings(n: int = CHITCHAT_OPENINGS) -> list[str]:
-    """The first user turn of the first ``n`` embedded conversations (sorted ids) that have one."""
+def opening_turns(from_last: bool = False) -> Iterator[str]:
+    """The first user turn (at most :data:`MAX_OPENING_CHARS` characters) of each embedded
+    conversation that has one, in sorted-id order, or from the last id backwards."""
     from stac_lm.texts import chitchat_data, turn_texts
 
     _, data = chitchat_data()
-    out = []
-    for cid in sorted(data):
+    for cid in sorted(data, reverse=from_last):
         texts = [t for t in turn_texts(data[cid]) if t]
-        if texts and len(texts[0]) <= 300:
-            out.append(texts[0])
-        if len(out) == n:
-            break
-    return out
+        if texts and len(texts[0]) <= MAX_OPENING_CHARS:
+            yield texts[0]
+
+
+def chitchat_openings(n: int = CHITCHAT_OPENINGS) -> list[str]:
+    """The first user turn of the first ``n`` embedded conversations (sorted ids) that have one."""
+    return list(islice(opening_turns(), n))
 
 
 KINDS = ("question", "instruction", "chitchat")

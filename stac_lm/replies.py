@@ -12,27 +12,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fidelity import chat_ids, stop_ids
-from .prompts import chitchat_openings
-from .texts import chitchat_data, turn_texts
+from .fidelity import chat_ids, left_padded, stop_ids
+from .prompts import chitchat_openings, opening_turns
 
 REPLY_TOKENS = 48  # as many new tokens as the generation benchmark lets a reply have
-MAX_OPENING_CHARS = 300
 REPLY_BATCH = 16  # prompts decoded together
 
 
 def reply_openings(n: int) -> list[str]:
-    """``n`` first user turns of the embedded conversations, read from the last sorted id backwards,
-    none of them a scored opening; ``ValueError`` if the data has fewer."""
+    """``n`` distinct first user turns of the embedded conversations, read from the last sorted id
+    backwards, none of them a scored opening; ``ValueError`` if the data has fewer."""
     if n < 1:
         raise ValueError(f"need at least one opening, got {n}")
     scored = set(chitchat_openings())
-    _, data = chitchat_data()
     out: list[str] = []
-    for cid in sorted(data, reverse=True):
-        texts = [t for t in turn_texts(data[cid]) if t]
-        if texts and len(texts[0]) <= MAX_OPENING_CHARS and texts[0] not in scored and texts[0] not in out:
-            out.append(texts[0])
+    for text in opening_turns(from_last=True):
+        if text not in scored and text not in out:
+            out.append(text)
             if len(out) == n:
                 return out
     raise ValueError(f"the embedded chit-chat data has {len(out)} usable openings, fewer than the {n} asked")
@@ -54,11 +50,8 @@ def ann_reply_windows(ann: nn.Module, tokenizer, n: int, new_tokens: int = REPLY
     windows = []
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b: b + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        ids, mask = left_padded(chunk, pad)
+        width = ids.shape[1]
         out = ann.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                            do_sample=False, pad_token_id=pad, eos_token_id=sorted(stop))[:, width:].cpu()
         for p, row in zip(chunk, out.tolist()):

@@ -23,13 +23,13 @@ from calibration.calibrate import fit_site
 from spike_modules import iter_sites, set_mode, set_timesteps
 from spike_modules.quantizer import weighted_spikes
 from spike_modules.simulation import run_sequential
-from spike_modules.site import reset_spike_stats  # noqa: F401  (callers import it from here too)
+from spike_modules.site import reset_spike_stats
 from stac_eval import evaluate_lm
 
 from . import gates
 from .energy import counting, energy_summary, group_name, memory_traffic, site_neurons, site_spikes
 from .options import EVAL_WINDOW
-from .runtime import machine_info  # noqa: F401  (callers import it from here too)
+from .runtime import machine_info
 
 SATURATION_BOUND = 0.95     # spikes per neuron per step of a site without bursts; signed sites count |spikes|
 AT_CAP_BOUND = 0.05         # share of a site's (neuron, token) counts at the cap B*T (clipped)
