@@ -20,9 +20,9 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import stac_cli
-from stac_cli import TIMESTEPS_RANGE, Parser, flag
-from stac_cli import fail as cli_fail
+import stac_common.cli as stac_cli
+from stac_common.cli import TIMESTEPS_RANGE, Parser, flag
+from stac_common.cli import fail as cli_fail
 
 PROG = "chat.py"
 # why the SNN takes float32 only
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         fail("--float_weights applies to the SNN's 8-bit weights; the original network (--ann) is float already")
     if not args.ann:
         stac_cli.float32_only(PROG, args.dtype, SNN_FLOAT32)
-    from stac_lm.chat_engines import open_engine
-    from stac_lm.chat_format import ChatFormat
-    from stac_lm.chat_session import ChatSession, Settings
+    from stac_lm.chat.engines import open_engine
+    from stac_lm.chat.format import ChatFormat
+    from stac_lm.chat.session import ChatSession, Settings
 
     try:
         settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)

@@ -17,11 +17,11 @@ import argparse
 import sys
 from functools import partial
 
-import stac_cli
-from stac_cli import TIMESTEPS_RANGE, Parser
-from stac_cli import fail as cli_fail
-from stac_cli import flag as cli_flag
-from stac_lm.options import ACTIVATIONS, DEVICES, QUANT_BACKENDS, THRESHOLD_RULES
+import stac_common.cli as stac_cli
+from stac_common.cli import TIMESTEPS_RANGE, Parser
+from stac_common.cli import fail as cli_fail
+from stac_common.cli import flag as cli_flag
+from stac_lm.convert.options import ACTIVATIONS, DEVICES, QUANT_BACKENDS, THRESHOLD_RULES
 
 PROG = "run_conversion.py"
 # flags that still mean something when verifying a saved directory
@@ -110,20 +110,20 @@ def _verify_saved(given: dict) -> dict:
         fail(f"--model_dir verifies a saved SNN; conversion flags do not apply: {flags}")
     if given.get("verify") is False:
         fail("--model_dir with --no-verify does nothing; use --verify --model_dir DIR")
-    from stac_lm.pipeline import verify_saved
+    from stac_lm.convert.pipeline import verify_saved
 
     return verify_saved(given["model_dir"], given.get("eval_text"), given.get("eval_tokens"),
                         given.get("device", "auto"), use_sparse=given.get("use_sparse"))
 
 
 def _convert(given: dict) -> tuple[dict | None, str]:
-    from stac_lm.options import ConvertOptions
+    from stac_lm.convert.options import ConvertOptions
 
-    from stac_io import check_output_free
+    from stac_common.io import check_output_free
 
     opts = ConvertOptions(**given)  # bad flags fail here, before any model loads
     check_output_free(opts.output_dir, opts.overwrite)
-    from stac_lm.pipeline import run
+    from stac_lm.convert.pipeline import run
 
     out = run(opts)
     return out.report, opts.output_dir
@@ -140,7 +140,7 @@ def _backend_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
     stac_cli.float32_only(PROG, given.pop("dtype", None), FLOAT32_ONLY)
-    from stac_assets import MissingAssetError  # light: no torch until the work needs it
+    from stac_common.assets import MissingAssetError  # light: no torch until the work needs it
 
     target = given.get("model_dir") or given.get("output_dir") or "the output directory"
     try:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if report is not None:
         from rich.console import Console
 
-        from stac_lm.report import report_table
+        from stac_lm.convert.report import report_table
 
         Console().print(report_table(report))
     failed = [c["name"] for c in (report or {}).get("checks", []) if not c["passed"]]

@@ -15,7 +15,7 @@ from spike_modules.conversion import (
 )
 from spike_modules.kv_cache import SpikeKVCache
 from spike_modules.simulation import run_sequential, sequential_mode
-from stac_lm.processor import Generation, StepOutput, TemporalSpikeProcessor
+from stac_lm.generate.processor import Generation, StepOutput, TemporalSpikeProcessor
 
 __all__ = [
     "MODE_DEFAULTS", "MODES", "ConversionConfig", "SwapRecord", "conversion_log", "convert", "convert_",

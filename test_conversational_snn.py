@@ -11,12 +11,12 @@ with the ANN reply by reply, recall of a turn-1 fact in turn 3), --test_position
 boundaries and the context limit against one full pass), --test_masks (batched left-padded
 conversations against each alone, mask and position continuity), --test_spike_rates (every site
 fires, none saturates, T changes the output, no site passes float through, each site fires at least
-a tenth of what its calibration rule predicts: the gates of stac_lm/gates.py), --test_fidelity
+a tenth of what its calibration rule predicts: the gates of stac_lm/checks/gates.py), --test_fidelity
 (greedy replies of SNN and ANN to held-out questions and chit-chat openings: the share whose first
-16 tokens agree, and the share of the ANN's right answers the SNN keeps; stac_lm/conv_fidelity.py).
+16 tokens agree, and the share of the ANN's right answers the SNN keeps; stac_lm/checks/free_running.py).
 No group flag means --test_all. Cache, position and mask logits are compared on a float64 copy of the model, where the cached and the one-pass
 computations agree to rounding; the cache contract is also measured in float32, where rounding
-flips a few quantization levels (stac_lm/conv_checks.py says why and how much).
+flips a few quantization levels (stac_lm/checks/conversation.py says why and how much).
 
 Without --model_dir the embedded SmolLM2-135M-Instruct is converted for chatting as `make chat`
 does (full mode, --calib_text chitchat, T from --timesteps, default the full mode's: 7 with weighted spikes) into out/chat_smollm2_T<T>,
@@ -32,13 +32,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import stac_cli
-from stac_cli import TIMESTEPS_RANGE, Parser, flag
-from stac_cli import fail as cli_fail
+import stac_common.cli as stac_cli
+from stac_common.cli import TIMESTEPS_RANGE, Parser, flag
+from stac_common.cli import fail as cli_fail
 
 PROG = "test_conversational_snn.py"
 FLOAT32_ONLY = ("the checks run the SNN in float32, where its spike counts are exact whole numbers, and compare "
-                "cache, positions and masks on a float64 copy (stac_lm/conv_checks.py)")
+                "cache, positions and masks on a float64 copy (stac_lm/checks/conversation.py)")
 GROUP_FLAGS = ("test_multi_turn", "test_positions", "test_masks", "test_spike_rates", "test_fidelity")
 DEFAULT_OUT = "out/conversational_checks.json"
 
@@ -92,7 +92,7 @@ def check_args(args: argparse.Namespace) -> None:
 def converted_dir(args: argparse.Namespace) -> str:
     """The embedded SmolLM2 converted for chatting, as `make chat` does (reusing an existing conversion
     at ``out/chat_smollm2_T<T>``)."""
-    from stac_lm.options import CHITCHAT, ConvertOptions
+    from stac_lm.convert.options import CHITCHAT, ConvertOptions
 
     opts = ConvertOptions(timesteps=args.timesteps, device=args.device, calib_text=CHITCHAT)
     opts = ConvertOptions(timesteps=opts.timesteps, device=args.device, calib_text=CHITCHAT,
@@ -100,7 +100,7 @@ def converted_dir(args: argparse.Namespace) -> str:
     if Path(opts.output_dir).exists():
         print(f"using the existing conversion in {opts.output_dir}", file=sys.stderr)
         return opts.output_dir
-    from stac_lm.pipeline import run
+    from stac_lm.convert.pipeline import run
 
     run(opts)
     return opts.output_dir
@@ -109,16 +109,16 @@ def converted_dir(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stac_cli.float32_only(PROG, args.dtype, FLOAT32_ONLY)
-    from stac_io import check_output_free, write_json
+    from stac_common.io import check_output_free, write_json
 
-    from stac_assets import MissingAssetError
+    from stac_common.assets import MissingAssetError
 
     try:
         check_output_free(args.out, args.overwrite)  # before minutes of work
         check_args(args)
         from rich.console import Console
 
-        from stac_lm.conv_suite import checks_table, run_suite
+        from stac_lm.checks.suite import checks_table, run_suite
 
         model_dir = args.model_dir or converted_dir(args)
         result = run_suite(model_dir, groups_of(args), timesteps=args.timesteps, device=args.device,

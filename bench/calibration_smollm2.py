@@ -20,8 +20,8 @@ import time
 import torch
 
 from calibration import ChannelObserver, CalibrationConfig, fit_site, site_error
-from stac_assets import load_smollm2, shakespeare_text
-from stac_io import check_output_free, write_json
+from stac_common.assets import load_smollm2, shakespeare_text
+from stac_common.io import check_output_free, write_json
 
 CALIB_PLAYS = ["hamlet_gut", "macbeth_gut", "othello_gut"]
 EVAL_PLAY = ["tempest_gut"]

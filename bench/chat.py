@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 from bench.timing import side_by_side
-from stac_assets import chitchat_json
-from stac_io import check_output_free, write_json
+from stac_common.assets import chitchat_json
+from stac_common.io import check_output_free, write_json
 from stac_lm import ConvertOptions, TemporalSpikeProcessor, load_snn, run
-from stac_lm.options import CHITCHAT
-from stac_lm.pipeline import load_source
+from stac_lm.convert.options import CHITCHAT
+from stac_lm.convert.pipeline import load_source
 
 
 def user_messages(n: int, min_turns: int = 12) -> list[str]:

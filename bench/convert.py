@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.timing import model_latency
-from stac_io import check_output_free, write_json
+from stac_common.io import check_output_free, write_json
 from stac_lm import ConvertOptions, run
 
 FIELDS = ("ppl_ann", "ppl_snn", "ppl_ratio", "top1_agreement", "mean_spike_rate", "coverage", "energy_ratio",

@@ -1,7 +1,7 @@
 """Where a saved SNN's replies leave its ANN's: site groups and token classes.
 
 Teacher-forced on the ANN's own greedy replies to the generation benchmark's prompts
-(``stac_lm/prompts.py``), this benchmark answers two questions:
+(``stac_lm/eval/prompts.py``), this benchmark answers two questions:
 
 * **Which sites?** Each group of spiking sites (by role: the inputs of q/k/v, the attention's
   q, k and v, the input of o_proj, of gate/up, of down_proj, the LM head's; and by depth) is put in
@@ -28,12 +28,12 @@ import torch
 
 from spike_modules import iter_sites, set_mode
 from spike_modules.site import set_spike_counting
-from stac_io import check_output_free, write_json
-from stac_lm.fidelity import FIRST_N, ann_replies, chat_ids, forced_predictions, reply_logits
-from stac_lm.pipeline import load_checked_source
-from stac_lm.prompts import prompts
-from stac_lm.saving import load_snn
-from stac_lm.runtime import machine_info, resolve_device
+from stac_common.io import check_output_free, write_json
+from stac_lm.eval.fidelity import FIRST_N, ann_replies, chat_ids, forced_predictions, reply_logits
+from stac_lm.convert.pipeline import load_checked_source
+from stac_lm.eval.prompts import prompts
+from stac_lm.io.saving import load_snn
+from stac_common.runtime import machine_info, resolve_device
 
 ROLES = {  # group name -> pattern on the site's qualified name
     "qkv_input": r"self_attn\.(q_proj|c_attn)\.site$", "q": r"\.q_site$", "k": r"\.k_site$", "v": r"\.v_site$",

@@ -4,7 +4,7 @@ SmolLM2 per (coding, T, threshold percentile), against its ANN, on one plot.
 One calibration pass observes every site (the observations do not depend on T or coding); each
 point then fits its thresholds (DA-QCFS, per channel, burst budget 64), runs the evaluation text
 through ANN and SNN once, and reads perplexity, agreement and the operation counts of that same
-pass (``stac_lm.energy``: MAC 4.6 pJ, accumulate 0.9 pJ, a weighted spike's shift 0.1 pJ). The
+pass (``spike_modules.energy``: MAC 4.6 pJ, accumulate 0.9 pJ, a weighted spike's shift 0.1 pJ). The
 baseline point is the conversion before this benchmark existed (rate coding, T=16, 95th
 percentile, LM head dense); the peer line is SpikingJelly's Qwen2SNNRecipe from
 ``docs/bench_convert_peer.json`` (perplexity only: it reports no operation counts).
@@ -27,18 +27,18 @@ from calibration.int8 import quantize_weights_
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import iter_sites, max_exact_burst, set_mode
 from spike_modules.site import reset_spike_stats
-from stac_eval import evaluate_lm
-from stac_io import check_output_free, write_json
-from stac_lm.energy import counting, energy_summary
-from stac_lm.pipeline import CALIB_SEQ, load_source
-from stac_lm.texts import calibration_batches, load_streams
-from stac_lm.runtime import machine_info, resolve_device
+from stac_lm.eval.perplexity import evaluate_lm
+from stac_common.io import check_output_free, write_json
+from spike_modules.energy import counting, energy_summary
+from stac_lm.convert.pipeline import CALIB_SEQ, load_source
+from stac_lm.convert.texts import calibration_batches, load_streams
+from stac_common.runtime import machine_info, resolve_device
 
 BASELINE = "rate:16:95:nohead"
 DEFAULT_POINTS = ("rate:16:95:nohead,rate:16:95,rate:32:95,weighted:4:99,weighted:5:99,weighted:5:99.9,"
                   "weighted:6:99.9,weighted:7:99.9,weighted:8:99.9")
 PEER_FILE = Path("docs/bench_convert_peer.json")
-DEFAULT_POINT = ("weighted", 7, 99.9, True, True)  # stac_lm.options: full mode's coding, T, percentile, head, int8
+DEFAULT_POINT = ("weighted", 7, 99.9, True, True)  # stac_lm.convert.options: full mode's coding, T, percentile, head, int8
 
 
 def parse_point(spec: str) -> dict:

@@ -1,7 +1,7 @@
-"""Free-running generation fidelity of saved SNNs against their ANN (``stac_lm.fidelity``).
+"""Free-running generation fidelity of saved SNNs against their ANN (``stac_lm.eval.fidelity``).
 
 Greedy replies (chat template, KV cache, up to ``--new_tokens``) of the ANN and of each saved SNN
-to a fixed set of prompts (``stac_lm/prompts.py``: 30 factual questions with answers,
+to a fixed set of prompts (``stac_lm/eval/prompts.py``: 30 factual questions with answers,
 10 instructions, 20 chit-chat openings calibration never reads). Per model and T: share of
 replies whose first 16 tokens equal the ANN's, mean common prefix, exact match, correct answers
 of both, the share of the ANN's right answers the SNN keeps, and the SNN's teacher-forced top-1
@@ -27,15 +27,15 @@ from pathlib import Path
 
 import torch
 
-from stac_lm.prompts import correct, prompts
+from stac_lm.eval.prompts import correct, prompts
 from spike_modules import set_mode, set_timesteps
 from spike_modules.site import set_spike_counting
-from stac_io import write_text_atomic, check_output_free, write_json
-from stac_lm import fidelity
-from stac_lm.fidelity import FIRST_N, compare
-from stac_lm.pipeline import load_checked_source
-from stac_lm.saving import REPORT_FILE, load_snn
-from stac_lm.runtime import machine_info, resolve_device
+from stac_common.io import write_text_atomic, check_output_free, write_json
+from stac_lm.eval import fidelity
+from stac_lm.eval.fidelity import FIRST_N, compare
+from stac_lm.convert.pipeline import load_checked_source
+from stac_lm.io.saving import REPORT_FILE, load_snn
+from stac_common.runtime import machine_info, resolve_device
 
 REPORT_KEYS = ("ppl_ratio", "top1_agreement", "energy_ratio", "coverage", "mean_spike_rate")
 

@@ -14,11 +14,11 @@ import torch
 
 from bench.timing import model_latency
 from spike_modules.site import set_spike_counting
-from stac_io import check_output_free, write_json
-from stac_lm.pipeline import load_checked_source
-from stac_lm.saving import load_snn
-from stac_lm.texts import EVAL_PLAYS, read_text, tokenize
-from stac_lm.runtime import machine_info
+from stac_common.io import check_output_free, write_json
+from stac_lm.convert.pipeline import load_checked_source
+from stac_lm.io.saving import load_snn
+from stac_lm.convert.texts import EVAL_PLAYS, read_text, tokenize
+from stac_common.runtime import machine_info
 
 
 def main() -> None:

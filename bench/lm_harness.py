@@ -3,7 +3,7 @@
 Converts the embedded SmolLM2-135M-Instruct at each point asked (``mode:T``; the coding is the
 mode's own: rate in simplified mode, weighted in full mode), with each mode's default calibration
 (Hamlet, Macbeth, Othello), then scores the ANN and every SNN with lm-eval's ``HFLM`` on the
-tasks of ``stac_lm/lm_eval_tasks`` (``stac_lm.harness.evaluate``). The Tempest is never
+tasks of ``stac_lm/eval/lm_eval_tasks`` (``stac_lm.eval.harness.evaluate``). The Tempest is never
 calibration text.
 
     python -m bench.lm_harness --points simplified:8,simplified:16,simplified:32 --limit 40 \\
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from stac_io import check_output_free, write_json, write_text_atomic
+from stac_common.io import check_output_free, write_json, write_text_atomic
 from stac_lm import ConvertOptions, run
-from stac_lm.harness import DEFAULT_TASKS, evaluate, markdown_table
+from stac_lm.eval.harness import DEFAULT_TASKS, evaluate, markdown_table
 
 
 def parse_points(text: str) -> list[tuple[str, int]]:
@@ -43,7 +43,7 @@ PAGE = """# lm-eval-harness: the ANN beside its SNNs
 
 Zero-shot tasks scored by [lm-eval-harness](https://github.com/EleutherAI/lm-evaluation-harness)
 itself: the SNN is a transformers model, so lm-eval's `HFLM` wrapper scores it exactly as it scores
-the ANN (`stac_lm/harness.py`). The tasks are local and need no download (`stac_lm/lm_eval_tasks/`),
+the ANN (`stac_lm/eval/harness.py`). The tasks are local and need no download (`stac_lm/eval/lm_eval_tasks/`),
 built from The Tempest, the held-out text of every perplexity figure (never calibration text):
 
 - `tempest_lastword`: LAMBADA-style. A speech (its last {lines} lines at most), its last word taken
@@ -72,7 +72,7 @@ stac-lm-eval --model_dir out/demo_smollm2 --tasks tempest_lastword,tempest_cloze
 
 
 def page(result: dict) -> str:
-    from stac_lm.lm_eval_tasks.tempest import MAX_CONTEXT_LINES
+    from stac_lm.eval.lm_eval_tasks.tempest import MAX_CONTEXT_LINES
 
     m = result["machine"]
     machine = (f"{m['cpu_count']}-CPU {m['platform']}, torch {m['torch']} with {m['threads']} threads, shared "

@@ -106,7 +106,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from stac_io import check_output_free, write_json
+    from stac_common.io import check_output_free, write_json
 
     out = check_output_free(args.out, args.overwrite)
     Ts = [int(t) for t in args.timesteps.split(",")]

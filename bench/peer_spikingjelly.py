@@ -11,7 +11,7 @@ sequences. Scales come from ``calibrate_qwen2_snn``: the per-channel ``quantile`
 SmolLM2 is a Llama, which is a Qwen2 without q/k/v biases, so :func:`llama_to_qwen2`
 copies it into Qwen2 form with zero biases (identical logits, checked). :func:`run_peer`
 calibrates, converts with ``ModuleConverter``, runs the true signed-IF simulation
-(``encoding_mode="signed_if"``) under ``stac_eval.evaluate_lm`` and times it against the ANN.
+(``encoding_mode="signed_if"``) under ``stac_lm.eval.perplexity.evaluate_lm`` and times it against the ANN.
 
     python -m bench.peer_spikingjelly --timesteps 16,32 --out docs/bench_peer_spikingjelly.json --overwrite
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bench.timing import model_latency
-from stac_eval import evaluate_lm, windows
+from stac_lm.eval.perplexity import evaluate_lm, windows
 
 SITE_KINDS = ("input", "query", "key", "value", "mlp")
 SPIKING_SITES = ("signed IF encoders (positive + negative ActivationAwareIFNode, per-channel threshold) at: the "
@@ -184,7 +184,7 @@ def run_peer(model: nn.Module, ids_calib: torch.Tensor, ids_eval: torch.Tensor, 
     """Calibrate, convert and measure SpikingJelly's Qwen2 recipe on ``model`` at ``T`` steps.
 
     ``model`` is a Llama-family (copied with :func:`llama_to_qwen2`) or Qwen2 causal LM; it is
-    the ANN reference. Perplexity and top-1 agreement follow ``stac_eval.evaluate_lm`` on 1-D
+    the ANN reference. Perplexity and top-1 agreement follow ``stac_lm.eval.perplexity.evaluate_lm`` on 1-D
     ``ids_eval``; spike rates come from the first ``stats_windows`` windows; the latency ratio
     times one ``window``-token forward of each, with the encoders' statistics off.
 
@@ -236,11 +236,11 @@ def run_peer_on_embedded(Ts: list[int], calib_tokens: int = 8192, eval_tokens: i
     """:func:`run_peer` at every ``T`` on the embedded SmolLM2 and STAC's default texts; the JSON report.
 
     Calibration: the first ``calib_tokens`` tokens of Hamlet, Macbeth and Othello; evaluation: the
-    first ``eval_tokens`` of The Tempest (``stac_lm.texts``, as ``run_conversion.py`` reads them).
+    first ``eval_tokens`` of The Tempest (``stac_lm.convert.texts``, as ``run_conversion.py`` reads them).
     """
-    from stac_assets import load_smollm2
-    from stac_lm.texts import load_streams
-    from stac_lm.runtime import machine_info
+    from stac_common.assets import load_smollm2
+    from stac_lm.convert.texts import load_streams
+    from stac_common.runtime import machine_info
 
     for T in Ts:
         peer_config(T, levels, quantile)
@@ -264,7 +264,7 @@ def run_peer_on_embedded(Ts: list[int], calib_tokens: int = 8192, eval_tokens: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stac_io import OutputExistsError, check_output_free, write_json
+    from stac_common.io import OutputExistsError, check_output_free, write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--timesteps", default="16,32", help="comma-separated T values (default 16,32)")

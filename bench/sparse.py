@@ -29,7 +29,7 @@ from torch import nn
 
 from bench.timing import side_by_side
 from spike_modules.sparse import event_linear
-from stac_io import check_output_free, write_json
+from stac_common.io import check_output_free, write_json
 
 SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (576, 192), "gate_proj/up_proj": (576, 1536),
           "down_proj": (1536, 576)}
@@ -63,7 +63,7 @@ def layer_sweep(rows: int, repeats: int) -> list[dict]:
 
 def load_model(model_dir: str | None, T: int, workdir: Path):
     from stac_lm import ConvertOptions, run
-    from stac_lm.saving import load_snn
+    from stac_lm.io.saving import load_snn
 
     if model_dir:
         snn, tok, config = load_snn(model_dir, "cpu")
@@ -78,8 +78,8 @@ def load_model(model_dir: str | None, T: int, workdir: Path):
 def whole_model(model_dir: str | None, T: int, tokens: int, repeats: int) -> dict:
     from smollm2_converter import run_sequential
     from spike_modules import iter_sites
-    from stac_lm.energy import site_neurons
-    from stac_lm.texts import EVAL_PLAYS, read_text, tokenize
+    from spike_modules.energy import site_neurons
+    from stac_lm.convert.texts import EVAL_PLAYS, read_text, tokenize
 
     with tempfile.TemporaryDirectory(prefix="stac_sparse_") as tmp:
         snn, tok, source = load_model(model_dir, T, Path(tmp))

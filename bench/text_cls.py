@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.timing import side_by_side
-from stac_io import check_output_free, write_json
+from stac_common.io import check_output_free, write_json
 from text_cls import TextClsOptions, load_text_snn, run, run_sequential
 from text_cls.batching import encode, eval_batches, model_inputs
 from text_cls.data import read_rows

@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from stac_assets import shakespeare_dir
+from stac_common.assets import shakespeare_dir
 from text_cls.data import dedupe, read_tweets, stratified_split
 
 PASSAGE_WORDS = 80

@@ -15,7 +15,7 @@ from torch import nn
 
 from spike_modules.quantizer import check_init_mem, check_max_burst, check_timesteps, coding_levels
 from spike_modules.site import iter_sites
-from stac_io import atomic_dir, sha256_file, write_json
+from stac_common.io import atomic_dir, sha256_file, write_json
 
 from .thresholds import check_rule
 

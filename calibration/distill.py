@@ -126,7 +126,7 @@ def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], s
 
 def _decoder_weights(model: nn.Module) -> list[torch.Tensor]:
     """Float weight matrices of linear layers (nn.Linear / Conv1D), except the (tied) head."""
-    from transformers.pytorch_utils import Conv1D
+    from spike_modules.linear import FLOAT_LINEARS
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = {id(head.weight)} if head is not None else set()
@@ -134,7 +134,7 @@ def _decoder_weights(model: nn.Module) -> list[torch.Tensor]:
     if inputs is not None:
         tied.add(id(inputs.weight))
     return [m.weight for m in model.modules()
-            if isinstance(m, (nn.Linear, Conv1D)) and m.weight.is_floating_point() and id(m.weight) not in tied]
+            if isinstance(m, FLOAT_LINEARS) and m.weight.is_floating_point() and id(m.weight) not in tied]
 
 
 def _attach(sites: list[DAQCFSSite], surrogate: nn.Module | None, train_psi: bool) -> list[torch.Tensor]:

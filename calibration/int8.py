@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from spike_modules.layers import SpikeLinear
+from spike_modules.linear import FLOAT_LINEARS, float_weight
 
 from . import int8_backends
 from .gptq import absmax_scale, check_group_size, gptq_int8
@@ -66,16 +66,6 @@ def expand_scale(scale: torch.Tensor, width: int, group_size: int) -> torch.Tens
     if scale.dim() == 1:
         return scale[:, None].expand(-1, width)
     return scale.repeat_interleave(group_size, dim=1)[:, :width]
-
-
-def float_weight(linear: nn.Module) -> torch.Tensor:
-    """The weight of ``linear`` as ``[out, in]``. GPT-2's ``Conv1D`` computes ``x @ W + b`` with
-    ``W`` stored ``[in, out]``, so it is transposed here, once, explicitly."""
-    if isinstance(linear, Conv1D):
-        return linear.weight.T
-    if isinstance(linear, nn.Linear):
-        return linear.weight
-    raise TypeError(f"not a supported linear layer: {type(linear).__name__} (supported: nn.Linear, Conv1D)")
 
 
 class Int8Linear(nn.Module):
@@ -211,7 +201,7 @@ def find_linears(model: nn.Module, paths: Iterable[str] | None = None) -> dict[s
     if paths is None:
         head_modules, embedding_weights = _embedding_exclusions(model)
         found = {name: m for name, m in model.named_modules()
-                 if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in head_modules
+                 if isinstance(m, FLOAT_LINEARS) and id(m) not in head_modules
                  and id(m.weight) not in embedding_weights}
     else:
         found = {}
@@ -222,7 +212,7 @@ def find_linears(model: nn.Module, paths: Iterable[str] | None = None) -> dict[s
                 raise ValueError(f"no module at {path!r} in this model") from None
             if isinstance(module, SpikeLinear):
                 path, module = f"{path}.linear", module.linear
-            if not isinstance(module, (nn.Linear, Conv1D)):
+            if not isinstance(module, FLOAT_LINEARS):
                 raise ValueError(f"{path} is a {type(module).__name__}; 8-bit weights apply to nn.Linear, "
                                  "Conv1D or a SpikeLinear wrapping one")
             found[path] = module

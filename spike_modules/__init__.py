@@ -1,6 +1,6 @@
 """Spiking neurons and DA-QCFS sites on top of SpikingJelly (see docs/design.md section 1)."""
 
-import stac_logs  # noqa: F401  (drops known harmless library notes before they are logged)
+import stac_common.logs as stac_logs  # noqa: F401  (drops known harmless library notes before they are logged)
 
 from .neurons import IFNeuron, ParaInfNeuron, SignedIFNeuron, SpikeStats
 from .neurons_multi import BurstIFNeuron, WeightedIFNeuron

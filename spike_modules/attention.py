@@ -41,7 +41,7 @@ from .site import DAQCFSSite, SiteMode
 from .temporal import apply_site, rate_op
 
 ATTN_IMPLEMENTATION = "stac_spike"
-OP_COUNTER = "stac_op_counter"  # set by stac_lm.energy.counting on attention modules while it counts
+OP_COUNTER = "stac_op_counter"  # set by spike_modules.energy.counting on attention modules while it counts
 QKV = ("q_site", "k_site", "v_site")
 PROBS = "p_site"
 

@@ -18,7 +18,8 @@ from torch import nn
 # the swap registry lives with the adapters, which fill it (one file per architecture)
 from .adapters import SWAPS, adapter_for, register_swap  # noqa: F401  (SWAPS, register_swap: public here too)
 from .attention import ATTN_IMPLEMENTATION, attach_attention_sites
-from .layers import SharedInput, SpikeLinear, in_features
+from .layers import SharedInput, SpikeLinear
+from .linear import in_features
 from .norm import SpikeNorm
 from .quantizer import check_coding, coding_levels
 from .site import DAQCFSSite, iter_sites

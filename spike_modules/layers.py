@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .site import DAQCFSSite, SiteMode
 from .sparse import event_linear, sparse_supported
 from .temporal import apply_site, rate_op
-
-
-def in_features(linear: nn.Module) -> int:
-    """Input width of a linear layer. GPT-2's ``Conv1D`` stores its weight transposed,
-    ``[in, out]``, so its input width is ``weight.shape[0]``, not ``shape[1]``."""
-    if isinstance(linear, nn.Linear):
-        return linear.in_features
-    if isinstance(linear, Conv1D):
-        return linear.weight.shape[0]
-    raise TypeError(f"not a supported linear layer: {type(linear).__name__} (supported: nn.Linear, Conv1D)")
 
 
 def _version(x: torch.Tensor) -> int | None:

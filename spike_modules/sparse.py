@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .linear import float_weight
+
 
 def sparse_supported(linear: nn.Module) -> bool:
     """Whether :func:`event_linear` can run ``linear``."""
@@ -38,9 +40,7 @@ def _weight_in_out(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor,
     """The weight as ``[in, out]`` (a view where possible) and the per-output scale, if any."""
     if hasattr(linear, "weight_int8"):
         return linear.weight_int8.to(dtype).t(), linear.scale.to(dtype)
-    if isinstance(linear, Conv1D):
-        return linear.weight.to(dtype), None
-    return linear.weight.to(dtype).t(), None
+    return float_weight(linear).to(dtype).t(), None
 
 
 def event_linear(linear: nn.Module, spikes: torch.Tensor) -> torch.Tensor:

@@ -1,23 +1,28 @@
-"""The conversion pipeline around the converter: options, texts, verification, energy, saving.
+"""The LM application, one subpackage per job: ``convert`` (options, calibration texts, the run),
+``io`` (save_pretrained / from_pretrained), ``eval`` (perplexity, lm-eval, reply fidelity),
+``generate`` (TemporalSpikeProcessor, sampling), ``chat`` (the REPL) and ``checks`` (verification
+and the conversational validator). The spiking layers are ``spike_modules``, calibration is
+``calibration``, and what LM and text classification share is ``stac_common``.
 
     from stac_lm import ConvertOptions, from_pretrained, run
     out = run(ConvertOptions(simplified=True, timesteps=16))     # converts, verifies, saves
     model = from_pretrained(out.options.output_dir)               # identical logits, from the directory alone
     model.generate(**model.tokenizer("To be", return_tensors="pt"), max_new_tokens=20)  # transformers' generate
 
-Names are imported on first use, so ``stac_lm.options`` (all the CLI needs for ``--help``) does
-not pull in torch.
+Names are imported on first use, so ``stac_lm.convert.options`` (all the CLI needs for
+``--help``) does not pull in torch.
 """
 
 import importlib
 
 _EXPORTS = {
-    "ConvertOptions": "options", "Converted": "pipeline", "run": "pipeline", "verify_saved": "pipeline",
-    "OpCounts": "energy", "count_ops": "energy", "energy_summary": "energy",
-    "load_snn": "saving", "save_snn": "saving", "verify": "verify",
-    "TemporalSpikeProcessor": "processor", "Generation": "processor", "StepOutput": "processor",
-    "SamplingConfig": "sampling",
-    "SpikingCausalLM": "hf_native", "from_pretrained": "hf_native",
+    "ConvertOptions": "stac_lm.convert.options", "Converted": "stac_lm.convert.pipeline", "run": "stac_lm.convert.pipeline",
+    "verify_saved": "stac_lm.convert.pipeline",
+    "OpCounts": "spike_modules.energy", "count_ops": "spike_modules.energy", "energy_summary": "spike_modules.energy",
+    "load_snn": "stac_lm.io.saving", "save_snn": "stac_lm.io.saving", "verify": "stac_lm.checks.verify",
+    "TemporalSpikeProcessor": "stac_lm.generate.processor", "Generation": "stac_lm.generate.processor",
+    "StepOutput": "stac_lm.generate.processor", "SamplingConfig": "stac_lm.generate.sampling",
+    "SpikingCausalLM": "stac_lm.io.hf_native", "from_pretrained": "stac_lm.io.hf_native",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -25,4 +30,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'stac_lm' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -26,10 +26,10 @@ from spike_modules.attention import spike_attention_forward
 from spike_modules.kv_cache import SpikeKVCache
 from spike_modules.layers import SpikeLinear
 from spike_modules.norm import SpikeNorm, norm_types
-from stac_assets import shakespeare_dir
-from stac_eval import evaluate_lm
-from stac_lm.energy import count_ops, energy_summary
-from stac_lm.saving import load_snn
+from stac_common.assets import shakespeare_dir
+from stac_lm.eval.perplexity import evaluate_lm
+from spike_modules.energy import count_ops, energy_summary
+from stac_lm.io.saving import load_snn
 
 VOCAB = 64
 SEQ = 24  # longer than the sliding windows (8)

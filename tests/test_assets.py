@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-import stac_assets
-from stac_assets import MissingAssetError
+import stac_common.assets as stac_assets
+from stac_common.assets import MissingAssetError
 
 
 def test_embedded_assets_are_found_offline():

@@ -9,7 +9,7 @@ from torch import nn
 import calibration.artifact as artifact
 from calibration import Calibration, CalibrationConfig, ChannelObserver, calibrate
 from spike_modules import DAQCFSSite, IFNeuron, ParaInfNeuron, SignedIFNeuron
-from stac_io import OutputExistsError
+from stac_common.io import OutputExistsError
 
 NEURONS = [IFNeuron, SignedIFNeuron, ParaInfNeuron, lambda T, th=1.0: DAQCFSSite(3, T)]
 

@@ -9,9 +9,9 @@ from test_chat import smollm2_tokenizer
 from tiny_models import save_tiny
 from transformers import AutoTokenizer
 
-from stac_lm.conv_quality import chitchat
-from stac_lm.options import ConvertOptions
-from stac_lm.texts import CHITCHAT_CONVERSATIONS, chitchat_data, chitchat_text, load_streams, read_text
+from stac_lm.checks.quality import chitchat
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.texts import CHITCHAT_CONVERSATIONS, chitchat_data, chitchat_text, load_streams, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """The calibration options of a conversion run reach the saved thresholds, each as documented.
 
-Every run goes through ``stac_lm.pipeline.run`` on a tiny random model and reads the thresholds back
+Every run goes through ``stac_lm.convert.pipeline.run`` on a tiny random model and reads the thresholds back
 from the saved directory (``calibration.safetensors``). The values each rule should give are computed
 here from the site inputs themselves (the same calibration windows, sites in ANN mode), not from the
 calibration's own observer, so an option that is dropped on the way shows.
@@ -18,9 +18,9 @@ from tiny_models import save_tiny
 from calibration import Calibration
 from spike_modules import iter_sites, set_mode
 from spike_modules.quantizer import coding_levels
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import CALIB_SEQ, run
-from stac_lm.texts import calibration_batches
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import CALIB_SEQ, run
+from stac_lm.convert.texts import calibration_batches
 
 T = 8
 

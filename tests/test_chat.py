@@ -17,12 +17,12 @@ from tiny_models import save_tiny, tiny_model
 from transformers import AutoTokenizer
 
 import chat
-from stac_lm.chat_engines import ANNEngine, Reply, open_engine
-from stac_lm.chat_format import ChatFormat
-from stac_lm.chat_session import PROMPT, ChatSession, Settings, _Stream
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import run
-from stac_lm.sampling import SamplingConfig
+from stac_lm.chat.engines import ANNEngine, Reply, open_engine
+from stac_lm.chat.format import ChatFormat
+from stac_lm.chat.session import PROMPT, ChatSession, Settings, _Stream
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import run
+from stac_lm.generate.sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # ChatML as SmolLM2 writes it, without its default system message
@@ -53,7 +53,7 @@ def chatml_tok(tok):
 
 def smollm2_tokenizer():
     """The real SmolLM2 tokenizer (ChatML template, eos <|im_end|>): the cached copy, else the GGUF."""
-    from stac_assets import MissingAssetError, smollm2_cache, smollm2_gguf
+    from stac_common.assets import MissingAssetError, smollm2_cache, smollm2_gguf
 
     cached = smollm2_cache()
     if (cached / "tokenizer.json").is_file():

@@ -13,13 +13,13 @@ import torch
 from tiny_models import save_tiny, tiny_tokenizer
 
 import run_conversion
-import stac_lm.hf_native as hf_native
+import stac_lm.io.hf_native as hf_native
 from spike_modules import iter_sites
-from stac_assets import shakespeare_dir
-from stac_eval import evaluate_lm
-from stac_lm.options import ConvertOptions
-from stac_lm.report import REQUIRED
-from stac_lm.saving import load_snn
+from stac_common.assets import shakespeare_dir
+from stac_lm.eval.perplexity import evaluate_lm
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.report import REQUIRED
+from stac_lm.io.saving import load_snn
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["model_name_or_path", "simplified", "timesteps", "output_dir", "overwrite", "device", "dtype", "seed",

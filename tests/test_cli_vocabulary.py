@@ -1,4 +1,4 @@
-"""One flag vocabulary across every CLI (stac_cli): the shared flags carry the same names in each
+"""One flag vocabulary across every CLI (stac_common.cli): the shared flags carry the same names in each
 --help, old spellings still parse to the same values, one T range, --dtype honoured or refused in
 one line, and parsing the flags loads no torch."""
 
@@ -13,7 +13,7 @@ import pytest
 
 import chat
 import run_conversion
-import stac_cli
+import stac_common.cli as stac_cli
 import test_conversational_snn as validate
 from spike_modules import quantizer
 from text_cls import cli as text_cls_cli
@@ -30,14 +30,14 @@ CLIS = {
     "text_cls": (["-m", "text_cls"],
                  ["model_name_or_path", "timesteps", "output_dir", "device", "dtype", "seed", "batch_size"]),
     # scores saved SNNs, whose T was fixed at conversion: no --timesteps
-    "stac_lm.harness": (["-m", "stac_lm.harness"], ["model_dir", "device", "seed", "batch_size"]),
+    "stac_lm.eval.harness": (["-m", "stac_lm.eval.harness"], ["model_dir", "device", "seed", "batch_size"]),
 }
 MODULE_OF = {"run_conversion.py": "run_conversion", "chat.py": "chat", "test_conversational_snn.py":
              "test_conversational_snn", "text_cls": "text_cls.cli",
-             "stac_lm.harness": "stac_lm.harness"}
+             "stac_lm.eval.harness": "stac_lm.eval.harness"}
 # each console script of pyproject.toml runs one of the CLIs above
 SCRIPT_CLI = {"stac-convert": "run_conversion.py", "stac-chat": "chat.py",
-              "stac-validate": "test_conversational_snn.py", "stac-text-cls": "text_cls", "stac-lm-eval": "stac_lm.harness"}
+              "stac-validate": "test_conversational_snn.py", "stac-text-cls": "text_cls", "stac-lm-eval": "stac_lm.eval.harness"}
 # names the vocabulary replaced; none may be offered in a --help
 RETIRED = ["model_name", "savedir", "time_steps", "time_step", "batchsize", "eval_batchsize", "dev", "T"]
 
@@ -136,7 +136,7 @@ def test_text_cls_flags_land_in_the_options_fields():
 # --- one T range -------------------------------------------------------------------------------------
 
 def test_the_cli_T_range_is_one_constant_that_the_quantizer_agrees_with():
-    from stac_lm.options import MAX_CLI_TIMESTEPS
+    from stac_lm.convert.options import MAX_CLI_TIMESTEPS
     from text_cls.options import MAX_T
 
     assert MAX_CLI_TIMESTEPS == MAX_T == stac_cli.MAX_TIMESTEPS <= quantizer.MAX_TIMESTEPS

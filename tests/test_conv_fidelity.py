@@ -1,4 +1,4 @@
-"""The validator's free-running fidelity gate (stac_lm.conv_fidelity) on a tiny trained Llama: it
+"""The validator's free-running fidelity gate (stac_lm.checks.free_running) on a tiny trained Llama: it
 passes when the SNN writes what its reference writes, and fails on a degraded SNN (thresholds x10
 and x1000) against its real ANN."""
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from spike_modules import iter_sites
-from stac_lm import conv_fidelity, conv_suite
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import run
-from stac_lm.processor import TemporalSpikeProcessor
-from stac_lm.saving import load_snn
+from stac_lm.checks import free_running, suite
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import run
+from stac_lm.generate.processor import TemporalSpikeProcessor
+from stac_lm.io.saving import load_snn
 
 T = 8
 PROMPTS = ["Hi!", "Good morning, a question on my garden.", "A poem?", "What of the king?"]
@@ -24,21 +24,21 @@ def trained(trained_llama, tmp_path_factory):
     run(ConvertOptions(model_name=str(trained_llama), output_dir=str(out), calib_tokens=256, eval_tokens=512,
                        verify=False, timesteps=T, coding="rate"), progress=False)
     snn, tok, config = load_snn(out)
-    return snn, tok, conv_suite.load_ann(config, torch.device("cpu"))
+    return snn, tok, suite.load_ann(config, torch.device("cpu"))
 
 
 def rows_for(tok, ann):
     """The chit-chat prompts, and one question whose right answer is the first word of the ANN's reply."""
     rows = [{"kind": "chitchat", "text": t, "answers": None} for t in PROMPTS]
-    first = tok.decode(conv_fidelity.greedy_reply(ann, conv_fidelity.chat_ids(tok, PROMPTS[0]), 8,
-                                                  conv_fidelity.stop_ids(tok)), skip_special_tokens=True).split()
+    first = tok.decode(free_running.greedy_reply(ann, free_running.chat_ids(tok, PROMPTS[0]), 8,
+                                                  free_running.stop_ids(tok)), skip_special_tokens=True).split()
     rows.append({"kind": "question", "text": PROMPTS[0], "answers": first[:1]})
     return rows
 
 
 def gate(snn, tok, reference):
     proc = TemporalSpikeProcessor(snn, T, pad_token_id=0)
-    rows, measured = conv_fidelity.free_running(proc, reference, tok, rows_for(tok, reference), new_tokens=8)
+    rows, measured = free_running.free_running(proc, reference, tok, rows_for(tok, reference), new_tokens=8)
     assert not proc.conversations  # every conversation the gate opened is closed again
     return {r["name"].split(":")[0]: r for r in rows}, measured
 
@@ -68,14 +68,14 @@ def test_a_degraded_snn_fails_the_identity_row_against_its_real_ann(trained, fac
         for n, s in iter_sites(snn):
             s.set_params(kept[n], s.psi.detach().clone(), s.phi.detach().clone(), s.burst.detach().clone())
     row = rows["free-running replies"]
-    assert row["passed"] is False and measured["identity"] < conv_fidelity.IDENTITY_MIN, row
+    assert row["passed"] is False and measured["identity"] < free_running.IDENTITY_MIN, row
 
 
 def test_the_gate_is_part_of_the_validator():
-    assert "fidelity" in conv_suite.GROUPS
+    assert "fidelity" in suite.GROUPS
 
 
 def test_no_prompts_is_refused(trained):
     snn, tok, ann = trained
     with pytest.raises(ValueError, match="at least one prompt"):
-        conv_fidelity.free_running(TemporalSpikeProcessor(snn, T, pad_token_id=0), ann, tok, [])
+        free_running.free_running(TemporalSpikeProcessor(snn, T, pad_token_id=0), ann, tok, [])

@@ -1,4 +1,4 @@
-"""The conversational checks (stac_lm.conv_checks / conv_quality / conv_suite, test_conversational_snn.py)
+"""The conversational checks (stac_lm.checks.conversation / quality / suite, test_conversational_snn.py)
 on tiny converted models: they pass on a healthy model, and each fails on a model broken on purpose
 (cache zeroed, or zeroed at each new turn; thresholds zeroed, x10 or x1000; sites passing float
 through; positions reset per turn; the attention mask ignored; T without effect; a different-seed
@@ -19,11 +19,12 @@ from calibration import CalibrationConfig
 from spike_modules import iter_sites, set_mode
 from spike_modules.kv_cache import SpikeKVCache
 from spike_modules.site import DAQCFSSite
-from stac_lm import chat_segments, conv_checks, conv_masks, conv_quality, conv_suite
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import run
-from stac_lm.processor import TemporalSpikeProcessor
-from stac_lm.saving import load_snn
+from stac_lm.chat import segments
+from stac_lm.checks import conversation, masks, quality, suite
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import run
+from stac_lm.generate.processor import TemporalSpikeProcessor
+from stac_lm.io.saving import load_snn
 
 REPO = Path(__file__).resolve().parents[1]
 T = 8
@@ -31,7 +32,7 @@ T = 8
 SHORT_TURNS = [("user", "Hi! A trip to the hills next week?"), ("assistant", "Take boots."),
                ("user", "Alone?"), ("assistant", "With friends."), ("user", "And food?"), ("assistant", "Pasta.")]
 SHORT_OPENERS = ["Hi!", "Good morning, a question on my garden.", "A poem?"]
-EXACT = (conv_checks.cache_contract, conv_checks.turn_boundaries, conv_checks.context_limit, conv_masks.masks)
+EXACT = (conversation.cache_contract, conversation.turn_boundaries, conversation.context_limit, masks.masks)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,14 +68,14 @@ def trained(trained_llama, tmp_path_factory):
     run(ConvertOptions(model_name=str(trained_llama), output_dir=str(out), calib_tokens=256, eval_tokens=512,
                        verify=False, timesteps=T, coding="rate"), progress=False)
     snn, tok, config = load_snn(out)
-    return snn, tok, conv_suite.load_ann(config, torch.device("cpu")), CalibrationConfig(**config["calibration_config"])
+    return snn, tok, suite.load_ann(config, torch.device("cpu")), CalibrationConfig(**config["calibration_config"])
 
 
 @pytest.fixture(autouse=True)
 def short_conversations(monkeypatch):
-    monkeypatch.setattr(conv_checks, "THREE_TURNS", SHORT_TURNS)
-    monkeypatch.setattr(conv_masks, "BATCH_OPENERS", SHORT_OPENERS)
-    monkeypatch.setattr(conv_masks, "GREEDY_TOKENS", 4)
+    monkeypatch.setattr(conversation, "THREE_TURNS", SHORT_TURNS)
+    monkeypatch.setattr(masks, "BATCH_OPENERS", SHORT_OPENERS)
+    monkeypatch.setattr(masks, "GREEDY_TOKENS", 4)
 
 
 def processor(models, arch, exact=False):
@@ -82,7 +83,7 @@ def processor(models, arch, exact=False):
     snn, tok = models[arch]
     set_mode(snn, "parallel")
     proc = TemporalSpikeProcessor(snn, T, pad_token_id=0)
-    return (conv_checks.exact_processor(proc) if exact else proc), tok
+    return (conversation.exact_processor(proc) if exact else proc), tok
 
 
 def rows_of(fn, proc, tok) -> dict:
@@ -97,12 +98,12 @@ def failed(rows: dict) -> list[str]:
 def test_a_healthy_model_passes_every_check(models, calibrations, arch):
     exact, tok = processor(models, arch, exact=True)
     proc, _ = processor(models, arch)
-    spikes = lambda p, t: conv_checks.spike_rates(p, t, calibrations[arch])  # noqa: E731
-    for fn, p in [(fn, exact) for fn in EXACT] + [(conv_checks.cache_contract, proc), (spikes, proc)]:
+    spikes = lambda p, t: conversation.spike_rates(p, t, calibrations[arch])  # noqa: E731
+    for fn, p in [(fn, exact) for fn in EXACT] + [(conversation.cache_contract, proc), (spikes, proc)]:
         rows = rows_of(fn, p, tok)
         assert rows and not failed(rows), (fn, [rows[n] for n in failed(rows)])
         assert not p.conversations, "the checks clean up their conversations"
-    assert any("(float64)" in n for n in rows_of(conv_masks.masks, exact, tok))
+    assert any("(float64)" in n for n in rows_of(masks.masks, exact, tok))
     assert any(n.startswith("site activity matches calibration") for n in rows_of(spikes, proc, tok))
 
 
@@ -123,7 +124,7 @@ def forgetful_cache(monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_dropped_cache_fails_the_cache_contract(models, arch, forgetful_cache):
     proc, tok = processor(models, arch, exact=True)
-    bad = failed(rows_of(conv_checks.cache_contract, proc, tok))
+    bad = failed(rows_of(conversation.cache_contract, proc, tok))
     assert any("relative logit error" in n for n in bad), bad
 
 
@@ -146,9 +147,9 @@ def reset_positions_per_turn(model, monkeypatch):
 def test_positions_reset_per_turn_fail_the_positions_check(models, arch, monkeypatch):
     proc, tok = processor(models, arch, exact=True)
     reset_positions_per_turn(proc.model, monkeypatch)
-    bad = failed(rows_of(conv_checks.turn_boundaries, proc, tok))
+    bad = failed(rows_of(conversation.turn_boundaries, proc, tok))
     assert "turn boundaries vs one full pass (float64): relative logit error" in bad, bad
-    assert any("relative logit error" in n for n in failed(rows_of(conv_checks.cache_contract, proc, tok)))
+    assert any("relative logit error" in n for n in failed(rows_of(conversation.cache_contract, proc, tok)))
 
 
 @pytest.fixture
@@ -174,7 +175,7 @@ def thresholds(models):
 def test_broken_thresholds_fail_the_spike_checks(models, thresholds, theta, fails):
     thresholds(theta)
     proc, tok = processor(models, "llama")
-    bad = failed(rows_of(conv_checks.spike_rates, proc, tok))
+    bad = failed(rows_of(conversation.spike_rates, proc, tok))
     for what in fails:
         assert any(n.startswith(what) for n in bad), (theta, what, bad)
 
@@ -182,8 +183,8 @@ def test_broken_thresholds_fail_the_spike_checks(models, thresholds, theta, fail
 def test_timesteps_that_never_reach_the_sites_fail_the_timestep_check(models, monkeypatch):
     """The field's old failure: T set on the wrapper but never on the neurons."""
     proc, tok = processor(models, "llama")
-    monkeypatch.setattr("stac_lm.processor.set_timesteps", lambda model, T: None)
-    row = rows_of(conv_checks.spike_rates, proc, tok)
+    monkeypatch.setattr("stac_lm.generate.processor.set_timesteps", lambda model, T: None)
+    row = rows_of(conversation.spike_rates, proc, tok)
     change = next(r for n, r in row.items() if n.startswith("T changes"))
     assert change["passed"] is False and change["value"] == 0.0
 
@@ -194,13 +195,13 @@ def test_mask_violations_catch_gaps_and_lost_tokens():
              "positions": pos([0, 0, 1], [0, 1, 2])}
     good = {"ids": torch.ones(2, 1, dtype=torch.long), "past": 3, "mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]),
             "positions": pos([2], [3])}
-    assert conv_masks.mask_violations([first, good], [3, 4]) == 0
+    assert masks.mask_violations([first, good], [3, 4]) == 0
     gap = dict(good, mask=torch.tensor([[0, 1, 0, 1], [1, 1, 1, 1]]))           # a real token masked out
     skip = dict(good, positions=pos([3], [3]))                                  # a position skipped
     padded_in = dict(good, mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]]))     # a pad slot attended
     for broken in (gap, skip, padded_in):
-        assert conv_masks.mask_violations([first, broken], [3, 4]) == 1
-    assert conv_masks.mask_violations([first, good], [3, 5]) == 1             # a fed token never attended
+        assert masks.mask_violations([first, broken], [3, 4]) == 1
+    assert masks.mask_violations([first, good], [3, 5]) == 1             # a fed token never attended
 
 
 CHATML = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<eos>\n{% endfor %}"
@@ -209,20 +210,20 @@ CHATML = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<eos>\n{% endfo
 
 def test_segments_add_up_to_the_template_and_replies_end_with_eos(models):
     tok = models["llama"][1]
-    msgs = conv_checks.messages(SHORT_TURNS)
-    plain = chat_segments.segments(tok, msgs)
+    msgs = conversation.messages(SHORT_TURNS)
+    plain = segments.segments(tok, msgs)
     assert [s.reply for s in plain] == [False, True] * 3
     assert tok.decode(torch.cat([s.ids for s in plain])).startswith("User: Hi! A trip")
     tok.chat_template = CHATML
     try:
-        segs = chat_segments.segments(tok, msgs)
+        segs = segments.segments(tok, msgs)
         whole = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False).input_ids
     finally:
         tok.chat_template = None
     assert torch.cat([s.ids for s in segs]).tolist() == whole[:-1]  # the newline after the last reply is left out
     assert all(int(s.ids[-1]) == tok.eos_token_id for s in segs if s.reply)
     with pytest.raises(ValueError, match="alternate"):
-        chat_segments.segments(tok, msgs[1:])
+        segments.segments(tok, msgs[1:])
 
 
 def scale_thresholds(snn, f: float) -> dict:
@@ -241,7 +242,7 @@ def test_thresholds_x10_fail_the_activity_row(trained):
     snn, tok, _, calib = trained
     kept = scale_thresholds(snn, 10.0)
     try:
-        rows = {r["name"]: r for r in conv_checks.spike_rates(TemporalSpikeProcessor(snn, T), tok, calib)[0]}
+        rows = {r["name"]: r for r in conversation.spike_rates(TemporalSpikeProcessor(snn, T), tok, calib)[0]}
     finally:
         restore_thresholds(snn, kept)
     bad = failed(rows)
@@ -253,14 +254,14 @@ def test_float_pass_through_fails_the_spike_rate_rows(trained, monkeypatch):
     snn, tok, _, calib = trained
     inner = DAQCFSSite.forward
     monkeypatch.setattr(DAQCFSSite, "forward", lambda self, x: (inner(self, x), x)[1])
-    bad = failed({r["name"]: r for r in conv_checks.spike_rates(TemporalSpikeProcessor(snn, T), tok, calib)[0]})
+    bad = failed({r["name"]: r for r in conversation.spike_rates(TemporalSpikeProcessor(snn, T), tok, calib)[0]})
     assert any(n.startswith("no site passes float through") for n in bad), bad
     assert any(n.startswith("T changes") for n in bad), bad
 
 
 def test_a_forgetful_cache_fails_the_float32_top1_row(trained, forgetful_cache):
     snn, tok, _, _ = trained
-    rows = rows_of(conv_checks.cache_contract, TemporalSpikeProcessor(snn, T), tok)
+    rows = rows_of(conversation.cache_contract, TemporalSpikeProcessor(snn, T), tok)
     assert all("(float32)" in n for n in rows)
     assert [n for n in failed(rows) if n.endswith("top-1 equal")], rows  # measured 0.61 (bar 0.75)
 
@@ -280,7 +281,7 @@ def test_a_garbled_cache_fails_both_float32_rows(trained, monkeypatch):
         return keys, values
 
     monkeypatch.setattr(SpikeKVCache, "update", garbled)
-    rows = rows_of(conv_checks.cache_contract, TemporalSpikeProcessor(snn, T), tok)
+    rows = rows_of(conversation.cache_contract, TemporalSpikeProcessor(snn, T), tok)
     assert set(failed(rows)) == set(rows) and all("(float32)" in n for n in rows), rows
 
 
@@ -302,9 +303,9 @@ def cache_zeroed_each_turn(monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_cache_zeroed_between_turns_fails_cache_and_boundary_rows(models, arch, cache_zeroed_each_turn):
     proc, tok = processor(models, arch, exact=True)
-    assert any("relative logit error" in n for n in failed(rows_of(conv_checks.cache_contract, proc, tok)))
+    assert any("relative logit error" in n for n in failed(rows_of(conversation.cache_contract, proc, tok)))
     assert "turn boundaries vs one full pass (float64): relative logit error" in \
-        failed(rows_of(conv_checks.turn_boundaries, proc, tok))
+        failed(rows_of(conversation.turn_boundaries, proc, tok))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -317,12 +318,12 @@ def test_an_ignored_attention_mask_fails_the_mask_rows(models, arch, monkeypatch
         return inner(*args, **kw)
 
     monkeypatch.setattr(proc.model, "forward", maskless)
-    bad = failed(rows_of(conv_masks.masks, proc, tok))
+    bad = failed(rows_of(masks.masks, proc, tok))
     assert "batched (left-padded) vs alone (float64): relative logit error" in bad, bad
 
 
 def quality_rows(proc, ann, tok, n=2) -> tuple[dict, dict]:
-    rows, measured = conv_quality.multi_turn_quality(proc, ann, tok, n, "full")
+    rows, measured = quality.multi_turn_quality(proc, ann, tok, n, "full")
     return {r["name"]: r for r in rows}, measured
 
 
@@ -342,13 +343,13 @@ TINY_AGREEMENT_BAR = 0.6
 
 def test_quality_rows_score_the_snn_against_its_real_ann(trained, monkeypatch):
     snn, tok, ann, _ = trained
-    monkeypatch.setitem(conv_quality.TARGETS, T, {"ppl_ratio": 1.30, "agreement": TINY_AGREEMENT_BAR})
+    monkeypatch.setitem(quality.TARGETS, T, {"ppl_ratio": 1.30, "agreement": TINY_AGREEMENT_BAR})
     proc = TemporalSpikeProcessor(snn, T, pad_token_id=0)
     rows, measured = quality_rows(proc, ann, tok)
     assert not failed(rows), [rows[n] for n in failed(rows)]
     ids = measured["conversation_ids"]
     assert len(ids) == 2 and ids == sorted(ids)
-    assert len(agreement_rows(rows)) == conv_quality.EXCHANGES
+    assert len(agreement_rows(rows)) == quality.EXCHANGES
     ratio = ratio_row(rows)
     assert ratio["bar"] == "<= 1.3" and ratio["value"] != 1.0  # a measurement against another network
     total = measured["all_replies"]
@@ -358,7 +359,7 @@ def test_quality_rows_score_the_snn_against_its_real_ann(trained, monkeypatch):
 
 def test_a_different_seed_ann_fails_the_agreement_rows(trained, monkeypatch):
     snn, tok, _, _ = trained
-    monkeypatch.setitem(conv_quality.TARGETS, T, {"ppl_ratio": 1.30, "agreement": TINY_AGREEMENT_BAR})
+    monkeypatch.setitem(quality.TARGETS, T, {"ppl_ratio": 1.30, "agreement": TINY_AGREEMENT_BAR})
     other = tiny_model("llama", len(tok), seed=1)
     rows, _ = quality_rows(TemporalSpikeProcessor(snn, T, pad_token_id=0), other, tok)
     assert all(r["passed"] is False for r in agreement_rows(rows)), agreement_rows(rows)
@@ -376,29 +377,29 @@ def test_thresholds_x1000_fail_the_perplexity_row(trained, monkeypatch):
 
 def test_recall_rows_against_the_real_ann_and_an_ann_that_recalls(trained, monkeypatch):
     snn, tok, ann, _ = trained
-    monkeypatch.setattr(conv_quality, "FACTS", conv_quality.FACTS[:3])
-    monkeypatch.setattr(conv_quality, "RECALL_NEW_TOKENS", 4)
+    monkeypatch.setattr(quality, "FACTS", quality.FACTS[:3])
+    monkeypatch.setattr(quality, "RECALL_NEW_TOKENS", 4)
     proc = TemporalSpikeProcessor(snn, T, pad_token_id=0)
-    rows, measured = conv_quality.recall(proc, ann, tok)
+    rows, measured = quality.recall(proc, ann, tok)
     assert len(measured["probes"]) == 3 and rows[0]["passed"], rows[0]
     assert all(p["ann"]["reply"] != p["snn"]["reply"] or p["ann"]["fact_logprob"] != p["snn"]["fact_logprob"]
                for p in measured["probes"])  # two networks, not one scored against itself
     assert not measured["recall_rate"]["snn"]  # a tiny model recalls nothing: the next test gives it a rival
 
     def recalling_ann(model, ids, new_tokens, stop):  # an "ANN" whose greedy reply names the probe's facts
-        facts = next(f for f in conv_quality.FACTS if f[0] in tok.decode(ids))
+        facts = next(f for f in quality.FACTS if f[0] in tok.decode(ids))
         return tok(" " + " ".join(facts), add_special_tokens=False).input_ids
 
-    monkeypatch.setattr(conv_quality, "ann_greedy", recalling_ann)
-    rows, measured = conv_quality.recall(proc, ann, tok)
+    monkeypatch.setattr(quality, "ann_greedy", recalling_ann)
+    rows, measured = quality.recall(proc, ann, tok)
     assert measured["recall_rate"]["ann"] == 1.0 and rows[0]["passed"] is False, rows[0]
     assert not proc.conversations
 
 
 def test_recall_span_is_the_fact(models):
     tok = models["llama"][1]
-    msgs, answer, fact = conv_quality.probe(0)
-    segs, span = conv_quality.fact_span(tok, msgs, answer, fact)
+    msgs, answer, fact = quality.probe(0)
+    segs, span = quality.fact_span(tok, msgs, answer, fact)
     ids = torch.cat([s.ids for s in segs])
     assert fact in tok.decode(ids[span]) and fact not in tok.decode(ids[span][1:])
     assert segs[-1].reply and fact not in tok.decode(ids[:span.start][-3:])
@@ -419,7 +420,7 @@ def test_cli_runs_a_group_and_writes_the_table(saved, tmp_path):
     assert {r["group"] for r in result["checks"]} == {"positions"}
     assert all({"name", "value", "bar", "passed", "detail"} <= set(r) for r in result["checks"])
     assert "PASS" in p.stdout and "every check passed" in p.stderr
-    table = conv_suite.markdown_table(result).splitlines()
+    table = suite.markdown_table(result).splitlines()
     assert len(table) == 2 + len(result["checks"]) and table[2].endswith("| PASS |")
     again = cli("--test_positions", "--model-dir", saved["gpt2"], "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
@@ -452,7 +453,7 @@ def test_cli_corrupt_directory_exits_2(tmp_path, capsys):
 
 def test_cli_default_conversion_is_the_one_make_chat_makes(tmp_path, monkeypatch):
     import test_conversational_snn as cli_main
-    from stac_lm import pipeline
+    from stac_lm.convert import pipeline
 
     seen = []
     monkeypatch.chdir(tmp_path)

@@ -14,7 +14,7 @@ from spike_modules import iter_sites, set_mode, set_timesteps, spike_rates
 from spike_modules.layers import SpikeGatedMLP, SpikeLinear
 from spike_modules.norm import SpikeNorm
 from spike_modules.temporal import RateActivation
-from stac_eval import evaluate_lm, windows
+from stac_lm.eval.perplexity import evaluate_lm, windows
 
 VOCAB = 64
 

@@ -8,7 +8,7 @@ from calibration import CalibrationConfig, calibrate
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import iter_sites, set_mode
 from spike_modules.layers import SpikeLinear
-from stac_lm.energy import E_AC_PJ, E_MAC_PJ, count_ops, energy_summary
+from spike_modules.energy import E_AC_PJ, E_MAC_PJ, count_ops, energy_summary
 
 VOCAB = 64
 B, S = 2, 20

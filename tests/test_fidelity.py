@@ -1,11 +1,11 @@
-"""Free-running generation fidelity (stac_lm.fidelity): identical models agree everywhere, a different
+"""Free-running generation fidelity (stac_lm.eval.fidelity): identical models agree everywhere, a different
 network does not, and the figures are what the rows say."""
 
 import torch
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
-from stac_lm.prompts import correct
-from stac_lm.fidelity import FIRST_N, common_prefix, compare, greedy_reply, stop_ids
+from stac_lm.eval.prompts import correct
+from stac_lm.eval.fidelity import FIRST_N, common_prefix, compare, greedy_reply, stop_ids
 
 PROMPTS = [{"kind": "question", "text": "Who is the king?", "answers": ["king"]},
            {"kind": "instruction", "text": "Speak of the ghost.", "answers": None},
@@ -73,7 +73,7 @@ def test_site_groups_cover_roles_and_depth():
 
 
 def test_ann_replies_are_read_back_from_their_cache_only_for_the_same_model(tmp_path, monkeypatch):
-    import stac_lm.fidelity as fidelity
+    import stac_lm.eval.fidelity as fidelity
 
     tok, ann = tiny_tokenizer(), tiny_model("llama", VOCAB)
     cache = tmp_path / "replies.json"

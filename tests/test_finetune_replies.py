@@ -1,13 +1,13 @@
-"""Distillation on the ANN's own replies (``--finetune_text replies``, stac_lm.replies)."""
+"""Distillation on the ANN's own replies (``--finetune_text replies``, stac_lm.convert.replies)."""
 
 import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from stac_lm.fidelity import chat_ids, greedy_reply, stop_ids
-from stac_lm.options import ConvertOptions
-from stac_lm.prompts import chitchat_openings
-from stac_lm.replies import ann_reply_windows, reply_openings
+from stac_lm.eval.fidelity import chat_ids, greedy_reply, stop_ids
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.eval.prompts import chitchat_openings
+from stac_lm.convert.replies import ann_reply_windows, reply_openings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +41,7 @@ def test_replies_without_steps_is_refused():
 def test_a_conversion_distils_on_replies_and_records_it(tmp_path):
     from tiny_models import save_tiny
 
-    from stac_lm.pipeline import run
+    from stac_lm.convert.pipeline import run
 
     opts = ConvertOptions(model_name=str(save_tiny(tmp_path / "model", "llama")), output_dir=str(tmp_path / "snn"),
                           calib_tokens=256, eval_tokens=512, verify=False, timesteps=5, coding="weighted",

@@ -2,7 +2,7 @@
 
 The model: a tiny Llama trained for a few seconds (``trained_tiny``; a random one predicts from its
 residual stream alone, so its quality cannot be seen to fail), converted in full mode at T=8, so
-the quality bars of ``stac_lm.gates`` for T=8 apply. Each broken variant is built in place and
+the quality bars of ``stac_lm.checks.gates`` for T=8 apply. Each broken variant is built in place and
 undone after its test.
 """
 
@@ -16,13 +16,13 @@ from torch import nn
 from tiny_models import tiny_model
 
 import run_conversion
-import stac_lm.saving as saving
+import stac_lm.io.saving as saving
 from spike_modules import iter_sites
 from spike_modules.site import DAQCFSSite, SiteMode
-from stac_lm import gates
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import run
-from stac_lm.verify import verify
+from stac_lm.checks import gates
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import run
+from stac_lm.checks.verify import verify
 
 T = 8
 
@@ -184,7 +184,7 @@ def test_simplified_mode_is_judged_by_its_own_bars(converted):
 def test_a_mode_or_coding_without_bars_fails_and_says_so(converted):
     rep = report(converted, coding="phase")
     (check,) = [c for c in rep["checks"] if not c["passed"]]
-    assert check["name"] == "quality: bars for this mode and coding" and "add a row to stac_lm/gates.py" in \
+    assert check["name"] == "quality: bars for this mode and coding" and "add a row to stac_lm/checks/gates.py" in \
         check["detail"]
 
 

@@ -1,5 +1,5 @@
-"""lm-eval-harness on converted models (stac_lm.harness) and the local Tempest tasks
-(stac_lm/lm_eval_tasks), offline, on a tiny random Llama converted and calibrated in code."""
+"""lm-eval-harness on converted models (stac_lm.eval.harness) and the local Tempest tasks
+(stac_lm/eval/lm_eval_tasks), offline, on a tiny random Llama converted and calibrated in code."""
 
 import copy
 
@@ -10,10 +10,10 @@ from tiny_models import tiny_model, tiny_tokenizer
 from calibration import CalibrationConfig, calibrate
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import set_mode
-from stac_assets import shakespeare_text
-from stac_lm.harness import evaluate, markdown_table
-from stac_lm.lm_eval_tasks import tempest
-from stac_lm.texts import EVAL_PLAYS
+from stac_common.assets import shakespeare_text
+from stac_lm.eval.harness import evaluate, markdown_table, same_source
+from stac_lm.eval.lm_eval_tasks import tempest
+from stac_lm.convert.texts import EVAL_PLAYS
 
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,3 +103,13 @@ def test_an_unknown_task_is_refused_with_the_local_ones(pair):
     ann, _, tok = pair
     with pytest.raises(ValueError, match="unknown lm-eval task.*no_such_task.*tempest_cloze, tempest_lastword"):
         evaluate({"ANN": ann}, tok, ["no_such_task"], limit=1)
+
+
+def test_a_directory_of_another_source_model_is_refused():
+    """One ANN column serves every --model_dir: a directory converted from other weights is refused."""
+    def conv(name, sha):
+        return {"source": {"model_name": name, "sha256": sha, "revision": None}}
+    same_source(("a", conv("m", "1" * 64)), ("b", conv("m", "1" * 64)))
+    for other in (conv("m", "2" * 64), conv("n", "1" * 64)):
+        with pytest.raises(ValueError, match="b was converted from .*one stac-lm-eval run per source model"):
+            same_source(("a", conv("m", "1" * 64)), ("b", other))

@@ -1,4 +1,4 @@
-"""Converted LMs as Hugging Face models (stac_lm.hf_native): save_pretrained / from_pretrained round
+"""Converted LMs as Hugging Face models (stac_lm.io.hf_native): save_pretrained / from_pretrained round
 trips that transformers can read, directories of the first layout, and transformers' generate()
 with the spiking KV cache giving the tokens TemporalSpikeProcessor gives (greedy, seeded sampling,
 left-padded batches, streaming). Tiny random Llama (full mode, weighted spikes, own 8-bit weights)
@@ -21,10 +21,10 @@ from calibration import CalibrationConfig, calibrate, quantize_weights_
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import iter_sites, set_mode
 from spike_modules.kv_cache import SpikeKVCache
-from stac_io import OutputExistsError, sha256_file, write_json
+from stac_common.io import OutputExistsError, sha256_file, write_json
 from stac_lm import SpikingCausalLM, TemporalSpikeProcessor, from_pretrained, load_snn
-from stac_lm.energy import site_spikes
-from stac_lm.hf_native import calibration_from_model, conversion_record
+from spike_modules.energy import site_spikes
+from stac_lm.io.hf_native import calibration_from_model, conversion_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -327,9 +327,9 @@ def test_a_converted_run_with_a_library_backend_saves_and_reloads_identical_logi
     """--quant_backend bnb / torchao: the pipeline converts, saves, and load_snn rebuilds the same model."""
     from tiny_models import save_tiny
 
-    from stac_lm.options import ConvertOptions
-    from stac_lm.pipeline import run
-    from stac_lm.saving import load_snn
+    from stac_lm.convert.options import ConvertOptions
+    from stac_lm.convert.pipeline import run
+    from stac_lm.io.saving import load_snn
 
     available(backend)
     opts = ConvertOptions(model_name=str(save_tiny(tmp_path / "model", "llama")), output_dir=str(tmp_path / "snn"),

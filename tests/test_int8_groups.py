@@ -14,7 +14,7 @@ from torch import nn
 from calibration.gptq import gptq_int8, input_hessians
 from calibration.int8 import Int8Linear, expand_scale, find_linears, prepare_int8_, quantize_rows, quantize_weights_
 from smollm2_converter import ConversionConfig, convert
-from stac_lm.energy import count_ops
+from spike_modules.energy import count_ops
 from tests.test_int8 import ids, logits, rel, tiny_gpt2, tiny_llama
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import stac_assets
-from stac_assets import MissingAssetError
+import stac_common.assets as stac_assets
+from stac_common.assets import MissingAssetError
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -204,7 +204,7 @@ def test_no_import_cycles_among_the_project_modules(imports):
 
 # --- --help parses before the heavy libraries load --------------------------------------------------
 
-HELP = [["run_conversion.py"], ["test_conversational_snn.py"], ["chat.py"], ["-m", "text_cls"], ["-m", "stac_lm.harness"]]
+HELP = [["run_conversion.py"], ["test_conversational_snn.py"], ["chat.py"], ["-m", "text_cls"], ["-m", "stac_lm.eval.harness"]]
 HEAVY = ("torch", "transformers", "spikingjelly")
 
 
@@ -224,7 +224,7 @@ def test_help_does_not_import_torch(command):
 
 @pytest.fixture
 def installed(monkeypatch, tmp_path):
-    """stac_assets as installed: no checkout beside it, run from an empty folder, an empty cache."""
+    """stac_common.assets as installed: no checkout beside it, run from an empty folder, an empty cache."""
     monkeypatch.delenv("STAC_SHAKESPEARE_DIR", raising=False)
     monkeypatch.setattr(stac_assets, "REPO", tmp_path / "site-packages")
     monkeypatch.setenv("STAC_CACHE", str(tmp_path / "cache"))
@@ -268,7 +268,7 @@ def test_wheel_holds_the_packages_modules_and_console_scripts(tmp_path):
     for module, path in installed_sources().items():
         assert path.relative_to(REPO).as_posix() in names, module
     assert not any(n.startswith(("bench/", "tests/")) for n in names)
-    for yaml in (REPO / "stac_lm/lm_eval_tasks").glob("*.yaml"):  # package data: lm-eval's task definitions
+    for yaml in (REPO / "stac_lm/eval/lm_eval_tasks").glob("*.yaml"):  # package data: lm-eval's task definitions
         assert yaml.relative_to(REPO).as_posix() in names, yaml.name
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

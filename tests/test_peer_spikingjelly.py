@@ -108,7 +108,7 @@ def test_run_peer_reports_the_stac_protocol(llama, ids):
 
 @pytest.mark.slow
 def test_smollm2_copy_is_exact():
-    from stac_assets import load_smollm2
+    from stac_common.assets import load_smollm2
 
     model, tok = load_smollm2()
     ids = tok("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",

@@ -7,8 +7,8 @@ from test_converter import MODELS, converted
 
 from spike_modules.kv_cache import SpikeKVCache
 from spike_modules.site import iter_sites, set_mode
-from stac_lm.energy import count_ops, counting
-from stac_lm.processor import TemporalSpikeProcessor
+from spike_modules.energy import count_ops, counting
+from stac_lm.generate.processor import TemporalSpikeProcessor
 
 T = 16
 TOL = 1e-5  # same values, other summation order: float32 rounding only

@@ -2,7 +2,7 @@
 converted with the default settings (full mode, weighted spikes, T=7, LM-head input spiking), with a
 short calibration and evaluation.
 
-Measured on this code (``stac_lm.pipeline.run`` with the defaults; 1,024 calibration tokens of
+Measured on this code (``stac_lm.convert.pipeline.run`` with the defaults; 1,024 calibration tokens of
 Hamlet/Macbeth/Othello, 512 evaluation tokens of The Tempest, seed 0, CPU, 2-core development
 machine): perplexity ANN 26.64, SNN 26.87, ratio 1.008; top-1 agreement 0.963; energy ratio 0.508,
 coverage 1.0; every report check passed (lowest site activity 0.913 of the calibration rule's
@@ -19,8 +19,8 @@ import io
 import pytest
 from rich.console import Console
 
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import run
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import run
 
 MEASURED_RATIO, MEASURED_AGREEMENT, MEASURED_ENERGY, MARGIN = 1.008, 0.963, 0.508, 0.05
 

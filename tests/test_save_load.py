@@ -11,14 +11,14 @@ import pytest
 import torch
 from tiny_models import save_tiny
 
-import stac_lm.hf_native as hf_native
+import stac_lm.io.hf_native as hf_native
 from calibration import Calibration
 from spike_modules import iter_sites
 from spike_modules.quantizer import coding_levels
-from stac_io import OutputExistsError, write_json
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import run
-from stac_lm.saving import load_snn, save_snn
+from stac_common.io import OutputExistsError, write_json
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import run
+from stac_lm.io.saving import load_snn, save_snn
 
 # full mode with own int8; simplified; simplified with a short distillation fine-tune
 RUNS = {"llama": {"simplified": False}, "gpt2": {"simplified": True},

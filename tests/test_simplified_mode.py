@@ -13,10 +13,10 @@ from transformers.activations import SiLUActivation
 import run_conversion
 from spike_modules import iter_sites
 from spike_modules.quantizer import max_exact_burst
-from stac_lm import gates
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import run
-from stac_lm.verify import RELU_NOTE
+from stac_lm.checks import gates
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import run
+from stac_lm.checks.verify import RELU_NOTE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

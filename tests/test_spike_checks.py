@@ -3,7 +3,7 @@
 import torch
 
 from spike_modules import DAQCFSSite
-from stac_lm.verify import AT_CAP_BOUND, spike_checks
+from stac_lm.checks.verify import AT_CAP_BOUND, spike_checks
 
 
 def section(rates, at_cap, bursting=()):

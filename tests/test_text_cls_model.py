@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from calibration import CalibrationConfig, calibrate
 from spike_modules import iter_sites, set_mode, set_timesteps
 from spike_modules.simulation import sequential_mode
-from stac_lm.energy import site_spikes
+from spike_modules.energy import site_spikes
 from text_cls.energy import counting, flops_per_sample
 from text_cls.evaluate import macro_f1, reset_spike_stats
 from text_cls.model import SiteSpec, classify, convert_classifier, float_copy, run_sequential

@@ -9,14 +9,14 @@ import io
 
 import pytest
 from rich.console import Console
-from stac_assets import shakespeare_text
+from stac_common.assets import shakespeare_text
 from tiny_models import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from stac_lm.options import ConvertOptions
-from stac_lm.pipeline import run
-from stac_lm.texts import (CHITCHAT_CONVERSATIONS, calibration_batches, chitchat_text, encode, finetune_windows,
+from stac_lm.convert.options import ConvertOptions
+from stac_lm.convert.pipeline import run
+from stac_lm.convert.texts import (CHITCHAT_CONVERSATIONS, calibration_batches, chitchat_text, encode, finetune_windows,
                            join_documents, load_streams, special_ends)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

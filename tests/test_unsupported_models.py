@@ -1,5 +1,5 @@
 """run_conversion.py refuses a model it cannot convert from its config alone, before any weights or
-tokenizer load, and names the families it converts (``stac_lm.pipeline.check_architecture``)."""
+tokenizer load, and names the families it converts (``stac_lm.convert.pipeline.check_architecture``)."""
 
 import json
 
@@ -8,7 +8,7 @@ import transformers
 from tiny_models import tiny_config
 
 import run_conversion
-from stac_lm.pipeline import causal_families, check_architecture
+from stac_lm.convert.pipeline import causal_families, check_architecture
 
 
 @pytest.fixture

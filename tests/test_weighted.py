@@ -133,7 +133,7 @@ def test_weighted_network_time_stepped_simulation_equals_parallel_mode(arch):
 
 def test_the_frontier_marks_the_default_conversion():
     from bench.frontier import DEFAULT_POINT
-    from stac_lm.options import ConvertOptions
+    from stac_lm.convert.options import ConvertOptions
 
     o = ConvertOptions()
     assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none") == DEFAULT_POINT

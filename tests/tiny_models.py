@@ -10,7 +10,7 @@ import transformers as tf
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
-from stac_assets import shakespeare_text
+from stac_common.assets import shakespeare_text
 
 VOCAB = 320
 

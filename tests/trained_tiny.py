@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from stac_assets import shakespeare_text
+from stac_common.assets import shakespeare_text
 
 STEPS, BATCH, SEQ, LR = 300, 16, 128, 3e-3  # ~16 s on one core
 

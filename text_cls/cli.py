@@ -18,10 +18,10 @@ import argparse
 import sys
 from functools import partial
 
-import stac_cli
-from stac_cli import MAX_TIMESTEPS, Parser
-from stac_cli import fail as cli_fail
-from stac_cli import flag as cli_flag
+import stac_common.cli as stac_cli
+from stac_common.cli import MAX_TIMESTEPS, Parser
+from stac_common.cli import fail as cli_fail
+from stac_common.cli import flag as cli_flag
 
 PROG = "python -m text_cls"
 FLOAT32_ONLY = "text_cls fine-tunes, calibrates and measures in float32, where spike counts are exact whole numbers"
@@ -153,7 +153,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
     stac_cli.float32_only(PROG, given.pop("dtype", None), FLOAT32_ONLY)
-    from stac_assets import MissingAssetError
+    from stac_common.assets import MissingAssetError
 
     from .options import TextClsOptions
 

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stac_assets import PACKAGES, tweets_csv
+from stac_common.assets import PACKAGES, tweets_csv
 
 # the seed documents' hub datasets: classes, max length, and where train/test and columns live
 HUB_DATASETS = {

@@ -1,6 +1,6 @@
 """Operation counts, FLOPs and the energy estimate of DESIGN.md for BERT-family classifiers.
 
-The per-layer conventions and the counting are ``stac_lm.energy``'s; what differs
+The per-layer conventions and the counting are ``spike_modules.energy``'s; what differs
 is attention: a BERT encoder attends both ways, so ``QK^T`` and ``PV`` cost MACs over all
 ``S x S`` query-key pairs of each head (padding inside a batch included: a dense kernel
 computes it). Where the attention probabilities spike, their spikes are counted in the spike
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stac_lm.energy import E_AC_PJ, E_MAC_PJ, OpCounts
-from stac_lm.energy import counting as lm_counting
+from spike_modules.energy import E_AC_PJ, E_MAC_PJ, OpCounts
+from spike_modules.energy import counting as lm_counting
 
 CONVENTION = (
     "ops counted with forward hooks over the whole test set; MAC 4.6 pJ, accumulate (spike x weight) 0.9 pJ (45 nm); "
@@ -27,7 +27,7 @@ CONVENTION = (
     "counted")
 
 
-# stac_lm.energy.counting with bidirectional attention (all S x S query-key pairs)
+# spike_modules.energy.counting with bidirectional attention (all S x S query-key pairs)
 counting = partial(lm_counting, causal=False)
 
 

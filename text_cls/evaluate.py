@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from spike_modules.site import iter_sites, reset_spike_stats, set_mode, set_timesteps  # noqa: F401
-from stac_lm.energy import group_name, site_neurons
+from spike_modules.energy import group_name, site_neurons
 
 from .batching import model_inputs
 from .model import run_sequential

@@ -23,7 +23,7 @@ from spike_modules.quantizer import check_timesteps
 from spike_modules.simulation import sequential_mode
 from spike_modules.site import iter_sites
 from spike_modules.temporal import unfold
-from stac_assets import minilm_dir, not_offline
+from stac_common.assets import minilm_dir, not_offline
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_ALIASES = {"", "embedded", "minilm", "minilm-l6", EMBEDDED_MODEL.lower(),

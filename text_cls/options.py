@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spike_modules.adapters.bert import SITE_SCOPES
-from stac_cli import MAX_TIMESTEPS as MAX_T
+from stac_common.cli import MAX_TIMESTEPS as MAX_T
 
 from .data import DATASETS, FILE_MAX_LEN, FILE_SUFFIXES, HUB_DATASETS, TWEETS, TWEETS_MAX_LEN
 from .model import ACTIVATIONS, NET_ARCHS, NORM_SCHEDULES, SEQUENTIAL_NEURONS

@@ -17,8 +17,8 @@ import torch
 from rich.console import Console
 
 from calibration import Calibration, CalibrationConfig, fit_calibration, observe_sites
-from stac_io import atomic_dir, check_output_free, write_json
-from stac_lm.runtime import StepTimer, resolve_device
+from stac_common.io import atomic_dir, check_output_free, write_json
+from stac_common.runtime import StepTimer, resolve_device
 
 from .batching import Encoded, encode, eval_batches, model_inputs, pick
 from .data import load_splits, write_splits

@@ -22,7 +22,7 @@ from torch import nn
 from calibration import Calibration
 from calibration.artifact import PARAMS as SITE_PARAMS
 from spike_modules.site import iter_sites, set_mode, set_timesteps
-from stac_io import read_saved_config, sha256_file, write_json
+from stac_common.io import read_saved_config, sha256_file, write_json
 
 from .model import SiteSpec, convert_classifier
 

@@ -1,0 +1,275 @@
+"""``ConvertOptions``: every parameter of one conversion run, validated, saved as JSON.
+
+Mode-dependent defaults (``None`` below) are resolved in ``__post_init__``, so a saved
+options file always holds the concrete values that were used:
+
+=================  =====================  ==============
+option             full mode              ``--simplified``
+=================  =====================  ==============
+coding             weighted [1]           rate
+timesteps          7 (weighted), 16 rate  16
+spike_head         on                     off
+spike_probs        off                    off [3]
+threshold_rule     percentile             percentile
+percentile         99.9 (rate: 95.0 [2])  95.0 [2]
+max_burst          2**24 // levels        2**24 // levels
+burst_budget       64 (0: none)           64
+quant_backend      own                    none (int8 is refused)
+int8_rounding      nearest [4]            -
+int8_group_size    0 (a scale per row)    -
+activation         keep                   keep [3]
+calib_tokens       8192                   2048
+=================  =====================  ==============
+
+[1] Weighted spikes at T=7 (127 levels per sign, a level costs its signed-digit spikes): on the
+embedded SmolLM2 and The Tempest, perplexity ratio 1.006, top-1 agreement 0.946 at 0.49 of the
+ANN's energy, where rate coding at T=16 costs 1.17-1.23 (``docs/frontier.json``).
+[2] With rate coding, 85.0 with ``calib_text='chitchat'``: chat replies have many next tokens that
+the ANN itself nearly ties, so a finer step keeps its top-1 choice more often (chit-chat agreement
+0.87 at T=16, against 0.80-0.85 with 95.0); it costs about half as many spikes again
+(``docs/conversational.md``). Weighted coding gets its finer steps from more levels instead.
+[3] Simplified mode is the fast, float-weight conversion: per-channel percentile thresholds with
+bursts and no ``psi``/``phi`` fit, the LM head dense: on the embedded SmolLM2 and The Tempest,
+perplexity ratio 1.039 / top-1 0.864 at T=16 and 1.011 / 0.927 at T=32, converted in 95-98 s on
+the shared 2-core CPU (``docs/bench_convert_simplified.json``).
+The attention probabilities stay in the rate domain in both modes: spiked (``spike_probs``), they
+leave parallel mode's perplexity nearly as it was but make the time-stepped network drift from it
+(top-1 of sequential against parallel mode 0.63 at T=16 in simplified mode, 0.88 without).
+``activation='relu'`` swaps SiLU/GELU for ReLU, which breaks a pretrained LM without fine-tuning
+(the report says so and measures it).
+[4] ``gptq`` rounds the same int8 format with GPTQ's error compensation on the calibration
+inputs (``calibration.gptq``). Not the default: its statistics and rounding take minutes on two
+cores against a 4-minute conversion. Scales per group of input columns (``int8_group_size``) did
+not keep more of the ANN's replies on the embedded SmolLM2 (``docs/generation_fidelity.md``) and
+cost energy, so one scale per row stays the default.
+``finetune_text='replies'`` distils on the ANN's own greedy chat replies (``stac_lm.convert.replies``)
+instead of the calibration text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from stac_common.assets import EMBEDDED_LM, is_embedded_lm
+from stac_common.cli import MAX_TIMESTEPS as MAX_CLI_TIMESTEPS  # the one T range of every CLI
+
+CHITCHAT = "chitchat"  # --calib_text keyword: the embedded chit-chat data in the chat template (stac_lm.convert.texts)
+CHAT_PERCENTILE = 85.0  # full mode's default threshold percentile with --calib_text chitchat (see [1] above)
+
+DEFAULT_CODING = {"full": "weighted", "simplified": "rate"}
+DEFAULT_TIMESTEPS = {"rate": 16, "weighted": 7}  # weighted: 2**7 - 1 = 127 levels per sign
+DEVICES = ("auto", "cpu", "cuda")
+THRESHOLD_RULES = ("max", "percentile", "mse")
+QUANT_BACKENDS = ("own", "bnb", "torchao", "none")
+ACTIVATIONS = ("keep", "relu")
+INT8_ROUNDINGS = ("nearest", "gptq")
+FINETUNE_TEXTS = ("calib", "replies")  # replies: the ANN's greedy chat replies (stac_lm.convert.replies)
+DEFAULT_INT8_GROUP = 0  # one scale per output row
+EVAL_WINDOW = 512  # the fixed perplexity protocol of stac_lm.eval.perplexity
+FORMAT_VERSION = 1
+
+
+def surrogate_names() -> tuple[str, ...]:
+    """Surrogate-gradient classes SpikingJelly offers (``spikingjelly.activation_based.surrogate``)."""
+    import inspect
+
+    from spikingjelly.activation_based import surrogate
+
+    base = surrogate.SurrogateFunctionBase
+    return tuple(sorted(n for n, c in inspect.getmembers(surrogate, inspect.isclass)
+                        if issubclass(c, base) and c is not base))
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """One conversion run (the CLI's flags, same names). ``None`` means "the mode's default".
+
+    Raises:
+        ValueError: any value out of range, an unknown choice, int8 asked in simplified mode,
+            a missing text file, or the same file given for calibration and evaluation.
+    """
+
+    model_name: str = "embedded"
+    simplified: bool = False
+    timesteps: int | None = None
+    coding: str | None = None
+    spike_head: bool | None = None
+    spike_probs: bool | None = None
+    output_dir: str | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    calib_text: str | None = None
+    calib_tokens: int | None = None
+    eval_text: str | None = None
+    eval_tokens: int = 4096
+    threshold_rule: str | None = None
+    percentile: float | None = None
+    quant_backend: str | None = None
+    int8_rounding: str | None = None
+    int8_group_size: int | None = None
+    activation: str | None = None
+    max_burst: int | None = None
+    burst_budget: int | None = None
+    finetune_steps: int = 0
+    finetune_text: str = "calib"
+    finetune_weight_lr: float | None = None
+    surrogate_function: str = "Sigmoid"
+    use_sparse: bool = False
+    verify: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        # spike_modules imports torch: here, not at the top, so the CLI's --help does not load it
+        from spike_modules.quantizer import CODINGS, check_max_burst, coding_levels, max_exact_burst
+
+        full = not self.simplified
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: resolve defaults once)
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise ValueError("model_name must be a non-empty string (a hub name, a local folder, or 'embedded')")
+        if self.coding is None:
+            set_("coding", DEFAULT_CODING[self.mode])
+        _check_choice("coding", self.coding, CODINGS)
+        if self.timesteps is None:
+            set_("timesteps", DEFAULT_TIMESTEPS[self.coding])
+        _check_int("timesteps", self.timesteps, 1, MAX_CLI_TIMESTEPS)
+        coding_levels(self.timesteps, self.coding)  # weighted coding takes at most 16 steps
+        if self.spike_head is None:
+            set_("spike_head", full)
+        if not isinstance(self.spike_head, bool):
+            raise ValueError(f"spike_head must be true or false, got {self.spike_head!r}")
+        if self.spike_probs is None:
+            set_("spike_probs", False)  # both modes: see [3]
+        if not isinstance(self.spike_probs, bool):
+            raise ValueError(f"spike_probs must be true or false, got {self.spike_probs!r}")
+        _check_choice("device", self.device, DEVICES)
+        if self.threshold_rule is None:
+            set_("threshold_rule", "percentile")
+        _check_choice("threshold_rule", self.threshold_rule, THRESHOLD_RULES)
+        if self.percentile is None:
+            # rate coding, either mode: a finer step, bursts carry the tail (bench/convert.py), finer still for
+            # chat text; weighted coding gets its finer steps from more levels
+            rate = self.coding == "rate"
+            set_("percentile", (CHAT_PERCENTILE if self.calib_text == CHITCHAT else 95.0) if rate else 99.9)
+        if self.max_burst is None:
+            # both modes: bursts carry the rare huge activations that plain IF neurons (1) would clip
+            set_("max_burst", max_exact_burst(self.timesteps, self.coding))
+        check_max_burst(self.max_burst, self.timesteps, self.coding)
+        if self.burst_budget is None:
+            set_("burst_budget", min(64, self.max_burst))
+        if self.burst_budget is not None:
+            _check_int("burst_budget", self.burst_budget, 0, self.max_burst)  # 0: no budget
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if self.quant_backend is None:
+            set_("quant_backend", "own" if full else "none")
+        _check_choice("quant_backend", self.quant_backend, QUANT_BACKENDS)
+        if self.int8_rounding is None:
+            set_("int8_rounding", "nearest")  # gptq on request: see [4]
+        _check_choice("int8_rounding", self.int8_rounding, INT8_ROUNDINGS)
+        if self.int8_group_size is None:
+            set_("int8_group_size", DEFAULT_INT8_GROUP if self.quant_backend == "own" else 0)
+        _check_int("int8_group_size", self.int8_group_size, 0)
+        if self.quant_backend != "own" and (self.int8_rounding != "nearest" or self.int8_group_size):
+            raise ValueError(f"--int8_rounding gptq and --int8_group_size are built by --quant_backend own only "
+                             f"(asked: backend {self.quant_backend}, rounding {self.int8_rounding}, group size "
+                             f"{self.int8_group_size}); use --quant_backend own or drop them")
+        if self.simplified and self.quant_backend != "none":
+            raise ValueError(f"--simplified does not quantize weights (quant_backend {self.quant_backend!r} asked); "
+                             "drop --quant_backend, or drop --simplified for 8-bit weights")
+        if self.activation is None:
+            set_("activation", "keep")  # relu only when asked: without fine-tuning it breaks a pretrained LM
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        if self.calib_tokens is None:
+            set_("calib_tokens", 8192 if full else 2048)
+        _check_int("calib_tokens", self.calib_tokens, 1)
+        _check_int("eval_tokens", self.eval_tokens, EVAL_WINDOW)
+        _check_int("finetune_steps", self.finetune_steps, 0)
+        _check_choice("finetune_text", self.finetune_text, FINETUNE_TEXTS)
+        if self.finetune_text != "calib" and not self.finetune_steps:
+            raise ValueError(f"--finetune_text {self.finetune_text} chooses the distillation text, but "
+                             "--finetune_steps is 0 (no distillation); give --finetune_steps N")
+        if self.finetune_weight_lr is None:
+            # after a ReLU swap the weights must adapt; otherwise thresholds and shifts are enough
+            set_("finetune_weight_lr", 1e-5 if self.activation == "relu" else 0.0)
+        if isinstance(self.finetune_weight_lr, bool) or not isinstance(self.finetune_weight_lr, (int, float)) \
+                or not 0.0 <= self.finetune_weight_lr < 1.0:
+            raise ValueError(f"finetune_weight_lr must be in [0, 1), got {self.finetune_weight_lr!r}")
+        _check_int("seed", self.seed, 0)
+        for key in ("simplified", "overwrite", "use_sparse", "verify"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.use_sparse and not self.verify:
+            raise ValueError("--use_sparse applies to the sequential simulation, which only verification runs; "
+                             "drop --no-verify or --use_sparse")
+        self._check_texts()
+        names = surrogate_names()  # last: the only check that imports SpikingJelly (and torch)
+        if self.surrogate_function not in names:
+            raise ValueError(f"unknown surrogate_function {self.surrogate_function!r}; SpikingJelly offers: "
+                             f"{', '.join(names)}")
+        if self.output_dir is None:
+            set_("output_dir", str(Path("out") / f"snn_{self.model_slug}_T{self.timesteps}_{self.mode}"))
+
+    def _check_texts(self) -> None:
+        for key in ("calib_text", "eval_text"):
+            path = getattr(self, key)
+            if key == "calib_text" and path == CHITCHAT:  # rendered from the embedded chit-chat data
+                continue
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{key} {path}: no such file")
+        if self.calib_text is not None and self.eval_text is not None \
+                and Path(self.calib_text).resolve() == Path(self.eval_text).resolve():
+            raise ValueError(f"--calib_text and --eval_text are the same file ({self.calib_text}); evaluation "
+                             "text must be kept apart from calibration text: give another file for one of them")
+
+    @property
+    def mode(self) -> str:
+        return "simplified" if self.simplified else "full"
+
+    @property
+    def model_slug(self) -> str:
+        """A file-name-safe short name of the source model."""
+        name = EMBEDDED_LM if is_embedded_lm(self.model_name) else Path(self.model_name.rstrip("/")).name
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "model"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConvertOptions":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a file from another version)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"conversion options must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown conversion option(s) {unknown}; known: {', '.join(sorted(known))}")
+        if "quant_backend" in d and "int8_rounding" not in d:  # saved before GPTQ and groups: nearest, per row
+            d = dict(d, int8_rounding="nearest", int8_group_size=0)
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ConvertOptions":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"conversion options are not valid JSON ({e})") from None

@@ -1,0 +1,2 @@
+"""KV-cached multi-turn generation with a converted LM: ``TemporalSpikeProcessor`` (``processor``)
+and its sampling (``sampling``)."""
