@@ -47,7 +47,7 @@ def calibration_config(opts: TextClsOptions, T: int, fit_affine: bool) -> Calibr
 
 
 def _run_batch(model, batch) -> None:
-    model(**model_inputs(batch))
+    model(**model_inputs(batch, next(model.parameters()).device))
 
 
 def machine_info(device: torch.device) -> dict:
