@@ -92,3 +92,23 @@ def test_bad_new_flags_exit_2(tmp_path, capsys, args, message):
         main(["--savedir", str(tmp_path / "out"), "--no-progress", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flags, expected", [([], 0.5), (["--distill", "0.8"], 0.8)])
+def test_bench_passes_the_distillation_weight_to_the_run(monkeypatch, tmp_path, flags, expected):
+    import bench.text_cls as bench
+
+    seen = {}
+
+    def fake_run(opts):
+        seen["distill"] = opts.distill
+        raise _Stop
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    with pytest.raises(_Stop):
+        bench.main(["--out", str(tmp_path / "b.json"), "--savedir", str(tmp_path / "run"), *flags])
+    assert seen == {"distill": expected}
