@@ -112,3 +112,20 @@ def test_bench_passes_the_distillation_weight_to_the_run(monkeypatch, tmp_path, 
     with pytest.raises(_Stop):
         bench.main(["--out", str(tmp_path / "b.json"), "--savedir", str(tmp_path / "run"), *flags])
     assert seen == {"distill": expected}
+
+
+def test_a_cuda_device_without_an_index_is_set_as_gpu_0(monkeypatch, tmp_path):
+    """--device auto resolves to "cuda" with no index, which torch.cuda.set_device refuses."""
+    import text_cls.pipeline as pipeline
+
+    seen = []
+
+    def fake_set_device(device):
+        seen.append(device)
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "set_device", fake_set_device)
+    with pytest.raises(_Stop):
+        run(TextClsOptions(savedir=str(tmp_path / "run"), progress=False))
+    assert seen == [torch.device("cuda", 0)]
