@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency_timesteps", default=str(DEFAULT_T),
                    help="the T's timed side by side after the run, comma-separated (default 8)")
     p.add_argument("--max_len", type=int, default=None)
+    p.add_argument("--distill", type=float, default=None,
+                   help="weight of the distillation term of the DA-QCFS fine-tune (default: the run's, 0.5)")
     p.add_argument("--norm_schedule", default="causal", choices=("causal", "held"),
                    help="the run's LayerNorm schedule in the sequential simulation")
     p.add_argument("--sequential_neuron", default="catch_up", choices=("catch_up", "if"),
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: getattr(args, k) for k in ("max_train_samples", "max_eval_samples", "threads", "model_name", "train_file",
                                       "test_file", "text_column", "label_column", "max_len")
              if getattr(args, k)}
+    if args.distill is not None:
+        given["distill"] = args.distill
     if args.sequential_samples is not None:
         given["sequential_samples"] = None if args.sequential_samples == "all" else int(args.sequential_samples)
     try:

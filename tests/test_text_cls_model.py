@@ -248,3 +248,22 @@ def test_catch_up_neurons_are_kept_through_save_and_load_and_change_only_the_sim
     assert torch.equal(run_sequential(model, x["input_ids"], x["attention_mask"], 8), seq_plain)
     with pytest.raises(ValueError, match="sequential_neuron must be one of catch_up, if"):
         SiteSpec("all", "keep", 8, "causal", "lazy")
+
+
+def test_calibration_batches_go_to_the_device_of_the_model():
+    """The site observation pass feeds CPU batches to the model where its weights are (it failed on CUDA)."""
+    from text_cls.pipeline import _run_batch
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="meta"))
+            self.seen = {}
+
+        def forward(self, **inputs):
+            self.seen = {k: v.device.type for k, v in inputs.items()}
+
+    model = Recorder()
+    _run_batch(model, {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3),
+                       "labels": torch.zeros(2, dtype=torch.long)})
+    assert model.seen == {"input_ids": "meta", "attention_mask": "meta"}

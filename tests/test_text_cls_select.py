@@ -92,3 +92,40 @@ def test_bad_new_flags_exit_2(tmp_path, capsys, args, message):
         main(["--savedir", str(tmp_path / "out"), "--no-progress", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flags, expected", [([], 0.5), (["--distill", "0.8"], 0.8)])
+def test_bench_passes_the_distillation_weight_to_the_run(monkeypatch, tmp_path, flags, expected):
+    import bench.text_cls as bench
+
+    seen = {}
+
+    def fake_run(opts):
+        seen["distill"] = opts.distill
+        raise _Stop
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    with pytest.raises(_Stop):
+        bench.main(["--out", str(tmp_path / "b.json"), "--savedir", str(tmp_path / "run"), *flags])
+    assert seen == {"distill": expected}
+
+
+def test_a_cuda_device_without_an_index_is_set_as_gpu_0(monkeypatch, tmp_path):
+    """--device auto resolves to "cuda" with no index, which torch.cuda.set_device refuses."""
+    import text_cls.pipeline as pipeline
+
+    seen = []
+
+    def fake_set_device(device):
+        seen.append(device)
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "set_device", fake_set_device)
+    with pytest.raises(_Stop):
+        run(TextClsOptions(savedir=str(tmp_path / "run"), progress=False))
+    assert seen == [torch.device("cuda", 0)]

@@ -47,7 +47,7 @@ def calibration_config(opts: TextClsOptions, T: int, fit_affine: bool) -> Calibr
 
 
 def _run_batch(model, batch) -> None:
-    model(**model_inputs(batch))
+    model(**model_inputs(batch, next(model.parameters()).device))
 
 
 def machine_info(device: torch.device) -> dict:
@@ -75,7 +75,8 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
     device = resolve_device(opts.device)
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    if device.type == "cuda":
+    if device.type == "cuda":  # "cuda" (from --device auto) names no index, and set_device refuses it
+        device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     step = StepTimer(console, opts.progress)
     with step("read data", spinner=True):
