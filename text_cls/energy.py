@@ -1,4 +1,4 @@
-"""Operation counts, FLOPs and the energy estimate of DESIGN.md for BERT-family classifiers.
+"""Operation counts, FLOPs and the energy estimate of docs/design.md section 4 for BERT-family classifiers.
 
 The per-layer conventions and the counting are ``spike_modules.energy``'s; what differs
 is attention: a BERT encoder attends both ways, so ``QK^T`` and ``PV`` cost MACs over all

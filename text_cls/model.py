@@ -83,7 +83,7 @@ class SiteSpec:
     ``all`` (every encoder linear input plus the attention probabilities). ``activation``:
     ``keep`` GELU (rate domain, signed FFN site) or swap to ``relu``. ``norms``: the LayerNorms'
     schedule in the sequential simulation, ``causal`` (per-step differences of the norm of the
-    running mean, DESIGN.md section 1) or ``held`` (the norm of the mean over the T steps, the same
+    running mean, docs/design.md section 2) or ``held`` (the norm of the mean over the T steps, the same
     value at every step: each norm waits for its window, as a float op between spiking stages).
     ``sequential``: the sites' neurons in the sequential simulation, ``catch_up`` (a step may fire
     every spike the count still allows, and take back spikes fired too early:

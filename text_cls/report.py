@@ -7,16 +7,16 @@ from pathlib import Path
 from rich.table import Table
 
 GELU_NOTE = {
-    "keep": "GELU kept (DESIGN.md): it runs in the rate domain in the sequential simulation, and the site after it "
+    "keep": "GELU kept (docs/design.md section 2): it runs in the rate domain in the sequential simulation, and the site after it "
             "is signed because GELU dips to -0.17",
     "relu": "GELU swapped for ReLU before fine-tuning (the site after it is unsigned); the swap damages a "
             "pretrained model until it is fine-tuned",
 }
 NORM_NOTE = {
     "causal": "LayerNorms in the sequential simulation: causal, per-step differences of the norm of the running "
-              "mean (DESIGN.md section 1); `--norm_schedule held` holds the norm of the window's mean instead",
+              "mean (docs/design.md section 2); `--norm_schedule held` holds the norm of the window's mean instead",
     "held": "LayerNorms in the sequential simulation: held, the norm of the mean over the T steps emitted at every "
-            "step (each norm waits for its window; not DESIGN.md's causal default)",
+            "step (each norm waits for its window; not the causal default of docs/design.md section 2)",
 }
 NEURON_NOTE = {
     "catch_up": "Sequential neurons: catch-up (`BurstIFNeuron(catch_up=True)`): a step may fire every spike the "
@@ -71,7 +71,7 @@ def markdown(results: dict) -> str:
         f"{r['flops_per_sample_ann'] / 1e9:.3f} G, SNN parallel at T={r['per_T'][-1]['T']} "
         f"{r['per_T'][-1]['flops_per_sample_parallel'] / 1e9:.3f} G, sequential "
         f"{r['per_T'][-1]['flops_per_sample_sequential'] / 1e9:.3f} G.",
-        f"- Energy (DESIGN.md, 45 nm; memory traffic not counted): coverage {e['coverage']:.3f} of the MACs are "
+        f"- Energy (docs/design.md section 4, 45 nm; memory traffic not counted): coverage {e['coverage']:.3f} of the MACs are "
         "spike-driven; " + e["convention"] + ".",
         f"- Spike rate: spikes per neuron per timestep over the test set (signed sites count |spikes|), "
         "parallel neurons; the sequential neurons' rate is in results.json.",
