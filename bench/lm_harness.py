@@ -75,7 +75,7 @@ def page(result: dict) -> str:
     from stac_lm.eval.lm_eval_tasks.tempest import MAX_CONTEXT_LINES
 
     m = result["machine"]
-    machine = (f"{m['cpu_count']}-CPU {m['platform']}, torch {m['torch']} with {m['threads']} threads, shared "
+    machine = (f"{m['cpu_count']}-CPU {m['platform']}, torch {m['torch']} with {m['threads']} thread{'s' if m['threads'] != 1 else ''}, shared "
                f"(load average {m['load_average_1_5_15min_at_end'][0]:.1f} at the end)")
     # the JSON's keys are sorted: the ANN first, then the SNNs by mode and T
     order = sorted(result["results"], key=lambda k: (k != "ANN", k.split(" T=")[0], int(k.split("T=")[-1] or 0)
