@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency_timesteps", default=str(DEFAULT_T),
                    help="the T's timed side by side after the run, comma-separated (default 8)")
     p.add_argument("--max_len", type=int, default=None)
+    p.add_argument("--float_loss", type=float, default=None,
+                   help="weight of the float network's cross-entropy in the DA-QCFS fine-tune (default: the run's, 0)")
     p.add_argument("--distill", type=float, default=None,
                    help="weight of the distillation term of the DA-QCFS fine-tune (default: the run's, 0.5)")
     p.add_argument("--norm_schedule", default="causal", choices=("causal", "held"),
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
              if getattr(args, k)}
     if args.distill is not None:
         given["distill"] = args.distill
+    if args.float_loss is not None:
+        given["float_loss"] = args.float_loss
     if args.sequential_samples is not None:
         given["sequential_samples"] = None if args.sequential_samples == "all" else int(args.sequential_samples)
     try:

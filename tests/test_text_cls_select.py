@@ -85,6 +85,8 @@ def test_sequential_runs_on_the_subset_and_results_say_how_many_samples_each_sta
 @pytest.mark.parametrize("args,message", [
     (["--threshold_candidates", "mse,bogus"], "unknown threshold rule"),
     (["--distill", "1.5"], "distill must be a number in [0.0, 1.0]"),
+    (["--float_loss", "-1"], "float_loss must be a number in [0.0, 1.0]"),
+    (["--float_loss", "0.5", "--ann_epochs", "1"], "float_loss trains the float network"),
     (["--sequential_samples", "0"], "sequential_samples must be an integer >= 1"),
 ])
 def test_bad_new_flags_exit_2(tmp_path, capsys, args, message):
@@ -129,3 +131,20 @@ def test_a_cuda_device_without_an_index_is_set_as_gpu_0(monkeypatch, tmp_path):
     with pytest.raises(_Stop):
         run(TextClsOptions(savedir=str(tmp_path / "run"), progress=False))
     assert seen == [torch.device("cuda", 0)]
+
+
+def test_float_loss_adds_the_float_networks_cross_entropy_to_the_fine_tune(tmp_path):
+    """--float_loss W: every DA-QCFS step also runs the batch with the sites off and adds W times its
+    cross-entropy. With a learning rate too small to move the weights, the recorded loss grows by about
+    W times the float network's cross-entropy (about ln 3 for a fresh 3-class head)."""
+    save_tiny_bert(tmp_path / "bert")
+    write_file(tmp_path / "train.csv", synthetic_rows(120, seed=3))
+    losses = {}
+    for w in (0.0, 0.5):
+        opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
+                              savedir=str(tmp_path / f"run{w}"), time_steps=(8,), time_step=8, sequential_samples=4,
+                              threshold_candidates=(), float_loss=w, **{**FAST, "snn_learning_rate": 1e-12})
+        qcfs = run(opts)["training"]["qcfs"]
+        assert qcfs["float_loss"] == w
+        losses[w] = qcfs["first_loss"]
+    assert 0.25 < losses[0.5] - losses[0.0] < 1.0, losses

@@ -134,6 +134,10 @@ def build_parser() -> Parser:
     flag(g, "distill", dest="distill", type=float, metavar="W",
          help="weight of distillation from the float ANN's logits in the DA-QCFS fine-tune, 0..1 (default 0.5; "
               "0: labels only)")
+    flag(g, "float_loss", dest="float_loss", type=float, metavar="W",
+         help="weight of the float network's own cross-entropy in the DA-QCFS fine-tune, 0..1 (default 0: off): "
+              "each batch also runs with the sites off, so the shared weights keep learning the labels as a float "
+              "network while the quantized pass follows it through --distill")
     flag(g, "calib_samples", dest="calib_samples", type=int, metavar="N",
          help="training samples seen by calibration (default 256)")
     g = p.add_argument_group("run")

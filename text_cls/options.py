@@ -92,6 +92,7 @@ class TextClsOptions:
     percentile: float = 99.9
     threshold_candidates: tuple[str, ...] = ("mse",)
     distill: float = 0.5
+    float_loss: float = 0.0
     calib_samples: int = 256
     device: str = "auto"
     savedir: str | None = None
@@ -145,6 +146,10 @@ class TextClsOptions:
         for rule in self.threshold_candidates:
             _choice("each of threshold_candidates", rule, THRESHOLD_RULES)
         _float("distill", self.distill, 0.0, 1.0, lo_open=False)
+        _float("float_loss", self.float_loss, 0.0, 1.0, lo_open=False)
+        if self.float_loss and self.ann_epochs:
+            raise ValueError("float_loss trains the float network that shares the DA-QCFS network's weights; with "
+                             "ann_epochs the reference is a separate float network: use one or the other")
         device = str(self.device).lower()
         if not DEVICE_RE.match(device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or a GPU index N, got {self.device!r}")

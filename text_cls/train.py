@@ -48,7 +48,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
 def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, lr: float, seed: int,
               accelerator, timesteps: tuple[int, ...] | None = None, freeze_embeddings: bool = True,
               desc: str = "fine-tune", progress: bool = True, distill: float = 0.0,
-              teacher: nn.Module | None = None) -> dict:
+              teacher: nn.Module | None = None, float_loss: float = 0.0) -> dict:
     """Train ``model`` in place on ``data`` for ``epochs``; returns a summary (losses, seconds).
 
     Args:
@@ -66,11 +66,20 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             included), not only to fit the labels.
         teacher: the float ANN; ``None`` means ``model`` itself with its sites off (the same weights
             run as a float network, the default reference), computed without gradients.
+        float_loss: weight of a second term (DA-QCFS phase, ``teacher`` None): the cross-entropy of
+            the same batch through the float network (sites off, dropout on, with gradients), so the
+            shared weights keep learning the labels as a float network while the quantized pass
+            follows it through ``distill``. 0 (default): off.
     """
     if not 0.0 <= distill <= 1.0:
         raise ValueError(f"distill must be in [0, 1], got {distill}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if float_loss < 0.0:
+        raise ValueError(f"float_loss must be >= 0, got {float_loss}")
+    if float_loss and teacher is not None:
+        raise ValueError("float_loss trains the float network that shares the quantized one's weights; with a "
+                         "separate teacher (--ann_epochs) that network is not the reference: use one or the other")
     word = model.get_input_embeddings()
     params = [p for p in model.parameters() if p.requires_grad and not (freeze_embeddings and p is word.weight)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -101,6 +110,8 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
                         loss = distill_loss(wrapped(**batch).logits, target, batch["labels"], distill)
                     else:
                         loss = wrapped(**batch).loss
+                    if float_loss and timesteps is not None:
+                        loss = loss + float_loss * _float_pass_loss(model, wrapped, batch)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch + 1}, "
                                                  f"batch {i + 1}; lower --learning_rate")
@@ -116,11 +127,21 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
         if timesteps is not None:
             set_mode(model, "ann")
     n = len(losses)
-    return {"epochs": epochs, "distill": distill if timesteps is not None else 0.0, "steps": n, "samples": len(data), "batch_size": batch_size, "lr": lr,
+    return {"epochs": epochs, "distill": distill if timesteps is not None else 0.0,
+            "float_loss": float_loss if timesteps is not None else 0.0, "steps": n, "samples": len(data), "batch_size": batch_size, "lr": lr,
             "timesteps": list(timesteps) if timesteps else None, "freeze_embeddings": freeze_embeddings,
             "first_loss": sum(losses[:10]) / min(10, n) if n else None,
             "last_loss": sum(losses[-10:]) / min(10, n) if n else None,
             "seconds": time.perf_counter() - t0, "sites": sum(1 for _ in iter_sites(model))}
+
+
+def _float_pass_loss(model: nn.Module, wrapped: nn.Module, batch: dict) -> torch.Tensor:
+    """Cross-entropy of ``batch`` through ``model`` with its sites off (training mode, with gradients)."""
+    set_mode(model, "ann")
+    try:
+        return wrapped(**batch).loss
+    finally:
+        set_mode(model, "quant")
 
 
 @torch.no_grad()
