@@ -100,20 +100,22 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("flags, expected", [([], 0.5), (["--distill", "0.8"], 0.8)])
-def test_bench_passes_the_distillation_weight_to_the_run(monkeypatch, tmp_path, flags, expected):
+@pytest.mark.parametrize("flags, expected", [([], {"distill": 0.5, "float_loss": 0.0}),
+                                              (["--distill", "0.8"], {"distill": 0.8, "float_loss": 0.0}),
+                                              (["--float_loss", "1.0"], {"distill": 0.5, "float_loss": 1.0})])
+def test_bench_passes_the_distillation_weights_to_the_run(monkeypatch, tmp_path, flags, expected):
     import bench.text_cls as bench
 
     seen = {}
 
     def fake_run(opts):
-        seen["distill"] = opts.distill
+        seen.update(distill=opts.distill, float_loss=opts.float_loss)
         raise _Stop
 
     monkeypatch.setattr(bench, "run", fake_run)
     with pytest.raises(_Stop):
         bench.main(["--out", str(tmp_path / "b.json"), "--savedir", str(tmp_path / "run"), *flags])
-    assert seen == {"distill": expected}
+    assert seen == expected
 
 
 def test_a_cuda_device_without_an_index_is_set_as_gpu_0(monkeypatch, tmp_path):
