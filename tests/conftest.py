@@ -1,4 +1,5 @@
-"""Session fixtures shared by test files: the trained tiny Llama (trained once per session)."""
+"""Session fixtures shared by test files: the trained tiny Llama (trained once per session) and its SNN
+(converted once per session)."""
 
 import pytest
 import torch
@@ -19,3 +20,16 @@ def one_thread():
 def trained_llama(tmp_path_factory):
     """A tiny Llama trained on Hamlet (``trained_tiny``), saved as a Hugging Face folder."""
     return save_trained(tmp_path_factory.mktemp("trained_llama") / "model", "llama")
+
+
+@pytest.fixture(scope="session")
+def trained_snn_dir(trained_llama, tmp_path_factory):
+    """The trained tiny Llama converted in full mode (rate coding, T=8) and saved, once per session;
+    each test module loads its own copy from the directory."""
+    from stac_lm.convert.options import ConvertOptions
+    from stac_lm.convert.pipeline import run
+
+    out = tmp_path_factory.mktemp("trained_snn") / "snn"
+    run(ConvertOptions(model_name=str(trained_llama), output_dir=str(out), calib_tokens=256, eval_tokens=512,
+                       verify=False, timesteps=8, coding="rate"), progress=False)
+    return out

@@ -439,7 +439,7 @@ def test_corrupt_directory_is_one_line_error(snn_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_smollm2_chat():
-    """Set STAC_CHAT_MODEL_DIR to a converted SmolLM2 directory (make chat writes out/chat_smollm2_T16)."""
+    """Set STAC_CHAT_MODEL_DIR to a converted SmolLM2 directory (make chat writes out/chat_smollm2_T7)."""
     model_dir = os.environ.get("STAC_CHAT_MODEL_DIR")
     if not model_dir:
         pytest.skip("set STAC_CHAT_MODEL_DIR to a converted SmolLM2 directory")

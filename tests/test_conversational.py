@@ -62,12 +62,10 @@ def calibrations(saved):
 
 
 @pytest.fixture(scope="module")
-def trained(trained_llama, tmp_path_factory):
+def trained(trained_snn_dir):
     """The trained tiny Llama converted in full mode at T: ``(snn, tokenizer, ann, calibration config)``."""
-    out = tmp_path_factory.mktemp("trained") / "snn"
-    run(ConvertOptions(model_name=str(trained_llama), output_dir=str(out), calib_tokens=256, eval_tokens=512,
-                       verify=False, timesteps=T, coding="rate"), progress=False)
-    snn, tok, config = load_snn(out)
+    snn, tok, config = load_snn(trained_snn_dir)
+    assert config["timesteps"] == T
     return snn, tok, suite.load_ann(config, torch.device("cpu")), CalibrationConfig(**config["calibration_config"])
 
 

@@ -7,8 +7,6 @@ import torch
 
 from spike_modules import iter_sites
 from stac_lm.checks import free_running, suite
-from stac_lm.convert.options import ConvertOptions
-from stac_lm.convert.pipeline import run
 from stac_lm.generate.processor import TemporalSpikeProcessor
 from stac_lm.io.saving import load_snn
 
@@ -19,11 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(trained_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fidelity") / "snn"
-    run(ConvertOptions(model_name=str(trained_llama), output_dir=str(out), calib_tokens=256, eval_tokens=512,
-                       verify=False, timesteps=T, coding="rate"), progress=False)
-    snn, tok, config = load_snn(out)
+def trained(trained_snn_dir):
+    snn, tok, config = load_snn(trained_snn_dir)
+    assert config["timesteps"] == T
     return snn, tok, suite.load_ann(config, torch.device("cpu"))
 
 
