@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text_column", default=None)
     p.add_argument("--label_column", default=None)
     p.add_argument("--sequential_samples", default=None,
-                   help="test samples of the sequential simulation, or 'all' (default: the run's default)")
+                   help="test samples of the sequential simulation, 'all' or 'auto' (default: the run's, auto)")
     p.add_argument("--latency_timesteps", default=str(DEFAULT_T),
                    help="the T's timed side by side after the run, comma-separated (default 8)")
     p.add_argument("--max_len", type=int, default=None)
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.float_loss is not None:
         given["float_loss"] = args.float_loss
     if args.sequential_samples is not None:
-        given["sequential_samples"] = None if args.sequential_samples == "all" else int(args.sequential_samples)
+        given["sequential_samples"] = (None if args.sequential_samples == "all" else "auto"
+                                       if args.sequential_samples == "auto" else int(args.sequential_samples))
     try:
         opts = TextClsOptions(savedir=str(savedir), overwrite=args.overwrite, time_steps=sweep,
                               spike_sites=args.spike_sites, norm_schedule=args.norm_schedule,

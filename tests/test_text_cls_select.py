@@ -88,6 +88,8 @@ def test_sequential_runs_on_the_subset_and_results_say_how_many_samples_each_sta
     (["--float_loss", "-1"], "float_loss must be a number in [0.0, 1.0]"),
     (["--float_loss", "0.5", "--ann_epochs", "1"], "float_loss trains the float network"),
     (["--sequential_samples", "0"], "sequential_samples must be an integer >= 1"),
+    (["--sequential_samples", "some"], "expected a number of samples or 'all'"),
+    (["--train_thresholds", "median"], "invalid choice"),
 ])
 def test_bad_new_flags_exit_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -150,3 +152,68 @@ def test_float_loss_adds_the_float_networks_cross_entropy_to_the_fine_tune(tmp_p
         assert qcfs["float_loss"] == w
         losses[w] = qcfs["first_loss"]
     assert 0.25 < losses[0.5] - losses[0.0] < 1.0, losses
+
+
+def test_auto_sequential_subset_follows_the_texts_length():
+    """'auto': 8192 tokens' worth of samples, 32 to 256; a number or None (all) is taken as given."""
+    from text_cls.batching import SEQUENTIAL_TOKENS, sequential_count
+
+    def data(n, length):
+        mask = torch.zeros(n, 160, dtype=torch.long)
+        mask[:, :length] = 1
+        return Encoded(torch.ones(n, 160, dtype=torch.long), mask, torch.zeros(n, dtype=torch.long))
+
+    assert sequential_count(data(800, 32), "auto") == 256
+    assert sequential_count(data(800, 128), "auto") == SEQUENTIAL_TOKENS // 128 == 64
+    assert sequential_count(data(800, 160), "auto") == round(SEQUENTIAL_TOKENS / 160)
+    assert sequential_count(data(800, 20), "auto") == 256 and sequential_count(data(10, 100), "auto") == 82
+    assert sequential_count(data(800, 128), 100) == 100 and sequential_count(data(800, 128), None) is None
+    assert TextClsOptions(progress=False).sequential_samples == "auto"
+
+
+class _Recorder:
+    """Stands for a per-T calibration: records when the fine-tune applies it."""
+
+    def __init__(self, T, seen):
+        from calibration import CalibrationConfig
+
+        self.T, self.seen, self.config = T, seen, CalibrationConfig(T=T, rule="mse")
+
+    def apply_to(self, model):
+        from spike_modules.site import set_timesteps
+
+        self.seen.append(self.T)
+        set_timesteps(model, self.T)
+
+
+def test_per_T_training_thresholds_are_applied_as_the_cycle_moves(tmp_path):
+    """--train_thresholds RULE: each DA-QCFS batch runs with the thresholds fitted for its T."""
+    from accelerate import Accelerator
+
+    from text_cls.batching import encode
+    from text_cls.model import SiteSpec, convert_classifier, load_classifier
+    from text_cls.train import finetune_
+
+    save_tiny_bert(tmp_path / "bert")
+    model, tok = load_classifier(str(tmp_path / "bert"), 3, {0: "a", 1: "b", 2: "c"})
+    snn = convert_classifier(model, SiteSpec(T=4))
+    rows = [(r["text"], i % 3) for i, r in enumerate(synthetic_rows(80, seed=1))]
+    seen = []
+    out = finetune_(snn, encode(tok, rows, 16), epochs=1, batch_size=16, lr=1e-4, seed=0, accelerator=Accelerator(cpu=True),
+                    timesteps=(2, 4), progress=False, thresholds={2: _Recorder(2, seen), 4: _Recorder(4, seen)})
+    assert seen == [2, 4, 2, 4, 2] and out["steps"] == 5
+    with pytest.raises(ValueError, match="every T"):
+        finetune_(snn, encode(tok, rows, 16), epochs=1, batch_size=16, lr=1e-4, seed=0,
+                  accelerator=Accelerator(cpu=True), timesteps=(2, 4), thresholds={2: _Recorder(2, seen)})
+
+
+def test_a_run_with_per_T_training_thresholds_offers_them_to_the_choice(tmp_path):
+    save_tiny_bert(tmp_path / "bert")
+    write_file(tmp_path / "train.csv", synthetic_rows(150, seed=5))
+    opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
+                          savedir=str(tmp_path / "run"), time_steps=(2, 8), time_step=8, sequential_samples=4,
+                          train_thresholds="mse", **FAST)
+    results = run(opts)
+    assert results["training"]["qcfs"]["thresholds"] == {"2": "mse", "8": "mse"}
+    for rows in results["calibration_selection"].values():  # the first candidate: the thresholds trained with
+        assert (rows[0]["rule"], rows[0]["refit"], rows[0]["fit_affine"]) == ("mse", False, False)

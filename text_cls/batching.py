@@ -49,6 +49,22 @@ def pick(data: Encoded, n: int | None, seed: int) -> Encoded:
     return Encoded(data.input_ids[idx], data.attention_mask[idx], data.labels[idx])
 
 
+# the sequential simulation's default subset: about this many tokens (256 tweets of ~32 tokens), so its
+# cost follows the texts' length: 256 samples of short texts, fewer of long ones (never under 32)
+SEQUENTIAL_TOKENS = 8192
+SEQUENTIAL_RANGE = (32, 256)
+
+
+def sequential_count(data: Encoded, setting: int | str | None) -> int | None:
+    """How many samples of ``data`` the sequential simulation runs on: ``setting`` as given (``None``:
+    all), or for ``"auto"`` :data:`SEQUENTIAL_TOKENS` divided by the mean tokens per sample, clamped
+    to :data:`SEQUENTIAL_RANGE`."""
+    if setting != "auto":
+        return setting
+    lo, hi = SEQUENTIAL_RANGE
+    return max(lo, min(hi, round(SEQUENTIAL_TOKENS / max(1.0, float(data.lengths.float().mean())))))
+
+
 def _batch(data: Encoded, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     mask = data.attention_mask[idx]
     width = max(int(mask.sum(1).max()), 1)

@@ -39,6 +39,10 @@ def samples(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a number of samples or 'all', got {text!r}") from None
 
 
+def samples_or_auto(text: str) -> int | str | None:
+    return "auto" if text.strip().lower() == "auto" else samples(text)
+
+
 def rule_list(text: str) -> tuple[str, ...]:
     if text.strip().lower() == "none":
         return ()
@@ -67,9 +71,10 @@ def build_parser() -> Parser:
          help="stratified subset of the training split, or 'all' (default 2000)")
     flag(g, "max_eval_samples", dest="max_eval_samples", type=samples, metavar="N",
          help="stratified subset of the test (and validation) split, or 'all' (default 800)")
-    flag(g, "sequential_samples", dest="sequential_samples", type=samples, metavar="N",
+    flag(g, "sequential_samples", dest="sequential_samples", type=samples_or_auto, metavar="N",
          help="test samples the sequential simulation runs on (a seeded subset; it costs T parallel passes), "
-              "or 'all' (default 256); its agreement with the parallel pass is on the same samples")
+              "'all', or 'auto' (default: 8192 tokens' worth, 32 to 256 samples: 256 tweets, fewer long "
+              "texts); its agreement with the parallel pass is on the same samples")
     flag(g, "max_len", "max_length", dest="max_len", type=int, metavar="L",
          help="tokens per sample (default: tweets 64, sst2/ag_news 128, imdb 256, files 128)")
     flag(g, "validation_fraction", dest="validation_fraction", type=float, metavar="F", help="default 0.1")
@@ -138,6 +143,9 @@ def build_parser() -> Parser:
          help="weight of the float network's own cross-entropy in the DA-QCFS fine-tune, 0..1 (default 0: off): "
               "each batch also runs with the sites off, so the shared weights keep learning the labels as a float "
               "network while the quantized pass follows it through --distill")
+    flag(g, "train_thresholds", dest="train_thresholds", choices=("shared", "max", "percentile", "mse"),
+         help="thresholds of the DA-QCFS fine-tune: 'shared' (one set by --threshold_rule for every T of the "
+              "cycle, default) or a rule (max, percentile, mse) fitted per T, each batch using its T's")
     flag(g, "calib_samples", dest="calib_samples", type=int, metavar="N",
          help="training samples seen by calibration (default 256)")
     g = p.add_argument_group("run")

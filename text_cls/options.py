@@ -67,7 +67,7 @@ class TextClsOptions:
     test_fraction: float = 0.1
     max_train_samples: int | None = 2000
     max_eval_samples: int | None = 800
-    sequential_samples: int | None = 256
+    sequential_samples: int | str | None = "auto"
     max_len: int | None = None
     model_name: str = "embedded"
     net_arch: str = "bert_base_qcfs"
@@ -93,6 +93,7 @@ class TextClsOptions:
     threshold_candidates: tuple[str, ...] = ("mse",)
     distill: float = 0.5
     float_loss: float = 0.0
+    train_thresholds: str = "shared"
     calib_samples: int = 256
     device: str = "auto"
     savedir: str | None = None
@@ -119,6 +120,8 @@ class TextClsOptions:
         for key in ("validation_fraction", "test_fraction"):
             _float(key, getattr(self, key), 0.0, 0.5)
         for key in ("max_train_samples", "max_eval_samples", "sequential_samples"):
+            if key == "sequential_samples" and self.sequential_samples == "auto":
+                continue
             if getattr(self, key) is not None:
                 _int(key, getattr(self, key), 1)
         if self.max_len is None:
@@ -147,6 +150,7 @@ class TextClsOptions:
             _choice("each of threshold_candidates", rule, THRESHOLD_RULES)
         _float("distill", self.distill, 0.0, 1.0, lo_open=False)
         _float("float_loss", self.float_loss, 0.0, 1.0, lo_open=False)
+        _choice("train_thresholds", self.train_thresholds, ("shared", *THRESHOLD_RULES))
         if self.float_loss and self.ann_epochs:
             raise ValueError("float_loss trains the float network that shares the DA-QCFS network's weights; with "
                              "ann_epochs the reference is a separate float network: use one or the other")

@@ -20,7 +20,7 @@ from calibration import Calibration, CalibrationConfig, fit_calibration, observe
 from stac_common.io import atomic_dir, check_output_free, write_json
 from stac_common.runtime import StepTimer, resolve_device
 
-from .batching import Encoded, encode, eval_batches, model_inputs, pick
+from .batching import Encoded, encode, eval_batches, model_inputs, pick, sequential_count
 from .data import load_splits, write_splits
 from .measure import measure
 from .model import (EMBEDDED_MODEL, SiteSpec, convert_classifier, float_copy, is_embedded, load_classifier,
@@ -115,11 +115,16 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         base = fit_calibration(observers, replace(calibration_config(opts, opts.time_step, False), n_samples=n),
                                model_id=str(opts.model_name))
         base.apply_to(snn)
+        per_t = None
+        if qcfs_training and opts.train_thresholds != "shared":  # thresholds fitted for each T of the cycle
+            per_t = {T: fit_calibration(observers, replace(calibration_config(opts, T, False), n_samples=n,
+                                                           rule=opts.train_thresholds), model_id=str(opts.model_name))
+                     for T in opts.time_steps}
     if qcfs_training:
         with step(f"phase 1b: DA-QCFS fine-tune ({opts.trainsnn_epochs} epoch(s), T cycling {list(opts.time_steps)})"):
             training["qcfs"] = finetune_(snn, train, epochs=opts.trainsnn_epochs, lr=opts.snn_learning_rate,
                                          timesteps=opts.time_steps, desc="DA-QCFS fine-tune", distill=opts.distill,
-                                         float_loss=opts.float_loss,
+                                         float_loss=opts.float_loss, thresholds=per_t,
                                          teacher=ann if opts.ann_epochs else None, **train_args)
     if qcfs_training and not opts.ann_epochs:
         ann = float_copy(snn, ann)
@@ -143,12 +148,13 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         for T in opts.time_steps:
             cfg = replace(calibration_config(opts, T, opts.calibrate_th), n_samples=n)
             if not opts.calibrate_th:
-                calibrations[T] = Calibration(cfg, base.sites, base.model_id, base.stats)
+                calibrations[T] = per_t[T] if per_t else Calibration(cfg, base.sites, base.model_id, base.stats)
             elif len(rules) == 1:
                 calibrations[T] = fit_calibration(observers, cfg, model_id=str(opts.model_name))
             else:
-                kept = (Calibration(replace(calibration_config(opts, T, False), n_samples=base.config.n_samples),
-                                    base.sites, base.model_id, base.stats) if qcfs_training else None)
+                kept = None if not qcfs_training else per_t[T] if per_t else Calibration(
+                    replace(calibration_config(opts, T, False), n_samples=base.config.n_samples),
+                    base.sites, base.model_id, base.stats)
                 calibrations[T], selection[T] = select_calibration(
                     snn, observers, candidate_configs(cfg, rules), val_batches, float_pred, val_labels, device,
                     str(opts.model_name), kept)
@@ -156,7 +162,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         return None
     with step("phase 3: evaluate ANN, DA-QCFS ANN, SNN parallel and sequential"):
         ann_val = measure_val(ann, val, opts, device)
-        seq_test = pick(test, opts.sequential_samples, opts.seed)
+        seq_test = pick(test, sequential_count(test, opts.sequential_samples), opts.seed)
         results = measure(ann, snn, calibrations, eval_batches(test, opts.eval_batchsize), test, opts.time_step,
                           device, opts.progress,
                           None if seq_test is test else eval_batches(seq_test, opts.eval_batchsize))

@@ -48,7 +48,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
 def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, lr: float, seed: int,
               accelerator, timesteps: tuple[int, ...] | None = None, freeze_embeddings: bool = True,
               desc: str = "fine-tune", progress: bool = True, distill: float = 0.0,
-              teacher: nn.Module | None = None, float_loss: float = 0.0) -> dict:
+              teacher: nn.Module | None = None, float_loss: float = 0.0,
+              thresholds: dict | None = None) -> dict:
     """Train ``model`` in place on ``data`` for ``epochs``; returns a summary (losses, seconds).
 
     Args:
@@ -70,6 +71,8 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             the same batch through the float network (sites off, dropout on, with gradients), so the
             shared weights keep learning the labels as a float network while the quantized pass
             follows it through ``distill``. 0 (default): off.
+        thresholds: per T of ``timesteps``, a ``Calibration`` applied to the sites whenever the cycle
+            moves to that T (thresholds fitted for it); ``None``: the sites keep the parameters they have.
     """
     if not 0.0 <= distill <= 1.0:
         raise ValueError(f"distill must be in [0, 1], got {distill}")
@@ -77,6 +80,8 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if float_loss < 0.0:
         raise ValueError(f"float_loss must be >= 0, got {float_loss}")
+    if thresholds is not None and (timesteps is None or set(timesteps) - set(thresholds)):
+        raise ValueError("thresholds must hold a calibration for every T of timesteps")
     if float_loss and teacher is not None:
         raise ValueError("float_loss trains the float network that shares the quantized one's weights; with a "
                          "separate teacher (--ann_epochs) that network is not the reference: use one or the other")
@@ -102,7 +107,9 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
                     if i % accelerator.num_processes != accelerator.process_index:
                         continue  # under accelerate launch each process takes every n-th batch
                     T = next(cycle)
-                    if T is not None:
+                    if T is not None and thresholds is not None:
+                        thresholds[T].apply_to(model)
+                    elif T is not None:
                         set_timesteps(model, T)
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                     if distill and timesteps is not None:
@@ -129,7 +136,8 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
     n = len(losses)
     return {"epochs": epochs, "distill": distill if timesteps is not None else 0.0,
             "float_loss": float_loss if timesteps is not None else 0.0, "steps": n, "samples": len(data), "batch_size": batch_size, "lr": lr,
-            "timesteps": list(timesteps) if timesteps else None, "freeze_embeddings": freeze_embeddings,
+            "timesteps": list(timesteps) if timesteps else None,
+            "thresholds": ({str(T): c.config.rule for T, c in thresholds.items()} if thresholds else "shared"), "freeze_embeddings": freeze_embeddings,
             "first_loss": sum(losses[:10]) / min(10, n) if n else None,
             "last_loss": sum(losses[-10:]) / min(10, n) if n else None,
             "seconds": time.perf_counter() - t0, "sites": sum(1 for _ in iter_sites(model))}
