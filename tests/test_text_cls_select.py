@@ -66,7 +66,12 @@ def test_calibration_is_chosen_per_T_by_agreement_with_the_float_ann(selected):
         assert len(chosen) == 1
         best = max((r["validation_agreement_with_ann"], r["validation_accuracy"]) for r in rows)
         assert (chosen[0]["validation_agreement_with_ann"], chosen[0]["validation_accuracy"]) == best
-    assert results["training"]["qcfs"]["distill"] == 0.5
+    qcfs = results["training"]["qcfs"]
+    assert qcfs["distill"] == 0.5
+    # two epochs, each scored by agreement with the float ANN on the validation split; the better one kept
+    scores = qcfs["epoch_scores"]
+    assert 1 <= qcfs["epochs_run"] == len(scores) <= 2 and all(0.0 <= x <= 1.0 for x in scores)
+    assert qcfs["epoch_kept"] == 1 + scores.index(max(scores))
 
 
 def test_sequential_runs_on_the_subset_and_results_say_how_many_samples_each_stage_used(selected):
@@ -217,3 +222,29 @@ def test_a_run_with_per_T_training_thresholds_offers_them_to_the_choice(tmp_path
     assert results["training"]["qcfs"]["thresholds"] == {"2": "mse", "8": "mse"}
     for rows in results["calibration_selection"].values():  # the first candidate: the thresholds trained with
         assert (rows[0]["rule"], rows[0]["refit"], rows[0]["fit_affine"]) == ("mse", False, False)
+
+
+def test_the_fine_tune_keeps_the_best_scoring_epoch_and_stops_when_it_gets_worse(tmp_path):
+    """score after every epoch: the best epoch's weights are kept; the first epoch worse than the best ends
+    training (early stopping)."""
+    from accelerate import Accelerator
+
+    from text_cls.batching import encode
+    from text_cls.model import SiteSpec, convert_classifier, load_classifier
+    from text_cls.train import finetune_
+
+    save_tiny_bert(tmp_path / "bert")
+    model, tok = load_classifier(str(tmp_path / "bert"), 3, {0: "a", 1: "b", 2: "c"})
+    snn = convert_classifier(model, SiteSpec(T=4))
+    rows = [(r["text"], i % 3) for i, r in enumerate(synthetic_rows(64, seed=2))]
+    marks, weights = iter([0.5, 0.7, 0.6, 0.9]), []
+
+    def score():
+        weights.append(snn.classifier.weight.detach().clone())
+        return next(marks)
+
+    out = finetune_(snn, encode(tok, rows, 16), epochs=4, batch_size=16, lr=1e-2, seed=0,
+                    accelerator=Accelerator(cpu=True), timesteps=(4,), progress=False, score=score)
+    assert out["epoch_scores"] == [0.5, 0.7, 0.6] and out["epochs_run"] == 3 and out["epoch_kept"] == 2
+    assert out["steps"] == 12 and not torch.equal(weights[1], weights[2])
+    assert torch.equal(snn.classifier.weight, weights[1])

@@ -28,7 +28,7 @@ from .model import (EMBEDDED_MODEL, SiteSpec, convert_classifier, float_copy, is
 from .options import TextClsOptions
 from .report import console_table, markdown, plot
 from .saving import write_model
-from .select import candidate_configs, logits_of, select_calibration
+from .select import agreement_score, candidate_configs, logits_of, select_calibration
 from .train import finetune_
 
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.json", "results.md", "accuracy_vs_T.png"
@@ -120,11 +120,17 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
             per_t = {T: fit_calibration(observers, replace(calibration_config(opts, T, False), n_samples=n,
                                                            rule=opts.train_thresholds), model_id=str(opts.model_name))
                      for T in opts.time_steps}
+    score = None
+    if qcfs_training and opts.trainsnn_epochs > 1:  # several epochs: keep the one that best follows the float ANN
+        val_batches = eval_batches(val, opts.eval_batchsize)
+        teacher = ann if opts.ann_epochs else None
+        shared = {T: replace(base, config=replace(base.config, T=T)) for T in opts.time_steps}
+        score = lambda: agreement_score(snn, teacher, val_batches, per_t or shared, device)  # noqa: E731
     if qcfs_training:
         with step(f"phase 1b: DA-QCFS fine-tune ({opts.trainsnn_epochs} epoch(s), T cycling {list(opts.time_steps)})"):
             training["qcfs"] = finetune_(snn, train, epochs=opts.trainsnn_epochs, lr=opts.snn_learning_rate,
                                          timesteps=opts.time_steps, desc="DA-QCFS fine-tune", distill=opts.distill,
-                                         float_loss=opts.float_loss, thresholds=per_t,
+                                         float_loss=opts.float_loss, thresholds=per_t, score=score,
                                          teacher=ann if opts.ann_epochs else None, **train_args)
     if qcfs_training and not opts.ann_epochs:
         ann = float_copy(snn, ann)

@@ -63,3 +63,23 @@ def select_calibration(snn: nn.Module, observers, configs: list[CalibrationConfi
             best = (key, calib, len(table) - 1)
     table[best[2]]["chosen"] = True
     return best[1], table
+
+
+def agreement_score(snn: nn.Module, reference: nn.Module | None, batches: list[dict], calibrations: dict,
+                    device) -> float:
+    """Mean over the T's of ``calibrations`` (T -> the ``Calibration`` to run it with) of the share of
+    ``batches`` on which ``snn`` in ``quant`` mode answers as the float ANN: ``reference``, or (``None``)
+    ``snn`` itself with its sites off. The DA-QCFS fine-tune keeps the epoch that scores best."""
+    if reference is None:
+        set_mode(snn, "ann")
+    float_pred = logits_of(reference if reference is not None else snn, batches, device).argmax(-1)
+    shares = []
+    for T, calib in sorted(calibrations.items()):
+        calib.apply_to(snn)
+        set_timesteps(snn, T)
+        set_mode(snn, "quant")
+        try:
+            shares.append(float((logits_of(snn, batches, device).argmax(-1) == float_pred).double().mean()))
+        finally:
+            set_mode(snn, "ann")
+    return sum(shares) / len(shares)

@@ -49,7 +49,7 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
               accelerator, timesteps: tuple[int, ...] | None = None, freeze_embeddings: bool = True,
               desc: str = "fine-tune", progress: bool = True, distill: float = 0.0,
               teacher: nn.Module | None = None, float_loss: float = 0.0,
-              thresholds: dict | None = None) -> dict:
+              thresholds: dict | None = None, score: Callable[[], float] | None = None) -> dict:
     """Train ``model`` in place on ``data`` for ``epochs``; returns a summary (losses, seconds).
 
     Args:
@@ -73,6 +73,9 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             follows it through ``distill``. 0 (default): off.
         thresholds: per T of ``timesteps``, a ``Calibration`` applied to the sites whenever the cycle
             moves to that T (thresholds fitted for it); ``None``: the sites keep the parameters they have.
+        score: called after every epoch (model in eval mode); the weights of the best-scoring epoch are
+            kept, and training stops at the first epoch that does not improve on the best (early
+            stopping). ``None``: every epoch runs and the last weights stay.
     """
     if not 0.0 <= distill <= 1.0:
         raise ValueError(f"distill must be in [0, 1], got {distill}")
@@ -98,6 +101,7 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
         set_mode(model, "quant")
     cycle = itertools.cycle(timesteps or (None,))
     losses, t0 = [], time.perf_counter()
+    scores, best = [], None
     wrapped.train()
     try:
         with progress_bar(not progress or not accelerator.is_main_process) as bar:
@@ -129,6 +133,14 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
                     losses.append(float(loss.detach()))
                     recent = losses[-20:]
                     bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {sum(recent) / len(recent):.3f}")
+                if score is not None:
+                    scores.append(_score(model, wrapped, score, timesteps))
+                    if best is None or scores[-1] > best[0]:
+                        best = (scores[-1], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                    elif epoch < epochs - 1:
+                        break  # no better than the best epoch: stop
+        if best is not None and best[1] != len(scores) - 1:
+            model.load_state_dict(best[2])
     finally:
         wrapped.eval()
         if timesteps is not None:
@@ -140,7 +152,20 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             "thresholds": ({str(T): c.config.rule for T, c in thresholds.items()} if thresholds else "shared"), "freeze_embeddings": freeze_embeddings,
             "first_loss": sum(losses[:10]) / min(10, n) if n else None,
             "last_loss": sum(losses[-10:]) / min(10, n) if n else None,
-            "seconds": time.perf_counter() - t0, "sites": sum(1 for _ in iter_sites(model))}
+            "seconds": time.perf_counter() - t0, "sites": sum(1 for _ in iter_sites(model)),
+            "epoch_scores": scores, "epochs_run": len(scores) if scores else epochs,
+            "epoch_kept": best[1] + 1 if best is not None else epochs}
+
+
+def _score(model: nn.Module, wrapped: nn.Module, score: Callable[[], float], timesteps) -> float:
+    """``score()`` with the model in eval mode (sites as they were), then back to training."""
+    wrapped.eval()
+    try:
+        return float(score())
+    finally:
+        if timesteps is not None:
+            set_mode(model, "quant")
+        wrapped.train()
 
 
 def _float_pass_loss(model: nn.Module, wrapped: nn.Module, batch: dict) -> torch.Tensor:
