@@ -248,3 +248,29 @@ def test_the_fine_tune_keeps_the_best_scoring_epoch_and_stops_when_it_gets_worse
     assert out["epoch_scores"] == [0.5, 0.7, 0.6] and out["epochs_run"] == 3 and out["epoch_kept"] == 2
     assert out["steps"] == 12 and not torch.equal(weights[1], weights[2])
     assert torch.equal(snn.classifier.weight, weights[1])
+
+
+def test_hidden_distill_adds_the_layers_relative_error_to_the_fine_tune(tmp_path):
+    """--hidden_distill W: every encoder layer's hidden states are pulled toward the float ANN's. The term is
+    0 for identical states and 1 for a zero student; with a learning rate too small to move the weights, the
+    recorded loss grows by W times a positive layer error."""
+    from text_cls.train import hidden_loss
+
+    h = tuple(torch.randn(2, 5, 8) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(hidden_loss(h, h, mask)) == 0.0
+    assert float(hidden_loss(tuple(torch.zeros_like(x) for x in h), h, mask)) == pytest.approx(1.0)
+    noisy = tuple(x.clone() for x in h)
+    noisy[1][0, 4] += 100.0  # a padded position does not count
+    assert float(hidden_loss(noisy, h, mask)) == 0.0
+    save_tiny_bert(tmp_path / "bert")
+    write_file(tmp_path / "train.csv", synthetic_rows(120, seed=3))
+    losses = {}
+    for w in (0.0, 2.0):
+        opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
+                              savedir=str(tmp_path / f"run{w}"), time_steps=(2,), time_step=2, sequential_samples=4,
+                              threshold_candidates=(), hidden_distill=w, **{**FAST, "snn_learning_rate": 1e-12})
+        qcfs = run(opts)["training"]["qcfs"]
+        assert qcfs["hidden_distill"] == w
+        losses[w] = qcfs["first_loss"]
+    assert 0.0 < losses[2.0] - losses[0.0] < 2.0, losses

@@ -143,6 +143,9 @@ def build_parser() -> Parser:
          help="weight of the float network's own cross-entropy in the DA-QCFS fine-tune, 0..1 (default 0: off): "
               "each batch also runs with the sites off, so the shared weights keep learning the labels as a float "
               "network while the quantized pass follows it through --distill")
+    flag(g, "hidden_distill", dest="hidden_distill", type=float, metavar="W",
+         help="weight of layer-wise distillation in the DA-QCFS fine-tune: the relative squared error of every "
+              "encoder layer's hidden states against the float ANN's (default 0: off)")
     flag(g, "train_thresholds", dest="train_thresholds", choices=("shared", "max", "percentile", "mse"),
          help="thresholds of the DA-QCFS fine-tune: 'shared' (one set by --threshold_rule for every T of the "
               "cycle, default) or a rule (max, percentile, mse) fitted per T, each batch using its T's")

@@ -94,6 +94,7 @@ class TextClsOptions:
     distill: float = 0.5
     float_loss: float = 0.0
     train_thresholds: str = "shared"
+    hidden_distill: float = 0.0
     calib_samples: int = 256
     device: str = "auto"
     savedir: str | None = None
@@ -150,6 +151,7 @@ class TextClsOptions:
             _choice("each of threshold_candidates", rule, THRESHOLD_RULES)
         _float("distill", self.distill, 0.0, 1.0, lo_open=False)
         _float("float_loss", self.float_loss, 0.0, 1.0, lo_open=False)
+        _float("hidden_distill", self.hidden_distill, 0.0, 100.0, lo_open=False)
         _choice("train_thresholds", self.train_thresholds, ("shared", *THRESHOLD_RULES))
         if self.float_loss and self.ann_epochs:
             raise ValueError("float_loss trains the float network that shares the DA-QCFS network's weights; with "

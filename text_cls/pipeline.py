@@ -131,6 +131,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
             training["qcfs"] = finetune_(snn, train, epochs=opts.trainsnn_epochs, lr=opts.snn_learning_rate,
                                          timesteps=opts.time_steps, desc="DA-QCFS fine-tune", distill=opts.distill,
                                          float_loss=opts.float_loss, thresholds=per_t, score=score,
+                                         hidden_distill=opts.hidden_distill,
                                          teacher=ann if opts.ann_epochs else None, **train_args)
     if qcfs_training and not opts.ann_epochs:
         ann = float_copy(snn, ann)

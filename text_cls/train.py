@@ -49,7 +49,8 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
               accelerator, timesteps: tuple[int, ...] | None = None, freeze_embeddings: bool = True,
               desc: str = "fine-tune", progress: bool = True, distill: float = 0.0,
               teacher: nn.Module | None = None, float_loss: float = 0.0,
-              thresholds: dict | None = None, score: Callable[[], float] | None = None) -> dict:
+              thresholds: dict | None = None, score: Callable[[], float] | None = None,
+              hidden_distill: float = 0.0) -> dict:
     """Train ``model`` in place on ``data`` for ``epochs``; returns a summary (losses, seconds).
 
     Args:
@@ -71,6 +72,10 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             the same batch through the float network (sites off, dropout on, with gradients), so the
             shared weights keep learning the labels as a float network while the quantized pass
             follows it through ``distill``. 0 (default): off.
+        hidden_distill: weight of a layer-wise term (DA-QCFS phase): the mean over the encoder's layers of
+            the relative squared error of the quantized network's hidden states against the float
+            ANN's on the batch's tokens, so every layer follows the float one, not only the logits.
+            0 (default): off.
         thresholds: per T of ``timesteps``, a ``Calibration`` applied to the sites whenever the cycle
             moves to that T (thresholds fitted for it); ``None``: the sites keep the parameters they have.
         score: called after every epoch (model in eval mode); the weights of the best-scoring epoch are
@@ -81,6 +86,8 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
         raise ValueError(f"distill must be in [0, 1], got {distill}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if hidden_distill < 0.0:
+        raise ValueError(f"hidden_distill must be >= 0, got {hidden_distill}")
     if float_loss < 0.0:
         raise ValueError(f"float_loss must be >= 0, got {float_loss}")
     if thresholds is not None and (timesteps is None or set(timesteps) - set(thresholds)):
@@ -116,9 +123,14 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
                     elif T is not None:
                         set_timesteps(model, T)
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                    if distill and timesteps is not None:
-                        target = _teacher_logits(model, teacher, batch)
-                        loss = distill_loss(wrapped(**batch).logits, target, batch["labels"], distill)
+                    if (distill or hidden_distill) and timesteps is not None:
+                        want = {"output_hidden_states": True} if hidden_distill else {}
+                        target = _teacher_out(model, teacher, batch, want)
+                        out = wrapped(**batch, **want)
+                        loss = distill_loss(out.logits, target.logits, batch["labels"], distill)
+                        if hidden_distill:
+                            loss = loss + hidden_distill * hidden_loss(out.hidden_states, target.hidden_states,
+                                                                       batch["attention_mask"])
                     else:
                         loss = wrapped(**batch).loss
                     if float_loss and timesteps is not None:
@@ -147,6 +159,7 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             set_mode(model, "ann")
     n = len(losses)
     return {"epochs": epochs, "distill": distill if timesteps is not None else 0.0,
+            "hidden_distill": hidden_distill if timesteps is not None else 0.0,
             "float_loss": float_loss if timesteps is not None else 0.0, "steps": n, "samples": len(data), "batch_size": batch_size, "lr": lr,
             "timesteps": list(timesteps) if timesteps else None,
             "thresholds": ({str(T): c.config.rule for T, c in thresholds.items()} if thresholds else "shared"), "freeze_embeddings": freeze_embeddings,
@@ -177,16 +190,24 @@ def _float_pass_loss(model: nn.Module, wrapped: nn.Module, batch: dict) -> torch
         set_mode(model, "quant")
 
 
+def hidden_loss(student: tuple, teacher: tuple, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the layers after the embeddings of ``|h_s - h_t|^2 / |h_t|^2`` on the unmasked tokens."""
+    m = mask.unsqueeze(-1).to(student[-1].dtype)
+    terms = [((s - t).pow(2) * m).sum() / (t.pow(2) * m).sum().clamp_min(1e-12)
+             for s, t in zip(student[1:], teacher[1:], strict=True)]
+    return torch.stack(terms).mean()
+
+
 @torch.no_grad()
-def _teacher_logits(model: nn.Module, teacher: nn.Module | None, batch: dict) -> torch.Tensor:
-    """The float ANN's logits on ``batch`` (dropout off): ``teacher``'s, or ``model``'s with its sites off."""
+def _teacher_out(model: nn.Module, teacher: nn.Module | None, batch: dict, want: dict):
+    """The float ANN's outputs on ``batch`` (dropout off): ``teacher``'s, or ``model``'s with its sites off."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if teacher is not None:
-        return teacher.eval()(**inputs).logits
+        return teacher.eval()(**inputs, **want)
     model.eval()
     set_mode(model, "ann")
     try:
-        return model(**inputs).logits
+        return model(**inputs, **want)
     finally:
         set_mode(model, "quant")
         model.train()
