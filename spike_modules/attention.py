@@ -14,7 +14,12 @@ Sites (docs/design.md section 1):
   tokens of hamlet_gut, 1,536 held-out tokens, only these sites spiking) this calibrates
   better than one threshold per head_dim shared across heads: perplexity 41.5 against 42.8
   (ANN 39.8), top-1 agreement with the ANN 0.82 against 0.78.
-- ``p_site``: unsigned, one channel per query head, on the softmax probabilities.
+- ``p_site``: unsigned, one channel per query head, on the softmax probabilities. With the
+  module's ``stac_probs_scale`` set to ``"max"`` (:func:`set_probs_scale`) the site sees each row
+  divided by its largest probability (``exp(s - max s)``, in (0, 1]) and the output is divided by
+  the row sum of the decoded values: softmax with its normalisation moved after probs.V. A
+  row's small probabilities then keep their share of the levels however many keys the row
+  spreads over, where a fixed threshold per head rounds the probabilities of diffuse rows to zero.
 
 With all sites in ``ann`` mode the function computes exactly what transformers' eager
 attention computes (same operations in the same order). The KV cache holds the float k/v
@@ -44,6 +49,8 @@ ATTN_IMPLEMENTATION = "stac_spike"
 OP_COUNTER = "stac_op_counter"  # set by spike_modules.energy.counting on attention modules while it counts
 QKV = ("q_site", "k_site", "v_site")
 PROBS = "p_site"
+PROBS_SCALES = ("sum", "max")
+SCALE_ATTR = "stac_probs_scale"
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -68,6 +75,25 @@ def _probs_site(site: DAQCFSSite | None, p: torch.Tensor) -> torch.Tensor:
     if site is None:
         return p
     return apply_site(site, p.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def set_probs_scale(model: nn.Module, scale: str) -> None:
+    """``sum`` (the softmax probabilities as they are, default) or ``max`` (each row over its largest
+    probability, normalised after probs.V) for every probability site of ``model``."""
+    if scale not in PROBS_SCALES:
+        raise ValueError(f"probs_scale must be one of {', '.join(PROBS_SCALES)}, got {scale!r}")
+    for m in model.modules():
+        if isinstance(getattr(m, PROBS, None), DAQCFSSite):
+            setattr(m, SCALE_ATTR, scale)
+
+
+def _over_row_max(p: torch.Tensor) -> torch.Tensor:
+    return p / p.amax(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def _normalised_matmul(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(e @ v) / sum(e)`` per row; a row without any value yet (early steps) gives 0."""
+    return torch.matmul(e, v) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
 def _check_prepared(module: nn.Module) -> int | None:
@@ -156,16 +182,25 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         # mask minimum would be -inf in float32 and turn a fully masked padding row into NaN
         return nn.functional.softmax(w, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
 
+    site = getattr(module, PROBS, None)
+    by_max = site is not None and getattr(module, SCALE_ATTR, "sum") == "max"
     if T is None:
         probs = probs_of(q, k)
         probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-        probs = _probs_site(getattr(module, PROBS, None), probs)
-        out = torch.matmul(probs, v)
+        if by_max:
+            probs = _probs_site(site, _over_row_max(probs))
+            out = _normalised_matmul(probs, v)
+        else:
+            probs = _probs_site(site, probs)
+            out = torch.matmul(probs, v)
         counter = module.__dict__.get(OP_COUNTER)
         if counter is not None:
             _count_matmuls(module, counter, q, v, attention_mask)
+    elif by_max:
+        probs = _probs_site(site, rate_op(lambda a, b: _over_row_max(probs_of(a, b)), T, q, k))
+        out = rate_op(_normalised_matmul, T, probs, v)
     else:
-        probs = _probs_site(getattr(module, PROBS, None), rate_op(probs_of, T, q, k))
+        probs = _probs_site(site, rate_op(probs_of, T, q, k))
         out = rate_op(torch.matmul, T, probs, v)
     return out.transpose(1, 2).contiguous(), probs
 

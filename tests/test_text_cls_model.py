@@ -267,3 +267,38 @@ def test_calibration_batches_go_to_the_device_of_the_model():
     _run_batch(model, {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3),
                        "labels": torch.zeros(2, dtype=torch.long)})
     assert model.seen == {"input_ids": "meta", "attention_mask": "meta"}
+
+
+def test_probabilities_over_the_row_max_keep_the_float_model_and_survive_save_and_load(tmp_path):
+    """probs='max': the probability sites see each row over its largest probability and probs.V is divided by
+    the row sum after; in ann mode that is the float model, the simulation tracks parallel mode as with 'sum',
+    the site's inputs lie in (0, 1] with 1 in every row, and a saved model rebuilds with the same scale."""
+    from spike_modules.attention import SCALE_ATTR
+    from tests.test_text_cls_data import tiny_tokenizer
+
+    ann, x = tiny(), inputs()
+    snn = convert_classifier(ann, SiteSpec("all", "keep", 8, probs="max"))
+    with torch.no_grad():
+        torch.testing.assert_close(snn(**x).logits, ann(**x).logits, rtol=0, atol=1e-5)
+    seen = []
+    site = snn.bert.encoder.layer[0].attention.self.p_site
+    handle = site.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    calib = calibrate(snn, [x, inputs(seed=2)], CalibrationConfig(T=8), progress=False)
+    handle.remove()
+    rows = seen[0]  # [batch, queries, keys, heads]: one channel per head
+    assert float(rows.max()) == 1.0 and bool((rows.amax(-2) == 1.0).all()) and float(rows.min()) >= 0.0
+    calib.apply_to(snn)
+    set_mode(snn, "parallel")
+    with torch.no_grad():
+        par = snn(**x).logits
+    seq = run_sequential(snn, x["input_ids"], x["attention_mask"], 8)
+    assert float((seq - par).norm() / par.norm()) < 0.2
+    write_model(tmp_path / "m", snn, tiny_tokenizer(), {8: calib}, 8, SiteSpec("all", "keep", 8, probs="max"),
+                {"classes": ["a", "b", "c"], "options": {"neuron_type": "ParaInfNeuron"}})
+    model, _, config = load_text_snn(tmp_path / "m")
+    assert config["site_spec"]["probs"] == "max"
+    assert getattr(model.bert.encoder.layer[1].attention.self, SCALE_ATTR) == "max"
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, par)
+    with pytest.raises(ValueError, match="probs_scale must be one of sum, max"):
+        SiteSpec("all", "keep", 8, probs="mean")

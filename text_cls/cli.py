@@ -94,6 +94,9 @@ def build_parser() -> Parser:
     flag(g, "norm_schedule", dest="norm_schedule", choices=("causal", "held"),
          help="LayerNorm in the sequential simulation: causal (per-step differences, default) or held (the norm "
               "of the window's mean at every step); parallel mode is the same either way")
+    flag(g, "probs_scale", dest="probs_scale", choices=("sum", "max"),
+         help="what the attention probability sites encode: sum (the softmax probabilities, default) or max "
+              "(each row over its largest probability, the softmax's normalisation moved after probs.V)")
     flag(g, "sequential_neuron", dest="sequential_neuron", choices=("catch_up", "if"),
          help="neurons of the sequential simulation: catch_up (a step may fire every spike the count still allows "
               "and take back early ones; default) or if (one spike a step: IF / ST-BIF); parallel mode is the same "

@@ -17,6 +17,7 @@ from spikingjelly.activation_based.functional import invalidate_reset_cache
 from torch import nn
 
 from spike_modules.adapters.bert import SITE_SCOPES, set_site_scope
+from spike_modules.attention import PROBS_SCALES, set_probs_scale
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.norm import SpikeNorm
 from spike_modules.quantizer import check_timesteps
@@ -88,13 +89,17 @@ class SiteSpec:
     ``sequential``: the sites' neurons in the sequential simulation, ``catch_up`` (a step may fire
     every spike the count still allows, and take back spikes fired too early:
     ``BurstIFNeuron(catch_up=True)``) or ``if`` (at most one spike a step, or the calibrated burst:
-    IF / ST-BIF). Parallel mode is the same whatever the norms and neurons of the simulation."""
+    IF / ST-BIF). Parallel mode is the same whatever the norms and neurons of the simulation.
+    ``probs``: the attention probability sites (``sites='all'``) see the softmax probabilities
+    (``sum``) or each row over its largest probability, normalised after probs.V (``max``;
+    ``spike_modules.attention.set_probs_scale``)."""
 
     sites: str = "all"
     activation: str = "keep"
     T: int = 8
     norms: str = "causal"
     sequential: str = "catch_up"
+    probs: str = "sum"
 
     def __post_init__(self):
         if self.sites not in SITE_SCOPES:
@@ -106,6 +111,8 @@ class SiteSpec:
         if self.sequential not in SEQUENTIAL_NEURONS:
             raise ValueError(f"sequential_neuron must be one of {', '.join(SEQUENTIAL_NEURONS)}, "
                              f"got {self.sequential!r}")
+        if self.probs not in PROBS_SCALES:
+            raise ValueError(f"probs_scale must be one of {', '.join(PROBS_SCALES)}, got {self.probs!r}")
         check_timesteps(self.T)
 
     def conversion_config(self) -> ConversionConfig:
@@ -119,6 +126,8 @@ def convert_classifier(model: nn.Module, spec: SiteSpec) -> nn.Module:
     snn = copy.deepcopy(model)
     set_site_scope(snn, spec.sites)
     convert_(snn, spec.conversion_config())
+    if spec.sites == "all":
+        set_probs_scale(snn, spec.probs)
     set_sequential_schedule(snn, spec.norms, spec.sequential)
     invalidate_reset_cache(snn)
     return snn

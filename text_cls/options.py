@@ -95,6 +95,7 @@ class TextClsOptions:
     float_loss: float = 0.0
     train_thresholds: str = "shared"
     hidden_distill: float = 0.0
+    probs_scale: str = "sum"
     calib_samples: int = 256
     device: str = "auto"
     savedir: str | None = None
@@ -152,6 +153,7 @@ class TextClsOptions:
         _float("distill", self.distill, 0.0, 1.0, lo_open=False)
         _float("float_loss", self.float_loss, 0.0, 1.0, lo_open=False)
         _float("hidden_distill", self.hidden_distill, 0.0, 100.0, lo_open=False)
+        _choice("probs_scale", self.probs_scale, ("sum", "max"))
         _choice("train_thresholds", self.train_thresholds, ("shared", *THRESHOLD_RULES))
         if self.float_loss and self.ann_epochs:
             raise ValueError("float_loss trains the float network that shares the DA-QCFS network's weights; with "

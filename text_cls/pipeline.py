@@ -93,7 +93,8 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         train, val, test = (encode(tok, rows, opts.max_len) for rows in (splits.train, splits.validation, splits.test))
     accelerator = Accelerator(cpu=device.type == "cpu")
     device = accelerator.device
-    spec = SiteSpec(opts.spike_sites, opts.activation, opts.time_step, opts.norm_schedule, opts.sequential_neuron)
+    spec = SiteSpec(opts.spike_sites, opts.activation, opts.time_step, opts.norm_schedule, opts.sequential_neuron,
+                    opts.probs_scale)
     if opts.activation == "relu":
         relu_swap_(ann)  # before the float fine-tune, so the float ANN is the ReLU network the SNN converts
     ann.to(device)
