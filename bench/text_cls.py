@@ -180,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="the T's timed side by side after the run, comma-separated (default 8)")
     p.add_argument("--max_len", type=int, default=None)
     p.add_argument("--float_loss", type=float, default=None,
-                   help="weight of the float network's cross-entropy in the DA-QCFS fine-tune (default: the run's, 0)")
+                   help="weight of the float network's cross-entropy in the DA-QCFS fine-tune (default: the run's, 0; "
+                        "needs --ann_epochs 0)")
     p.add_argument("--distill", type=float, default=None,
-                   help="weight of the distillation term of the DA-QCFS fine-tune (default: the run's, 0.5)")
+                   help="weight of the distillation term of the DA-QCFS fine-tune (default: the run's, 1.0)")
+    p.add_argument("--ann_epochs", type=int, default=None,
+                   help="epochs of the float fine-tune, the teacher (default: the run's, 1; 0 with --float_loss)")
     p.add_argument("--norm_schedule", default="causal", choices=("causal", "held"),
                    help="the run's LayerNorm schedule in the sequential simulation")
     p.add_argument("--sequential_neuron", default="catch_up", choices=("catch_up", "if"),
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         given["distill"] = args.distill
     if args.float_loss is not None:
         given["float_loss"] = args.float_loss
+    if args.ann_epochs is not None:
+        given["ann_epochs"] = args.ann_epochs
     if args.sequential_samples is not None:
         given["sequential_samples"] = (None if args.sequential_samples == "all" else "auto"
                                        if args.sequential_samples == "auto" else int(args.sequential_samples))

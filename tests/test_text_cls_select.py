@@ -57,17 +57,18 @@ def test_calibration_is_chosen_per_T_by_agreement_with_the_float_ann(selected):
     table = results["calibration_selection"]
     assert sorted(table) == ["2", "8"]
     for rows in table.values():
-        # the training thresholds as they are, the run's rule with the DA-QCFS shift and scale, then each rule's
-        # thresholds alone
+        # the training thresholds as they are (fitted per T by mse), the run's rule with the DA-QCFS shift and
+        # scale, then each rule's thresholds alone
         assert [(r["rule"], r["refit"], r["fit_affine"]) for r in rows] == [
-            ("percentile", False, False), ("percentile", True, True), ("percentile", True, False),
+            ("mse", False, False), ("percentile", True, True), ("percentile", True, False),
             ("mse", True, False), ("max", True, False)]
         chosen = [r for r in rows if r.get("chosen")]
         assert len(chosen) == 1
         best = max((r["validation_agreement_with_ann"], r["validation_accuracy"]) for r in rows)
         assert (chosen[0]["validation_agreement_with_ann"], chosen[0]["validation_accuracy"]) == best
     qcfs = results["training"]["qcfs"]
-    assert qcfs["distill"] == 0.5
+    assert qcfs["distill"] == 1.0 and qcfs["thresholds"] == {"2": "mse", "8": "mse"}
+    assert results["ann_reference"].startswith("a separate float fine-tune")
     # two epochs, each scored by agreement with the float ANN on the validation split; the better one kept
     scores = qcfs["epoch_scores"]
     assert 1 <= qcfs["epochs_run"] == len(scores) <= 2 and all(0.0 <= x <= 1.0 for x in scores)
@@ -78,7 +79,7 @@ def test_sequential_runs_on_the_subset_and_results_say_how_many_samples_each_sta
     opts, results = selected
     stages = results["samples_per_stage"]
     assert stages["sequential"] == 10 and stages["test"] == results["samples"] > 10
-    assert stages["qcfs_fine_tune"] == results["data"]["sizes"]["train"] and stages["float_fine_tune"] == 0
+    assert stages["qcfs_fine_tune"] == stages["float_fine_tune"] == results["data"]["sizes"]["train"]
     assert stages["calibration_choice"] == stages["validation"] == results["data"]["sizes"]["validation"]
     for row in results["per_T"]:
         assert row["sequential_samples"] == 10 and 0.0 <= row["agreement"] <= 1.0
@@ -91,7 +92,7 @@ def test_sequential_runs_on_the_subset_and_results_say_how_many_samples_each_sta
     (["--threshold_candidates", "mse,bogus"], "unknown threshold rule"),
     (["--distill", "1.5"], "distill must be a number in [0.0, 1.0]"),
     (["--float_loss", "-1"], "float_loss must be a number in [0.0, 1.0]"),
-    (["--float_loss", "0.5", "--ann_epochs", "1"], "float_loss trains the float network"),
+    (["--float_loss", "0.5"], "give --ann_epochs 0 with --float_loss"),
     (["--sequential_samples", "0"], "sequential_samples must be an integer >= 1"),
     (["--sequential_samples", "some"], "expected a number of samples or 'all'"),
     (["--train_thresholds", "median"], "invalid choice"),
@@ -107,16 +108,17 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("flags, expected", [([], {"distill": 0.5, "float_loss": 0.0}),
-                                              (["--distill", "0.8"], {"distill": 0.8, "float_loss": 0.0}),
-                                              (["--float_loss", "1.0"], {"distill": 0.5, "float_loss": 1.0})])
+@pytest.mark.parametrize("flags, expected", [
+    ([], {"distill": 1.0, "float_loss": 0.0, "ann_epochs": 1}),
+    (["--distill", "0.8"], {"distill": 0.8, "float_loss": 0.0, "ann_epochs": 1}),
+    (["--float_loss", "1.0", "--ann_epochs", "0"], {"distill": 1.0, "float_loss": 1.0, "ann_epochs": 0})])
 def test_bench_passes_the_distillation_weights_to_the_run(monkeypatch, tmp_path, flags, expected):
     import bench.text_cls as bench
 
     seen = {}
 
     def fake_run(opts):
-        seen.update(distill=opts.distill, float_loss=opts.float_loss)
+        seen.update(distill=opts.distill, float_loss=opts.float_loss, ann_epochs=opts.ann_epochs)
         raise _Stop
 
     monkeypatch.setattr(bench, "run", fake_run)
@@ -152,7 +154,8 @@ def test_float_loss_adds_the_float_networks_cross_entropy_to_the_fine_tune(tmp_p
     for w in (0.0, 0.5):
         opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
                               savedir=str(tmp_path / f"run{w}"), time_steps=(8,), time_step=8, sequential_samples=4,
-                              threshold_candidates=(), float_loss=w, **{**FAST, "snn_learning_rate": 1e-12})
+                              threshold_candidates=(), float_loss=w, ann_epochs=0,
+                              **{**FAST, "snn_learning_rate": 1e-12})
         qcfs = run(opts)["training"]["qcfs"]
         assert qcfs["float_loss"] == w
         losses[w] = qcfs["first_loss"]

@@ -95,8 +95,8 @@ def build_parser() -> Parser:
          help="LayerNorm in the sequential simulation: causal (per-step differences, default) or held (the norm "
               "of the window's mean at every step); parallel mode is the same either way")
     flag(g, "probs_scale", dest="probs_scale", choices=("sum", "max"),
-         help="what the attention probability sites encode: sum (the softmax probabilities, default) or max "
-              "(each row over its largest probability, the softmax's normalisation moved after probs.V)")
+         help="what the attention probability sites encode: max (each row over its largest probability, the "
+              "softmax's normalisation moved after probs.V; default) or sum (the softmax probabilities)")
     flag(g, "sequential_neuron", dest="sequential_neuron", choices=("catch_up", "if"),
          help="neurons of the sequential simulation: catch_up (a step may fire every spike the count still allows "
               "and take back early ones; default) or if (one spike a step: IF / ST-BIF); parallel mode is the same "
@@ -112,10 +112,13 @@ def build_parser() -> Parser:
               "sweep holds it, else its largest)")
     g = p.add_argument_group("training and calibration")
     flag(g, "ann_epochs", dest="ann_epochs", type=int, metavar="N",
-         help="epochs of a separate float fine-tune before the DA-QCFS one; its model is then the float ANN "
-              "reference (default 0: the reference is the DA-QCFS-trained weights run as a float network)")
+         help="epochs of the float fine-tune before the DA-QCFS one; its model is the float ANN reference and "
+              "the DA-QCFS fine-tune's teacher (default 1; 0: the reference is the DA-QCFS-trained weights run "
+              "as a float network)")
     flag(g, "trainsnn_epochs", dest="trainsnn_epochs", type=int, metavar="N",
-         help="DA-QCFS-aware fine-tune epochs (straight-through floor, T cycling over the sweep; default 1)")
+         help="DA-QCFS-aware fine-tune epochs (straight-through floor, T cycling over the sweep; default 1); "
+              "with more than one, each epoch is scored by agreement with the float ANN on the validation split, "
+              "the best kept, and the first worse epoch stops training")
     flag(g, "learning_rate", "lr", dest="learning_rate", type=float, metavar="LR", help="float phase (default 1e-4)")
     flag(g, "snn_learning_rate", dest="snn_learning_rate", type=float, metavar="LR",
          help="DA-QCFS phase (default 1e-4)")
@@ -140,8 +143,8 @@ def build_parser() -> Parser:
               "network agrees most often with the float ANN is kept; 'none': no choice, --threshold_rule with "
               "the shift and scale at every T")
     flag(g, "distill", dest="distill", type=float, metavar="W",
-         help="weight of distillation from the float ANN's logits in the DA-QCFS fine-tune, 0..1 (default 0.5; "
-              "0: labels only)")
+         help="weight of distillation from the float ANN's logits in the DA-QCFS fine-tune, 0..1 (default 1: "
+              "the quantized network learns to answer as the float ANN; 0: labels only)")
     flag(g, "float_loss", dest="float_loss", type=float, metavar="W",
          help="weight of the float network's own cross-entropy in the DA-QCFS fine-tune, 0..1 (default 0: off): "
               "each batch also runs with the sites off, so the shared weights keep learning the labels as a float "
@@ -150,8 +153,8 @@ def build_parser() -> Parser:
          help="weight of layer-wise distillation in the DA-QCFS fine-tune: the relative squared error of every "
               "encoder layer's hidden states against the float ANN's (default 0: off)")
     flag(g, "train_thresholds", dest="train_thresholds", choices=("shared", "max", "percentile", "mse"),
-         help="thresholds of the DA-QCFS fine-tune: 'shared' (one set by --threshold_rule for every T of the "
-              "cycle, default) or a rule (max, percentile, mse) fitted per T, each batch using its T's")
+         help="thresholds of the DA-QCFS fine-tune: a rule (max, percentile, mse: default) fitted per T, each "
+              "batch using its T's, or 'shared' (one set by --threshold_rule for every T of the cycle)")
     flag(g, "calib_samples", dest="calib_samples", type=int, metavar="N",
          help="training samples seen by calibration (default 256)")
     g = p.add_argument_group("run")

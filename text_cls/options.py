@@ -78,7 +78,7 @@ class TextClsOptions:
     neuron_type: str = "ParaInfNeuron"
     time_step: int | None = None
     time_steps: tuple[int, ...] | None = None
-    ann_epochs: int = 0
+    ann_epochs: int = 1
     trainsnn_epochs: int = 1
     learning_rate: float = 1e-4
     snn_learning_rate: float = 1e-4
@@ -91,11 +91,11 @@ class TextClsOptions:
     threshold_rule: str = "percentile"
     percentile: float = 99.9
     threshold_candidates: tuple[str, ...] = ("mse",)
-    distill: float = 0.5
+    distill: float = 1.0
     float_loss: float = 0.0
-    train_thresholds: str = "shared"
+    train_thresholds: str = "mse"
     hidden_distill: float = 0.0
-    probs_scale: str = "sum"
+    probs_scale: str = "max"
     calib_samples: int = 256
     device: str = "auto"
     savedir: str | None = None
@@ -157,7 +157,8 @@ class TextClsOptions:
         _choice("train_thresholds", self.train_thresholds, ("shared", *THRESHOLD_RULES))
         if self.float_loss and self.ann_epochs:
             raise ValueError("float_loss trains the float network that shares the DA-QCFS network's weights; with "
-                             "ann_epochs the reference is a separate float network: use one or the other")
+                             "ann_epochs (default 1) the reference is a separate float network: give --ann_epochs 0 "
+                             "with --float_loss")
         device = str(self.device).lower()
         if not DEVICE_RE.match(device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or a GPU index N, got {self.device!r}")
