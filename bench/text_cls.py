@@ -1,8 +1,8 @@
 """Text-classification benchmark: the default ``python -m text_cls`` run, then latency side by side.
 
 Runs the pipeline (embedded tweets, MiniLM-L6, ``--spike_sites all``, T in 4,8,16 unless told
-otherwise), reloads the saved SNN, rebuilds its float network (the run's "ANN (float)" when the
-reference is the DA-QCFS-trained weights, the default), and times ANN, parallel SNN and
+otherwise), reloads the saved SNN, rebuilds its float network (the same architecture and cost as
+the run's "ANN (float)", which is a separate float fine-tune by default), and times ANN, parallel SNN and
 sequential SNN on the same test batch, interleaved (``bench.timing.side_by_side``, medians).
 Checks the issue's targets and writes ``docs/bench_text_cls.json`` plus copies of the run's
 ``results.md`` and ``accuracy_vs_T.png`` into ``docs/``.

@@ -163,7 +163,7 @@ def test_float_loss_adds_the_float_networks_cross_entropy_to_the_fine_tune(tmp_p
 
 
 def test_auto_sequential_subset_follows_the_texts_length():
-    """'auto': 8192 tokens' worth of samples, 32 to 256; a number or None (all) is taken as given."""
+    """'auto': 4096 tokens' worth of samples, 32 to 256; a number or None (all) is taken as given."""
     from text_cls.batching import SEQUENTIAL_TOKENS, sequential_count
 
     def data(n, length):
@@ -171,10 +171,10 @@ def test_auto_sequential_subset_follows_the_texts_length():
         mask[:, :length] = 1
         return Encoded(torch.ones(n, 160, dtype=torch.long), mask, torch.zeros(n, dtype=torch.long))
 
-    assert sequential_count(data(800, 32), "auto") == 256
-    assert sequential_count(data(800, 128), "auto") == SEQUENTIAL_TOKENS // 128 == 64
-    assert sequential_count(data(800, 160), "auto") == round(SEQUENTIAL_TOKENS / 160)
-    assert sequential_count(data(800, 20), "auto") == 256 and sequential_count(data(10, 100), "auto") == 82
+    assert sequential_count(data(800, 16), "auto") == 256
+    assert sequential_count(data(800, 64), "auto") == SEQUENTIAL_TOKENS // 64 == 64
+    assert sequential_count(data(800, 100), "auto") == round(SEQUENTIAL_TOKENS / 100) == 41
+    assert sequential_count(data(800, 160), "auto") == 32 and sequential_count(data(10, 100), "auto") == 41
     assert sequential_count(data(800, 128), 100) == 100 and sequential_count(data(800, 128), None) is None
     assert TextClsOptions(progress=False).sequential_samples == "auto"
 
@@ -277,3 +277,21 @@ def test_hidden_distill_adds_the_layers_relative_error_to_the_fine_tune(tmp_path
         assert qcfs["hidden_distill"] == w
         losses[w] = qcfs["first_loss"]
     assert 0.0 < losses[2.0] - losses[0.0] < 2.0, losses
+
+
+def test_site_report_says_which_sites_change_the_answers(selected, tmp_path):
+    """bench.text_cls_sites: agreement with the saved weights' float version, every site kind and layer alone."""
+    from bench.text_cls_sites import main as sites_main
+
+    opts, _ = selected
+    out = tmp_path / "sites.json"
+    assert sites_main(["--run", opts.savedir, "-T", "8", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["sites"] == 10 and report["validation_samples"] > 0
+    assert set(report["only_kind"]) == set(report["all_but_kind"]) == {
+        "attention.self.query.site", "attention.self.p_site", "attention.output.dense.site",
+        "intermediate.dense.site", "output.dense.site"}
+    assert set(report["only_layer"]) == {"0", "1"}
+    shares = [report["all_sites"], *report["only_kind"].values(), *report["only_layer"].values()]
+    assert all(0.0 <= x <= 1.0 for x in shares)
+    assert sites_main(["--run", opts.savedir, "--out", str(out)]) == 2  # exists: refused without --overwrite

@@ -73,8 +73,8 @@ def build_parser() -> Parser:
          help="stratified subset of the test (and validation) split, or 'all' (default 800)")
     flag(g, "sequential_samples", dest="sequential_samples", type=samples_or_auto, metavar="N",
          help="test samples the sequential simulation runs on (a seeded subset; it costs T parallel passes), "
-              "'all', or 'auto' (default: 8192 tokens' worth, 32 to 256 samples: 256 tweets, fewer long "
-              "texts); its agreement with the parallel pass is on the same samples")
+              "'all', or 'auto' (default: 4096 tokens' worth, 32 to 256 samples: about 130 tweets, 35 "
+              "passages of 118 tokens); its agreement with the parallel pass is on the same samples")
     flag(g, "max_len", "max_length", dest="max_len", type=int, metavar="L",
          help="tokens per sample (default: tweets 64, sst2/ag_news 128, imdb 256, files 128)")
     flag(g, "validation_fraction", dest="validation_fraction", type=float, metavar="F", help="default 0.1")
