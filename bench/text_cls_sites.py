@@ -36,7 +36,7 @@ def _kind(name: str) -> str:
 def site_agreement(run_dir: Path, T: int, batch_size: int = 64) -> dict:
     model, tok, config = load_text_snn(run_dir / "model", T)
     classes = config["classes"]
-    rows = [json.loads(line) for line in (run_dir / "data" / "validation.jsonl").read_text().splitlines() if line]
+    rows = [json.loads(line) for line in (run_dir / "data" / "validation.jsonl").read_text().split("\n") if line]
     data = encode(tok, [(r["text"], classes.index(r["label"])) for r in rows], int(config["max_len"]))
     batches = eval_batches(data, batch_size)
     sites = dict(iter_sites(model))

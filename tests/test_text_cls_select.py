@@ -144,21 +144,27 @@ def test_a_cuda_device_without_an_index_is_set_as_gpu_0(monkeypatch, tmp_path):
     assert seen == [torch.device("cuda", 0)]
 
 
+def first_losses(tmp_path, option: str, weights: tuple[float, ...], T: int, **extra) -> dict[float, float]:
+    """The DA-QCFS fine-tune's first recorded loss for each weight of ``option``, with a learning rate too
+    small to move the weights (so the difference is the option's term)."""
+    save_tiny_bert(tmp_path / "bert")
+    write_file(tmp_path / "train.csv", synthetic_rows(120, seed=3))
+    losses = {}
+    for w in weights:
+        opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
+                              savedir=str(tmp_path / f"run{w}"), time_steps=(T,), time_step=T, sequential_samples=4,
+                              threshold_candidates=(), **{option: w}, **extra, **{**FAST, "snn_learning_rate": 1e-12})
+        qcfs = run(opts)["training"]["qcfs"]
+        assert qcfs[option] == w
+        losses[w] = qcfs["first_loss"]
+    return losses
+
+
 def test_float_loss_adds_the_float_networks_cross_entropy_to_the_fine_tune(tmp_path):
     """--float_loss W: every DA-QCFS step also runs the batch with the sites off and adds W times its
     cross-entropy. With a learning rate too small to move the weights, the recorded loss grows by about
     W times the float network's cross-entropy (about ln 3 for a fresh 3-class head)."""
-    save_tiny_bert(tmp_path / "bert")
-    write_file(tmp_path / "train.csv", synthetic_rows(120, seed=3))
-    losses = {}
-    for w in (0.0, 0.5):
-        opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
-                              savedir=str(tmp_path / f"run{w}"), time_steps=(8,), time_step=8, sequential_samples=4,
-                              threshold_candidates=(), float_loss=w, ann_epochs=0,
-                              **{**FAST, "snn_learning_rate": 1e-12})
-        qcfs = run(opts)["training"]["qcfs"]
-        assert qcfs["float_loss"] == w
-        losses[w] = qcfs["first_loss"]
+    losses = first_losses(tmp_path, "float_loss", (0.0, 0.5), T=8, ann_epochs=0)
     assert 0.25 < losses[0.5] - losses[0.0] < 1.0, losses
 
 
@@ -266,16 +272,7 @@ def test_hidden_distill_adds_the_layers_relative_error_to_the_fine_tune(tmp_path
     noisy = tuple(x.clone() for x in h)
     noisy[1][0, 4] += 100.0  # a padded position does not count
     assert float(hidden_loss(noisy, h, mask)) == 0.0
-    save_tiny_bert(tmp_path / "bert")
-    write_file(tmp_path / "train.csv", synthetic_rows(120, seed=3))
-    losses = {}
-    for w in (0.0, 2.0):
-        opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
-                              savedir=str(tmp_path / f"run{w}"), time_steps=(2,), time_step=2, sequential_samples=4,
-                              threshold_candidates=(), hidden_distill=w, **{**FAST, "snn_learning_rate": 1e-12})
-        qcfs = run(opts)["training"]["qcfs"]
-        assert qcfs["hidden_distill"] == w
-        losses[w] = qcfs["first_loss"]
+    losses = first_losses(tmp_path, "hidden_distill", (0.0, 2.0), T=2)
     assert 0.0 < losses[2.0] - losses[0.0] < 2.0, losses
 
 
