@@ -27,6 +27,7 @@ from bench.timing import side_by_side
 from stac_common.io import check_output_free, write_json
 from text_cls import TextClsOptions, load_text_snn, run, run_sequential
 from text_cls.batching import encode, eval_batches, model_inputs
+from text_cls.cli import samples_or_auto
 from text_cls.data import read_rows
 from text_cls.model import float_copy, set_sequential_schedule
 from spike_modules.site import set_spike_counting
@@ -43,16 +44,16 @@ def float_template(config: dict):
                                                           dtype=torch.float32).eval()
 
 
-def test_batches(savedir: Path, tok, config: dict, batch_size: int) -> list[dict]:
-    """The run's own test split, encoded and batched as the run evaluated it."""
+def split_batches(savedir: Path, tok, config: dict, batch_size: int, split: str = "test") -> list[dict]:
+    """The run's own ``split`` (test or validation), encoded and batched as the run evaluated it."""
     classes = config["classes"]
-    rows = [(t, classes.index(y)) for t, y in read_rows(savedir / "data" / "test.jsonl", "text", "label")]
+    rows = [(t, classes.index(y)) for t, y in read_rows(savedir / "data" / f"{split}.jsonl", "text", "label")]
     return eval_batches(encode(tok, rows, config["max_len"]), batch_size)
 
 
 def timing_batch(savedir: Path, tok, config: dict, batch_size: int) -> dict:
     """The test batch of median width (the run's own test split and batching)."""
-    every = test_batches(savedir, tok, config, batch_size)
+    every = split_batches(savedir, tok, config, batch_size)
     batches = [b for b in every if len(b["labels"]) == batch_size] or every
     batches.sort(key=lambda b: b["input_ids"].shape[1])
     return model_inputs(batches[len(batches) // 2])
@@ -89,7 +90,7 @@ def simulations(savedir: Path, T: int, variants: list[tuple[str, str | None]], b
     neither, so it runs once."""
     snn, tok, config = load_text_snn(savedir / "model", T=T)
     saved_neuron = snn.stac_site_spec.sequential
-    batches = [(model_inputs(b), b["labels"]) for b in test_batches(savedir, tok, config, batch_size)]
+    batches = [(model_inputs(b), b["labels"]) for b in split_batches(savedir, tok, config, batch_size)]
     y = torch.cat([labels for _, labels in batches])
     P = torch.cat([snn(**x).logits for x, _ in batches])
     out = []
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test_file", default=None, help="local test data (default: a split of --train_file)")
     p.add_argument("--text_column", default=None)
     p.add_argument("--label_column", default=None)
-    p.add_argument("--sequential_samples", default=None,
+    p.add_argument("--sequential_samples", default=argparse.SUPPRESS, type=samples_or_auto,
                    help="test samples of the sequential simulation, 'all' or 'auto' (default: the run's, auto)")
     p.add_argument("--latency_timesteps", default=str(DEFAULT_T),
                    help="the T's timed side by side after the run, comma-separated (default 8)")
@@ -213,9 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         given["float_loss"] = args.float_loss
     if args.ann_epochs is not None:
         given["ann_epochs"] = args.ann_epochs
-    if args.sequential_samples is not None:
-        given["sequential_samples"] = (None if args.sequential_samples == "all" else "auto"
-                                       if args.sequential_samples == "auto" else int(args.sequential_samples))
+    if hasattr(args, "sequential_samples"):
+        given["sequential_samples"] = args.sequential_samples
     try:
         opts = TextClsOptions(savedir=str(savedir), overwrite=args.overwrite, time_steps=sweep,
                               spike_sites=args.spike_sites, norm_schedule=args.norm_schedule,

@@ -24,7 +24,9 @@ import torch
 from spike_modules.site import iter_sites, set_mode
 from stac_common.io import check_output_free, write_json
 from text_cls import load_text_snn
-from text_cls.batching import encode, eval_batches, model_inputs
+from text_cls.batching import model_inputs
+
+from bench.text_cls import split_batches
 
 LAYER = re.compile(r"layer\.(\d+)\.")
 
@@ -35,10 +37,7 @@ def _kind(name: str) -> str:
 
 def site_agreement(run_dir: Path, T: int, batch_size: int = 64) -> dict:
     model, tok, config = load_text_snn(run_dir / "model", T)
-    classes = config["classes"]
-    rows = [json.loads(line) for line in (run_dir / "data" / "validation.jsonl").read_text().split("\n") if line]
-    data = encode(tok, [(r["text"], classes.index(r["label"])) for r in rows], int(config["max_len"]))
-    batches = eval_batches(data, batch_size)
+    batches = split_batches(run_dir, tok, config, batch_size, "validation")
     sites = dict(iter_sites(model))
 
     @torch.inference_mode()
@@ -52,7 +51,7 @@ def site_agreement(run_dir: Path, T: int, batch_size: int = 64) -> dict:
     kinds = sorted({_kind(n) for n in sites})
     layers = sorted({int(m.group(1)) for n in sites if (m := LAYER.search(n))})
     return {
-        "run": str(run_dir), "T": T, "validation_samples": len(data), "sites": len(sites),
+        "run": str(run_dir), "T": T, "validation_samples": sum(len(b["labels"]) for b in batches), "sites": len(sites),
         "all_sites": share(lambda n: True),
         "only_kind": {k: share(lambda n, k=k: _kind(n) == k) for k in kinds},
         "all_but_kind": {k: share(lambda n, k=k: _kind(n) != k) for k in kinds},

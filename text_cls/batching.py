@@ -49,7 +49,7 @@ def pick(data: Encoded, n: int | None, seed: int) -> Encoded:
     return Encoded(data.input_ids[idx], data.attention_mask[idx], data.labels[idx])
 
 
-# the sequential simulation's default subset: about this many tokens (about 130 tweets, 35 passages of 118
+# the sequential simulation's default subset: about this many tokens (about 120 tweets, 35 passages of 118
 # tokens), so its cost follows the texts' length (never under 32 samples or over 256). At 8,192 tokens the
 # sequential passes of the plays (69 passages at T = 4, 8, 16) took 355 of the evaluation's 531 s
 SEQUENTIAL_TOKENS = 4096

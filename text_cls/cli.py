@@ -40,7 +40,12 @@ def samples(text: str) -> int | None:
 
 
 def samples_or_auto(text: str) -> int | str | None:
-    return "auto" if text.strip().lower() == "auto" else samples(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return samples(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or 'all' or 'auto', got {text!r}") from None
 
 
 def rule_list(text: str) -> tuple[str, ...]:
@@ -73,7 +78,7 @@ def build_parser() -> Parser:
          help="stratified subset of the test (and validation) split, or 'all' (default 800)")
     flag(g, "sequential_samples", dest="sequential_samples", type=samples_or_auto, metavar="N",
          help="test samples the sequential simulation runs on (a seeded subset; it costs T parallel passes), "
-              "'all', or 'auto' (default: 4096 tokens' worth, 32 to 256 samples: about 130 tweets, 35 "
+              "'all', or 'auto' (default: 4096 tokens' worth, 32 to 256 samples: about 120 tweets, 35 "
               "passages of 118 tokens); its agreement with the parallel pass is on the same samples")
     flag(g, "max_len", "max_length", dest="max_len", type=int, metavar="L",
          help="tokens per sample (default: tweets 64, sst2/ag_news 128, imdb 256, files 128)")

@@ -121,12 +121,13 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
             per_t = {T: fit_calibration(observers, replace(calibration_config(opts, T, False), n_samples=n,
                                                            rule=opts.train_thresholds), model_id=str(opts.model_name))
                      for T in opts.time_steps}
+        # the parameters each T trains with (and keeps without phase 2): its own, or the one set at its T
+        trained_with = per_t or {T: replace(base, config=replace(base.config, T=T)) for T in opts.time_steps}
     score = None
     if qcfs_training and opts.trainsnn_epochs > 1:  # several epochs: keep the one that best follows the float ANN
         val_batches = eval_batches(val, opts.eval_batchsize)
         teacher = ann if opts.ann_epochs else None
-        shared = {T: replace(base, config=replace(base.config, T=T)) for T in opts.time_steps}
-        score = lambda: agreement_score(snn, teacher, val_batches, per_t or shared, device)  # noqa: E731
+        score = lambda: agreement_score(snn, teacher, val_batches, trained_with, device)  # noqa: E731
     if qcfs_training:
         with step(f"phase 1b: DA-QCFS fine-tune ({opts.trainsnn_epochs} epoch(s), T cycling {list(opts.time_steps)})"):
             training["qcfs"] = finetune_(snn, train, epochs=opts.trainsnn_epochs, lr=opts.snn_learning_rate,
@@ -156,13 +157,11 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         for T in opts.time_steps:
             cfg = replace(calibration_config(opts, T, opts.calibrate_th), n_samples=n)
             if not opts.calibrate_th:
-                calibrations[T] = per_t[T] if per_t else Calibration(cfg, base.sites, base.model_id, base.stats)
+                calibrations[T] = trained_with[T]
             elif len(rules) == 1:
                 calibrations[T] = fit_calibration(observers, cfg, model_id=str(opts.model_name))
             else:
-                kept = None if not qcfs_training else per_t[T] if per_t else Calibration(
-                    replace(calibration_config(opts, T, False), n_samples=base.config.n_samples),
-                    base.sites, base.model_id, base.stats)
+                kept = trained_with[T] if qcfs_training else None
                 calibrations[T], selection[T] = select_calibration(
                     snn, observers, candidate_configs(cfg, rules), val_batches, float_pred, val_labels, device,
                     str(opts.model_name), kept)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from calibration import Calibration, CalibrationConfig, fit_calibration
-from spike_modules.site import set_mode, set_timesteps
+from spike_modules.site import set_mode
 
 from .batching import model_inputs
 
@@ -23,6 +23,17 @@ from .batching import model_inputs
 @torch.inference_mode()
 def logits_of(model: nn.Module, batches: list[dict], device) -> torch.Tensor:
     return torch.cat([model(**model_inputs(b, device)).logits.float().cpu() for b in batches])
+
+
+def quant_predictions(snn: nn.Module, calib: Calibration, batches: list[dict], device) -> torch.Tensor:
+    """``snn``'s answers on ``batches`` with ``calib`` applied (its T included), sites in ``quant`` mode;
+    the sites are back in ``ann`` mode after."""
+    calib.apply_to(snn)
+    set_mode(snn, "quant")
+    try:
+        return logits_of(snn, batches, device).argmax(-1)
+    finally:
+        set_mode(snn, "ann")
 
 
 def candidate_configs(base: CalibrationConfig, rules: tuple[str, ...]) -> list[CalibrationConfig]:
@@ -47,13 +58,7 @@ def select_calibration(snn: nn.Module, observers, configs: list[CalibrationConfi
     for cfg, given in (*fitted, *((c, None) for c in configs)):
         calib = given if given is not None else fit_calibration(observers, cfg, model_id=model_id)
         cfg = calib.config
-        calib.apply_to(snn)
-        set_timesteps(snn, cfg.T)
-        set_mode(snn, "quant")
-        try:
-            pred = logits_of(snn, batches, device).argmax(-1)
-        finally:
-            set_mode(snn, "ann")
+        pred = quant_predictions(snn, calib, batches, device)
         row = {"rule": cfg.rule, "percentile": cfg.percentile if cfg.rule == "percentile" else None,
                "fit_affine": cfg.fit_affine, "refit": given is None, "validation_agreement_with_ann": float((pred == float_pred).double().mean()),
                "validation_accuracy": float((pred == labels).double().mean())}
@@ -73,13 +78,6 @@ def agreement_score(snn: nn.Module, reference: nn.Module | None, batches: list[d
     if reference is None:
         set_mode(snn, "ann")
     float_pred = logits_of(reference if reference is not None else snn, batches, device).argmax(-1)
-    shares = []
-    for T, calib in sorted(calibrations.items()):
-        calib.apply_to(snn)
-        set_timesteps(snn, T)
-        set_mode(snn, "quant")
-        try:
-            shares.append(float((logits_of(snn, batches, device).argmax(-1) == float_pred).double().mean()))
-        finally:
-            set_mode(snn, "ann")
+    shares = [float((quant_predictions(snn, calib, batches, device) == float_pred).double().mean())
+              for _, calib in sorted(calibrations.items())]
     return sum(shares) / len(shares)
