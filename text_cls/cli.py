@@ -58,6 +58,16 @@ def rule_list(text: str) -> tuple[str, ...]:
     return rules
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 4,8,8,16, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one T, such as 4,8,8,16")
+    return values
+
+
 def build_parser() -> Parser:
     p = Parser(PROG, __doc__)
     g = p.add_argument_group("data")
@@ -150,6 +160,20 @@ def build_parser() -> Parser:
     flag(g, "distill", dest="distill", type=float, metavar="W",
          help="weight of distillation from the float ANN's logits in the DA-QCFS fine-tune, 0..1 (default 1: "
               "the quantized network learns to answer as the float ANN; 0: labels only)")
+    flag(g, "distill_temperature", dest="distill_temperature", type=float, metavar="TAU",
+         help="softmax temperature of the distillation (default 1)")
+    flag(g, "distill_samples", dest="distill_samples", type=lambda t: "all" if t.strip().lower() == "all" else samples(t),
+         metavar="N",
+         help="training samples the DA-QCFS fine-tune distils on, the float fine-tune's included (their labels "
+              "are not used at --distill 1); more than --max_train_samples adds training rows it left out, 'all' "
+              "takes every one (default: the float fine-tune's samples)")
+    flag(g, "train_cycle", dest="train_cycle", type=int_list, metavar="TS",
+         help="the order of T's the DA-QCFS fine-tune cycles through, each of the sweep; a repeated T gets more "
+              "steps (default: the sweep, e.g. 4,8,16)")
+    flag(g, "select_by", dest="select_by", choices=("agreement", "kl"),
+         help="how the per-T calibration candidates are scored on the validation split: agreement (share of the "
+              "float ANN's answers kept, default) or kl (mean KL divergence from the float ANN's class "
+              "probabilities, lower wins)")
     flag(g, "float_loss", dest="float_loss", type=float, metavar="W",
          help="weight of the float network's own cross-entropy in the DA-QCFS fine-tune, 0..1 (default 0: off): "
               "each batch also runs with the sites off, so the shared weights keep learning the labels as a float "

@@ -47,6 +47,7 @@ class Splits:
     test: list[tuple[str, int]]
     classes: list[str]
     source: dict = field(default_factory=dict)
+    distill_extra: list[tuple[str, int]] = field(default_factory=list)  # more training rows, for distillation only
 
     @property
     def num_classes(self) -> int:
@@ -60,7 +61,7 @@ class Splits:
             return dict(zip(self.classes, out))
 
         return {"source": self.source, "classes": self.classes,
-                "sizes": {k: len(getattr(self, k)) for k in ("train", "validation", "test")},
+                "sizes": {k: len(getattr(self, k)) for k in ("train", "validation", "test", "distill_extra")},
                 "class_counts": {k: counts(getattr(self, k)) for k in ("train", "validation", "test")}}
 
 
@@ -249,8 +250,11 @@ def load_splits(dataset: str = TWEETS, train_file: str | None = None, test_file:
                 text_column: str = "text", label_column: str = "label", encoding: str = "utf-8",
                 validation_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                 max_train_samples: int | None = None, max_eval_samples: int | None = None,
-                cache_dir: str | None = None) -> Splits:
+                cache_dir: str | None = None, distill_samples: int | str | None = None) -> Splits:
     """Read, check, label and split the data (see the module docstring).
+
+    ``distill_samples``: the training rows the distillation may read (``"all"``: every one), ``train`` included; the rows
+    beyond ``train`` (seeded, from the training split the subsample left out) become ``distill_extra``.
 
     Raises:
         DataError: unknown dataset, unreadable or empty files, missing columns, labels that are not
@@ -286,12 +290,21 @@ def load_splits(dataset: str = TWEETS, train_file: str | None = None, test_file:
     for name, part in (("train", train), ("validation", validation), ("test", test)):
         if not part:
             raise DataError(f"the {name} split is empty ({len(train_rows)} training rows); give more data")
+    pool = train
     train = subsample(train, max_train_samples, seed)
+    extra = []
+    if distill_samples == "all":
+        distill_samples = len(pool)
+    if distill_samples is not None and distill_samples > len(train):
+        kept = set(train)
+        extra = [r for r in pool if r not in kept]
+        random.Random(seed).shuffle(extra)
+        extra = extra[:distill_samples - len(train)]
     test = subsample(test, max_eval_samples, seed)
     validation = subsample(validation, max_eval_samples, seed)
     source = dict(source, seed=seed, validation_fraction=validation_fraction,
                   test_fraction=None if test_rows is not None else test_fraction, **dedup)
-    return Splits(train, validation, test, classes, source)
+    return Splits(train, validation, test, classes, source, extra)
 
 
 def write_splits(splits: Splits, directory: str | Path) -> None:

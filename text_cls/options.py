@@ -28,6 +28,7 @@ NEURON_ALIASES = {"parainfneuron": "ParaInfNeuron", "parainfneuron_text": "ParaI
                   "ifneuron": "IFNeuron", "ifneuron_text": "IFNeuron", "sequential": "IFNeuron"}
 DATASET_ALIASES = {"textcls": TWEETS, "tweet": TWEETS, "sst-2": "sst2", "agnews": "ag_news"}
 THRESHOLD_RULES = ("max", "percentile", "mse")
+SELECT_BY = ("agreement", "kl")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|\d+)$")
 
 
@@ -66,6 +67,7 @@ class TextClsOptions:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     max_train_samples: int | None = 2000
+    distill_samples: int | str | None = None
     max_eval_samples: int | None = 800
     sequential_samples: int | str | None = "auto"
     max_len: int | None = None
@@ -92,6 +94,9 @@ class TextClsOptions:
     percentile: float = 99.9
     threshold_candidates: tuple[str, ...] = ("mse",)
     distill: float = 1.0
+    distill_temperature: float = 1.0
+    train_cycle: tuple[int, ...] | None = None
+    select_by: str = "agreement"
     float_loss: float = 0.0
     train_thresholds: str = "mse"
     hidden_distill: float = 0.0
@@ -121,8 +126,8 @@ class TextClsOptions:
                 raise ValueError(f"--{key} {path}: no such file")
         for key in ("validation_fraction", "test_fraction"):
             _float(key, getattr(self, key), 0.0, 0.5)
-        for key in ("max_train_samples", "max_eval_samples", "sequential_samples"):
-            if key == "sequential_samples" and self.sequential_samples == "auto":
+        for key in ("max_train_samples", "max_eval_samples", "sequential_samples", "distill_samples"):
+            if (key, getattr(self, key)) in (("sequential_samples", "auto"), ("distill_samples", "all")):
                 continue
             if getattr(self, key) is not None:
                 _int(key, getattr(self, key), 1)
@@ -152,6 +157,13 @@ class TextClsOptions:
             _choice("each of threshold_candidates", rule, THRESHOLD_RULES)
         _float("distill", self.distill, 0.0, 1.0, lo_open=False)
         _float("float_loss", self.float_loss, 0.0, 1.0, lo_open=False)
+        _float("distill_temperature", self.distill_temperature, 0.0, 100.0)
+        _choice("select_by", self.select_by, SELECT_BY)
+        if isinstance(self.distill_samples, int) and self.max_train_samples is not None \
+                and self.distill_samples < self.max_train_samples:
+            raise ValueError(f"distill_samples ({self.distill_samples}) counts the fine-tune's own "
+                             f"{self.max_train_samples} training samples and more; give at least that many, or leave "
+                             "it out")
         _float("hidden_distill", self.hidden_distill, 0.0, 100.0, lo_open=False)
         _choice("probs_scale", self.probs_scale, ("sum", "max"))
         _choice("train_thresholds", self.train_thresholds, ("shared", *THRESHOLD_RULES))
@@ -204,10 +216,16 @@ class TextClsOptions:
         _int("time_step", primary, 1, MAX_T)
         object.__setattr__(self, "time_steps", tuple(sorted(set(sweep) | {primary})))
         object.__setattr__(self, "time_step", primary)
+        cycle = tuple(self.train_cycle) if self.train_cycle is not None else self.time_steps
+        if not cycle or set(cycle) - set(self.time_steps):
+            raise ValueError(f"train_cycle {list(cycle)} must be a non-empty list of T's of the sweep "
+                             f"{list(self.time_steps)} (repeats weight a T more)")
+        object.__setattr__(self, "train_cycle", cycle)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["time_steps"] = list(self.time_steps)
+        d["train_cycle"] = list(self.train_cycle)
         d["threshold_candidates"] = list(self.threshold_candidates)
         return d
 

@@ -82,7 +82,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
     with step("read data", spinner=True):
         splits = load_splits(opts.dataset, opts.train_file, opts.test_file, opts.text_column, opts.label_column,
                              opts.encoding, opts.validation_fraction, opts.test_fraction, opts.seed,
-                             opts.max_train_samples, opts.max_eval_samples, opts.datadir)
+                             opts.max_train_samples, opts.max_eval_samples, opts.datadir, opts.distill_samples)
     torch.manual_seed(opts.seed)  # before the load: a new classification head is drawn from torch's generator
     with step("load model", spinner=True):
         ann, tok = load_classifier(opts.model_name, splits.num_classes, dict(enumerate(splits.classes)))
@@ -91,6 +91,8 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         raise ValueError(f"--max_len {opts.max_len} is longer than the model's {positions} positions")
     with step("tokenize", spinner=True):
         train, val, test = (encode(tok, rows, opts.max_len) for rows in (splits.train, splits.validation, splits.test))
+        # the DA-QCFS fine-tune distils on the training samples and any more that --distill_samples lends it
+        distill_data = encode(tok, splits.train + splits.distill_extra, opts.max_len) if splits.distill_extra else train
     accelerator = Accelerator(cpu=device.type == "cpu")
     device = accelerator.device
     spec = SiteSpec(opts.spike_sites, opts.activation, opts.time_step, opts.norm_schedule, opts.sequential_neuron,
@@ -129,9 +131,11 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         teacher = ann if opts.ann_epochs else None
         score = lambda: agreement_score(snn, teacher, val_batches, trained_with, device)  # noqa: E731
     if qcfs_training:
-        with step(f"phase 1b: DA-QCFS fine-tune ({opts.trainsnn_epochs} epoch(s), T cycling {list(opts.time_steps)})"):
-            training["qcfs"] = finetune_(snn, train, epochs=opts.trainsnn_epochs, lr=opts.snn_learning_rate,
-                                         timesteps=opts.time_steps, desc="DA-QCFS fine-tune", distill=opts.distill,
+        with step(f"phase 1b: DA-QCFS fine-tune ({opts.trainsnn_epochs} epoch(s), {len(distill_data)} samples, "
+                  f"T cycling {list(opts.train_cycle)})"):
+            training["qcfs"] = finetune_(snn, distill_data, epochs=opts.trainsnn_epochs, lr=opts.snn_learning_rate,
+                                         timesteps=opts.train_cycle, desc="DA-QCFS fine-tune", distill=opts.distill,
+                                         temperature=opts.distill_temperature,
                                          float_loss=opts.float_loss, thresholds=per_t, score=score,
                                          hidden_distill=opts.hidden_distill,
                                          teacher=ann if opts.ann_epochs else None, **train_args)
@@ -152,7 +156,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
                                          run_batch=_run_batch, progress=opts.progress)
         if opts.calibrate_th and len(rules) > 1:
             val_batches = eval_batches(val, opts.eval_batchsize)
-            float_pred = logits_of(ann, val_batches, device).argmax(-1)
+            float_logits = logits_of(ann, val_batches, device)
             val_labels = torch.cat([b["labels"] for b in val_batches])
         for T in opts.time_steps:
             cfg = replace(calibration_config(opts, T, opts.calibrate_th), n_samples=n)
@@ -163,8 +167,8 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
             else:
                 kept = trained_with[T] if qcfs_training else None
                 calibrations[T], selection[T] = select_calibration(
-                    snn, observers, candidate_configs(cfg, rules), val_batches, float_pred, val_labels, device,
-                    str(opts.model_name), kept)
+                    snn, observers, candidate_configs(cfg, rules), val_batches, float_logits, val_labels, device,
+                    str(opts.model_name), kept, opts.select_by)
     if not accelerator.is_main_process:
         return None
     with step("phase 3: evaluate ANN, DA-QCFS ANN, SNN parallel and sequential"):
@@ -177,7 +181,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
     results.update({
         "calibration_selection": {str(T): rows for T, rows in selection.items()},
         "samples_per_stage": {"float_fine_tune": len(train) if training.get("ann") else 0,
-                              "qcfs_fine_tune": len(train) if training.get("qcfs") else 0,
+                              "qcfs_fine_tune": len(distill_data) if training.get("qcfs") else 0,
                               "calibration": n, "calibration_choice": len(val) if selection else 0,
                               "validation": len(val), "test": len(test),
                               "sequential": results["sequential_samples"]},

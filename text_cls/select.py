@@ -25,15 +25,25 @@ def logits_of(model: nn.Module, batches: list[dict], device) -> torch.Tensor:
     return torch.cat([model(**model_inputs(b, device)).logits.float().cpu() for b in batches])
 
 
-def quant_predictions(snn: nn.Module, calib: Calibration, batches: list[dict], device) -> torch.Tensor:
-    """``snn``'s answers on ``batches`` with ``calib`` applied (its T included), sites in ``quant`` mode;
+def quant_logits(snn: nn.Module, calib: Calibration, batches: list[dict], device) -> torch.Tensor:
+    """``snn``'s logits on ``batches`` with ``calib`` applied (its T included), sites in ``quant`` mode;
     the sites are back in ``ann`` mode after."""
     calib.apply_to(snn)
     set_mode(snn, "quant")
     try:
-        return logits_of(snn, batches, device).argmax(-1)
+        return logits_of(snn, batches, device)
     finally:
         set_mode(snn, "ann")
+
+
+def quant_predictions(snn: nn.Module, calib: Calibration, batches: list[dict], device) -> torch.Tensor:
+    return quant_logits(snn, calib, batches, device).argmax(-1)
+
+
+def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL divergence of the softmax of ``logits`` from that of ``reference`` (per sample, in nats)."""
+    return float(nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                      reduction="batchmean"))
 
 
 def candidate_configs(base: CalibrationConfig, rules: tuple[str, ...]) -> list[CalibrationConfig]:
@@ -44,26 +54,34 @@ def candidate_configs(base: CalibrationConfig, rules: tuple[str, ...]) -> list[C
 
 
 def select_calibration(snn: nn.Module, observers, configs: list[CalibrationConfig], batches: list[dict],
-                       float_pred: torch.Tensor, labels: torch.Tensor, device, model_id: str,
-                       kept: Calibration | None = None) -> tuple[Calibration, list[dict]]:
+                       float_logits: torch.Tensor, labels: torch.Tensor, device, model_id: str,
+                       kept: Calibration | None = None, by: str = "agreement") -> tuple[Calibration, list[dict]]:
     """Fit every config of ``configs`` (one T) and return the chosen calibration and the scores of all.
 
-    Each candidate is applied to ``snn`` and run in ``quant`` mode on ``batches`` (validation); the
-    score is agreement with ``float_pred`` (the float ANN's predictions there), then accuracy.
+    Each candidate is applied to ``snn`` and run in ``quant`` mode on ``batches`` (validation) and
+    compared with ``float_logits`` (the float ANN's there). ``by``: ``agreement`` scores the share of
+    answers equal to the float ANN's, then accuracy; ``kl`` the mean KL divergence of the candidate's
+    class probabilities from the float ANN's (lower is better), which counts every sample's margin
+    rather than the few answers that change, so it is less noisy on a few hundred samples.
     ``kept``: one more candidate taken as it is (the thresholds the DA-QCFS fine-tune trained with,
     which the weights adapted to), tried first.
     """
+    float_pred = float_logits.argmax(-1)
     best, table = None, []
     fitted = ((None, kept),) if kept is not None else ()
     for cfg, given in (*fitted, *((c, None) for c in configs)):
         calib = given if given is not None else fit_calibration(observers, cfg, model_id=model_id)
         cfg = calib.config
-        pred = quant_predictions(snn, calib, batches, device)
+        logits = quant_logits(snn, calib, batches, device)
+        pred = logits.argmax(-1)
         row = {"rule": cfg.rule, "percentile": cfg.percentile if cfg.rule == "percentile" else None,
-               "fit_affine": cfg.fit_affine, "refit": given is None, "validation_agreement_with_ann": float((pred == float_pred).double().mean()),
+               "fit_affine": cfg.fit_affine, "refit": given is None,
+               "validation_agreement_with_ann": float((pred == float_pred).double().mean()),
+               "validation_kl_from_ann": kl_from(float_logits, logits),
                "validation_accuracy": float((pred == labels).double().mean())}
         table.append(row)
-        key = (row["validation_agreement_with_ann"], row["validation_accuracy"])
+        key = ((-row["validation_kl_from_ann"],) if by == "kl"
+               else (row["validation_agreement_with_ann"], row["validation_accuracy"]))
         if best is None or key > best[0]:
             best = (key, calib, len(table) - 1)
     table[best[2]]["chosen"] = True

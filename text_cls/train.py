@@ -37,12 +37,14 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
-    """``(1 - weight) CE(student, labels) + weight KL(teacher || student)`` on the classes' softmax."""
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weight: float,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """``(1 - weight) CE(student, labels) + weight tau^2 KL(teacher || student)``, the KL divergence between
+    the classes' softmax of the logits over ``temperature`` (tau; the tau^2 keeps its gradients' scale)."""
     ce = nn.functional.cross_entropy(student, labels)
-    kl = nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
-                              reduction="batchmean")
-    return (1 - weight) * ce + weight * kl
+    kl = nn.functional.kl_div((student / temperature).log_softmax(-1), (teacher / temperature).log_softmax(-1),
+                              log_target=True, reduction="batchmean")
+    return (1 - weight) * ce + weight * temperature ** 2 * kl
 
 
 def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, lr: float, seed: int,
@@ -50,14 +52,15 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
               desc: str = "fine-tune", progress: bool = True, distill: float = 0.0,
               teacher: nn.Module | None = None, float_loss: float = 0.0,
               thresholds: dict | None = None, score: Callable[[], float] | None = None,
-              hidden_distill: float = 0.0) -> dict:
+              hidden_distill: float = 0.0, temperature: float = 1.0) -> dict:
     """Train ``model`` in place on ``data`` for ``epochs``; returns a summary (losses, seconds).
 
     Args:
         model: a classifier (float, or converted with calibrated sites).
         timesteps: ``None`` trains the float model; otherwise the sites run in ``quant`` mode
             (QCFS with a straight-through floor) and each batch uses the next T of this cycle,
-            so one model learns to live with every T it will be evaluated at.
+            so one model learns to live with every T it will be evaluated at (a T given twice
+            gets twice the steps).
         freeze_embeddings: keep the word embeddings fixed (most of MiniLM's parameters; the
             optimizer step then costs a third as much, and the vocabulary the tweets do not use
             stays as pretrained).
@@ -66,6 +69,8 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             the cross-entropy plus ``distill`` times the KL divergence from the float ANN's logits on the
             same batch, so the quantized network learns to answer as the float one does (its errors
             included), not only to fit the labels.
+        temperature: the distillation's softmax temperature (1: the logits as they are; higher
+            weighs the teacher's ranking of the unlikely classes more).
         teacher: the float ANN; ``None`` means ``model`` itself with its sites off (the same weights
             run as a float network, the default reference), computed without gradients.
         float_loss: weight of a second term (DA-QCFS phase, ``teacher`` None): the cross-entropy of
@@ -127,7 +132,7 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
                         want = {"output_hidden_states": True} if hidden_distill else {}
                         target = _teacher_out(model, teacher, batch, want)
                         out = wrapped(**batch, **want)
-                        loss = distill_loss(out.logits, target.logits, batch["labels"], distill)
+                        loss = distill_loss(out.logits, target.logits, batch["labels"], distill, temperature)
                         if hidden_distill:
                             loss = loss + hidden_distill * hidden_loss(out.hidden_states, target.hidden_states,
                                                                        batch["attention_mask"])
@@ -159,6 +164,7 @@ def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, 
             set_mode(model, "ann")
     n = len(losses)
     return {"epochs": epochs, "distill": distill if timesteps is not None else 0.0,
+            "temperature": temperature if timesteps is not None and distill else None,
             "hidden_distill": hidden_distill if timesteps is not None else 0.0,
             "float_loss": float_loss if timesteps is not None else 0.0, "steps": n, "samples": len(data), "batch_size": batch_size, "lr": lr,
             "timesteps": list(timesteps) if timesteps else None,

@@ -1,0 +1,104 @@
+"""text_cls distillation options: the temperature, more unlabelled training samples, a weighted T cycle,
+and the choice of per-T calibration by KL divergence from the float ANN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_text_cls_data import save_tiny_bert, synthetic_rows, write_file
+from tests.test_text_cls_select import FAST, _Recorder
+from text_cls import TextClsOptions, run
+from text_cls.cli import main
+from text_cls.data import load_splits
+from text_cls.train import distill_loss
+
+torch.set_num_threads(1)
+
+
+def test_distill_temperature_softens_both_distributions_and_keeps_the_gradient_scale():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 3), torch.randn(8, 3), torch.randint(0, 3, (8,))
+    assert torch.equal(distill_loss(s, t, y, 1.0, 1.0), distill_loss(s, t, y, 1.0))
+    p = (t / 2).softmax(-1)
+    kl = (p * (p.log() - (s / 2).log_softmax(-1))).sum(-1).mean()
+    assert float(distill_loss(s, t, y, 1.0, 2.0)) == pytest.approx(4 * float(kl), rel=1e-5)
+    assert float(distill_loss(t, t, y, 1.0, 3.0)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_T_given_twice_in_the_cycle_gets_twice_the_steps(tmp_path):
+    from accelerate import Accelerator
+
+    from text_cls.batching import encode
+    from text_cls.model import SiteSpec, convert_classifier, load_classifier
+    from text_cls.train import finetune_
+
+    save_tiny_bert(tmp_path / "bert")
+    model, tok = load_classifier(str(tmp_path / "bert"), 3, {0: "a", 1: "b", 2: "c"})
+    snn = convert_classifier(model, SiteSpec(T=4))
+    rows = [(r["text"], i % 3) for i, r in enumerate(synthetic_rows(96, seed=1))]
+    seen = []
+    out = finetune_(snn, encode(tok, rows, 16), epochs=1, batch_size=16, lr=1e-4, seed=0,
+                    accelerator=Accelerator(cpu=True), timesteps=(2, 4, 4), progress=False,
+                    thresholds={2: _Recorder(2, seen), 4: _Recorder(4, seen)})
+    assert seen == [2, 4, 4, 2, 4, 4] and out["timesteps"] == [2, 4, 4]
+
+
+def test_options_check_the_cycle_and_the_distillation_samples():
+    assert TextClsOptions(progress=False).train_cycle == (4, 8, 16)
+    assert TextClsOptions(progress=False, train_cycle=(8, 4, 8)).to_dict()["train_cycle"] == [8, 4, 8]
+    with pytest.raises(ValueError, match="T's of the sweep"):
+        TextClsOptions(progress=False, train_cycle=(4, 32))
+    with pytest.raises(ValueError, match="at least that many"):
+        TextClsOptions(progress=False, max_train_samples=500, distill_samples=100)
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        TextClsOptions(progress=False, select_by="accuracy")
+    with pytest.raises(ValueError, match="distill_temperature"):
+        TextClsOptions(progress=False, distill_temperature=0.0)
+
+
+def test_distillation_samples_come_from_the_training_rows_the_subset_left_out(tmp_path):
+    write_file(tmp_path / "train.csv", synthetic_rows(200, seed=2))
+    write_file(tmp_path / "test.csv", synthetic_rows(40, seed=9))
+    common = dict(train_file=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"),
+                  validation_fraction=0.1, seed=0, max_train_samples=50)
+    plain = load_splits(**common)
+    assert plain.distill_extra == [] and len(plain.train) == 50
+    more = load_splits(**common, distill_samples=80)
+    assert more.train == plain.train and len(more.distill_extra) == 30
+    assert not set(more.distill_extra) & set(more.train) and not set(more.distill_extra) & set(more.validation)
+    every = load_splits(**common, distill_samples="all")
+    assert len(every.train) + len(every.distill_extra) == 200 - len(every.validation)
+    assert every.describe()["sizes"]["distill_extra"] == len(every.distill_extra)
+    assert load_splits(**common, distill_samples=80).distill_extra == more.distill_extra  # seeded
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train_cycle", "4,x"], "comma-separated whole numbers"),
+    (["--train_cycle", "4,32"], "T's of the sweep"),
+    (["--distill_samples", "10"], "at least that many"),
+    (["--select_by", "accuracy"], "invalid choice"),
+])
+def test_bad_distillation_flags_exit_2(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--savedir", str(tmp_path / "out"), "--no-progress", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_distils_on_more_samples_with_a_weighted_cycle_and_chooses_by_kl(tmp_path):
+    save_tiny_bert(tmp_path / "bert")
+    write_file(tmp_path / "train.csv", synthetic_rows(240, seed=5))
+    opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
+                          savedir=str(tmp_path / "run"), time_steps=(2, 8), time_step=8, sequential_samples=4,
+                          max_train_samples=80, distill_samples=150, train_cycle=(2, 8, 8), select_by="kl",
+                          distill_temperature=2.0, **FAST)
+    results = run(opts)
+    stages, qcfs = results["samples_per_stage"], results["training"]["qcfs"]
+    assert stages["float_fine_tune"] == 80 and stages["qcfs_fine_tune"] == qcfs["samples"] == 150
+    assert results["data"]["sizes"]["distill_extra"] == 70
+    assert qcfs["timesteps"] == [2, 8, 8] and qcfs["temperature"] == 2.0
+    for rows in results["calibration_selection"].values():
+        chosen = [r for r in rows if r.get("chosen")]
+        assert len(chosen) == 1 and chosen[0]["validation_kl_from_ann"] == min(r["validation_kl_from_ann"] for r in rows)
+        assert all(r["validation_kl_from_ann"] >= 0.0 for r in rows)
