@@ -3,6 +3,8 @@ and the choice of per-T calibration by KL divergence from the float ANN."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -102,3 +104,36 @@ def test_a_run_distils_on_more_samples_with_a_weighted_cycle_and_chooses_by_kl(t
         chosen = [r for r in rows if r.get("chosen")]
         assert len(chosen) == 1 and chosen[0]["validation_kl_from_ann"] == min(r["validation_kl_from_ann"] for r in rows)
         assert all(r["validation_kl_from_ann"] >= 0.0 for r in rows)
+
+
+def _results(seed: int, ann: float, snn: dict, **options) -> dict:
+    opts = {**TextClsOptions(progress=False).to_dict(), "seed": seed, "savedir": f"/tmp/r{seed}",
+            "train_file": "/data/plays/train.csv", **options}
+    return {"options": opts, "acc_ann": ann, "samples": 800, "seconds_total": 1.0,
+            "data": {"source": {"dataset": "files", "train_file": "/data/plays/train.csv"}},
+            "machine": {"device": "cpu"},
+            "per_T": [{"T": T, "acc_snn_parallel": acc, "agreement_with_ann": 0.95} for T, acc in snn.items()]}
+
+
+def test_seed_spread_groups_runs_by_data_and_options_and_counts_the_targets(tmp_path):
+    from bench.text_cls_seeds import main as seeds_main
+    from bench.text_cls_seeds import run_row, summarise, variant
+
+    assert variant(TextClsOptions(progress=False, seed=3, threads=1).to_dict()) == ""
+    assert variant(TextClsOptions(progress=False, train_cycle=(4, 8, 8, 16)).to_dict()) == "--train_cycle 4,8,8,16"
+    rows = [run_row(_results(0, 0.70, {4: 0.69, 8: 0.696}), "a"), run_row(_results(1, 0.70, {4: 0.67, 8: 0.69}), "b"),
+            run_row(_results(0, 0.70, {4: 0.70, 8: 0.71}, select_by="kl"), "c")]
+    groups = summarise(rows)
+    assert [(g["data"], g["variant"], g["seeds"]) for g in groups] == [
+        ("plays", "(defaults)", [0, 1]), ("plays", "--select_by kl", [0])]
+    t8 = groups[0]["per_T"]["8"]
+    assert t8["mean"] == pytest.approx(-0.7) and t8["min"] == pytest.approx(-1.0) and t8["target_met"] == 1
+    assert groups[0]["per_T"]["4"]["target_met"] == 1 and groups[1]["per_T"]["8"]["target_met"] == 1
+    for name, seed in (("a", 0), ("b", 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(seed, 0.7, {8: 0.7})))
+    seeds_main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "s.json"),
+                "--markdown", str(tmp_path / "s.md")])
+    assert "| plays | (defaults) | 2 | 70.00% |" in (tmp_path / "s.md").read_text()
+    with pytest.raises(SystemExit):
+        seeds_main(["--runs", str(tmp_path), "--out", str(tmp_path / "t.json")])  # no results.json there
