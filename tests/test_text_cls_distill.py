@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from tests.test_text_cls_data import save_tiny_bert, synthetic_rows, write_file
-from tests.test_text_cls_select import FAST, _Recorder
+from tests.test_text_cls_select import FAST
 from text_cls import TextClsOptions, run
-from text_cls.cli import main
 from text_cls.data import load_splits
 from text_cls.train import distill_loss
 
@@ -26,24 +25,6 @@ def test_distill_temperature_softens_both_distributions_and_keeps_the_gradient_s
     kl = (p * (p.log() - (s / 2).log_softmax(-1))).sum(-1).mean()
     assert float(distill_loss(s, t, y, 1.0, 2.0)) == pytest.approx(4 * float(kl), rel=1e-5)
     assert float(distill_loss(t, t, y, 1.0, 3.0)) == pytest.approx(0.0, abs=1e-7)
-
-
-def test_a_T_given_twice_in_the_cycle_gets_twice_the_steps(tmp_path):
-    from accelerate import Accelerator
-
-    from text_cls.batching import encode
-    from text_cls.model import SiteSpec, convert_classifier, load_classifier
-    from text_cls.train import finetune_
-
-    save_tiny_bert(tmp_path / "bert")
-    model, tok = load_classifier(str(tmp_path / "bert"), 3, {0: "a", 1: "b", 2: "c"})
-    snn = convert_classifier(model, SiteSpec(T=4))
-    rows = [(r["text"], i % 3) for i, r in enumerate(synthetic_rows(96, seed=1))]
-    seen = []
-    out = finetune_(snn, encode(tok, rows, 16), epochs=1, batch_size=16, lr=1e-4, seed=0,
-                    accelerator=Accelerator(cpu=True), timesteps=(2, 4, 4), progress=False,
-                    thresholds={2: _Recorder(2, seen), 4: _Recorder(4, seen)})
-    assert seen == [2, 4, 4, 2, 4, 4] and out["timesteps"] == [2, 4, 4]
 
 
 def test_options_check_the_cycle_and_the_distillation_samples():
@@ -73,19 +54,6 @@ def test_distillation_samples_come_from_the_training_rows_the_subset_left_out(tm
     assert len(every.train) + len(every.distill_extra) == 200 - len(every.validation)
     assert every.describe()["sizes"]["distill_extra"] == len(every.distill_extra)
     assert load_splits(**common, distill_samples=80).distill_extra == more.distill_extra  # seeded
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--train_cycle", "4,x"], "comma-separated whole numbers"),
-    (["--train_cycle", "4,32"], "T's of the sweep"),
-    (["--distill_samples", "10"], "at least that many"),
-    (["--select_by", "accuracy"], "invalid choice"),
-])
-def test_bad_distillation_flags_exit_2(tmp_path, capsys, args, message):
-    with pytest.raises(SystemExit) as e:
-        main(["--savedir", str(tmp_path / "out"), "--no-progress", *args])
-    assert e.value.code == 2 and message in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_distils_on_more_samples_with_a_weighted_cycle_and_chooses_by_kl(tmp_path):

@@ -96,6 +96,10 @@ def test_sequential_runs_on_the_subset_and_results_say_how_many_samples_each_sta
     (["--sequential_samples", "0"], "sequential_samples must be an integer >= 1"),
     (["--sequential_samples", "some"], "expected a number of samples or 'all'"),
     (["--train_thresholds", "median"], "invalid choice"),
+    (["--train_cycle", "4,x"], "comma-separated whole numbers"),
+    (["--train_cycle", "4,32"], "T's of the sweep"),
+    (["--distill_samples", "10"], "at least that many"),
+    (["--select_by", "accuracy"], "invalid choice"),
 ])
 def test_bad_new_flags_exit_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -216,6 +220,10 @@ def test_per_T_training_thresholds_are_applied_as_the_cycle_moves(tmp_path):
     out = finetune_(snn, encode(tok, rows, 16), epochs=1, batch_size=16, lr=1e-4, seed=0, accelerator=Accelerator(cpu=True),
                     timesteps=(2, 4), progress=False, thresholds={2: _Recorder(2, seen), 4: _Recorder(4, seen)})
     assert seen == [2, 4, 2, 4, 2] and out["steps"] == 5
+    seen.clear()  # --train_cycle: a T given twice gets twice the steps
+    out = finetune_(snn, encode(tok, rows, 16), epochs=1, batch_size=16, lr=1e-4, seed=0, accelerator=Accelerator(cpu=True),
+                    timesteps=(2, 4, 4), progress=False, thresholds={2: _Recorder(2, seen), 4: _Recorder(4, seen)})
+    assert seen == [2, 4, 4, 2, 4] and out["timesteps"] == [2, 4, 4]
     with pytest.raises(ValueError, match="every T"):
         finetune_(snn, encode(tok, rows, 16), epochs=1, batch_size=16, lr=1e-4, seed=0,
                   accelerator=Accelerator(cpu=True), timesteps=(2, 4), thresholds={2: _Recorder(2, seen)})

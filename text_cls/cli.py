@@ -48,6 +48,11 @@ def samples_or_auto(text: str) -> int | str | None:
         raise argparse.ArgumentTypeError(f"expected a number of samples or 'all' or 'auto', got {text!r}") from None
 
 
+def samples_or_every(text: str) -> int | str | None:
+    """A number of samples, or ``'all'`` kept as the word (``None`` would mean the option's default)."""
+    return "all" if text.strip().lower() == "all" else samples(text)
+
+
 def rule_list(text: str) -> tuple[str, ...]:
     if text.strip().lower() == "none":
         return ()
@@ -162,8 +167,7 @@ def build_parser() -> Parser:
               "the quantized network learns to answer as the float ANN; 0: labels only)")
     flag(g, "distill_temperature", dest="distill_temperature", type=float, metavar="TAU",
          help="softmax temperature of the distillation (default 1)")
-    flag(g, "distill_samples", dest="distill_samples", type=lambda t: "all" if t.strip().lower() == "all" else samples(t),
-         metavar="N",
+    flag(g, "distill_samples", dest="distill_samples", type=samples_or_every, metavar="N",
          help="training samples the DA-QCFS fine-tune distils on, the float fine-tune's included (their labels "
               "are not used at --distill 1); more than --max_train_samples adds training rows it left out, 'all' "
               "takes every one (default: the float fine-tune's samples)")
