@@ -72,6 +72,13 @@ def test_a_run_distils_on_more_samples_with_a_weighted_cycle_and_chooses_by_kl(t
         chosen = [r for r in rows if r.get("chosen")]
         assert len(chosen) == 1 and chosen[0]["validation_kl_from_ann"] == min(r["validation_kl_from_ann"] for r in rows)
         assert all(r["validation_kl_from_ann"] >= 0.0 for r in rows)
+    n = results["samples"]
+    for row in results["per_T"]:  # the changed answers account for the accuracy difference and the agreement
+        c = row["changed_answers"]
+        assert c["gained"] - c["lost"] == round((row["acc_snn_parallel"] - results["acc_ann"]) * n)
+        assert c["changed"] == round((1 - row["agreement_with_ann"]) * n) >= c["gained"] + c["lost"]
+        assert sum(c["prediction_counts"]) == n and len(c["prediction_counts"]) == 3
+    assert "changed answers: gained / lost" in (tmp_path / "run" / "results.md").read_text()
 
 
 def _results(seed: int, ann: float, snn: dict, **options) -> dict:

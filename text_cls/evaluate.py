@@ -95,6 +95,17 @@ def scores(result: dict) -> dict:
     return {"acc": share(pred == result["labels"]), "macro_f1": macro_f1(pred, result["labels"])}
 
 
+def changed_answers(pred: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Where ``pred`` answers otherwise than ``reference`` (the float ANN): how many, how many of those
+    turn a wrong answer right (``gained``) or a right one wrong (``lost``), and ``pred``'s answers per
+    class. The accuracy difference is ``(gained - lost) / samples``; with ``changed`` answers it moves
+    by about ``sqrt(changed)`` samples from run to run, which tells how far one run can be read."""
+    changed = pred != reference
+    return {"changed": int(changed.sum()), "gained": int((changed & (pred == labels)).sum()),
+            "lost": int((changed & (reference == labels)).sum()),
+            "prediction_counts": torch.bincount(pred, minlength=num_classes).tolist()}
+
+
 def share(hits: torch.Tensor) -> float:
     """Fraction of true entries, as an exact ratio of counts (no float32 rounding)."""
     return int(hits.sum()) / hits.numel()

@@ -10,8 +10,8 @@ from spike_modules.site import set_mode, set_timesteps
 
 from .batching import Encoded, model_inputs
 from .energy import counting, energy_summary, flops_per_sample, parameter_count
-from .evaluate import (Tracker, float_run, parallel_run, predict, reset_spike_stats, scores, sequential_run, share,
-                       spike_rates)
+from .evaluate import (Tracker, changed_answers, float_run, parallel_run, predict, reset_spike_stats, scores,
+                       sequential_run, share, spike_rates)
 from .model import run_sequential
 from .train import progress_bar
 
@@ -88,6 +88,7 @@ def _measure(ann, snn, calibrations, batches, probe, qcfs_T, device, seq_batches
             "sequential_samples": seq_samples, "acc_snn_parallel_on_sequential_samples": par_sub_scores["acc"],
             "agreement": share(par_sub["logits"].argmax(-1) == seq_pred),
             "agreement_with_ann": share(par_pred == ann_pred),
+            "changed_answers": changed_answers(par_pred, ann_pred, par["labels"], int(par["logits"].shape[1])),
             "relative_logit_gap": float((seq["logits"] - par_sub["logits"]).norm() / par_sub["logits"].norm()),
             "latency_ms_parallel": par["latency_ms"], "latency_ms_sequential": seq["latency_ms"],
             "peak_memory_mb_parallel": par["peak_memory_mb"], "peak_memory_mb_sequential": seq["peak_memory_mb"],

@@ -32,6 +32,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _changed(row: dict) -> str:
+    c = row.get("changed_answers")  # runs saved before it was recorded have none
+    return f"{c['changed']}: {c['gained']} / {c['lost']}" if c else "-"
+
+
 def _speedup(row: dict) -> float:
     return row["latency_ms_sequential"] / row["latency_ms_parallel"]
 
@@ -47,16 +52,16 @@ def markdown(results: dict) -> str:
         f"ANN (float): accuracy {_pct(r['acc_ann'])}%, macro-F1 {_pct(r['f1_ann'])}%. "
         f"DA-QCFS ANN at T={r['qcfs_T']}: accuracy {_pct(r['acc_qcfs'])}%, macro-F1 {_pct(r['f1_qcfs'])}%.", "",
         "| T | acc SNN parallel | acc SNN sequential | gap (seq - par) | macro-F1 parallel | agreement par/seq "
-        "| agreement par/ANN | spike rate | latency ANN ms | latency parallel ms | latency sequential ms "
-        "| seq/par | energy SNN/ANN |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| agreement par/ANN | changed answers: gained / lost | spike rate | latency ANN ms | latency parallel ms "
+        "| latency sequential ms | seq/par | energy SNN/ANN |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["per_T"]:
         gap = 100 * (row["acc_snn_sequential"] - row["acc_snn_parallel"])
         lines.append(
             f"| {row['T']} | {_pct(row['acc_snn_parallel'])} | {_pct(row['acc_snn_sequential'])} | {gap:+.2f} | "
             f"{_pct(row['f1_snn_parallel'])} | {row['agreement']:.4f} | {row['agreement_with_ann']:.4f} | "
-            f"{row['spike_rate']:.4f} | {r['latency_ms_ann']:.1f} | {row['latency_ms_parallel']:.1f} | "
+            f"{_changed(row)} | {row['spike_rate']:.4f} | {r['latency_ms_ann']:.1f} | {row['latency_ms_parallel']:.1f} | "
             f"{row['latency_ms_sequential']:.1f} | {_speedup(row):.1f}x | {row['energy']['energy_ratio']:.3f} |")
     e = r["per_T"][-1]["energy"]
     lines += [
