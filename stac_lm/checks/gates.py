@@ -16,8 +16,9 @@ site activity matches calibration         per site, measured rate >= ``ACTIVITY_
 parallel vs sequential top-1              >= ``GATES[(mode, coding)].sequential_top1``
 ========================================  ==========================================================
 
-Quality bars are the measured curve of ``docs/bench_convert.json`` (embedded SmolLM2-135M, 8,192
-Shakespeare calibration tokens, 4,096 evaluation tokens of The Tempest) with a stated margin:
+Quality bars are measured curves (rate coding: ``docs/bench_convert_rate_nohead.json``, the LM head
+dense; weighted spikes: ``docs/frontier.json``; embedded SmolLM2-135M, 8,192 Shakespeare calibration
+tokens, 4,096 evaluation tokens of The Tempest) with a stated margin:
 perplexity ratio + ``RATIO_MARGIN``, agreement - ``AGREEMENT_MARGIN``. They apply to every model
 converted in that mode (the docs make the claim per mode and T). A (mode, coding) without a row,
 or a T without bars, has no quality claim: the report lists it as ungated, and says why.
@@ -48,7 +49,7 @@ class QualityBar:
     measured: str
 
 
-def _bar(ratio: float, agreement: float, source: str = "docs/bench_convert.json") -> QualityBar:
+def _bar(ratio: float, agreement: float, source: str = "docs/bench_convert_rate_nohead.json") -> QualityBar:
     return QualityBar(round(ratio + RATIO_MARGIN, 3), round(agreement - AGREEMENT_MARGIN, 3),
                       f"{source}: ratio {ratio}, agreement {agreement}")
 
@@ -71,7 +72,9 @@ class ModeGates:
 # keyed by (mode, coding); a new coding adds its rows here, with the measurement its bars come from
 GATES: dict[tuple[str, str], ModeGates] = {
     ("full", "rate"): ModeGates(
-        usable=True, sequential_top1=0.75,  # measured 0.875-1.0 on 16 tokens (T=4..32): 2 tokens of margin
+        # parallel vs sequential measured 0.875-1.0 on 16 tokens (T=4..32) with the LM head dense; with the head
+        # spiking (full mode today) 0.69 at T=16 in docs/bench_convert.json, which fails this bar
+        usable=True, sequential_top1=0.75,
         quality={8: _bar(1.148, 0.733), 16: _bar(1.054, 0.865), 32: _bar(1.011, 0.925)},
         note="T=4 (ratio 2.56) is quoted as a measurement, not a claim: no bars"),
     ("full", "weighted"): ModeGates(
