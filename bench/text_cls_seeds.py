@@ -24,13 +24,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.text_cls import ACCURACY_TARGETS
 from stac_common.io import check_output_free, write_json
 from text_cls.options import TextClsOptions
 
 # options that say where and how a run ran, not what it did
 BOOKKEEPING = {"savedir", "seed", "overwrite", "progress", "threads", "device", "train_file", "test_file", "datadir",
                "dataset", "max_len", "sequential_samples", "encoding", "text_column", "label_column"}
-TARGETS = {8: 0.5, 4: 2.0}
 
 
 def data_name(results: dict) -> str:
@@ -80,8 +80,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             a = [r["per_T"][T]["agreement_with_ann"] for r in members if T in r["per_T"]]
             stats = {"mean": sum(d) / len(d), "min": min(d), "max": max(d), "each": d,
                      "agreement_mean": sum(a) / len(a)}
-            if int(T) in TARGETS:
-                stats["target_met"] = sum(x >= -TARGETS[int(T)] for x in d)
+            if int(T) in ACCURACY_TARGETS:
+                stats["target_met"] = sum(x >= -ACCURACY_TARGETS[int(T)] for x in d)
             group["per_T"][T] = stats
         out.append(group)
     return out

@@ -18,6 +18,7 @@ from calibration import Calibration, CalibrationConfig, fit_calibration
 from spike_modules.site import set_mode
 
 from .batching import model_inputs
+from .train import kl_divergence
 
 
 @torch.inference_mode()
@@ -38,12 +39,6 @@ def quant_logits(snn: nn.Module, calib: Calibration, batches: list[dict], device
 
 def quant_predictions(snn: nn.Module, calib: Calibration, batches: list[dict], device) -> torch.Tensor:
     return quant_logits(snn, calib, batches, device).argmax(-1)
-
-
-def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean KL divergence of the softmax of ``logits`` from that of ``reference`` (per sample, in nats)."""
-    return float(nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
-                                      reduction="batchmean"))
 
 
 def candidate_configs(base: CalibrationConfig, rules: tuple[str, ...]) -> list[CalibrationConfig]:
@@ -77,7 +72,7 @@ def select_calibration(snn: nn.Module, observers, configs: list[CalibrationConfi
         row = {"rule": cfg.rule, "percentile": cfg.percentile if cfg.rule == "percentile" else None,
                "fit_affine": cfg.fit_affine, "refit": given is None,
                "validation_agreement_with_ann": float((pred == float_pred).double().mean()),
-               "validation_kl_from_ann": kl_from(float_logits, logits),
+               "validation_kl_from_ann": float(kl_divergence(logits, float_logits)),
                "validation_accuracy": float((pred == labels).double().mean())}
         table.append(row)
         key = ((-row["validation_kl_from_ann"],) if by == "kl"

@@ -37,14 +37,19 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
+def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over samples of KL(teacher || student) between the classes' softmax of the logits over
+    ``temperature`` (in nats)."""
+    return nn.functional.kl_div((student / temperature).log_softmax(-1), (teacher / temperature).log_softmax(-1),
+                                log_target=True, reduction="batchmean")
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weight: float,
                  temperature: float = 1.0) -> torch.Tensor:
     """``(1 - weight) CE(student, labels) + weight tau^2 KL(teacher || student)``, the KL divergence between
     the classes' softmax of the logits over ``temperature`` (tau; the tau^2 keeps its gradients' scale)."""
     ce = nn.functional.cross_entropy(student, labels)
-    kl = nn.functional.kl_div((student / temperature).log_softmax(-1), (teacher / temperature).log_softmax(-1),
-                              log_target=True, reduction="batchmean")
-    return (1 - weight) * ce + weight * temperature ** 2 * kl
+    return (1 - weight) * ce + weight * temperature ** 2 * kl_divergence(student, teacher, temperature)
 
 
 def finetune_(model: nn.Module, data: Encoded, *, epochs: int, batch_size: int, lr: float, seed: int,
