@@ -193,16 +193,26 @@ class DAQCFSSite(nn.Module):
         # inference (quant and parallel alike, so they agree bit for bit): one fused multiply-add,
         # floor and clamp in place, one multiply to decode; statistics deferred (SpikeStats)
         scale, shift, step, lo, hi = self._fused()
-        c = torch.addcmul(shift, x, scale).floor_()
-        if isinstance(hi, float):
-            c.clamp_(lo, hi)
-        else:
-            torch.maximum(torch.minimum(c, hi, out=c), lo, out=c)
+        c = self._counts(x, scale, shift, lo, hi)
         if mode is SiteMode.QUANT:
             return c.mul_(step)
         if self.count_spikes:
             self.parallel.record(c, hi)
         return c * step
+
+    @staticmethod
+    def _counts(x: torch.Tensor, scale, shift, lo, hi) -> torch.Tensor:
+        c = torch.addcmul(shift, x, scale).floor_()
+        if isinstance(hi, float):
+            return c.clamp_(lo, hi)
+        return torch.maximum(torch.minimum(c, hi, out=c), lo, out=c)
+
+    @torch.no_grad()
+    def parallel_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(counts, step)``: the signed spike counts parallel mode gives for ``x`` (decoded value
+        ``counts * step``), whatever the site's mode, without observers or spike statistics."""
+        scale, shift, step, lo, hi = self._fused()
+        return self._counts(x, scale, shift, lo, hi), step
 
     def _forward_grad(self, x: torch.Tensor) -> torch.Tensor:
         # the same operations as the inference path, on tensors that carry gradients; quant mode

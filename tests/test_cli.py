@@ -148,7 +148,7 @@ def test_tiny_conversion_writes_a_verified_directory(converted):
     assert 0 < report["mean_spike_rate"] < 0.95 and 0 < report["coverage"] <= 1 and report["energy_ratio"] > 0
     assert report["conversion_seconds"] > 0 and report["step_seconds"]["calibrate"] > 0
     assert report["energy"]["memory_traffic_counted"] is False and report["energy"]["tokens"] == 512
-    assert all(c["passed"] for c in report["checks"]) and len(report["checks"]) == 11
+    assert all(c["passed"] for c in report["checks"]) and len(report["checks"]) == 12
     assert report["generation"]["ann"] and report["generation"]["snn"]
     model, tok, _ = load_snn(out)
     assert set(report["spikes"]["per_site"]) == {name for name, _ in iter_sites(model)}

@@ -50,7 +50,7 @@ def failed(rep: dict) -> set[str]:
 ALL = {"every site fires", "no site saturates", "op counts consistent", "predictions varied", "finite perplexity",
        "quality: perplexity ratio", "quality: top-1 agreement", "spikes drive the output: T changes the logits",
        "spikes drive the output: no site passes float through", "site activity matches calibration",
-       "parallel vs sequential top-1"}
+       "sequential neurons give parallel counts", "sequential SNN agrees with the ANN"}
 
 
 def test_a_healthy_model_passes_every_check(converted):
@@ -164,11 +164,41 @@ def test_a_broken_simulation_fails_parallel_vs_sequential(converted, monkeypatch
         return torch.zeros_like(y) if self.mode is SiteMode.SEQUENTIAL else y
 
     monkeypatch.setattr(DAQCFSSite, "forward", forward)
-    assert failed(report(converted)) == {"parallel vs sequential top-1"}
+    assert failed(report(converted)) == {"sequential neurons give parallel counts", "sequential SNN agrees with the ANN"}
+
+
+def test_sequential_neurons_that_lose_their_last_step_fail_the_count_check(converted, monkeypatch):
+    inner = DAQCFSSite.forward
+
+    def forward(self, x):  # spikes of the last step never leave the neuron: counts fall short by a level or more
+        y = inner(self, x)
+        if self.mode is SiteMode.SEQUENTIAL:
+            y = y.clone()
+            y[-1] = 0
+        return y
+
+    monkeypatch.setattr(DAQCFSSite, "forward", forward)
+    rep = report(converted)
+    assert "sequential neurons give parallel counts" in failed(rep)
+    assert rep["sequential"]["sites"]["off_share"] > 0.01
+
+
+def test_the_healthy_simulation_matches_parallel_counts_but_at_ties(converted):
+    sites = converted.report["sequential"]["sites"]
+    assert sites["elements"] > 0 and sites["off_share"] <= gates.SEQUENTIAL_TIE_SHARE and sites["max_off_levels"] <= 1.5
+    agree = converted.report["sequential"]["ann_agreement"]
+    assert set(agree) == {"parallel", "sequential"} and 0 < agree["parallel"] <= 1
+
+
+def test_a_report_without_an_ann_fails_the_sequential_quality_gate():
+    seq = {"tokens": 8, "top1_agreement": 1.0,
+           "sites": {"elements": 10, "off_elements": 0, "off_share": 0.0, "max_off_levels": 0.0, "worst_site": ""}}
+    rows = {r["name"]: r["passed"] for r in gates.sequential_checks("full", "rate", seq)}
+    assert rows == {"sequential neurons give parallel counts": True, "sequential SNN agrees with the ANN": False}
 
 
 def test_a_mode_marked_not_usable_fails_its_quality_gate_whatever_it_measures(converted, monkeypatch):
-    unusable = gates.ModeGates(usable=False, sequential_top1=0.75, quality=dict(gates.GATES[("full", "rate")].quality),
+    unusable = gates.ModeGates(usable=False, sequential_margin=0.1, quality=dict(gates.GATES[("full", "rate")].quality),
                                note="this mode is not usable as a language model")
     monkeypatch.setitem(gates.GATES, ("simplified", "rate"), unusable)
     rep = report(converted, mode="simplified", coding="rate")  # the healthy SNN, judged as an unusable mode
