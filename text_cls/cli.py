@@ -121,6 +121,9 @@ def build_parser() -> Parser:
          help="neurons of the sequential simulation: catch_up (a step may fire every spike the count still allows "
               "and take back early ones; default) or if (one spike a step: IF / ST-BIF); parallel mode is the same "
               "either way")
+    flag(g, "coding", dest="coding", choices=("rate", "weighted"),
+         help="spike coding of every site: rate (one spike per level, T levels; default) or weighted (spike k of "
+              "the window weighs 2**(T-1-k) levels: 2**T - 1 levels, T up to 16)")
     flag(g, "neuron_type", dest="neuron_type", metavar="NAME",
          help="ParaInfNeuron (parallel, default) or IFNeuron (sequential): the saved model's neuron; both are "
               "evaluated")

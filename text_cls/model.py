@@ -20,7 +20,7 @@ from spike_modules.adapters.bert import SITE_SCOPES, set_site_scope
 from spike_modules.attention import PROBS_SCALES, set_probs_scale
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.norm import SpikeNorm
-from spike_modules.quantizer import check_timesteps
+from spike_modules.quantizer import check_timesteps, coding_levels
 from spike_modules.simulation import sequential_mode
 from spike_modules.site import iter_sites
 from spike_modules.temporal import unfold
@@ -89,7 +89,10 @@ class SiteSpec:
     ``sequential``: the sites' neurons in the sequential simulation, ``catch_up`` (a step may fire
     every spike the count still allows, and take back spikes fired too early:
     ``BurstIFNeuron(catch_up=True)``) or ``if`` (at most one spike a step, or the calibrated burst:
-    IF / ST-BIF). Parallel mode is the same whatever the norms and neurons of the simulation.
+    IF / ST-BIF); it applies to rate coding (weighted neurons integrate their whole window before
+    they fire, so they have no catch-up). Parallel mode is the same whatever the norms and neurons
+    of the simulation. ``coding``: ``rate`` (T levels per sign) or ``weighted`` (spike ``k`` of
+    the window weighs ``2**(T-1-k)`` levels: ``2**T - 1`` levels, docs/design.md section 1).
     ``probs``: the attention probability sites (``sites='all'``) see the softmax probabilities
     (``sum``) or each row over its largest probability, normalised after probs.V (``max``;
     ``spike_modules.attention.set_probs_scale``)."""
@@ -100,6 +103,7 @@ class SiteSpec:
     norms: str = "causal"
     sequential: str = "catch_up"
     probs: str = "sum"
+    coding: str = "rate"
 
     def __post_init__(self):
         if self.sites not in SITE_SCOPES:
@@ -114,11 +118,12 @@ class SiteSpec:
         if self.probs not in PROBS_SCALES:
             raise ValueError(f"probs_scale must be one of {', '.join(PROBS_SCALES)}, got {self.probs!r}")
         check_timesteps(self.T)
+        coding_levels(self.T, self.coding)
 
     def conversion_config(self) -> ConversionConfig:
         return ConversionConfig(T=self.T, mode="full", activation=self.activation, spike_qkv=False,
                                 spike_probs=self.sites == "all", spike_norm=self.norms == "causal",
-                                spike_head=False)
+                                spike_head=False, coding=self.coding)
 
 
 def convert_classifier(model: nn.Module, spec: SiteSpec) -> nn.Module:
@@ -141,7 +146,8 @@ def set_sequential_schedule(model: nn.Module, norms: str, sequential: str) -> No
         if isinstance(m, SpikeNorm):
             m.causal = norms == "causal"
     for _, site in iter_sites(model):
-        site.catch_up = sequential == "catch_up"
+        if site.coding == "rate":  # weighted neurons have no catch-up: they fire after their whole window
+            site.catch_up = sequential == "catch_up"
 
 
 def float_copy(snn: nn.Module, template: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spike_modules.adapters.bert import SITE_SCOPES
+from spike_modules.quantizer import CODINGS, MAX_WEIGHTED_TIMESTEPS
 from stac_common.cli import MAX_TIMESTEPS as MAX_T
 
 from .data import DATASETS, FILE_MAX_LEN, FILE_SUFFIXES, HUB_DATASETS, TWEETS, TWEETS_MAX_LEN
@@ -77,6 +78,7 @@ class TextClsOptions:
     activation: str = "keep"
     norm_schedule: str = "causal"
     sequential_neuron: str = "catch_up"
+    coding: str = "rate"
     neuron_type: str = "ParaInfNeuron"
     time_step: int | None = None
     time_steps: tuple[int, ...] | None = None
@@ -142,6 +144,7 @@ class TextClsOptions:
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("norm_schedule", self.norm_schedule, NORM_SCHEDULES)
         _choice("sequential_neuron", self.sequential_neuron, SEQUENTIAL_NEURONS)
+        _choice("coding", self.coding, CODINGS)
         set_("neuron_type", NEURON_ALIASES.get(str(self.neuron_type).lower(), self.neuron_type))
         _choice("neuron_type", self.neuron_type, NEURON_TYPES)
         self._resolve_timesteps()
@@ -212,6 +215,9 @@ class TextClsOptions:
             raise ValueError("time_steps is empty; give at least one T, e.g. --timesteps 4,8")
         for T in sweep:
             _int("each of time_steps", T, 1, MAX_T)
+            if self.coding == "weighted" and T > MAX_WEIGHTED_TIMESTEPS:
+                raise ValueError(f"weighted coding takes T from 1 to {MAX_WEIGHTED_TIMESTEPS} (2**T - 1 levels), got "
+                                 f"T={T} in the timesteps; give smaller T's or --coding rate")
         primary = self.time_step if self.time_step is not None else (DEFAULT_T if DEFAULT_T in sweep else max(sweep))
         _int("time_step", primary, 1, MAX_T)
         object.__setattr__(self, "time_steps", tuple(sorted(set(sweep) | {primary})))

@@ -43,7 +43,8 @@ def _subset(data: Encoded, n: int) -> Encoded:
 
 def calibration_config(opts: TextClsOptions, T: int, fit_affine: bool) -> CalibrationConfig:
     return CalibrationConfig(T=T, rule=opts.threshold_rule, percentile=opts.percentile, seed=opts.seed,
-                             fit_affine=fit_affine and opts.fit_affine, reservoir_rows=RESERVOIR_ROWS)
+                             fit_affine=fit_affine and opts.fit_affine, reservoir_rows=RESERVOIR_ROWS,
+                             coding=opts.coding)
 
 
 def _run_batch(model, batch) -> None:
@@ -96,7 +97,7 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
     accelerator = Accelerator(cpu=device.type == "cpu")
     device = accelerator.device
     spec = SiteSpec(opts.spike_sites, opts.activation, opts.time_step, opts.norm_schedule, opts.sequential_neuron,
-                    opts.probs_scale)
+                    opts.probs_scale, opts.coding)
     if opts.activation == "relu":
         relu_swap_(ann)  # before the float fine-tune, so the float ANN is the ReLU network the SNN converts
     ann.to(device)
@@ -190,7 +191,8 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
                   "model_type": ann.config.model_type, "layers": ann.config.num_hidden_layers,
                   "hidden": ann.config.hidden_size, "neuron_type": opts.neuron_type,
                   "gelu": "kept (rate domain)" if opts.activation == "keep" else "swapped for ReLU",
-                  "norm_schedule": opts.norm_schedule, "sequential_neuron": opts.sequential_neuron},
+                  "norm_schedule": opts.norm_schedule, "sequential_neuron": opts.sequential_neuron,
+                  "coding": opts.coding},
         "training": training, "machine": machine_info(device), "step_seconds": dict(step.seconds),
     })
     results["seconds_total"] = time.perf_counter() - t_start

@@ -18,6 +18,12 @@ NORM_NOTE = {
     "held": "LayerNorms in the sequential simulation: held, the norm of the mean over the T steps emitted at every "
             "step (each norm waits for its window; not the causal default of docs/design.md section 2)",
 }
+CODING_NOTE = {
+    "weighted": "Weighted spikes (`--coding weighted`, docs/design.md section 1): spike k of the window weighs "
+                "2**(T-1-k) levels, so T steps give 2**T - 1 levels per sign; a level costs the spikes of its binary "
+                "digits (counted so in the energy); the sequential neurons (`WeightedIFNeuron`) integrate their whole "
+                "window before they fire",
+}
 NEURON_NOTE = {
     "catch_up": "Sequential neurons: catch-up (`BurstIFNeuron(catch_up=True)`): a step may fire every spike the "
                 "neuron's count still allows, and unsigned neurons may take back spikes fired too early while their "
@@ -70,7 +76,7 @@ def markdown(results: dict) -> str:
         "length, trailing all-padding columns dropped), each mode in its own pass over the same batches.",
         f"- {GELU_NOTE[o['activation']]}.",
         f"- {NORM_NOTE[o['norm_schedule']]}.",
-        f"- {NEURON_NOTE[o['sequential_neuron']]}.",
+        f"- {CODING_NOTE.get(o.get('coding', 'rate'), NEURON_NOTE[o['sequential_neuron']])}.",
         f"- Parameters: {r['parameters']['weights']:,} weights, {r['parameters']['site_parameters']:,} per-channel "
         f"site values. FLOPs per sample ({r['flops_probe']['tokens']} tokens, torch.utils.flop_counter): ANN "
         f"{r['flops_per_sample_ann'] / 1e9:.3f} G, SNN parallel at T={r['per_T'][-1]['T']} "

@@ -49,7 +49,7 @@ def write_model(directory: Path, snn: nn.Module, tokenizer, calibrations: dict[i
     tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "hf_config": snn.config.to_dict(),
               "site_spec": {"sites": spec.sites, "activation": spec.activation, "norms": spec.norms,
-                            "sequential": spec.sequential, "probs": spec.probs}, "default_T": T,
+                            "sequential": spec.sequential, "probs": spec.probs, "coding": spec.coding}, "default_T": T,
               "timesteps": sorted(calibrations), "files": files,
               "versions": {p: version(p) for p in ("torch", "transformers", "spikingjelly", "safetensors")}, **info}
     write_json(directory / CONFIG_FILE, config)
@@ -87,7 +87,8 @@ def load_text_snn(directory: str | Path, T: int | None = None, device: str | tor
     site_spec = config["site_spec"]
     # directories written before these were options ran causal norms and one-spike-a-step neurons
     spec = SiteSpec(site_spec["sites"], site_spec["activation"], int(config["default_T"]),
-                    site_spec.get("norms", "causal"), site_spec.get("sequential", "if"), site_spec.get("probs", "sum"))
+                    site_spec.get("norms", "causal"), site_spec.get("sequential", "if"), site_spec.get("probs", "sum"),
+                    site_spec.get("coding", "rate"))
     model = convert_classifier(model, spec)
     try:
         load_model(model, str(d / WEIGHTS_FILE), strict=True)
