@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of the distillation term of the DA-QCFS fine-tune (default: the run's, 1.0)")
     p.add_argument("--ann_epochs", type=int, default=None,
                    help="epochs of the float fine-tune, the teacher (default: the run's, 1; 0 with --float_loss)")
+    p.add_argument("--coding", default=None, choices=("weighted", "rate"),
+                   help="the run's spike coding (default: the run's, weighted)")
+    p.add_argument("--trainsnn_epochs", type=int, default=None,
+                   help="DA-QCFS fine-tune epochs (default: the run's, 0 with weighted coding and 1 with rate)")
     p.add_argument("--norm_schedule", default="causal", choices=("causal", "held"),
                    help="the run's LayerNorm schedule in the sequential simulation")
     p.add_argument("--sequential_neuron", default="catch_up", choices=("catch_up", "if"),
@@ -213,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         given["distill"] = args.distill
     if args.float_loss is not None:
         given["float_loss"] = args.float_loss
-    if args.ann_epochs is not None:
-        given["ann_epochs"] = args.ann_epochs
+    for key in ("ann_epochs", "coding", "trainsnn_epochs"):
+        if getattr(args, key) is not None:
+            given[key] = getattr(args, key)
     if hasattr(args, "sequential_samples"):
         given["sequential_samples"] = args.sequential_samples
     try:

@@ -42,11 +42,14 @@ def data_name(results: dict) -> str:
 
 
 def variant(options: dict) -> str:
-    """The flags that differ from the defaults, as ``--name value`` (empty: every default)."""
-    defaults = TextClsOptions(progress=False).to_dict()
-    flags = []
+    """The flags that differ from the defaults, as ``--name value`` (empty: every default). Defaults that
+    follow the coding (``trainsnn_epochs``) are those of the run's coding; runs saved before ``coding``
+    was an option used rate coding."""
+    coding = options.get("coding", "rate")
+    defaults = TextClsOptions(progress=False, coding=coding).to_dict()
+    flags = [] if coding == TextClsOptions.coding else [f"--coding {coding}"]
     for key in sorted(options):
-        if key in BOOKKEEPING or key not in defaults or options[key] == defaults[key]:
+        if key in BOOKKEEPING or key == "coding" or key not in defaults or options[key] == defaults[key]:
             continue
         value = options[key]
         value = ",".join(map(str, value)) if isinstance(value, list) else value

@@ -29,7 +29,7 @@ def test_distill_temperature_softens_both_distributions_and_keeps_the_gradient_s
 
 def test_options_check_the_cycle_and_the_distillation_samples():
     assert TextClsOptions(progress=False).train_cycle == (4, 8, 16)
-    assert TextClsOptions(progress=False, train_cycle=(8, 4, 8)).to_dict()["train_cycle"] == [8, 4, 8]
+    assert TextClsOptions(progress=False, train_cycle=(8, 4, 8), coding="rate").to_dict()["train_cycle"] == [8, 4, 8]
     with pytest.raises(ValueError, match="T's of the sweep"):
         TextClsOptions(progress=False, train_cycle=(4, 32))
     with pytest.raises(ValueError, match="at least that many"):
@@ -62,7 +62,7 @@ def test_a_run_distils_on_more_samples_with_a_weighted_cycle_and_chooses_by_kl(t
     opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
                           savedir=str(tmp_path / "run"), time_steps=(2, 8), time_step=8, sequential_samples=4,
                           max_train_samples=80, distill_samples=150, train_cycle=(2, 8, 8), select_by="kl",
-                          distill_temperature=2.0, **FAST)
+                          distill_temperature=2.0, coding="rate", **FAST)
     results = run(opts)
     stages, qcfs = results["samples_per_stage"], results["training"]["qcfs"]
     assert stages["float_fine_tune"] == 80 and stages["qcfs_fine_tune"] == qcfs["samples"] == 150
@@ -95,7 +95,10 @@ def test_seed_spread_groups_runs_by_data_and_options_and_counts_the_targets(tmp_
     from bench.text_cls_seeds import run_row, summarise, variant
 
     assert variant(TextClsOptions(progress=False, seed=3, threads=1).to_dict()) == ""
-    assert variant(TextClsOptions(progress=False, train_cycle=(4, 8, 8, 16)).to_dict()) == "--train_cycle 4,8,8,16"
+    assert variant(TextClsOptions(progress=False, train_cycle=(4, 8, 8, 16), coding="rate").to_dict()) == \
+        "--coding rate --train_cycle 4,8,8,16"
+    old = {k: v for k, v in TextClsOptions(progress=False, coding="rate").to_dict().items() if k != "coding"}
+    assert variant(old) == "--coding rate"  # a run saved before the option: rate coding, its own defaults
     rows = [run_row(_results(0, 0.70, {4: 0.69, 8: 0.696}), "a"), run_row(_results(1, 0.70, {4: 0.67, 8: 0.69}), "b"),
             run_row(_results(0, 0.70, {4: 0.70, 8: 0.71}, select_by="kl"), "c")]
     groups = summarise(rows)

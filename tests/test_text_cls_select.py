@@ -114,8 +114,9 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("flags, expected", [
     ([], {"distill": 1.0, "float_loss": 0.0, "ann_epochs": 1}),
-    (["--distill", "0.8"], {"distill": 0.8, "float_loss": 0.0, "ann_epochs": 1}),
-    (["--float_loss", "1.0", "--ann_epochs", "0"], {"distill": 1.0, "float_loss": 1.0, "ann_epochs": 0})])
+    (["--distill", "0.8", "--coding", "rate"], {"distill": 0.8, "float_loss": 0.0, "ann_epochs": 1}),
+    (["--float_loss", "1.0", "--ann_epochs", "0", "--trainsnn_epochs", "1"],
+     {"distill": 1.0, "float_loss": 1.0, "ann_epochs": 0})])
 def test_bench_passes_the_distillation_weights_to_the_run(monkeypatch, tmp_path, flags, expected):
     import bench.text_cls as bench
 
@@ -156,7 +157,7 @@ def first_losses(tmp_path, option: str, weights: tuple[float, ...], T: int, **ex
     losses = {}
     for w in weights:
         opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
-                              savedir=str(tmp_path / f"run{w}"), time_steps=(T,), time_step=T, sequential_samples=4,
+                              savedir=str(tmp_path / f"run{w}"), time_steps=(T,), time_step=T, sequential_samples=4, trainsnn_epochs=1,
                               threshold_candidates=(), **{option: w}, **extra, **{**FAST, "snn_learning_rate": 1e-12})
         qcfs = run(opts)["training"]["qcfs"]
         assert qcfs[option] == w
@@ -234,7 +235,7 @@ def test_a_run_with_per_T_training_thresholds_offers_them_to_the_choice(tmp_path
     write_file(tmp_path / "train.csv", synthetic_rows(150, seed=5))
     opts = TextClsOptions(train_file=str(tmp_path / "train.csv"), model_name=str(tmp_path / "bert"),
                           savedir=str(tmp_path / "run"), time_steps=(2, 8), time_step=8, sequential_samples=4,
-                          train_thresholds="mse", **FAST)
+                          train_thresholds="mse", coding="rate", **FAST)
     results = run(opts)
     assert results["training"]["qcfs"]["thresholds"] == {"2": "mse", "8": "mse"}
     for rows in results["calibration_selection"].values():  # the first candidate: the thresholds trained with

@@ -61,3 +61,15 @@ def test_a_saved_weighted_model_reloads_weighted_to_the_same_accuracy(weighted):
 def test_bad_coding_options_are_refused(workdir, kw, message):
     with pytest.raises(ValueError, match=message):
         TextClsOptions(train_file=str(workdir / "train.csv"), **kw)
+
+
+def test_fine_tune_options_without_a_fine_tune_are_refused(workdir):
+    """Weighted coding converts the float ANN as it is by default (--trainsnn_epochs 0): options that only
+    shape the DA-QCFS fine-tune would do nothing, so they are refused, and accepted with the fine-tune."""
+    base = dict(train_file=str(workdir / "train.csv"), time_steps=(4, 8))
+    for kw in (dict(distill_samples=4000), dict(train_cycle=(4, 8, 8)), dict(distill_temperature=2.0),
+               dict(hidden_distill=0.1), dict(distill=0.5), dict(train_thresholds="shared")):
+        with pytest.raises(ValueError, match="shape.* the DA-QCFS fine-tune.*--trainsnn_epochs 1"):
+            TextClsOptions(**base, **kw)
+        assert TextClsOptions(**base, **kw, trainsnn_epochs=1).trainsnn_epochs == 1
+    assert TextClsOptions(**base).trainsnn_epochs == 0 and TextClsOptions(**base, coding="rate").trainsnn_epochs == 1

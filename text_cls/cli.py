@@ -122,8 +122,8 @@ def build_parser() -> Parser:
               "and take back early ones; default) or if (one spike a step: IF / ST-BIF); parallel mode is the same "
               "either way")
     flag(g, "coding", dest="coding", choices=("rate", "weighted"),
-         help="spike coding of every site: rate (one spike per level, T levels; default) or weighted (spike k of "
-              "the window weighs 2**(T-1-k) levels: 2**T - 1 levels, T up to 16)")
+         help="spike coding of every site: weighted (spike k of the window weighs 2**(T-1-k) levels: 2**T - 1 "
+              "levels, T up to 16; default) or rate (one spike per level, T levels)")
     flag(g, "neuron_type", dest="neuron_type", metavar="NAME",
          help="ParaInfNeuron (parallel, default) or IFNeuron (sequential): the saved model's neuron; both are "
               "evaluated")
@@ -139,7 +139,8 @@ def build_parser() -> Parser:
               "the DA-QCFS fine-tune's teacher (default 1; 0: the reference is the DA-QCFS-trained weights run "
               "as a float network)")
     flag(g, "trainsnn_epochs", dest="trainsnn_epochs", type=int, metavar="N",
-         help="DA-QCFS-aware fine-tune epochs (straight-through floor, T cycling over the sweep; default 1); "
+         help="DA-QCFS-aware fine-tune epochs (straight-through floor, T cycling over the sweep; default 0 with "
+              "weighted coding, whose 2**T - 1 levels follow the float ANN without it, and 1 with rate coding); "
               "with more than one, each epoch is scored by agreement with the float ANN on the validation split, "
               "the best kept, and the first worse epoch stops training")
     flag(g, "learning_rate", "lr", dest="learning_rate", type=float, metavar="LR", help="float phase (default 1e-4)")

@@ -78,12 +78,12 @@ class TextClsOptions:
     activation: str = "keep"
     norm_schedule: str = "causal"
     sequential_neuron: str = "catch_up"
-    coding: str = "rate"
+    coding: str = "weighted"
     neuron_type: str = "ParaInfNeuron"
     time_step: int | None = None
     time_steps: tuple[int, ...] | None = None
     ann_epochs: int = 1
-    trainsnn_epochs: int = 1
+    trainsnn_epochs: int | None = None
     learning_rate: float = 1e-4
     snn_learning_rate: float = 1e-4
     batchsize: int = 32
@@ -148,6 +148,8 @@ class TextClsOptions:
         set_("neuron_type", NEURON_ALIASES.get(str(self.neuron_type).lower(), self.neuron_type))
         _choice("neuron_type", self.neuron_type, NEURON_TYPES)
         self._resolve_timesteps()
+        if self.trainsnn_epochs is None:  # weighted sites keep the float ANN's weights; rate sites need the fine-tune
+            set_("trainsnn_epochs", 0 if self.coding == "weighted" else 1)
         for key, lo in (("ann_epochs", 0), ("trainsnn_epochs", 0), ("batchsize", 1), ("eval_batchsize", 1),
                         ("calib_samples", 1), ("seed", 0)):
             _int(key, getattr(self, key), lo)
@@ -174,6 +176,14 @@ class TextClsOptions:
             raise ValueError("float_loss trains the float network that shares the DA-QCFS network's weights; with "
                              "ann_epochs (default 1) the reference is a separate float network: give --ann_epochs 0 "
                              "with --float_loss")
+        if self.trainsnn_epochs == 0 or self.direct_inference:
+            shaping = {"distill_samples": None, "train_cycle": self.time_steps, "distill_temperature": 1.0,
+                       "float_loss": 0.0, "hidden_distill": 0.0, "distill": 1.0, "train_thresholds": "mse"}
+            given = [k for k, v in shaping.items() if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"{', '.join('--' + k for k in given)} shape(s) the DA-QCFS fine-tune, which does not "
+                                 "run here (--trainsnn_epochs 0, the default with weighted coding, or "
+                                 "--direct_inference); give --trainsnn_epochs 1 as well, or leave them out")
         device = str(self.device).lower()
         if not DEVICE_RE.match(device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or a GPU index N, got {self.device!r}")

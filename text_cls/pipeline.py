@@ -144,7 +144,8 @@ def run(opts: TextClsOptions, console: Console | None = None) -> dict | None:
         ann = float_copy(snn, ann)
         reference = "the DA-QCFS-trained weights run as a float network (sites off, the original modules)"
     elif opts.ann_epochs and not opts.direct_inference:
-        reference = "a separate float fine-tune (phase 1a), before the DA-QCFS fine-tune"
+        reference = ("a separate float fine-tune (phase 1a), before the DA-QCFS fine-tune" if qcfs_training else
+                     "the float fine-tune (phase 1a), whose weights the SNN keeps (no DA-QCFS fine-tune)")
     else:
         reference = "the checkpoint as given (--direct_inference)" if opts.direct_inference else "the checkpoint"
     calibrations: dict[int, Calibration] = {}
