@@ -43,7 +43,7 @@ ACTIVITY_MIN_RATIO = 0.1  # a site firing under a tenth of what its calibration 
 OFF_LEVEL = 0.05         # an input is "off a level" when it sits more than this many steps from every level
 SAME = 0.01              # an output "equals" an input within this many steps
 SEQUENTIAL_MARGIN = 0.10  # about 3 standard errors of the difference on 128 tokens where the modes differ on 20%
-SEQUENTIAL_TIE_SHARE = 1e-3  # counts one level off at float ties: 4e-7 to 2.3e-6 measured (docs/bench_sequential.json)
+SEQUENTIAL_TIE_SHARE = 1e-3  # one level off at float ties: 6e-8 to 2.3e-6 measured (docs/bench_convert.json)
 
 
 @dataclass(frozen=True)
