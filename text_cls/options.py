@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from spike_modules.adapters.bert import SITE_SCOPES
-from spike_modules.quantizer import CODINGS, MAX_WEIGHTED_TIMESTEPS
+from spike_modules.quantizer import CODINGS, coding_levels
 from stac_common.cli import MAX_TIMESTEPS as MAX_T
 
 from .data import DATASETS, FILE_MAX_LEN, FILE_SUFFIXES, HUB_DATASETS, TWEETS, TWEETS_MAX_LEN
@@ -30,6 +30,9 @@ NEURON_ALIASES = {"parainfneuron": "ParaInfNeuron", "parainfneuron_text": "ParaI
 DATASET_ALIASES = {"textcls": TWEETS, "tweet": TWEETS, "sst-2": "sst2", "agnews": "ag_news"}
 THRESHOLD_RULES = ("max", "percentile", "mse")
 SELECT_BY = ("agreement", "kl")
+# options that only shape the DA-QCFS fine-tune: refused at a non-default value when no fine-tune runs
+FINE_TUNE_ONLY = ("distill_samples", "train_cycle", "distill_temperature", "float_loss", "hidden_distill", "distill",
+                  "train_thresholds")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|\d+)$")
 
 
@@ -177,8 +180,8 @@ class TextClsOptions:
                              "ann_epochs (default 1) the reference is a separate float network: give --ann_epochs 0 "
                              "with --float_loss")
         if self.trainsnn_epochs == 0 or self.direct_inference:
-            shaping = {"distill_samples": None, "train_cycle": self.time_steps, "distill_temperature": 1.0,
-                       "float_loss": 0.0, "hidden_distill": 0.0, "distill": 1.0, "train_thresholds": "mse"}
+            defaults = {f.name: f.default for f in fields(self)}
+            shaping = {k: defaults[k] for k in FINE_TUNE_ONLY} | {"train_cycle": self.time_steps}  # resolved: the sweep
             given = [k for k, v in shaping.items() if getattr(self, k) != v]
             if given:
                 raise ValueError(f"{', '.join('--' + k for k in given)} shape(s) the DA-QCFS fine-tune, which does not "
@@ -225,9 +228,7 @@ class TextClsOptions:
             raise ValueError("time_steps is empty; give at least one T, e.g. --timesteps 4,8")
         for T in sweep:
             _int("each of time_steps", T, 1, MAX_T)
-            if self.coding == "weighted" and T > MAX_WEIGHTED_TIMESTEPS:
-                raise ValueError(f"weighted coding takes T from 1 to {MAX_WEIGHTED_TIMESTEPS} (2**T - 1 levels), got "
-                                 f"T={T} in the timesteps; give smaller T's or --coding rate")
+            coding_levels(T, self.coding)  # weighted coding refuses T above MAX_WEIGHTED_TIMESTEPS
         primary = self.time_step if self.time_step is not None else (DEFAULT_T if DEFAULT_T in sweep else max(sweep))
         _int("time_step", primary, 1, MAX_T)
         object.__setattr__(self, "time_steps", tuple(sorted(set(sweep) | {primary})))
