@@ -199,3 +199,19 @@ def test_existing_run_directory_needs_overwrite_and_a_failure_leaves_nothing(wor
                            savedir=str(tmp_path / "half"), time_steps=(2,), trainsnn_epochs=0, max_train_samples=30,
                            max_eval_samples=12, **FAST))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_results_table_compares_the_sequential_subset_with_parallel_on_the_same_samples(trained):
+    """The sequential simulation runs on a subset; its gap must not be taken against the whole test set."""
+    import copy
+
+    from text_cls.report import markdown
+
+    _, results = trained
+    r = copy.deepcopy(results)
+    row = r["per_T"][-1]
+    row.update(sequential_samples=10, acc_snn_parallel=0.5, acc_snn_sequential=0.9,
+               acc_snn_parallel_on_sequential_samples=0.8)
+    line = next(ln for ln in markdown(r).splitlines() if ln.startswith(f"| {row['T']} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:6] == ["50.00", "10", "90.00", "80.00", "+10.00"], cells
