@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the run's neurons in the sequential simulation")
     p.add_argument("--compare_simulations", action="store_true",
                    help="also run the sequential simulation at the largest T with the other LayerNorm schedule, "
-                        "and with the other sequential neuron (for comparison; not targets)")
+                        "and with the other sequential neuron (rate coding only; for comparison, not targets)")
     p.add_argument("--norms_of_run", default=None, metavar="DIR",
                    help="only measure sequential-vs-parallel agreement with held and causal LayerNorms at the "
                         "largest saved T of an existing run directory (no training)")
@@ -233,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_simulations:
             schedule = "held" if args.norm_schedule == "causal" else "causal"
             neuron = "if" if args.sequential_neuron == "catch_up" else "catch_up"
-            other = simulations(savedir, max(opts.time_steps), [(args.norm_schedule, neuron), (schedule, None)],
-                                opts.eval_batchsize)
+            variants = [(schedule, None)]
+            if opts.coding == "rate":  # weighted neurons have one sequential form
+                variants.insert(0, (args.norm_schedule, neuron))
+            other = simulations(savedir, max(opts.time_steps), variants, opts.eval_batchsize)
         report = {"results": results, "side_by_side_latency": latency, "other_simulations": other,
                   "targets": targets(results, latency),
                   "command": " ".join(["python -m bench.text_cls", *(argv if argv is not None else sys.argv[1:])])}

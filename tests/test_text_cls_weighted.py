@@ -73,3 +73,17 @@ def test_fine_tune_options_without_a_fine_tune_are_refused(workdir):
             TextClsOptions(**base, **kw)
         assert TextClsOptions(**base, **kw, trainsnn_epochs=1).trainsnn_epochs == 1
     assert TextClsOptions(**base).trainsnn_epochs == 0 and TextClsOptions(**base, coding="rate").trainsnn_epochs == 1
+
+
+def test_a_rate_neuron_choice_is_refused_with_weighted_coding(weighted, workdir):
+    """--sequential_neuron chooses between rate-coded neurons; with weighted sites it would do nothing."""
+    base = dict(train_file=str(workdir / "train.csv"), time_steps=(4, 8))
+    with pytest.raises(ValueError, match="--sequential_neuron if.*--coding rate"):
+        TextClsOptions(**base, sequential_neuron="if")
+    assert TextClsOptions(**base, sequential_neuron="if", coding="rate").sequential_neuron == "if"
+    from text_cls.model import set_sequential_schedule
+
+    model = load_text_snn(Path(weighted[0].savedir) / "model", T=4)[0]
+    with pytest.raises(ValueError, match="rate-coded neuron"):
+        set_sequential_schedule(model, "causal", "if")
+    set_sequential_schedule(model, "held", "catch_up")  # the norm schedule still applies

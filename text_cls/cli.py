@@ -119,8 +119,8 @@ def build_parser() -> Parser:
               "softmax's normalisation moved after probs.V; default) or sum (the softmax probabilities)")
     flag(g, "sequential_neuron", dest="sequential_neuron", choices=("catch_up", "if"),
          help="neurons of the sequential simulation: catch_up (a step may fire every spike the count still allows "
-              "and take back early ones; default) or if (one spike a step: IF / ST-BIF); parallel mode is the same "
-              "either way")
+              "and take back early ones; default) or if (one spike a step: IF / ST-BIF); rate coding only (weighted "
+              "neurons fire after their whole window); parallel mode is the same either way")
     flag(g, "coding", dest="coding", choices=("rate", "weighted"),
          help="spike coding of every site: weighted (spike k of the window weighs 2**(T-1-k) levels: 2**T - 1 "
               "levels, T up to 16; default) or rate (one spike per level, T levels)")

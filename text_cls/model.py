@@ -146,8 +146,11 @@ def set_sequential_schedule(model: nn.Module, norms: str, sequential: str) -> No
         if isinstance(m, SpikeNorm):
             m.causal = norms == "causal"
     for _, site in iter_sites(model):
-        if site.coding == "rate":  # weighted neurons have no catch-up: they fire after their whole window
+        if site.coding == "rate":
             site.catch_up = sequential == "catch_up"
+        elif sequential != "catch_up":  # the default, which names no choice for weighted neurons
+            raise ValueError(f"site {site.name!r}: sequential neuron {sequential!r} is a rate-coded neuron; "
+                             f"{site.coding} neurons fire after their whole window and have no such choice")
 
 
 def float_copy(snn: nn.Module, template: nn.Module) -> nn.Module:

@@ -151,6 +151,10 @@ class TextClsOptions:
         set_("neuron_type", NEURON_ALIASES.get(str(self.neuron_type).lower(), self.neuron_type))
         _choice("neuron_type", self.neuron_type, NEURON_TYPES)
         self._resolve_timesteps()
+        if self.coding == "weighted" and self.sequential_neuron != "catch_up":
+            raise ValueError(f"--sequential_neuron {self.sequential_neuron} chooses between rate-coded neurons; weighted "
+                             "neurons (WeightedIFNeuron) fire after their whole window and have no such choice: leave "
+                             "it out, or give --coding rate")
         if self.trainsnn_epochs is None:  # weighted sites keep the float ANN's weights; rate sites need the fine-tune
             set_("trainsnn_epochs", 0 if self.coding == "weighted" else 1)
         for key, lo in (("ann_epochs", 0), ("trainsnn_epochs", 0), ("batchsize", 1), ("eval_batchsize", 1),
