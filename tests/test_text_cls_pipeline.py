@@ -211,7 +211,14 @@ def test_results_table_compares_the_sequential_subset_with_parallel_on_the_same_
     r = copy.deepcopy(results)
     row = r["per_T"][-1]
     row.update(sequential_samples=10, acc_snn_parallel=0.5, acc_snn_sequential=0.9,
-               acc_snn_parallel_on_sequential_samples=0.8)
-    line = next(ln for ln in markdown(r).splitlines() if ln.startswith(f"| {row['T']} |"))
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[1:6] == ["50.00", "10", "90.00", "80.00", "+10.00"], cells
+               acc_snn_parallel_on_sequential_samples=0.8, latency_ms_parallel=50.0, latency_ms_sequential=100.0,
+               latency_ms_parallel_on_sequential_samples=10.0)
+
+    def cells():
+        line = next(ln for ln in markdown(r).splitlines() if ln.startswith(f"| {row['T']} |"))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    assert cells()[1:6] == ["50.00", "10", "90.00", "80.00", "+10.00"], cells()
+    assert cells()[14] == "10.0x", cells()  # sequential over parallel on the same batches
+    del row["latency_ms_parallel_on_sequential_samples"]  # a run saved before it was recorded: no ratio
+    assert cells()[14] == "-", cells()
