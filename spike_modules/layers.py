@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .site import DAQCFSSite, SiteMode
+from .row_sparse import row_linear
 from .sparse import event_linear, sparse_supported
 from .temporal import apply_site, rate_op
 
@@ -54,6 +55,12 @@ class SpikeLinear(nn.Module):
 
     ``sparse`` (set by ``run_sequential(..., sparse=True)``): while the site is in sequential
     mode the layer accumulates only the spikes that fired (``spike_modules.sparse``).
+
+    ``row_sparse`` (default on, :func:`set_row_sparse`): while the site is in parallel mode, a call
+    of a few tokens (decoding) reads only the weight rows of the channels whose decoded count is
+    nonzero (``spike_modules.row_sparse.row_linear``), the event-driven layer's memory traffic. The
+    result equals the dense product up to float summation order. Layers that cannot be read by rows
+    (bitsandbytes, torchao), prefills and tensors that need gradients run the dense product.
     """
 
     def __init__(self, linear: nn.Module, shared: SharedInput, owner: bool):
@@ -63,10 +70,14 @@ class SpikeLinear(nn.Module):
         if owner:
             self.site = shared.site
         self.sparse = False
+        self.row_sparse = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._shared(x)
-        if self.sparse and self._shared.site.mode is SiteMode.SEQUENTIAL:
+        mode = self._shared.site.mode
+        if mode is SiteMode.PARALLEL and self.row_sparse:
+            return row_linear(self.linear, y)
+        if self.sparse and mode is SiteMode.SEQUENTIAL:
             return event_linear(self.linear, y)
         return self.linear(y)
 
@@ -99,6 +110,15 @@ class SpikeGatedMLP(nn.Module):
         g, u = self.gate_proj(x), self.up_proj(x)
         h = self._gated(g, u) if self.stac_sim_T is None else rate_op(self._gated, self.stac_sim_T, g, u)
         return self.down_proj(h)
+
+
+def set_row_sparse(model: nn.Module, on: bool) -> None:
+    """Whether the spiking linear layers of ``model`` read only the rows of fired channels in parallel
+    mode (:class:`SpikeLinear` ``row_sparse``); off, they run the dense product (same values up to
+    float summation order)."""
+    for m in model.modules():
+        if isinstance(m, SpikeLinear):
+            m.row_sparse = bool(on)
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:

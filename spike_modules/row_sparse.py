@@ -1,0 +1,212 @@
+"""Row-reading linear layers for parallel-mode decoding: read only the weight rows of inputs that fired.
+
+Decoding one token at a time, a linear layer is bound by memory, not arithmetic: a dense product
+reads every weight once per token. Behind a spiking site the input is a vector of decoded spike
+counts, most of them zero, and ``W @ y`` needs only the columns ``W[:, j]`` of the channels ``j``
+with ``y_j != 0`` (docs/design.md section 5 counts exactly these bytes). :func:`row_linear` computes
+``linear(x)`` that way for a few tokens: it stores the weight once as an ``[in, out]`` table (row
+``j`` = column ``j`` of the weight) and sums the rows of the nonzero inputs, each weighted by its
+value, with an embedding-bag kernel that reads those rows and nothing else:
+
+- STAC's int8 layer (``weight_int8`` ``[out, in]`` and ``scale``): the table is PyTorch's packed
+  8-bit embedding format (``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``), row ``j`` =
+  ``q[:, j] + 128`` as uint8 followed by a float32 scale 1.0 and offset -128.0, so the kernel
+  returns ``sum_j x_j q[:, j]`` exactly as integers times floats; the per-output ``scale`` and the
+  bias are applied after, as :class:`calibration.int8.Int8Linear` applies them. With per-group
+  scales (``group_size``) each token's rows are summed per group (one bag per token and group)
+  and the groups' sums scaled and added: one multiply-add per output and group, as the layer's
+  ``rescale_ops`` counts. It reads a quarter of the bytes of a float layer, and at full density
+  it is still faster than the dense float product on one token (``bench/decode.py`` runs the int8
+  ANN through it with every row).
+- ``nn.Linear`` (a transposed float copy, kept) and GPT-2's ``Conv1D`` (its own ``[in, out]``
+  weight, no copy): ``F.embedding_bag`` in sum mode. A float row costs as many bytes as the dense
+  product's, so it only wins when few inputs fired: above :data:`FLOAT_MAX_SHARE` nonzero inputs
+  the dense product runs (measured on the 2-core CPU of ``bench/decode.py``).
+
+The result equals the dense layer up to float summation order. Beyond :data:`MAX_ROW_TOKENS`
+tokens (a prefill) the dense product is faster and runs. The dense product also runs, by design,
+where the kernel does not apply: tensors that need gradients (the tables are detached copies),
+inputs that are not float32 on the CPU (the packed kernel is CPU and float32 only), and layers whose
+weights cannot be read by rows (bitsandbytes' and torchao's 8-bit layers keep packed formats of
+their own; :func:`row_readable` says which).
+
+The tables live in the layer's ``__dict__``, not in its state dict, and are rebuilt when the
+weight tensor is replaced or changed in place (its data pointer or version counter moves, as
+``load_state_dict`` and optimiser steps do). An edit through ``.data`` moves neither:
+:func:`drop_row_tables` then drops the stale tables.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+MAX_ROW_TOKENS = 4  # beyond this many tokens per call, the dense product (a GEMM) is faster
+FLOAT_MAX_SHARE = 0.3  # float layers: the row kernel above this share of nonzero inputs is slower than dense
+SPLIT_BYTES = 8 << 20  # int8 tables larger than this are read by all threads (one bag per thread and token)
+_TABLE = "_row_table"
+_KEY = "_row_table_key"
+# the 8 bytes closing each packed row: float32 scale 1.0 and offset -128.0, so a stored byte b reads as b - 128
+_SCALE_OFFSET = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)
+
+
+def _is_int8(linear: nn.Module) -> bool:
+    return hasattr(linear, "weight_int8") and hasattr(linear, "scale")
+
+
+def row_readable(linear: nn.Module) -> bool:
+    """Whether :func:`row_linear` can read ``linear`` by rows: STAC's int8 layer, a float32
+    ``nn.Linear`` with a plain weight, or ``Conv1D``. Not bitsandbytes' or torchao's layers (an
+    ``nn.Linear`` whose weight is int8 or a tensor subclass): those always run dense."""
+    if _is_int8(linear):
+        return linear.weight_int8.dtype == torch.int8 and linear.weight_int8.dim() == 2
+    if isinstance(linear, Conv1D):
+        return linear.weight.dtype == torch.float32
+    return (isinstance(linear, nn.Linear) and type(linear.weight) in (nn.Parameter, torch.Tensor)
+            and linear.weight.dtype == torch.float32)
+
+
+def _weight(linear: nn.Module) -> torch.Tensor:
+    return linear.weight_int8 if _is_int8(linear) else linear.weight
+
+
+def _build(linear: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if _is_int8(linear):
+            out, width = w.shape
+            table = torch.empty(width, out + 8, dtype=torch.uint8, device=w.device)
+            table[:, :out] = (w.t().to(torch.int16) + 128).to(torch.uint8)
+            table[:, out:] = _SCALE_OFFSET.to(w.device)
+            return table
+        return w.detach().t().contiguous()  # nn.Linear: [out, in] -> [in, out]
+
+
+def row_table(linear: nn.Module) -> torch.Tensor:
+    """``linear``'s weight as an ``[in, out]`` table (packed uint8 for int8 layers), built on first
+    use and kept until the weight changes. ``Conv1D``'s weight already is one."""
+    w = _weight(linear)
+    if isinstance(linear, Conv1D):
+        return w.detach()
+    key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(w.shape), w.dtype)
+    d = linear.__dict__
+    if d.get(_KEY) != key:
+        d[_TABLE], d[_KEY] = _build(linear, w), key
+    return d[_TABLE]
+
+
+def drop_row_tables(model: nn.Module) -> int:
+    """Drop every kept table of ``model`` (after an edit through ``.data``, or to free the memory);
+    they are rebuilt on next use. Returns how many were dropped."""
+    dropped = 0
+    for m in model.modules():
+        if m.__dict__.pop(_TABLE, None) is not None:
+            dropped += 1
+        m.__dict__.pop(_KEY, None)
+    return dropped
+
+
+def _needs_grad(linear: nn.Module, x: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for p in linear.parameters(recurse=False))
+
+
+def _bags(flat: torch.Tensor, span: int, parts: int, all_rows: bool):
+    """``(indices, weights, offsets)`` of one bag per token and part (``parts`` runs of ``span`` input
+    columns each; one part: the whole row). Indices stay ascending within a bag, so a bag's sum adds
+    its rows in the same order whether zero inputs are left out or not (a zero adds nothing)."""
+    n, width = flat.shape
+    dev = flat.device
+    if all_rows:
+        idx = torch.arange(width, device=dev).repeat(n)
+        starts = torch.arange(parts, device=dev) * span
+        offsets = (starts[None] + width * torch.arange(n, device=dev)[:, None]).reshape(-1)
+        return idx, flat.reshape(-1), offsets
+    if n == 1 and parts == 1:
+        idx = flat[0].nonzero().squeeze(1)
+        return idx, flat[0].index_select(0, idx), _zero_offset(dev)
+    nz = flat.nonzero()
+    idx = nz[:, 1]
+    vals = flat[nz[:, 0], idx]
+    bag = nz[:, 0] * parts + idx // span if parts > 1 else nz[:, 0]
+    counts = torch.bincount(bag, minlength=n * parts)
+    return idx, vals, counts.cumsum(0) - counts
+
+
+_OFFSETS: dict = {}
+
+
+def _zero_offset(device: torch.device) -> torch.Tensor:
+    """The offsets of one bag, made once per device (read only)."""
+    t = _OFFSETS.get(device)
+    if t is None:
+        t = _OFFSETS[device] = torch.zeros(1, dtype=torch.long, device=device)
+    return t
+
+
+def _split(width: int, out: int) -> int:
+    """Input columns per bag of an int8 table without groups: the whole row, or, for a table over
+    :data:`SPLIT_BYTES` (an 8-bit LM head), one run per thread: the kernel runs bags in parallel and
+    one bag on one thread. The runs' sums are added after, a fixed order (same bits every call)."""
+    threads = torch.get_num_threads()
+    if threads < 2 or width * out < SPLIT_BYTES:
+        return width
+    return -(-width // threads)
+
+
+def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> torch.Tensor:
+    """``linear(x)`` computed from the weight rows of the nonzero entries of ``x`` only (every row with
+    ``all_rows``, which skips finding them: a dense input; the same result, since a zero adds nothing).
+    Falls back to ``linear(x)`` itself where the module docstring says, so it is always safe to call."""
+    width = x.shape[-1] if x.dim() else 0
+    n = x.numel() // width if width else 0
+    if (not n or n > MAX_ROW_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu"
+            or not row_readable(linear) or _needs_grad(linear, x)):
+        return linear(x)
+    flat = x.reshape(n, width)
+    if not _is_int8(linear):
+        idx, vals, offsets = _bags(flat, width, 1, all_rows)
+        if idx.numel() > FLOAT_MAX_SHARE * flat.numel():  # before the table: a dense-only layer keeps no copy
+            return linear(x)
+        y = F.embedding_bag(idx, row_table(linear), offsets, mode="sum", per_sample_weights=vals)
+        if linear.bias is not None:
+            y = y + linear.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    scale, bias = linear.scale, linear.bias
+    grouped = scale.dim() == 2
+    span = (getattr(linear, "group_size", 0) or width) if grouped else _split(width, scale.shape[0])
+    parts = -(-width // span)
+    idx, vals, offsets = _bags(flat, span, parts, all_rows)
+    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(row_table(linear), idx, offsets, False, 0, False,
+                                                               vals, None, False)
+    if grouped:  # [n * groups, out] partial sums, each group scaled by its own [out] scale
+        y = (y.view(n, parts, -1) * scale.t()).sum(1)
+        y = y if bias is None else y + bias
+    else:  # the dense layer's own formula, after adding the runs of a split table
+        y = y.view(n, parts, -1).sum(1) if parts > 1 else y
+        y = y * scale if bias is None else torch.addcmul(bias, y, scale)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class RowReadLinear(nn.Module):
+    """A dense-input layer through the row kernel with every row (``all_rows``): the int8 ANN of
+    ``bench/decode.py``, so that it runs the same kernel as the SNN. The wrapped layer is the
+    child ``linear``, unchanged."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return row_linear(self.linear, x, all_rows=True)
+
+
+def read_by_rows_(model: nn.Module, kind: type[nn.Module]) -> int:
+    """Wrap every ``kind`` layer of ``model`` in :class:`RowReadLinear`, in place; returns how many."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+    for name, m in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, RowReadLinear(m))
+    return len(targets)
