@@ -82,6 +82,9 @@ def build_parser() -> Parser:
     flag(g, "int8_group_size", type=int, metavar="G", help="input columns per int8 scale; 0 = one scale per output "
                                                              "row (default 0); each group costs one rescale "
                                                              "multiply-add per output and token, counted in energy")
+    flag(g, "int8_head", action=argparse.BooleanOptionalAction,
+         help="the LM head and input embeddings in int8 as well, one table when tied (default: on with "
+              "--quant_backend own; --no-int8_head keeps them float32)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_text", choices=("calib", "replies"), help="what the distillation reads: calib (the calibration "
          "text, default) or replies (the ANN's greedy chat replies to chit-chat openings calibration reads)")

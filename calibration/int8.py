@@ -1,8 +1,9 @@
 """8-bit weights for full conversion mode: :class:`Int8Linear` and :func:`quantize_weights_`.
 
 Every linear layer inside the blocks (``nn.Linear`` or GPT-2's ``Conv1D``, bare or inside a
-:class:`~spike_modules.layers.SpikeLinear`) gets int8 weights; the embeddings and the (tied)
-output head stay float. Backends: ``own`` (:class:`Int8Linear`, per-output-channel symmetric,
+:class:`~spike_modules.layers.SpikeLinear`) gets int8 weights; with ``head=True`` the output head
+and the input embeddings too, one int8 table when tied (:mod:`calibration.int8_embedding`),
+otherwise they stay float. Backends: ``own`` (:class:`Int8Linear`, per-output-channel symmetric,
 any device, saved as plain int8/float32 tensors), ``bnb`` and ``torchao`` (see
 :mod:`calibration.int8_backends`), and ``none``.
 
@@ -248,7 +249,8 @@ def _relative_error(weight: torch.Tensor, decoded: torch.Tensor) -> float:
 
 
 def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[str] | None = None,
-                      progress: bool = True, group_size: int = 0, hessians: dict | None = None) -> dict:
+                      progress: bool = True, group_size: int = 0, hessians: dict | None = None,
+                      head: bool = False) -> dict:
     """Give the linear layers of ``model`` 8-bit weights, in place.
 
     Args:
@@ -260,11 +262,18 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
         hessians: ``own`` only: ``{path: (X^T X, rows)}`` of each layer's calibration inputs
             (:func:`calibration.gptq.input_hessians`); given, the weights are rounded with GPTQ's
             error compensation instead of to nearest (same stored format).
+        head: ``own`` only: also the output head (an ``Int8Linear``, inside its ``SpikeLinear`` if
+            any) and the input embedding (an :class:`~calibration.int8_embedding.Int8Embedding`
+            reading the head's int8 table when the two are tied, its own table otherwise); always one
+            scale per row, rounded to nearest (see :mod:`calibration.int8_embedding` for why).
 
     Returns:
         ``{"backend", "group_size", "settings", "layers", "paths", "bytes_before", "bytes_after", "max_rel_error",
-        "mean_rel_error"}``: bytes of the replaced layers' weights and biases; the relative error
-        ``||W - decoded W|| / ||W||`` per layer, from what the backend actually stores.
+        "mean_rel_error", "int8_head"}``: bytes of the replaced layers' weights and biases (with ``head``,
+        the head's and embedding's too, a tied table counted once); the relative error
+        ``||W - decoded W|| / ||W||`` per layer, from what the backend actually stores; ``layers``,
+        ``paths`` and the errors are of the block layers. ``int8_head``: None, or the paths, tying,
+        errors and bytes of the head and embedding (:func:`calibration.int8_embedding.quantize_head_`).
 
     Raises:
         ValueError: unknown backend (lists them), or see :func:`find_linears`.
@@ -279,6 +288,9 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
     if group_size and backend != "own":
         raise ValueError(f"int8 groups (group size {group_size}) are built by the 'own' backend only; "
                          f"{backend!r} quantizes per output row: use --quant_backend own or group size 0")
+    if head and backend not in ("own", "none"):
+        raise ValueError(f"the int8 LM head and embedding are built by the 'own' backend only, not {backend!r}: "
+                         "use --quant_backend own, or --no-int8_head (head=False) to keep them float")
     granularity = f"per group of {group_size} input columns of each output channel" if group_size \
         else "per output channel"
     rounding = "GPTQ (error-compensating, on calibration inputs)" if hessians is not None else "to nearest"
@@ -288,10 +300,17 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
                 "none": {}}[backend]
     summary = {"backend": backend, "group_size": group_size, "settings": settings, "layers": 0, "paths": [],
                "bytes_before": 0,
-               "bytes_after": 0, "max_rel_error": 0.0, "mean_rel_error": 0.0}
+               "bytes_after": 0, "max_rel_error": 0.0, "mean_rel_error": 0.0, "int8_head": None}
     if backend == "none":
         return summary
     targets = find_linears(model, paths)
+    head_plan = None
+    if head:  # checked before anything is replaced
+        from .int8_embedding import plan_head
+
+        head_plan = plan_head(model)
+        if head_plan[0] in targets:
+            raise ValueError(f"{head_plan[0]!r} is the output head: head=True quantizes it; leave it out of paths")
     if backend != "own":
         int8_backends.require(backend, float_weight(next(iter(targets.values()))).device)
     originals = {path: float_weight(m).detach() for path, m in targets.items()}
@@ -331,6 +350,12 @@ def quantize_weights_(model: nn.Module, backend: str = "own", paths: Iterable[st
             bar.advance(task)
     summary.update(layers=len(targets), paths=list(targets), max_rel_error=max(errors),
                    mean_rel_error=sum(errors) / len(errors))
+    if head_plan is not None:
+        from .int8_embedding import quantize_head_
+
+        summary["int8_head"] = quantize_head_(model, head_plan)
+        summary["bytes_before"] += summary["int8_head"]["bytes_before"]
+        summary["bytes_after"] += summary["int8_head"]["bytes_after"]
     return summary
 
 

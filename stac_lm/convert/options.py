@@ -17,6 +17,7 @@ burst_budget       64 (0: none)           64
 quant_backend      own                    none (int8 is refused)
 int8_rounding      nearest [4]            -
 int8_group_size    0 (a scale per row)    -
+int8_head          on (own backend) [5]   - (refused)
 activation         keep                   keep [3]
 calib_tokens       8192                   2048
 =================  =====================  ==============
@@ -42,6 +43,12 @@ inputs (``calibration.gptq``). Not the default: its statistics and rounding take
 cores against a 4-minute conversion. Scales per group of input columns (``int8_group_size``) did
 not keep more of the ANN's replies on the embedded SmolLM2 (``docs/generation_fidelity.md``) and
 cost energy, so one scale per row stays the default.
+[5] The LM head and input embeddings in int8 too, one table when tied (``calibration.int8_embedding``):
+on SmolLM2-135M the float32 tied table is 113 MB of the 223 MB a full-mode SNN stores (138 MB with
+it int8), and the head is read for every decoded token. Put on the saved float-head SNN (thresholds
+kept), perplexity ratio 1.0085 against 1.0068, top-1 agreement 0.942 against 0.943 on The Tempest
+(``docs/int8_head_check.json``). Off with other backends (refused: only ``own`` builds it). Options
+saved before this option existed read back as off, which is what those runs did.
 ``finetune_text='replies'`` distils on the ANN's own greedy chat replies (``stac_lm.convert.replies``)
 instead of the calibration text.
 """
@@ -123,6 +130,7 @@ class ConvertOptions:
     quant_backend: str | None = None
     int8_rounding: str | None = None
     int8_group_size: int | None = None
+    int8_head: bool | None = None
     activation: str | None = None
     max_burst: int | None = None
     burst_budget: int | None = None
@@ -193,6 +201,15 @@ class ConvertOptions:
         if self.simplified and self.quant_backend != "none":
             raise ValueError(f"--simplified does not quantize weights (quant_backend {self.quant_backend!r} asked); "
                              "drop --quant_backend, or drop --simplified for 8-bit weights")
+        if self.int8_head is None:
+            set_("int8_head", self.quant_backend == "own")  # see [5]
+        if not isinstance(self.int8_head, bool):
+            raise ValueError(f"int8_head must be true or false, got {self.int8_head!r}")
+        if self.int8_head and self.quant_backend != "own":
+            why = "--simplified keeps float weights" if self.simplified else \
+                f"--quant_backend {self.quant_backend} does not build it"
+            raise ValueError(f"--int8_head needs --quant_backend own ({why}); drop --int8_head or give "
+                             "--no-int8_head")
         if self.activation is None:
             set_("activation", "keep")  # relu only when asked: without fine-tuning it breaks a pretrained LM
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -265,6 +282,8 @@ class ConvertOptions:
             raise ValueError(f"unknown conversion option(s) {unknown}; known: {', '.join(sorted(known))}")
         if "quant_backend" in d and "int8_rounding" not in d:  # saved before GPTQ and groups: nearest, per row
             d = dict(d, int8_rounding="nearest", int8_group_size=0)
+        if "quant_backend" in d and "int8_head" not in d:  # saved before the int8 head: the head stayed float
+            d = dict(d, int8_head=False)
         return cls(**d)
 
     @classmethod

@@ -206,7 +206,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
                 hessians = input_hessians(snn, find_linears(snn), batches)
         with step(f"8-bit weights ({opts.quant_backend}, {opts.int8_rounding})"):
             quantization = quantize_weights_(snn, opts.quant_backend, progress=progress,
-                                             group_size=opts.int8_group_size, hessians=hessians)
+                                             group_size=opts.int8_group_size, hessians=hessians,
+                                             head=opts.int8_head)
             del hessians
     with step("calibrate"):
         # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well

@@ -45,6 +45,7 @@ from torch import nn
 
 from calibration import Calibration, Int8Linear, SiteParams, prepare_int8_
 from calibration.artifact import PARAMS as SITE_PARAMS
+from calibration.int8_embedding import Int8Embedding, int8_head_info, prepare_int8_head_
 from spike_modules import iter_sites, set_mode
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.kv_cache import SpikeKVCache
@@ -82,10 +83,14 @@ def _quantization(model: nn.Module, summary: dict | None) -> dict:
     """``{"backend", "quantized_paths", "summary"}`` of ``model``'s 8-bit layers.
 
     Without a ``quantize_weights_`` summary, STAC's own :class:`Int8Linear` layers are found by
-    type; other backends' layers cannot be told apart reliably, so they need the summary."""
+    type (an int8 head with its :class:`Int8Embedding` goes under ``summary["int8_head"]``, not
+    ``quantized_paths``: it is rebuilt apart, tied); other backends' layers cannot be told apart
+    reliably, so they need the summary."""
     if summary is None:
-        own = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
-        others = [name for name, m in model.named_modules() if not isinstance(m, Int8Linear)
+        head = int8_head_info(model)
+        own = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)
+               and (head is None or name != head["head"])]
+        others = [name for name, m in model.named_modules() if not isinstance(m, (Int8Linear, Int8Embedding))
                   and isinstance(getattr(m, "weight", None), torch.Tensor)
                   and (m.weight.dtype == torch.int8 or type(m.weight) not in (nn.Parameter, torch.Tensor))]
         if others:
@@ -95,7 +100,8 @@ def _quantization(model: nn.Module, summary: dict | None) -> dict:
         if len(sizes) > 1:
             raise ValueError(f"the 8-bit layers use several group sizes {sorted(sizes)}; pass the summary "
                              "calibration.quantize_weights_ returned as quantization=")
-        summary = {"backend": "own" if own else "none", "paths": own, "group_size": sizes.pop() if sizes else 0}
+        summary = {"backend": "own" if own or head else "none", "paths": own, "group_size": sizes.pop() if sizes else 0,
+                   "int8_head": head}
     backend = summary.get("backend", "none")
     if backend not in SAVEABLE_INT8:
         raise ValueError(f"a model with {backend!r} 8-bit weights cannot be saved: loading rebuilds only "
@@ -171,6 +177,21 @@ class SpikingCausalLM:
             kwargs["past_key_values"] = SpikeKVCache(self)
         return super().generate(*args, **kwargs)
 
+    def tie_weights(self, *args, **kwargs):
+        """transformers' tying, except with an int8 head: its :class:`Int8Embedding` already reads the
+        head's table (tied by construction), and tying by name would put a float weight over it."""
+        if isinstance(self.get_input_embeddings(), Int8Embedding):
+            return None
+        return super().tie_weights(*args, **kwargs)
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """Refused with an int8 head/embedding (new rows would need new int8 scales and a new spiking
+        head calibration); otherwise transformers' own."""
+        if isinstance(self.get_input_embeddings(), Int8Embedding):
+            raise ValueError("this SNN has an int8 LM head and embedding, which cannot be resized: resize the float "
+                             "model's embeddings before conversion, or convert with --no-int8_head")
+        return super().resize_token_embeddings(*args, **kwargs)
+
 
 _CLASSES: dict[type, type] = {}
 
@@ -183,12 +204,29 @@ def _spiking_class(base: type) -> type:
     return _CLASSES[base]
 
 
+def _with_current_head(model: nn.Module, quantization: dict) -> dict:
+    """``quantization`` with its ``int8_head`` entry as the model has it now: the model is the source
+    of truth, and a head made int8 after ``from_converted_`` (``bench/int8_head.py`` does) must be
+    rebuilt on load, or the saved table would not fit the float shells."""
+    head, summary = int8_head_info(model), quantization.get("summary", {})
+    recorded = summary.get("int8_head")
+    if head is None:
+        return quantization if not recorded else {**quantization, "summary": {**summary, "int8_head": None}}
+    if recorded and all(recorded.get(k) == v for k, v in head.items()):
+        return quantization
+    if head["head"] in quantization["quantized_paths"]:
+        raise ValueError(f"{head['head']!r} is recorded as a block 8-bit layer and is the int8 head; pass the summary "
+                         "calibration.quantize_weights_ returned as quantization=")
+    return {**quantization, "backend": "own", "summary": {**summary, "backend": "own", "int8_head": head}}
+
+
 def conversion_record(model: SpikingCausalLM, files: dict[str, str]) -> dict:
     """``stac_conversion.json`` of ``model``: what it carries (source, options, 8-bit layers, ...),
     with mode, T and the converter and calibration configs taken from the model at save time."""
     calib = model.stac_calibration
     return {
         **model.stac_conversion,
+        "quantization": _with_current_head(model, model.stac_conversion["quantization"]),
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "architecture": model.stac_base_class.__name__,
         "mode": model.stac_conversion_config.mode, "timesteps": calib.config.T,
@@ -220,7 +258,8 @@ def write_pretrained(model: SpikingCausalLM, directory: str | Path, overwrite: b
         model.tokenizer.save_pretrained(str(tmp))
         hf = model.config.to_dict()
         hf["architectures"] = [model.stac_base_class.__name__]
-        hf["dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")  # what was saved
+        emb = model.get_input_embeddings()  # an int8 table computes in its scales' dtype
+        hf["dtype"] = str((emb.scale if isinstance(emb, Int8Embedding) else emb.weight).dtype).removeprefix("torch.")
         write_json(tmp / CONFIG_FILE, hf)
         if model.can_generate():
             model.generation_config.save_pretrained(str(tmp))
@@ -320,6 +359,7 @@ def _load(d: Path, device: str | torch.device) -> tuple[SpikingCausalLM, dict, d
         T, backend = int(conversion["timesteps"]), conversion["quantization"]["backend"]
         paths = list(conversion["quantization"]["quantized_paths"])
         group_size = int(conversion["quantization"].get("summary", {}).get("group_size") or 0)
+        head = conversion["quantization"].get("summary", {}).get("int8_head")  # absent before int8 heads
     except (KeyError, TypeError, ValueError) as e:
         where = CONFIG_FILE if legacy else f"{CONFIG_FILE} / {CONVERSION_FILE}"
         raise ValueError(f"{bad}: {where} does not describe a model ({type(e).__name__}: {e})") from None
@@ -330,6 +370,13 @@ def _load(d: Path, device: str | torch.device) -> tuple[SpikingCausalLM, dict, d
             raise ValueError(f"{bad}: 8-bit backend {backend!r} cannot be rebuilt; saveable: {SAVEABLE_INT8}")
         # one scale per row (group_size 0) is prepare_int8's default; groups are passed only when used
         prepare_int8_(model, paths, backend, **({"group_size": group_size} if group_size else {}))
+    if head:
+        if backend != "own":
+            raise ValueError(f"{bad}: an int8 head is built by the 'own' backend only; this directory says {backend!r}")
+        try:
+            prepare_int8_head_(model, head)
+        except ValueError as e:
+            raise ValueError(f"{bad}: {e}") from None
     try:
         load_model(model, str(d / WEIGHTS_FILE), strict=True)
     except (RuntimeError, SafetensorError) as e:
