@@ -46,22 +46,38 @@ from transformers.pytorch_utils import Conv1D
 MAX_ROW_TOKENS = 4  # beyond this many tokens per call, the dense product (a GEMM) is faster
 FLOAT_MAX_SHARE = 0.3  # float layers: the row kernel above this share of nonzero inputs is slower than dense
 SPLIT_BYTES = 8 << 20  # int8 tables larger than this are read by all threads (one bag per thread and token)
+FIND_COST_BYTES = 64 << 10  # looking for the nonzero inputs costs about as long as reading this many weight bytes
+RECHECK_CALLS = 32  # a layer that reads every row looks at its share of zeros again every this many calls
 _TABLE = "_row_table"
 _KEY = "_row_table_key"
 # the 8 bytes closing each packed row: float32 scale 1.0 and offset -128.0, so a stored byte b reads as b - 128
 _SCALE_OFFSET = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)
 
 
+def _int8_parts(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(weight_int8, scale)`` of an int8 layer, else None. Int8Linear keeps both as buffers: read
+    from ``_buffers`` first, a dict lookup where ``hasattr`` goes through ``Module.__getattr__`` (a
+    decoding step makes a few hundred calls)."""
+    b = linear._buffers
+    q, scale = b.get("weight_int8"), b.get("scale")
+    if q is None or scale is None:
+        if not (hasattr(linear, "weight_int8") and hasattr(linear, "scale")):
+            return None
+        q, scale = linear.weight_int8, linear.scale
+    return q, scale
+
+
 def _is_int8(linear: nn.Module) -> bool:
-    return hasattr(linear, "weight_int8") and hasattr(linear, "scale")
+    return _int8_parts(linear) is not None
 
 
 def row_readable(linear: nn.Module) -> bool:
     """Whether :func:`row_linear` can read ``linear`` by rows: STAC's int8 layer, a float32
     ``nn.Linear`` with a plain weight, or ``Conv1D``. Not bitsandbytes' or torchao's layers (an
     ``nn.Linear`` whose weight is int8 or a tensor subclass): those always run dense."""
-    if _is_int8(linear):
-        return linear.weight_int8.dtype == torch.int8 and linear.weight_int8.dim() == 2
+    parts = _int8_parts(linear)
+    if parts is not None:
+        return parts[0].dtype == torch.int8 and parts[0].dim() == 2
     if isinstance(linear, Conv1D):
         return linear.weight.dtype == torch.float32
     return (isinstance(linear, nn.Linear) and type(linear.weight) in (nn.Parameter, torch.Tensor)
@@ -83,13 +99,14 @@ def _build(linear: nn.Module, w: torch.Tensor) -> torch.Tensor:
         return w.detach().t().contiguous()  # nn.Linear: [out, in] -> [in, out]
 
 
-def row_table(linear: nn.Module) -> torch.Tensor:
-    """``linear``'s weight as an ``[in, out]`` table (packed uint8 for int8 layers), built on first
-    use and kept until the weight changes. ``Conv1D``'s weight already is one."""
-    w = _weight(linear)
+def row_table(linear: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear``'s weight (``w``, if the caller has it at hand) as an ``[in, out]`` table (packed
+    uint8 for int8 layers), built on first use and kept until the weight changes. ``Conv1D``'s weight
+    already is one."""
+    w = _weight(linear) if w is None else w
     if isinstance(linear, Conv1D):
         return w.detach()
-    key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(w.shape), w.dtype)
+    key = (w.data_ptr(), None if w.is_inference() else w._version, w.shape, w.dtype)
     d = linear.__dict__
     if d.get(_KEY) != key:
         d[_TABLE], d[_KEY] = _build(linear, w), key
@@ -120,13 +137,11 @@ def _bags(flat: torch.Tensor, span: int, parts: int, all_rows: bool):
     n, width = flat.shape
     dev = flat.device
     if all_rows:
-        idx = torch.arange(width, device=dev).repeat(n)
-        starts = torch.arange(parts, device=dev) * span
-        offsets = (starts[None] + width * torch.arange(n, device=dev)[:, None]).reshape(-1)
+        idx, offsets = _every_row(dev, n, width, span, parts)
         return idx, flat.reshape(-1), offsets
     if n == 1 and parts == 1:
         idx = flat[0].nonzero().squeeze(1)
-        return idx, flat[0].index_select(0, idx), _zero_offset(dev)
+        return idx, flat[0].index_select(0, idx), _every_row(dev, 1, width, span, 1)[1]
     nz = flat.nonzero()
     idx = nz[:, 1]
     vals = flat[nz[:, 0], idx]
@@ -135,15 +150,39 @@ def _bags(flat: torch.Tensor, span: int, parts: int, all_rows: bool):
     return idx, vals, counts.cumsum(0) - counts
 
 
-_OFFSETS: dict = {}
+_EVERY_ROW: dict = {}
 
 
-def _zero_offset(device: torch.device) -> torch.Tensor:
-    """The offsets of one bag, made once per device (read only)."""
-    t = _OFFSETS.get(device)
-    if t is None:
-        t = _OFFSETS[device] = torch.zeros(1, dtype=torch.long, device=device)
-    return t
+def _every_row(device: torch.device, n: int, width: int, span: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, offsets)`` of every row of ``n`` tokens in ``parts`` bags of ``span`` columns each,
+    made once per shape and device (read only): a decoding step makes a few hundred calls."""
+    key = (device, n, width, span, parts)
+    got = _EVERY_ROW.get(key)
+    if got is None:
+        idx = torch.arange(width, device=device).repeat(n)
+        starts = torch.arange(parts, device=device) * span
+        offsets = (starts[None] + width * torch.arange(n, device=device)[:, None]).reshape(-1)
+        got = _EVERY_ROW[key] = (idx, offsets)
+    return got
+
+
+def _skip_zeros(linear: nn.Module, width: int, out: int) -> bool:
+    """Whether this call of an int8 layer looks for the inputs that fired, or reads every row.
+
+    The two give the same bits (rows are added in ascending order either way, and a zero input adds
+    nothing), so this is a choice of speed alone. Finding the nonzero inputs costs a few kernel calls,
+    about the time it takes to read :data:`FIND_COST_BYTES` of weights; it pays when the rows it skips
+    weigh more. The share of zeros is measured on the calls that look (every call while looking pays,
+    and every :data:`RECHECK_CALLS`-th call otherwise, so a layer whose inputs become sparser is seen).
+    """
+    d = linear.__dict__
+    calls = d.get("_row_calls", 0)
+    d["_row_calls"] = calls + 1
+    return d.get("_row_skip", True) or calls % RECHECK_CALLS == 0
+
+
+def _note_zeros(linear: nn.Module, found: int, n: int, width: int, out: int) -> None:
+    linear.__dict__["_row_skip"] = (n * width - found) * out > FIND_COST_BYTES
 
 
 def _split(width: int, out: int) -> int:
@@ -163,10 +202,13 @@ def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> to
     width = x.shape[-1] if x.dim() else 0
     n = x.numel() // width if width else 0
     if (not n or n > MAX_ROW_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu"
-            or not row_readable(linear) or _needs_grad(linear, x)):
+            or _needs_grad(linear, x)):
+        return linear(x)
+    int8 = _int8_parts(linear)
+    if int8 is None and not row_readable(linear):  # an int8 layer is checked below, from what is at hand
         return linear(x)
     flat = x.reshape(n, width)
-    if not _is_int8(linear):
+    if int8 is None:
         idx, vals, offsets = _bags(flat, width, 1, all_rows)
         if idx.numel() > FLOAT_MAX_SHARE * flat.numel():  # before the table: a dense-only layer keeps no copy
             return linear(x)
@@ -174,12 +216,19 @@ def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> to
         if linear.bias is not None:
             y = y + linear.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    scale, bias = linear.scale, linear.bias
+    q, scale = int8
+    if q.dtype != torch.int8 or q.dim() != 2:
+        return linear(x)
+    bias = linear.bias
     grouped = scale.dim() == 2
     span = (getattr(linear, "group_size", 0) or width) if grouped else _split(width, scale.shape[0])
     parts = -(-width // span)
-    idx, vals, offsets = _bags(flat, span, parts, all_rows)
-    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(row_table(linear), idx, offsets, False, 0, False,
+    out = scale.shape[0]
+    look = not all_rows and _skip_zeros(linear, width, out)
+    idx, vals, offsets = _bags(flat, span, parts, not look)
+    if look:
+        _note_zeros(linear, idx.numel(), n, width, out)
+    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(row_table(linear, q), idx, offsets, False, 0, False,
                                                                vals, None, False)
     if grouped:  # [n * groups, out] partial sums, each group scaled by its own [out] scale
         y = (y.view(n, parts, -1) * scale.t()).sum(1)

@@ -136,7 +136,7 @@ def test_spike_linear_row_sparse_gives_the_dense_logits_and_tokens(snn, monkeypa
     x = data(n=1, seq=10, seed=3)
     assert all(m.row_sparse for m in snn.modules() if isinstance(m, SpikeLinear))
     calls = []
-    monkeypatch.setattr(row_sparse, "row_table", lambda m, f=row_sparse.row_table: calls.append(m) or f(m))
+    monkeypatch.setattr(row_sparse, "row_table", lambda m, w=None, f=row_sparse.row_table: calls.append(m) or f(m, w))
     with torch.no_grad():
         pre = snn(x[:, :-1], use_cache=True)
         rows = snn(x[:, -1:], past_key_values=pre.past_key_values, use_cache=True).logits
@@ -187,3 +187,16 @@ def test_bench_decode_runs_end_to_end(tmp_path):
     assert saved["new_tokens"] == 4 and set(saved["results"]) == {"snn_row_sparse", "snn_dense", "ann_fp32",
                                                                    "ann_int8_own"}
     assert result["snn_over_ann_fp32"] > 0 and 0 <= saved["row_sparse_tokens_equal_dense_share"] <= 1
+
+
+def test_an_int8_layer_looks_for_zeros_only_where_skipping_them_pays(monkeypatch):
+    monkeypatch.setattr(row_sparse, "FIND_COST_BYTES", 100)
+    layer = Int8Linear.from_linear(int_linear(24, 10, True))
+    with torch.no_grad():
+        row_linear(layer, sparse_ints((1, 1, 24), 1.0))  # nothing to skip: reads every row from now on
+        assert layer.__dict__["_row_skip"] is False
+        sparse = sparse_ints((1, 1, 24), 0.1)
+        torch.testing.assert_close(row_linear(layer, sparse), layer(sparse), rtol=1e-6, atol=0)
+        for _ in range(row_sparse.RECHECK_CALLS):  # a periodic look sees the sparser input
+            row_linear(layer, sparse)
+        assert layer.__dict__["_row_skip"] is True
