@@ -9,7 +9,8 @@ is followed by exactly ``--new_tokens`` greedy tokens (``min_new_tokens = max_ne
 - ``snn_dense``: the same SNN with ``set_row_sparse(False)`` (dense products), to show the gain;
 - ``ann_fp32``: the source model (``load_checked_source``);
 - ``ann_int8_own``: the source model with every block linear layer as STAC's ``Int8Linear`` (the head
-  float, as in the SNN), run through the same row kernel with every row (``RowReadLinear``);
+  too where the SNN's is, ``int8_head``), run through the same row kernel with every row
+  (``RowReadLinear``);
 - ``ann_int8_torchao``: torchao's int8 weight-only layers on the same block layers, where torchao runs.
 
 Each repeat runs every candidate once, interleaved (``bench/timing.py``), and the medians are kept.
@@ -50,10 +51,11 @@ def prompt_ids(tok, config: dict, n: int) -> torch.Tensor:
     return ids[None]
 
 
-def int8_own(ann: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``ann`` with STAC's own int8 block layers, each read by the row kernel (all rows)."""
+def int8_own(ann: torch.nn.Module, head: bool = False) -> torch.nn.Module:
+    """A copy of ``ann`` with STAC's own int8 block layers (and head, with ``head``: as the SNN was
+    converted, so that both read the same bytes), each read by the row kernel (all rows)."""
     model = copy.deepcopy(ann)
-    quantize_weights_(model, "own", progress=False)
+    quantize_weights_(model, "own", progress=False, head=head)
     read_by_rows_(model, Int8Linear)
     return model
 
@@ -95,8 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     ann = load_checked_source(config)
     ids = prompt_ids(tok, config, args.prompt_tokens)
     mask = torch.ones_like(ids)
+    int8_head = bool(config["options"].get("int8_head", False))
     models = {"snn_row_sparse": (snn, True), "snn_dense": (snn, False), "ann_fp32": (ann, None),
-              "ann_int8_own": (int8_own(ann), None)}
+              "ann_int8_own": (int8_own(ann, int8_head), None)}
     torchao_model, torchao_note = (None, "left out (--no_torchao)") if args.no_torchao else int8_torchao(ann)
     if torchao_model is not None:
         models["ann_int8_torchao"] = (torchao_model, None)
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "row_sparse_gain": _ratio(dec, "snn_row_sparse", "snn_dense")},
         "row_sparse_tokens_equal_dense_share": equal,
         "row_sparse_first_differing_token": int(first_diff[0, 0]) if first_diff.numel() else None,
-        "torchao": torchao_note,
+        "torchao": torchao_note, "int8_head": int8_head,
         "machine": machine_info(torch.device("cpu")),
     }
     write_json(Path(out), result)
