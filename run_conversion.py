@@ -85,6 +85,10 @@ def build_parser() -> Parser:
     flag(g, "int8_head", action=argparse.BooleanOptionalAction,
          help="the LM head and input embeddings in int8 as well, one table when tied (default: on with "
               "--quant_backend own; --no-int8_head keeps them float32)")
+    flag(g, "silence_budget", type=float, metavar="KL",
+         help="dead zones: the most mean KL divergence (nats per token) silent channels may add to the SNN's "
+              "next-token distribution on held calibration windows; the silence is spread over the sites for the "
+              "most weight bytes left unread (default 0.015 with weighted coding; 0: none; rate coding: refused)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_text", choices=("calib", "replies"), help="what the distillation reads: calib (the calibration "
          "text, default) or replies (the ANN's greedy chat replies to chit-chat openings calibration reads)")

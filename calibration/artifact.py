@@ -22,7 +22,7 @@ from .thresholds import check_rule
 FORMAT_VERSION = 2
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
-PARAMS = ("theta", "psi", "phi", "burst")
+PARAMS = ("theta", "psi", "phi", "burst", "dead")  # dead: zeros in files saved before dead zones
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,13 @@ class SiteParams:
     phi: torch.Tensor
     signed: bool
     burst: torch.Tensor | None = None  # per-channel cap; None means 1 everywhere
+    dead: torch.Tensor | None = None   # per-channel dead zone in counts; None means none (0 everywhere)
 
     def __post_init__(self):
         if self.burst is None:
             self.burst = torch.ones_like(self.theta)
+        if self.dead is None:
+            self.dead = torch.zeros_like(self.theta)
 
     @property
     def channels(self) -> int:
@@ -136,7 +139,7 @@ class Calibration:
         self.check_against(model)
         for name, site in iter_sites(model):
             p = self.sites[name]
-            site.set_params(p.theta, p.psi, p.phi, p.burst)
+            site.set_params(p.theta, p.psi, p.phi, p.burst, p.dead)
             site.T = self.config.T
 
     def write_files(self, directory: str | Path) -> None:
@@ -187,18 +190,23 @@ class Calibration:
         except (SafetensorError, KeyError, TypeError) as e:
             raise ValueError(f"{bad}: {e}") from None
         expected = {f"{n}.{k}" for n in declared for k in PARAMS}
+        if not any(k.endswith(".dead") for k in tensors):  # saved before dead zones: none
+            tensors.update({f"{n}.dead": torch.zeros_like(tensors[f"{n}.theta"]) for n in declared
+                            if f"{n}.theta" in tensors})
         if set(tensors) != expected:
             raise ValueError(f"{bad}: tensors {sorted(set(tensors) ^ expected)[:6]} missing or unexpected")
         sites = {}
         for name, d in declared.items():
             p = SiteParams(*(tensors[f"{name}.{k}"] for k in PARAMS[:3]), signed=bool(d["signed"]),
-                           burst=tensors[f"{name}.burst"])
+                           burst=tensors[f"{name}.burst"], dead=tensors[f"{name}.dead"])
             if any(getattr(p, k).shape != (d["channels"],) for k in PARAMS):
                 raise ValueError(f"{bad}: site {name!r} tensors are not all of shape [{d['channels']}]")
             if not bool((p.theta > 0).all()) or not all(bool(torch.isfinite(getattr(p, k)).all()) for k in PARAMS):
                 raise ValueError(f"{bad}: site {name!r} has non-finite or non-positive thresholds")
             if not bool(((p.burst >= 1) & (p.burst == torch.floor(p.burst))).all()):
                 raise ValueError(f"{bad}: site {name!r} has burst caps that are not whole numbers >= 1")
+            if not bool((p.dead >= 0).all()):
+                raise ValueError(f"{bad}: site {name!r} has a negative dead zone")
             sites[name] = p
         return cls(config, sites, meta.get("model_id", ""), meta.get("stats", {}))
 

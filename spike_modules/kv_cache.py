@@ -49,8 +49,43 @@ def _encode(site, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(B, S, h, D).transpose(1, 2)
 
 
+COUNT_DTYPES = (torch.int8, torch.int16, torch.int32)  # the narrowest that holds every count is used
+
+
+def _counted(module: nn.Module) -> tuple | None:
+    """The k and v sites of ``module`` when both emit whole counts (parallel or quant mode), else None."""
+    k_site, v_site = getattr(module, "k_site", None), getattr(module, "v_site", None)
+    if k_site is None or v_site is None or {k_site.mode, v_site.mode} - {SiteMode.PARALLEL, SiteMode.QUANT}:
+        return None
+    return k_site, v_site
+
+
+def _step(site, like: torch.Tensor) -> torch.Tensor:
+    """``[1, heads, 1, D]``: the site's step ``theta / L`` per (head, dim), as the site decodes."""
+    return (site.theta.detach() / site.levels).to(like.dtype).view(1, like.shape[1], 1, like.shape[-1])
+
+
+def _as_counts(y: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
+    """The whole counts ``c`` with ``c * step == y`` bit for bit (as the site decoded them), or None."""
+    c = torch.round(y / step)
+    return c if torch.equal(c * step, y) else None
+
+
+def _width(c: torch.Tensor | None) -> torch.dtype | None:
+    if c is None or c.numel() == 0:
+        return COUNT_DTYPES[0] if c is not None else None
+    top = float(c.abs().max())
+    return next((d for d in COUNT_DTYPES if top <= torch.iinfo(d).max), None)
+
+
 class SpikeKVCache(DynamicCache):
     """A :class:`transformers.DynamicCache` whose entries are the sites' decoded keys and values.
+
+    Where a layer's k and v sites emit whole counts (parallel or quant mode), the cache stores the
+    counts at the narrowest integer width that holds all of them (int8 while no count passes 127,
+    then int16, int32), and decodes them with the sites' steps when attention reads them: the same
+    values bit for bit, at a quarter of float32's bytes. A count that is not exact in the decode
+    (or a site in ANN mode) keeps that layer in float.
 
     Args:
         model: the converted model the cache belongs to (its attention layers give the sites).
@@ -58,8 +93,11 @@ class SpikeKVCache(DynamicCache):
     """
 
     def __init__(self, model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
-        super().__init__(ddp_cache_data=data)
+        super().__init__()
         self._attn = attention_layers(model)
+        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        for idx, (k, v) in enumerate(data or []):
+            self._store(idx, k, v, self._attn.get(idx))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         module = self._attn.get(layer_idx)
@@ -68,8 +106,60 @@ class SpikeKVCache(DynamicCache):
         key_states = _encode(getattr(module, "k_site", None), key_states)
         value_states = _encode(getattr(module, "v_site", None), value_states)
         setattr(module, ENCODED_FLAG, True)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return self._store(layer_idx, key_states, value_states, module)
+
+    def _store(self, idx: int, k: torch.Tensor, v: torch.Tensor, module: nn.Module | None):
+        """Append decoded ``k``, ``v`` to layer ``idx`` (as counts where exact); return the layer's decoded keys, values."""
+        sites = _counted(module) if module is not None else None
+        steps = (_step(sites[0], k), _step(sites[1], v)) if sites is not None else None
+        if idx in self._steps and self._steps[idx] is None:
+            steps = None  # a layer kept in float stays in float
+        kc = vc = None
+        if steps is not None:
+            kc, vc = _as_counts(k, steps[0]), _as_counts(v, steps[1])
+        widths = [_width(kc), _width(vc)]
+        layer = self.layers[idx] if idx < len(self.layers) else None
+        held = layer.keys.dtype if layer is not None and getattr(layer, "is_initialized", False) else None
+        if held is not None and not held.is_floating_point:
+            widths.append(held)
+        if steps is None or None in widths:
+            if idx in self._steps and self._steps[idx] is not None and layer is not None:
+                layer.keys, layer.values = self._decoded(idx, layer.keys, layer.values, k.dtype)
+            self._steps[idx] = None
+            keys, values = super().update(k, v, idx)
+            return keys, values
+        dtype = max(widths, key=COUNT_DTYPES.index)
+        if held is not None and held != dtype:
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+            layer.dtype = dtype
+        self._steps[idx] = steps
+        keys, values = super().update(kc.to(dtype), vc.to(dtype), idx)
+        return self._decoded(idx, keys, values, k.dtype)
+
+    def _decoded(self, idx: int, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None):
+        steps = self._steps.get(idx)
+        if steps is None or keys.is_floating_point():
+            return keys, values
+        return keys.to(dtype or steps[0].dtype) * steps[0], values.to(dtype or steps[1].dtype) * steps[1]
 
     def layer_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``[(keys, values)]`` per layer, each ``[B, kv_heads, L, D]``."""
-        return [(layer.keys, layer.values) for layer in self.layers]
+        """``[(keys, values)]`` per layer, decoded, each ``[B, kv_heads, L, D]``."""
+        return [self._decoded(i, layer.keys, layer.values) for i, layer in enumerate(self.layers)]
+
+    def stored_bytes_per_element(self) -> float:
+        """Mean bytes one cached key or value element takes as stored (1 for int8 counts, 4 for float32)."""
+        size = count = 0
+        for layer in self.layers:
+            for t in (layer.keys, layer.values):
+                size += t.numel() * t.element_size()
+                count += t.numel()
+        return size / count if count else float("nan")
+
+
+@torch.no_grad()
+def stored_bytes_per_element(model: nn.Module, ids: torch.Tensor) -> float:
+    """Bytes per cached key or value element a :class:`SpikeKVCache` of ``model`` holds after a prefill of
+    ``ids`` ``[1, S]`` (the widths its counts need on that text)."""
+    cache = SpikeKVCache(model)
+    model(ids, past_key_values=cache, use_cache=True)
+    return cache.stored_bytes_per_element()

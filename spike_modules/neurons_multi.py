@@ -109,6 +109,8 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
         window, so each spiking layer adds one window of latency):
         :math:`q = L \cdot \frac{1}{T}\sum_t X[t]/\theta + init\_mem`, :math:`r = \lfloor q \rfloor`
         (:math:`\max(r, 0)` for an unsigned neuron);
+        a dead zone ``dead`` (per channel, from the site) silences the window: :math:`r = 0` where
+        :math:`|r| <` ``dead``;
         fire, :math:`k = 0 .. T-1`: :math:`n_k = \lceil (|r| - B (w_k - 1)) / w_k \rceil`;
         :math:`|S[k]| = \min(B, n_k)` if :math:`n_k > 0`, else 1 if :math:`|r| > \lfloor 2 w_k / 3 \rfloor`,
         else 0; :math:`S[k]` takes the sign of :math:`r`; :math:`r \leftarrow r - w_k S[k]`.
@@ -129,6 +131,7 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
         self.signed = bool(signed)
         self.register_buffer("th", as_threshold(th))
         self.register_buffer("burst", as_burst(burst))
+        self.dead: torch.Tensor | None = None  # dead zone in counts, set by its site: |r| below it fires nothing
         self._init_stats()
 
     @property
@@ -140,6 +143,8 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
         r = torch.floor(u_seq.mean(0) * self.levels + self.init_mem)
         if not self.signed:
             r = r.clamp(min=0)
+        if self.dead is not None:  # the whole window is integrated first, so the count is known before firing
+            r = r.masked_fill(r.abs() < self.dead, 0.0)
         digits = torch.stack(signed_digits(r, self.T, self._b))
         self.v = r - (digits * step_weights(self.T, r)).sum(0)  # what the window could not fire (clamped)
         return digits

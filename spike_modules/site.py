@@ -69,6 +69,9 @@ class DAQCFSSite(nn.Module):
         self.psi = nn.Parameter(torch.zeros(num_channels), requires_grad=False)
         self.phi = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.burst = nn.Parameter(torch.ones(num_channels), requires_grad=False)
+        # dead zone (counts): a channel whose count is smaller in magnitude stays silent for the token
+        self.dead = nn.Parameter(torch.zeros(num_channels), requires_grad=False)
+        self._register_load_state_dict_pre_hook(_no_dead_zone_saved)
         self.parallel = ParaInfNeuron(T, 1.0, init_mem, signed=self.signed, coding=coding)
         self.parallel.keep_counts = False  # a copy per call, and the counts of every site held at once
         # the sequential neurons come from the registry (spike_modules.neuron_registry): one for
@@ -114,13 +117,19 @@ class DAQCFSSite(nn.Module):
             raise ValueError(f"site {self.name!r}: unknown mode {mode!r}; allowed: {allowed}") from None
 
     def set_params(self, theta: torch.Tensor | float, psi: torch.Tensor | float = 0.0,
-                   phi: torch.Tensor | float = 1.0, burst: torch.Tensor | float = 1.0) -> None:
-        """Set per-channel parameters (scalars broadcast); raises ``ValueError`` on bad shapes or values."""
+                   phi: torch.Tensor | float = 1.0, burst: torch.Tensor | float = 1.0,
+                   dead: torch.Tensor | float = 0.0) -> None:
+        """Set per-channel parameters (scalars broadcast); raises ``ValueError`` on bad shapes or values.
+
+        ``dead``: the dead zone in counts (levels), >= 0: a channel whose count ``n`` has ``|n| < dead``
+        emits no spike in the token (0 everywhere: no dead zone). Only weighted coding's neurons know
+        their count before they fire, so only weighted sites take one."""
         H = self.num_channels
         theta = as_threshold(theta, f"site {self.name!r} theta")
         values = {"theta": theta, "psi": torch.as_tensor(psi, dtype=torch.float32),
                   "phi": torch.as_tensor(phi, dtype=torch.float32),
-                  "burst": as_burst(burst, f"site {self.name!r} burst")}
+                  "burst": as_burst(burst, f"site {self.name!r} burst"),
+                  "dead": torch.as_tensor(dead, dtype=torch.float32)}
         for key, v in values.items():
             if v.dim() > 1 or (v.dim() == 1 and v.numel() != H):
                 raise ValueError(f"site {self.name!r}: {key} must be a scalar or have {H} channels, "
@@ -129,6 +138,11 @@ class DAQCFSSite(nn.Module):
                 raise ValueError(f"site {self.name!r}: {key} has non-finite values")
         if bool((values["phi"] <= 0).any()):
             raise ValueError(f"site {self.name!r}: phi must be > 0 (it scales the input)")
+        if bool((values["dead"] < 0).any()):
+            raise ValueError(f"site {self.name!r}: dead is a dead zone in counts and must be >= 0")
+        if bool((values["dead"] > 0).any()) and self.coding != "weighted":
+            raise ValueError(f"site {self.name!r}: a dead zone needs weighted coding (its neurons integrate the whole "
+                             f"window before they fire, so they know their count); this site codes {self.coding}")
         with torch.no_grad():
             for key, v in values.items():
                 getattr(self, key).copy_(v.to(self.theta.device).expand(H))
@@ -151,14 +165,16 @@ class DAQCFSSite(nn.Module):
         While distillation parametrises theta or psi they are computed afresh."""
         p = self._parameters
         if "theta" not in p or "psi" not in p:
+            self.__dict__["_dead_cache"] = _dead_or_none(self.dead)
             return self._fused_values()
-        params = (p["theta"], p["psi"], p["phi"], p["burst"])
+        params = (p["theta"], p["psi"], p["phi"], p["burst"], p["dead"])
         key = (self._T, *(t.data_ptr() for t in params))
         d = self.__dict__
         snap = d.get("_fused_snap")
         if d.get("_fused_key") != key or snap is None or not all(map(torch.equal, params, snap)):
             d["_fused_cache"], d["_fused_key"] = self._fused_values(), key
             d["_fused_snap"] = tuple(t.detach().clone() for t in params)
+            d["_dead_cache"] = _dead_or_none(p["dead"])
         return d["_fused_cache"]
 
     def _fused_values(self) -> tuple:
@@ -187,13 +203,21 @@ class DAQCFSSite(nn.Module):
             return x
         if mode is SiteMode.SEQUENTIAL:
             attr = self._sequential_attr()
-            return self._kinds[attr](getattr(self, attr), self._mapped(x), self.theta, self.burst)
+            neuron = getattr(self, attr)
+            self._fused()
+            dead = self.__dict__["_dead_cache"]
+            if dead is not None or hasattr(neuron, "dead"):
+                if not hasattr(neuron, "dead"):
+                    raise ValueError(f"site {self.name!r}: {type(neuron).__name__} fires before it knows its count, so "
+                                     "it cannot keep a dead zone; dead zones need weighted coding")
+                neuron.dead = dead
+            return self._kinds[attr](neuron, self._mapped(x), self.theta, self.burst)
         if torch.is_grad_enabled() and (x.requires_grad or self._trains()):
             return self._forward_grad(x)
         # inference (quant and parallel alike, so they agree bit for bit): one fused multiply-add,
         # floor and clamp in place, one multiply to decode; statistics deferred (SpikeStats)
         scale, shift, step, lo, hi = self._fused()
-        c = self._counts(x, scale, shift, lo, hi)
+        c = self._silence(self._counts(x, scale, shift, lo, hi))
         if mode is SiteMode.QUANT:
             return c.mul_(step)
         if self.count_spikes:
@@ -207,12 +231,20 @@ class DAQCFSSite(nn.Module):
             return c.clamp_(lo, hi)
         return torch.maximum(torch.minimum(c, hi, out=c), lo, out=c)
 
+    def _silence(self, c: torch.Tensor) -> torch.Tensor:
+        """``c`` with the counts inside the dead zone set to 0 (in place when ``c`` needs no gradient)."""
+        dead = self.__dict__.get("_dead_cache")
+        if dead is None:
+            return c
+        quiet = c.detach().abs() < dead
+        return c.masked_fill_(quiet, 0.0) if not c.requires_grad else c.masked_fill(quiet, 0.0)
+
     @torch.no_grad()
     def parallel_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(counts, step)``: the signed spike counts parallel mode gives for ``x`` (decoded value
         ``counts * step``), whatever the site's mode, without observers or spike statistics."""
         scale, shift, step, lo, hi = self._fused()
-        return self._counts(x, scale, shift, lo, hi), step
+        return self._silence(self._counts(x, scale, shift, lo, hi)), step
 
     def _forward_grad(self, x: torch.Tensor) -> torch.Tensor:
         # the same operations as the inference path, on tensors that carry gradients; quant mode
@@ -221,6 +253,8 @@ class DAQCFSSite(nn.Module):
         quant = self._mode is SiteMode.QUANT
         c = levels(torch.addcmul(shift, x, scale), self._L, self.signed, ste=quant, burst=self._burst(),
                    surrogate=self.surrogate if quant else None)
+        self._fused()
+        c = self._silence(c)
         if not quant:
             hi = self._fused()[4]
             self.parallel.record(c, hi)
@@ -280,6 +314,24 @@ class DAQCFSSite(nn.Module):
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, channels={self.num_channels}, T={self._T}, signed={self.signed}, "
                 f"mode={self._mode.value}, max_burst={float(self.burst.max()):g}, coding={self.coding}")
+
+
+def _dead_or_none(dead: torch.Tensor) -> torch.Tensor | None:
+    """A copy of the dead zone, or None when no channel has one (the common case costs nothing)."""
+    return dead.detach().clone() if bool((dead > 0).any()) else None
+
+
+def _no_dead_zone_saved(state_dict, prefix, *args) -> None:
+    """Models saved before dead zones have no ``dead`` tensor: they had none (zeros)."""
+    key = prefix + "dead"
+    theta = state_dict.get(prefix + "theta")
+    if key not in state_dict and theta is not None:
+        state_dict[key] = torch.zeros_like(theta)
+
+
+def silent_channels(site: DAQCFSSite) -> int:
+    """Channels of ``site`` with a dead zone."""
+    return int((site.dead > 0).sum())
 
 
 def iter_sites(model: nn.Module) -> Iterator[tuple[str, DAQCFSSite]]:

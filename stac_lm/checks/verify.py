@@ -29,6 +29,9 @@ from . import gates
 from .hooks import site_hooks
 from .sequential import SEQUENTIAL_TOKENS, sequential_section
 from spike_modules.energy import counting, energy_summary, group_name, memory_traffic, site_neurons, site_spikes
+from spike_modules.energy_profile import silence_by_group, silence_per_token, token_profile
+from spike_modules.energy_total import energy_total
+from spike_modules.kv_cache import stored_bytes_per_element
 from stac_lm.convert.options import EVAL_WINDOW
 from stac_common.runtime import machine_info
 
@@ -161,6 +164,9 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
         hi = burst * L
         c = torch.floor(x.detach().float() * (L / p.theta.to(x.device)) + site.init_mem)
         c = torch.minimum(torch.maximum(c, -hi if site.signed else torch.zeros_like(hi)), hi).abs()
+        if bool((site.dead > 0).any()):  # what the site's dead zones silenced stays silent in the prediction
+            own, _ = site.parallel_counts(x.detach())
+            c = c.masked_fill((own == 0) & (site.dead.detach().to(c.device) > 0), 0.0)
         if site.coding == "weighted":  # what a count costs in spikes in the site's coding
             c = weighted_spikes(c, site.T, burst)
         spikes[name][0] += float(c.sum(dtype=torch.float64))
@@ -188,6 +194,16 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
             "prediction": f"rule {calib.rule!r} (percentile {calib.percentile}, max_burst {calib.max_burst}, "
                           f"burst_budget {calib.burst_budget}) fitted on these {int(ids.shape[1])} tokens' "
                           "site inputs, psi = 0, phi = 1"}
+
+
+def total_energy_section(snn: nn.Module, counts, probe_ids: torch.Tensor) -> dict:
+    """Total energy per token against the three ANN baselines (docs/design.md section 5), from the pass
+    ``counts`` counted, with how silent the channels were per layer group and, on ``probe_ids``, per token."""
+    profile = token_profile(snn, counts, context=(EVAL_WINDOW - 1) / 2, prefill_tokens=EVAL_WINDOW,
+                            kv_bytes=stored_bytes_per_element(snn, probe_ids))
+    section = energy_total(profile)
+    section["silence"] = {"per_group": silence_by_group(snn), "per_token": silence_per_token(snn, probe_ids)}
+    return section
 
 
 def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *, T: int, activation: str,
@@ -233,6 +249,7 @@ def verify(ann: nn.Module, snn: nn.Module, tokenizer, eval_ids: torch.Tensor, *,
     energy = energy_summary(ann_counts, snn_counts, snn)
     energy["memory_traffic"] = memory_traffic(ann, snn, snn_counts, mean_context=(EVAL_WINDOW - 1) / 2)
     report.update(energy=energy, coverage=energy["coverage"], energy_ratio=energy["energy_ratio"])
+    report["energy_total"] = total_energy_section(snn, snn_counts, ids[:PROBE_TOKENS][None])
     checks.append(_check("op counts consistent", energy["op_counts_consistent"],
                          f"ANN MACs {energy['ann_macs']:,} vs SNN dense + spike-driven "
                          f"{energy['snn_dense_macs'] + energy['snn_spike_driven_macs']:,}"))

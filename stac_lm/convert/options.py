@@ -18,6 +18,7 @@ quant_backend      own                    none (int8 is refused)
 int8_rounding      nearest [4]            -
 int8_group_size    0 (a scale per row)    -
 int8_head          on (own backend) [5]   - (refused)
+silence_budget     0.015 (weighted) [6]   0 (rate coding refuses dead zones)
 activation         keep                   keep [3]
 calib_tokens       8192                   2048
 =================  =====================  ==============
@@ -49,6 +50,11 @@ it int8), and the head is read for every decoded token. Put on the saved float-h
 kept), perplexity ratio 1.0085 against 1.0068, top-1 agreement 0.942 against 0.943 on The Tempest
 (``docs/int8_head_check.json``). Off with other backends (refused: only ``own`` builds it). Options
 saved before this option existed read back as off, which is what those runs did.
+[6] Dead zones (``calibration.silence``): per site, channels whose input adds little to the readers'
+outputs stay silent for the token, so their weight rows are not read; the shares are allocated over
+the sites for the most bytes left unread within this budget, the mean KL divergence (nats per token)
+the dead zones may add to the SNN's next-token distribution on held calibration windows. 0 turns
+them off. Only weighted coding keeps dead zones. Options saved before it read back as 0.
 ``finetune_text='replies'`` distils on the ANN's own greedy chat replies (``stac_lm.convert.replies``)
 instead of the calibration text.
 """
@@ -74,6 +80,7 @@ QUANT_BACKENDS = ("own", "bnb", "torchao", "none")
 ACTIVATIONS = ("keep", "relu")
 INT8_ROUNDINGS = ("nearest", "gptq")
 FINETUNE_TEXTS = ("calib", "replies")  # replies: the ANN's greedy chat replies (stac_lm.convert.replies)
+DEFAULT_SILENCE_BUDGET = 0.015  # mean KL, nats per token, that dead zones may add (see [6])
 DEFAULT_INT8_GROUP = 0  # one scale per output row
 EVAL_WINDOW = 512  # the fixed perplexity protocol of stac_lm.eval.perplexity
 FORMAT_VERSION = 1
@@ -131,6 +138,7 @@ class ConvertOptions:
     int8_rounding: str | None = None
     int8_group_size: int | None = None
     int8_head: bool | None = None
+    silence_budget: float | None = None
     activation: str | None = None
     max_burst: int | None = None
     burst_budget: int | None = None
@@ -201,6 +209,14 @@ class ConvertOptions:
         if self.simplified and self.quant_backend != "none":
             raise ValueError(f"--simplified does not quantize weights (quant_backend {self.quant_backend!r} asked); "
                              "drop --quant_backend, or drop --simplified for 8-bit weights")
+        if self.silence_budget is None:
+            set_("silence_budget", DEFAULT_SILENCE_BUDGET if self.coding == "weighted" else 0.0)  # see [6]
+        if isinstance(self.silence_budget, bool) or not isinstance(self.silence_budget, (int, float)) \
+                or not 0.0 <= self.silence_budget < 1.0:
+            raise ValueError(f"silence_budget is a KL divergence in nats per token in [0, 1), got {self.silence_budget!r}")
+        if self.silence_budget and self.coding != "weighted":
+            raise ValueError(f"--silence_budget {self.silence_budget} places dead zones, which need weighted coding (its "
+                             "neurons know their count before firing); use --coding weighted or --silence_budget 0")
         if self.int8_head is None:
             set_("int8_head", self.quant_backend == "own")  # see [5]
         if not isinstance(self.int8_head, bool):
@@ -282,6 +298,8 @@ class ConvertOptions:
             raise ValueError(f"unknown conversion option(s) {unknown}; known: {', '.join(sorted(known))}")
         if "quant_backend" in d and "int8_rounding" not in d:  # saved before GPTQ and groups: nearest, per row
             d = dict(d, int8_rounding="nearest", int8_group_size=0)
+        if "coding" in d and "silence_budget" not in d:  # saved before dead zones: there were none
+            d = dict(d, silence_budget=0.0)
         if "quant_backend" in d and "int8_head" not in d:  # saved before the int8 head: the head stayed float
             d = dict(d, int8_head=False)
         return cls(**d)

@@ -16,6 +16,7 @@ from torch import nn
 
 from calibration import Calibration, CalibrationConfig, calibrate
 from calibration.gptq import input_hessians
+from calibration.silence import SilenceConfig, calibrate_silence_
 from calibration.int8 import find_linears, quantize_weights_
 from spike_modules import set_mode
 from spike_modules.conversion import ConversionConfig, convert
@@ -49,6 +50,7 @@ class Converted:
     device: torch.device
     quantization: dict | None = None
     finetune: dict | None = None
+    silence: dict | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)
     conversion_seconds: float = 0.0
     report: dict | None = None
@@ -228,6 +230,9 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
                                     opts.surrogate_function, progress,
                                     weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
             out.finetune["tokens"] = ft_tokens
+    if opts.silence_budget:
+        with step(f"dead zones (budget KL {opts.silence_budget})"):  # after any fine-tune: the thresholds are final
+            out.silence = calibrate_silence_(snn, batches, SilenceConfig(budget=opts.silence_budget))
     out.conversion_seconds = sum(step.seconds.values())
     if opts.verify:
         with step("verify"):

@@ -22,6 +22,7 @@ def assemble_report(measured: dict, config: dict) -> dict:
         conversion_seconds_covers="load, texts, convert, calibrate, 8-bit weights and fine-tune (not verify or save)",
         calib_tokens=texts["calibration"]["tokens_used"], eval_tokens=texts["evaluation"]["tokens_used"],
         texts=texts, quantization=config["quantization"]["summary"], finetune=config["finetune"],
+        silence=config.get("silence"),
         verified_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     missing = [k for k in REQUIRED if k not in report]
@@ -43,6 +44,20 @@ def _traffic(m: dict | None) -> str:
     return f"{m['snn_over_ann']:.2f}x / {m['snn_over_ann_int8']:.2f}x"
 
 
+def _total(t: dict | None) -> str:
+    """Total energy per decoded token over the int8, bf16 and float32 ANNs' (older reports have none)."""
+    if not t:
+        return "-"
+    return f"{t['snn_over_ann_int8']:.2f}x / {t['snn_over_ann_bf16']:.2f}x / {t['snn_over_ann_fp32']:.2f}x"
+
+
+def _silent(t: dict | None) -> str:
+    if not t:
+        return "-"
+    per = t["silence"]["per_token"]
+    return f"{per['mean']:.1%} (5-95%: {per['p05']:.1%}-{per['p95']:.1%})"
+
+
 def _peak(peak: dict | None) -> str:
     if not peak or peak.get("site") is None:
         return "-"
@@ -61,7 +76,10 @@ def report_table(report: dict) -> Table:
         ("mean spike rate", report["mean_spike_rate"]),
         ("most spikes of one neuron for one token", _peak(report["spikes"].get("peak_spikes_per_token"))),
         ("coverage (spike-driven MACs)", report["coverage"]),
-        ("energy ratio SNN/ANN", report["energy_ratio"]),
+        ("total energy / token SNN over int8 / bf16 / fp32 ANN (batch-1 decode, DRAM)",
+         _total(report.get("energy_total"))),
+        ("weight bytes left unread per token (silent channels)", _silent(report.get("energy_total"))),
+        ("operation energy SNN / fp32 ANN (op counts)", report["energy_ratio"]),
         ("memory traffic SNN / float ANN / int8 ANN (est.)", _traffic(report["energy"].get("memory_traffic"))),
         ("parallel vs sequential top-1 (not gated)", report["sequential"]["top1_agreement"]),
         ("sequential counts off the parallel ones", report["sequential"]["sites"]["off_share"]),
@@ -76,8 +94,9 @@ def report_table(report: dict) -> Table:
         mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
         table.add_row(f"check: {check['name']}", mark)
     gen = report["generation"]
-    table.caption = (f"perplexity: {report['protocol']}; energy: 45 nm op counts, memory traffic estimated apart, "
-                     f"not in the ratio (report.json: energy.convention, energy.memory_traffic)\n"
+    table.caption = (f"perplexity: {report['protocol']}; total energy: arithmetic + DRAM/SRAM traffic at each "
+                     f"model's widths, 45 nm table (report.json: energy_total.convention, .table, .scenarios); "
+                     f"operation energy: the field's op-count convention (energy.convention)\n"
                      f"prompt {gen['prompt']!r}\n  ANN: {gen['ann']!r}\n"
                      f"  SNN: {gen['snn']!r}")
     return table

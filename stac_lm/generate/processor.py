@@ -113,12 +113,14 @@ class _Batch:
         else:
             ref = next(c for c in caches if c is not None)
             data = []
+            decoded = [c.layer_tensors() if c is not None else None for c in caches]  # counts -> values
+            ref_tensors = ref.layer_tensors()
             for layer in range(len(ref.layers)):
                 ks, vs = [], []
-                for c, n in zip(caches, lengths):
-                    k0 = ref.layers[layer].keys
-                    k = c.layers[layer].keys if c is not None else k0[:1, :, :0]
-                    v = c.layers[layer].values if c is not None else ref.layers[layer].values[:1, :, :0]
+                for c, n in zip(decoded, lengths):
+                    k0, v0 = ref_tensors[layer]
+                    k = c[layer][0] if c is not None else k0[:1, :, :0]
+                    v = c[layer][1] if c is not None else v0[:1, :, :0]
                     ks.append(torch.cat([k.new_zeros(1, *k.shape[1:2], width - n, k.shape[-1]), k], -2))
                     vs.append(torch.cat([v.new_zeros(1, *v.shape[1:2], width - n, v.shape[-1]), v], -2))
                 data.append((torch.cat(ks), torch.cat(vs)))

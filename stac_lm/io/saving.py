@@ -62,6 +62,7 @@ def run_record(out) -> dict:
         "source": out.source,
         "options": out.options.to_dict(),
         "finetune": out.finetune,
+        "silence": getattr(out, "silence", None),
         "texts": {"calibration": out.calib_stream.describe(), "evaluation": out.eval_stream.describe()},
         "step_seconds": out.step_seconds, "conversion_seconds": out.conversion_seconds,
     }

@@ -1,0 +1,137 @@
+"""Dead zones (silent channels) and the KV cache at the width its counts need."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spike_modules import DAQCFSSite, SiteMode
+from spike_modules.kv_cache import SpikeKVCache
+
+
+def weighted_site(dead, signed=True):
+    site = DAQCFSSite(4, T=5, signed=signed, coding="weighted", mode="parallel")
+    site.set_params(torch.tensor([1.0, 2.0, 0.5, 1.0]), dead=dead)
+    return site
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dead_zone_silences_small_counts_in_both_modes(signed):
+    x = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(0))
+    dead = torch.tensor([0.0, 5.0, 12.0, 31.0])
+    plain, silent = weighted_site(0.0, signed), weighted_site(dead, signed)
+    c0, step = plain.parallel_counts(x)
+    c1, _ = silent.parallel_counts(x)
+    quiet = c0.abs() < dead
+    assert bool(quiet.any()) and bool((~quiet & (c0 != 0)).any())
+    assert torch.equal(c1, c0.masked_fill(quiet, 0.0))
+    assert torch.equal(silent(x), c1 * step)
+    silent.mode = SiteMode.SEQUENTIAL  # the weighted neuron knows its count before it fires
+    seq = silent(x.expand(5, *x.shape)).mean(0)
+    assert torch.allclose(seq, c1 * step, atol=1e-5)
+
+
+def test_rate_coding_refuses_a_dead_zone():
+    site = DAQCFSSite(4, T=5, coding="rate")
+    with pytest.raises(ValueError, match="needs weighted coding"):
+        site.set_params(1.0, dead=2.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        weighted_site(-1.0)
+
+
+def test_state_dicts_and_calibrations_saved_before_dead_zones_load(tmp_path):
+    from calibration.artifact import TENSORS_FILE, Calibration, CalibrationConfig, SiteParams
+    from safetensors.torch import load_file, save_file
+
+    site = weighted_site(torch.tensor([0.0, 3.0, 0.0, 1.0]))
+    state = {k: v for k, v in site.state_dict().items() if not k.endswith("dead")}
+    fresh = weighted_site(0.0)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.dead, torch.zeros(4))
+    p = SiteParams(site.theta.detach().clone(), site.psi.detach().clone(), site.phi.detach().clone(), True,
+                   dead=site.dead.detach().clone())
+    cal = Calibration(CalibrationConfig(T=5, coding="weighted"), {"s": p})
+    cal.save(tmp_path / "new")
+    assert torch.equal(Calibration.load(tmp_path / "new").sites["s"].dead, site.dead)
+    cal.save(tmp_path / "old")
+    tensors = {k: v for k, v in load_file(str(tmp_path / "old" / TENSORS_FILE)).items() if not k.endswith("dead")}
+    save_file(tensors, str(tmp_path / "old" / TENSORS_FILE))
+    meta = tmp_path / "old" / "calibration.json"
+    import json
+
+    from stac_common.io import sha256_file
+    d = json.loads(meta.read_text())
+    d["tensors_sha256"] = sha256_file(tmp_path / "old" / TENSORS_FILE)
+    meta.write_text(json.dumps(d))
+    assert torch.equal(Calibration.load(tmp_path / "old").sites["s"].dead, torch.zeros(4))
+
+
+@pytest.fixture(scope="module")
+def tiny_snn():
+    from tiny_models import VOCAB, tiny_model
+
+    from calibration import CalibrationConfig, calibrate
+    from calibration.int8 import quantize_weights_
+    from smollm2_converter import ConversionConfig, convert
+    from spike_modules import set_mode
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(1, VOCAB, (2, 32), generator=g) for _ in range(2)]
+    snn = convert(tiny_model("llama", VOCAB), ConversionConfig(T=5, coding="weighted", spike_head=True))
+    quantize_weights_(snn, "own", progress=False, head=True)
+    calibrate(snn, batches, CalibrationConfig(T=5, coding="weighted", rule="percentile", percentile=99.0,
+                                              max_burst=8, fit_affine=False), progress=False).apply_to(snn)
+    set_mode(snn, "parallel")
+    return snn, batches
+
+
+def test_silence_is_placed_within_its_budget(tiny_snn):
+    from calibration.silence import SilenceConfig, _divergence, _log_probs, calibrate_silence_
+
+    snn, batches = tiny_snn
+    windows = [w[None] for b in batches for w in b]
+    summary = calibrate_silence_(snn, batches, SilenceConfig(budget=0.05, steps=6))
+    dead = [s for n, s in snn.named_modules() if isinstance(s, DAQCFSSite) and bool((s.dead > 0).any())]
+    assert dead and 0 < summary["bytes_share_silenced"] < 1
+    assert summary["kl"] <= 0.05 and set(summary["silent_share_per_group"]) >= {"lm_head.site"}
+    held = windows[1:3]  # the statistics read the first window, the budget the next two
+    for s in dead:  # the budget is measured against the same model without dead zones
+        s.__dict__["_saved_dead"] = s.dead.detach().clone()
+        s.set_params(s.theta, s.psi, s.phi, s.burst, 0.0)
+    ref = _log_probs(snn, held)
+    for s in dead:
+        s.set_params(s.theta, s.psi, s.phi, s.burst, s.__dict__.pop("_saved_dead"))
+    assert _divergence(snn, held, ref)[0] == pytest.approx(summary["kl"], rel=1e-4)
+    assert calibrate_silence_(snn, batches, SilenceConfig(budget=0.0))["bytes_share_silenced"] == 0.0
+    assert not any(bool((s.dead > 0).any()) for s in snn.modules() if isinstance(s, DAQCFSSite))
+
+
+def test_cache_stores_counts_at_the_narrowest_exact_width(tiny_snn):
+    snn, batches = tiny_snn
+    ids = batches[0][:1]
+    with torch.no_grad():
+        full = snn(ids).logits
+        cache = SpikeKVCache(snn)
+        first = snn(ids[:, :20], past_key_values=cache, use_cache=True).logits
+        rest = snn(ids[:, 20:], past_key_values=cache, use_cache=True).logits
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5)
+    dtypes = {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
+    assert dtypes <= {torch.int8, torch.int16, torch.int32} and cache.stored_bytes_per_element() <= 4
+    rebuilt = SpikeKVCache(snn, cache.layer_tensors())
+    for (k0, v0), (k1, v1) in zip(cache.layer_tensors(), rebuilt.layer_tensors()):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+def test_rate_coding_refuses_silence():
+    from calibration.silence import calibrate_silence_, SilenceConfig
+    from tiny_models import VOCAB, tiny_model
+    from smollm2_converter import ConversionConfig, convert
+
+    snn = convert(tiny_model("llama", VOCAB), ConversionConfig(T=4, coding="rate"))
+    with pytest.raises(ValueError, match="weighted coding"):
+        calibrate_silence_(snn, [torch.ones(1, 8, dtype=torch.long)], SilenceConfig())
+    from stac_lm.convert.options import ConvertOptions
+    with pytest.raises(ValueError, match="need weighted coding"):
+        ConvertOptions(coding="rate", silence_budget=0.01)
+    assert ConvertOptions(coding="rate").silence_budget == 0.0
