@@ -1,5 +1,10 @@
-"""Quality-energy frontier: perplexity ratio, top-1 agreement and energy ratio of one converted
-SmolLM2 per (coding, T, threshold percentile), against its ANN, on one plot.
+"""Quality-energy frontier: perplexity ratio, top-1 agreement and energy of one converted SmolLM2 per
+(coding, T, threshold percentile, dead-zone budget), against its ANN, on one plot.
+
+The plot's energy is the total per decoded token (arithmetic + bytes moved, batch 1, weights and KV
+cache from DRAM: ``spike_modules.energy_total``) over an int8 (W8A8) ANN's, the ANN a user would
+deploy instead; every point also records it against bf16 and float32 ANNs and the field's
+op-count ratio against the float32 ANN.
 
 One calibration pass observes every site (the observations do not depend on T or coding); each
 point then fits its thresholds (DA-QCFS, per channel, burst budget 64), runs the evaluation text
@@ -24,6 +29,9 @@ import torch
 from calibration import CalibrationConfig
 from calibration.calibrate import fit_calibration, observe_sites
 from calibration.int8 import quantize_weights_
+from calibration.silence import SilenceConfig, calibrate_silence_
+from stac_lm.checks.verify import PROBE_TOKENS, total_energy_section
+from stac_lm.convert.options import DEFAULT_SILENCE_BUDGET
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import iter_sites, max_exact_burst, set_mode
 from spike_modules.site import reset_spike_stats
@@ -35,32 +43,41 @@ from stac_lm.convert.texts import calibration_batches, load_streams
 from stac_common.runtime import machine_info, resolve_device
 
 BASELINE = "rate:16:95:nohead"
-DEFAULT_POINTS = ("rate:16:95:nohead,rate:16:95,rate:32:95,weighted:4:99,weighted:5:99,weighted:5:99.9,"
-                  "weighted:6:99.9,weighted:7:99.9,weighted:8:99.9")
+DEFAULT_POINTS = ("rate:16:95,weighted:6:99.9:s0,weighted:7:99.9:s0,weighted:7:99.9:s0.005,weighted:7:99.9:s0.01,"
+                  "weighted:7:99.9:s0.015,weighted:7:99.9:s0.03,weighted:8:99.9:s0.015")
 PEER_FILE = Path("docs/bench_convert_peer.json")
-DEFAULT_POINT = ("weighted", 7, 99.9, True, True)  # stac_lm.convert.options: full mode's coding, T, percentile, head, int8
+DEFAULT_POINT = ("weighted", 7, 99.9, True, True, DEFAULT_SILENCE_BUDGET)  # full mode's defaults (stac_lm.convert.options)
 
 
 def parse_point(spec: str) -> dict:
-    """``coding:T:percentile[:nohead][:float]`` -> a point's settings (``nohead``: LM head dense;
-    ``float``: float weights instead of 8-bit); ``ValueError`` on a bad spec."""
+    """``coding:T:percentile[:nohead][:float][:sBUDGET]`` -> a point's settings (``nohead``: LM head
+    dense; ``float``: float weights instead of 8-bit; ``sBUDGET``: dead zones within that KL budget,
+    default none); ``ValueError`` on a bad spec."""
     parts = spec.split(":")
-    flags = set(parts[3:])
-    if len(parts) < 3 or flags - {"nohead", "float"}:
-        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float], e.g. weighted:6:99.9")
+    budgets = [p for p in parts[3:] if p.startswith("s")]
+    flags = set(parts[3:]) - set(budgets)
+    if len(parts) < 3 or flags - {"nohead", "float"} or len(budgets) > 1:
+        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float][:sBUDGET], e.g. "
+                         "weighted:7:99.9:s0.015")
     return {"spec": spec, "coding": parts[0], "T": int(parts[1]), "percentile": float(parts[2]),
-            "spike_head": "nohead" not in flags, "int8_weights": "float" not in flags}
+            "spike_head": "nohead" not in flags, "int8_weights": "float" not in flags,
+            "silence_budget": float(budgets[0][1:]) if budgets else 0.0}
 
 
 def measure(ann, snn, eval_ids: torch.Tensor) -> dict:
-    """Perplexity, agreement and energy of one pass of ``eval_ids`` through both models."""
+    """Perplexity, agreement, operation energy and total energy of one pass of ``eval_ids`` through both models."""
     reset_spike_stats(snn)
     with counting(ann) as a, counting(snn) as s, torch.no_grad():
         lm = evaluate_lm({"ann": ann, "snn": snn}, eval_ids, progress=False)
     energy = energy_summary(a, s, snn)
+    total = total_energy_section(snn, s, eval_ids[:PROBE_TOKENS][None])
     return {"ppl_ann": lm["ppl"]["ann"], "ppl_snn": lm["ppl"]["snn"], "ppl_ratio": lm["ppl"]["snn"] / lm["ppl"]["ann"],
             "top1_agreement": lm["top1_agreement"]["snn"], "energy_ratio": energy["energy_ratio"],
-            "coverage": energy["coverage"], "per_group": energy["per_group"]}
+            "coverage": energy["coverage"], "per_group": energy["per_group"],
+            **{k: total[k] for k in ("snn_over_ann_int8", "snn_over_ann_bf16", "snn_over_ann_fp32")},
+            "total_scenarios": {sc: {k: v for k, v in d.items() if k.startswith("snn_over")}
+                                for sc, d in total["scenarios"].items()},
+            "silence": total["silence"], "kv_bytes_per_element": total["profile"]["attention"]["snn_kv_bytes"]}
 
 
 def run(args) -> dict:
@@ -85,19 +102,26 @@ def run(args) -> dict:
             cfg = ConversionConfig(T=pt["T"], mode="full", coding=pt["coding"], spike_head=pt["spike_head"])
             models[key] = convert(ann, cfg).to(device)
             if pt["int8_weights"]:
-                quantize_weights_(models[key], "own", progress=False)
+                quantize_weights_(models[key], "own", progress=False, head=pt["spike_head"])
         snn = models[key]
         names = {name for name, _ in iter_sites(snn)}
         obs = {k: v for k, v in observers.items() if k in names}
         t0 = time.perf_counter()
         ccfg = CalibrationConfig(T=pt["T"], coding=pt["coding"], rule="percentile", percentile=pt["percentile"],
                                  max_burst=max_exact_burst(pt["T"], pt["coding"]), burst_budget=64, n_samples=n)
-        fit_calibration(obs, ccfg).apply_to(snn)
+        fit_calibration(obs, ccfg).apply_to(snn)  # dead zones of an earlier point are cleared here
         set_mode(snn, "parallel")
-        row = {**pt, **measure(ann, snn, evals.ids.to(device)), "seconds": time.perf_counter() - t0}
+        silence = None
+        if pt["silence_budget"]:
+            silence = calibrate_silence_(snn, batches, SilenceConfig(budget=pt["silence_budget"]))
+        row = {**pt, **measure(ann, snn, evals.ids.to(device)), "seconds": time.perf_counter() - t0,
+               "silence_calibration": silence and {k: silence[k] for k in ("kl", "top1_vs_dense", "bytes_share_silenced",
+                                                                            "silent_share_per_group", "seconds")}}
         rows.append(row)
-        print(f"{pt['spec']:22s} ratio {row['ppl_ratio']:.3f} top1 {row['top1_agreement']:.3f} "
-              f"energy {row['energy_ratio']:.3f} coverage {row['coverage']:.3f} ({row['seconds']:.0f} s)", flush=True)
+        print(f"{pt['spec']:24s} ratio {row['ppl_ratio']:.3f} top1 {row['top1_agreement']:.3f} total energy / int8 "
+              f"ANN {row['snn_over_ann_int8']:.3f} (bf16 {row['snn_over_ann_bf16']:.3f}, fp32 "
+              f"{row['snn_over_ann_fp32']:.3f}) op energy / fp32 {row['energy_ratio']:.3f} "
+              f"({row['seconds']:.0f} s)", flush=True)
     peer = json.loads(PEER_FILE.read_text()) if PEER_FILE.is_file() else None
     return {"benchmark": "bench/frontier.py", "points": rows, "baseline": BASELINE, "ann": {"ppl_ratio": 1.0, "top1_agreement": 1.0, "energy_ratio": 1.0},
             "peer": _peer_rows(peer), "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
@@ -113,6 +137,11 @@ def _peer_rows(peer: dict | None) -> list[dict]:
             for r in peer["peer_spikingjelly"]["results"]]
 
 
+def _x(p: dict) -> float:
+    """A point's plotted energy: total per decoded token over the int8 ANN's (older result files: op energy)."""
+    return p.get("snn_over_ann_int8", p["energy_ratio"])
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -123,35 +152,26 @@ def plot(result: dict, path: Path) -> None:
     for ax, key, label in ((axes[0], "ppl_ratio", "perplexity ratio SNN/ANN"),
                            (axes[1], "top1_agreement", "top-1 agreement with the ANN")):
         for coding, marker in (("rate", "o"), ("weighted", "s")):
-            pts = [p for p in result["points"] if p["coding"] == coding and p["spec"] != result["baseline"]
-                   and p["int8_weights"]]
-            ax.scatter([p["energy_ratio"] for p in pts], [p[key] for p in pts], marker=marker, label=f"{coding} coding")
+            pts = [p for p in result["points"] if p["coding"] == coding and p["int8_weights"]]
+            ax.scatter([_x(p) for p in pts], [p[key] for p in pts], marker=marker, label=f"{coding} coding")
             for p in pts:
-                ax.annotate(f"T={p['T']} p{p['percentile']:g}", (p["energy_ratio"], p[key]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        floats = [p for p in result["points"] if not p["int8_weights"]]
-        ax.scatter([p["energy_ratio"] for p in floats], [p[key] for p in floats], marker="^", facecolors="none",
-                   edgecolors="purple", label="float weights")
-        base = [p for p in result["points"] if p["spec"] == result["baseline"]]
-        if base:
-            ax.scatter([base[0]["energy_ratio"]], [base[0][key]], marker="x", color="k", label="before (rate T=16, head dense)")
+                budget = p.get("silence_budget", 0.0)
+                ax.annotate(f"T={p['T']}" + (f" KL{budget:g}" if budget else " dense"), (_x(p), p[key]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
         default = [p for p in result["points"] if (p["coding"], p["T"], p["percentile"], p["spike_head"],
-                                                   p["int8_weights"]) == DEFAULT_POINT]
+                                                   p["int8_weights"], p.get("silence_budget", 0.0)) == DEFAULT_POINT]
         if default:
-            ax.scatter([default[0]["energy_ratio"]], [default[0][key]], s=260, facecolors="none", edgecolors="red",
+            ax.scatter([_x(default[0])], [default[0][key]], s=260, facecolors="none", edgecolors="red",
                        label="default (make demo)")
-        ax.scatter([1.0], [1.0], marker="*", s=120, color="gold", edgecolor="k", label="ANN")
-        for r in result["peer"]:
-            if r.get(key) is not None:
-                ax.axhline(r[key], ls=":", color="gray", lw=1)
-                ax.annotate(f"SpikingJelly recipe T={r['T']}", (0.02, r[key]), fontsize=7, color="gray",
-                            xycoords=("axes fraction", "data"))
-        ax.axvline(0.5, ls="--", color="red", lw=0.8)
-        ax.set_xlabel("energy ratio SNN/ANN (45 nm op counts)")
+        ax.axvline(1.0, ls="-", color="k", lw=0.8)
+        ax.annotate("int8 (W8A8) ANN", (1.0, 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90)
+        ax.axvline(0.9, ls="--", color="red", lw=0.8)
+        ax.set_xlabel("total energy per decoded token, SNN / int8 ANN\n(batch 1, weights and KV from DRAM, 45 nm)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M, full mode, 8-bit weights: quality against energy (bench/frontier.py)", fontsize=10)
+    fig.suptitle("SmolLM2-135M, full mode, 8-bit weights and head: quality against total energy (bench/frontier.py)",
+                 fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -160,7 +180,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated coding:T:percentile[:nohead]")
+    p.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated coding:T:percentile[:nohead][:float][:sBUDGET]")
     p.add_argument("--calib_tokens", type=int, default=8192)
     p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))

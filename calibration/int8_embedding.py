@@ -105,7 +105,7 @@ class Int8Embedding(nn.Module):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, tied_to: nn.Module | None = None) -> Int8Embedding:
         """Quantize ``embedding`` (one scale per token), or read ``tied_to``'s table if given."""
-        from .int8 import quantize_rows
+        from .int8_linear import quantize_rows
 
         new = cls.shell_like(embedding, tied_to)
         if tied_to is None:
@@ -224,7 +224,7 @@ def quantize_head_(model: nn.Module, plan: tuple | None = None) -> dict:
     Raises:
         ValueError: see :func:`plan_head`.
     """
-    from .int8 import Int8Linear
+    from .int8_linear import Int8Linear
 
     head_path, head, emb_path, embedding, tied = plan if plan is not None else plan_head(model)
     with torch.no_grad():
@@ -251,7 +251,7 @@ def prepare_int8_head_(model: nn.Module, info: dict) -> nn.Module:
         ValueError: a path that is missing or of the wrong kind (the directory and the
             architecture disagree).
     """
-    from .int8 import Int8Linear
+    from .int8_linear import Int8Linear
 
     try:
         head_path, emb_path, tied = str(info["head"]), str(info["embedding"]), bool(info["tied"])

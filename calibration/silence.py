@@ -70,11 +70,21 @@ class SilenceConfig:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
 
 
+@torch.no_grad()
 def _column_weight(linear: nn.Module) -> torch.Tensor:
-    """The layer's weight ``[out, in]`` as it computes (int8 layers dequantized)."""
+    """The layer's weight ``[out, in]`` as it computes: STAC's int8 layers dequantized, plain float layers
+    read, any other (bitsandbytes, torchao) measured by running it on the identity."""
     if hasattr(linear, "dequantize") and hasattr(linear, "weight_int8"):
         return linear.dequantize()
-    return float_weight(linear).detach().float()
+    weight = getattr(linear, "weight", None)
+    if type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point():
+        return float_weight(linear).detach().float()
+    width = linear.in_features
+    eye = torch.eye(width, device=weight.device, dtype=torch.float32)
+    out = linear(eye).float()
+    if getattr(linear, "bias", None) is not None:
+        out = out - linear.bias.detach().float()
+    return out.t()
 
 
 def driving_sites(model: nn.Module) -> dict[str, tuple[DAQCFSSite, torch.Tensor, float]]:

@@ -136,7 +136,8 @@ def test_the_frontier_marks_the_default_conversion():
     from stac_lm.convert.options import ConvertOptions
 
     o = ConvertOptions()
-    assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none") == DEFAULT_POINT
+    assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none",
+            o.silence_budget) == DEFAULT_POINT
 
 
 @pytest.mark.parametrize("burst", [1.0, 4.0])
