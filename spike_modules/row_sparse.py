@@ -24,9 +24,10 @@ value, with an embedding-bag kernel that reads those rows and nothing else:
   ANN through it with every row). Whether a layer looks for its zero inputs or reads every row is
   decided from the zeros it saw (:func:`_skip_zeros`); both give the same bits. The kernel runs one
   bag on one thread, so a table over :data:`SPLIT_BYTES` is read in one run of input rows per
-  thread, the runs' sums added after (on the idle 2-core machine: 39 -> 25 us for a 576x1536 layer,
-  one decoding step of SmolLM2 46 -> 41 ms; on a loaded machine threads can cost more than they
-  save). The split depends on the thread count, so the last bits do too.
+  thread, the runs' sums added after (on the idle 2-core machine, splitting every block table took a
+  SmolLM2 decoding step from 46 to 41 ms; on the shared, loaded machine the waiting threads burnt
+  twice the CPU time and ``bench/decode.py`` ran over twice as long, so only tables of 8 MB and up,
+  an 8-bit LM head, are split: 2.2 -> 1.2 ms for SmolLM2's). The split depends on the thread count, so the last bits do too.
 - ``nn.Linear`` (a transposed float copy, kept) and GPT-2's ``Conv1D`` (its own ``[in, out]``
   weight, no copy): ``F.embedding_bag`` in sum mode. A float row costs as many bytes as the dense
   product's, so it only wins when few inputs fired: above :data:`FLOAT_MAX_SHARE` nonzero inputs
@@ -55,7 +56,7 @@ from transformers.pytorch_utils import Conv1D
 
 MAX_ROW_TOKENS = 4  # beyond this many tokens per call, the dense product (a GEMM) is faster
 FLOAT_MAX_SHARE = 0.3  # float layers: the row kernel above this share of nonzero inputs is slower than dense
-SPLIT_BYTES = 256 << 10  # int8 tables larger than this are read by all threads (one bag per thread and token)
+SPLIT_BYTES = 8 << 20  # int8 tables larger than this (an 8-bit LM head) are read by all threads, one bag each
 FIND_COST_BYTES = 64 << 10  # looking for the nonzero inputs costs about as long as reading this many weight bytes
 RECHECK_CALLS = 32  # a layer that reads every row looks at its share of zeros again every this many calls
 _TABLE = "_row_table"
