@@ -50,6 +50,12 @@ def conversion_log(out) -> str:
         q = out.quantization
         lines += ["", f"== 8-bit weights: {q['backend']} ({q['layers']} layers, max rel error "
                       f"{q['max_rel_error']:.3g}) =="] + list(q["paths"])
+    silence = getattr(out, "silence", None)
+    if silence:
+        lines += ["", f"== dead zones: KL {silence['kl']:.4g} (budget {silence['config']['budget']}), top-1 vs the SNN "
+                      f"without them {silence['top1_vs_dense']:.3f}, {silence['bytes_share_silenced']:.1%} of the rows' "
+                      f"bytes silenced on the statistics window =="]
+        lines += [f"{g}: {share:.0%} silent" for g, share in silence["silent_share_per_group"].items()]
     if out.finetune:
         lines += ["", "== fine-tune ==", json.dumps(out.finetune, sort_keys=True, default=str)]
     lines += ["", "== seconds per step =="] + [f"{k}: {v:.1f}" for k, v in out.step_seconds.items()]
