@@ -63,9 +63,10 @@ bench: setup
 	$(PY) -m bench.text_cls_data --out out/text_cls_data --overwrite
 	$(PY) -m bench.text_cls --train_file out/text_cls_data/tweets_binary/train.csv --test_file out/text_cls_data/tweets_binary/test.csv --out docs/bench_text_cls_tweets_binary.json --docs_name text_cls_tweets_binary --overwrite
 	$(PY) -m bench.text_cls --train_file out/text_cls_data/plays_genre/train.csv --test_file out/text_cls_data/plays_genre/test.csv --out docs/bench_text_cls_plays_genre.json --docs_name text_cls_plays_genre --overwrite
-	$(PY) -m bench.frontier --points rate:16:95:nohead,rate:16:95,weighted:5:99.9,weighted:6:99.9,weighted:7:99.9,weighted:8:99.9,weighted:7:99.99 --out docs/frontier.json --plot docs/frontier.png --overwrite
+	$(PY) -m bench.frontier --points weighted:7:99.9:s0,weighted:7:99.9:s0.005,weighted:7:99.9:s0.015,weighted:7:99.9:s0.03,weighted:8:99.9:s0.015,rate:16:95 --eval_tokens 2048 --out docs/results/frontier.json --plot docs/results/frontier.png --overwrite
 	$(PY) run_conversion.py --output_dir out/demo_smollm2 --overwrite
-	$(PY) -m bench.generation --model_dir out/demo_smollm2 --out docs/generation.json --markdown docs/generation.md --overwrite
+	$(PY) -m bench.generation --model_dir out/demo_smollm2 --out docs/results/generation.json --markdown docs/results/generation.md --overwrite
+	$(PY) -m bench.decode --model_dir out/demo_smollm2 --out docs/results/bench_decode.json --overwrite --repeats 3
 	$(PY) -m bench.latency --model_dir out/demo_smollm2 --out docs/bench_latency.json --overwrite
 	$(PY) -m bench.lm_harness --points simplified:8,simplified:16,simplified:32 --limit 40 --out docs/lm_eval.json --markdown docs/lm_eval.md --overwrite
 
