@@ -129,10 +129,13 @@ def _decoder_weights(model: nn.Module) -> list[torch.Tensor]:
     from spike_modules.linear import FLOAT_LINEARS
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = {id(head.weight)} if head is not None else set()
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if inputs is not None:
-        tied.add(id(inputs.weight))
+    tied = set()
+    for m in (head, inputs):
+        m = getattr(m, "linear", m)  # a spiking head is a SpikeLinear around the linear layer
+        # int8 heads and embeddings hold no float weight to train (Int8Embedding.weight decodes a copy)
+        if m is not None and not hasattr(m, "weight_int8") and isinstance(getattr(m, "weight", None), torch.Tensor):
+            tied.add(id(m.weight))
     return [m.weight for m in model.modules()
             if isinstance(m, FLOAT_LINEARS) and m.weight.is_floating_point() and id(m.weight) not in tied]
 

@@ -68,3 +68,20 @@ def test_bad_steps_and_missing_data():
         finetune_(snn, ann, [], steps=3, progress=False)
     with pytest.raises(ValueError, match="no spiking sites"):
         finetune_(ann, ann, [ids], steps=3, progress=False)
+
+
+def test_decoder_weights_skip_a_spiking_or_int8_head():
+    """The weights a ReLU-swap fine-tune trains: the block layers' float weights, never the tied head,
+    whether the head sits behind a site (SpikeLinear) or is int8 with the embeddings."""
+    from tiny_models import VOCAB, tiny_model
+
+    from calibration.distill import _decoder_weights
+    from calibration.int8 import quantize_weights_
+    from smollm2_converter import ConversionConfig, convert
+
+    snn = convert(tiny_model("llama", VOCAB), ConversionConfig(T=5, coding="weighted", spike_head=True))
+    emb = snn.get_input_embeddings().weight
+    weights = _decoder_weights(snn)
+    assert weights and all(w is not emb and w.shape != emb.shape for w in weights)
+    quantize_weights_(snn, "own", progress=False, head=True)
+    assert _decoder_weights(snn) == []
