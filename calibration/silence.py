@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spike_modules.energy import group_name
+from spike_modules.energy import group_name, stored_width
 from spike_modules.layers import SpikeLinear
 from spike_modules.linear import float_weight
-from spike_modules.site import DAQCFSSite
+from spike_modules.site import DAQCFSSite, iter_sites, set_spike_counting
 
 SHARES = tuple(i / 100 for i in range(0, 81))  # silent shares a site may take (at most 80%: every site keeps firing)
 MIN_SCORES = 1 << 16                           # scores kept per site at least (a random subset above)
@@ -98,7 +98,7 @@ def driving_sites(model: nn.Module) -> dict[str, tuple[DAQCFSSite, torch.Tensor,
             w = _column_weight(m.linear)
             entry = out.setdefault(site.name, [site, torch.zeros(site.num_channels, dtype=torch.float64), 0.0])
             entry[1] += w.double().pow(2).sum(0).cpu()
-            entry[2] += w.shape[0] * (1.0 if hasattr(m.linear, "weight_int8") else m.linear.weight.element_size())
+            entry[2] += w.shape[0] * stored_width(m.linear)[0]
     return {k: (s, w.sqrt().float(), b) for k, (s, w, b) in out.items()}
 
 
@@ -213,16 +213,13 @@ def calibrate_silence_(model: nn.Module, batches: list, config: SilenceConfig, p
                          f"{rate[0]!r} codes {sites[rate[0]][0].coding}: use --coding weighted or --silence_budget 0")
     for site, _, _ in sites.values():
         site.set_params(site.theta, site.psi, site.phi, site.burst, 0.0)
-    counting = {id(s): s.count_spikes for s in model.modules() if isinstance(s, DAQCFSSite)}
-    for s in model.modules():
-        if isinstance(s, DAQCFSSite):
-            s.count_spikes = False  # the passes below need no spike statistics
+    counting = {name: s.count_spikes for name, s in iter_sites(model)}
+    set_spike_counting(model, False)  # the passes below need no spike statistics
     try:
         return _place(model, sites, batches, config, progress, start)
     finally:
-        for s in model.modules():
-            if isinstance(s, DAQCFSSite):
-                s.count_spikes = counting[id(s)]
+        for name, s in iter_sites(model):
+            s.count_spikes = counting[name]
 
 
 def _place(model: nn.Module, sites: dict, batches: list, config: SilenceConfig, progress: bool, start: float) -> dict:

@@ -314,25 +314,33 @@ MEMORY_ASSUMPTIONS = (
     "and on-chip buffering are not modelled")
 
 
+def is_weight_linear(m: nn.Module) -> bool:
+    """A linear-like layer that holds its weight (float, or STAC's int8 ``weight_int8``)."""
+    return linear_shape(m) is not None and (hasattr(m, "weight") or hasattr(m, "weight_int8"))
+
+
+def stored_width(module: nn.Module) -> tuple[float, int]:
+    """(bytes per weight, bytes of scales per output row) as ``module`` stores its weight."""
+    if hasattr(module, "weight_int8"):
+        scale = module.scale
+        return 1.0, 4 * (scale.shape[1] if scale.dim() == 2 else 1)
+    return float(module.weight.element_size()), 0
+
+
 def _weight_bytes(module: nn.Module) -> tuple[int, int]:
     """(bytes as stored, bytes at int8 with a float32 scale per row) of a linear-like layer's weight."""
     i, o = linear_shape(module)
-    w8 = getattr(module, "weight_int8", None)
-    scale = getattr(module, "scale", None)
-    stored = i * o + 4 * scale.numel() if w8 is not None else i * o * module.weight.element_size()
-    return stored, i * o + 4 * o
+    per_weight, per_row = stored_width(module)
+    return int(i * o * per_weight) + o * per_row, i * o + 4 * o
 
 
 def memory_traffic(ann: nn.Module, snn: nn.Module, snn_counts: OpCounts, mean_context: float) -> dict:
     """Estimated bytes moved per token by ``ann`` and ``snn`` (assumptions in :data:`MEMORY_ASSUMPTIONS`),
     from the statistics of the pass just counted in ``snn_counts`` (spikes, active channel shares)."""
-    def is_linear(m: nn.Module) -> bool:
-        return linear_shape(m) is not None and (hasattr(m, "weight") or hasattr(m, "weight_int8"))
-
     def dense_bytes(model):
         stored = int8 = 0
         for m in model.modules():
-            if is_linear(m):
+            if is_weight_linear(m):
                 s, q = _weight_bytes(m)
                 stored, int8 = stored + s, int8 + q
         return stored, int8
@@ -349,7 +357,7 @@ def memory_traffic(ann: nn.Module, snn: nn.Module, snn_counts: OpCounts, mean_co
             snn_weights += (share if share == share else 1.0) * s
             behind_site.add(id(m.linear))
     for m in snn.modules():
-        if id(m) not in behind_site and is_linear(m):
+        if id(m) not in behind_site and is_weight_linear(m):
             snn_weights += _weight_bytes(m)[0]
     for _, site in iter_sites(snn):
         steps += site.parallel.neuron_steps_total

@@ -10,19 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .energy import OpCounts, _attention_dims, group_name
+from .energy import OpCounts, _attention_dims, group_name, is_weight_linear, stored_width
 from .energy_total import AttentionUse, LinearUse, TokenProfile
 from .layers import SpikeLinear
 from .linear import linear_shape
 from .site import DAQCFSSite, iter_sites
-
-
-def stored_width(module: nn.Module) -> tuple[float, int]:
-    """(bytes per weight, bytes of scales per output row) as ``module`` stores its weight."""
-    if hasattr(module, "weight_int8"):
-        scale = module.scale
-        return 1.0, 4 * (scale.shape[1] if scale.dim() == 2 else 1)
-    return float(module.weight.element_size()), 0
 
 
 def steps_power_of_two(site: DAQCFSSite) -> bool:
@@ -31,10 +23,6 @@ def steps_power_of_two(site: DAQCFSSite) -> bool:
     step = site.theta.detach().double()
     ratio = torch.log2(step / step.max())
     return bool(torch.equal(ratio, ratio.round()))
-
-
-def _is_weight_linear(m: nn.Module) -> bool:
-    return linear_shape(m) is not None and (hasattr(m, "weight") or hasattr(m, "weight_int8"))
 
 
 def _share(site: DAQCFSSite | None) -> float | None:
@@ -60,7 +48,7 @@ def token_profile(snn: nn.Module, counts: OpCounts, context: float, prefill_toke
             behind[id(m.linear)] = (f"{path}.linear", m._shared.site)
     linears = []
     for path, m in snn.named_modules():
-        if not _is_weight_linear(m):
+        if not is_weight_linear(m):
             continue
         i, o = linear_shape(m)
         wb, sb = stored_width(m)
@@ -107,7 +95,7 @@ def row_bytes(snn: nn.Module) -> dict[str, float]:
 
 def silence_by_group(snn: nn.Module) -> dict[str, dict]:
     """Per layer group of sites that drive linear layers: the share of (channel, token) pairs that stayed
-    silent, and the share of their weight bytes left unread, over the pass just counted."""
+    silent, and the weight bytes of all their rows, over the pass just counted."""
     rows = row_bytes(snn)
     groups: dict[str, list[float]] = {}
     for name, site in iter_sites(snn):
@@ -120,13 +108,14 @@ def silence_by_group(snn: nn.Module) -> dict[str, dict]:
         g[0] += (1 - share) * site.num_channels
         g[1] += site.num_channels
         g[2] += rows[name] * site.num_channels
-    return {g: {"silent_share": s / n, "weight_bytes_per_token": b} for g, (s, n, b) in groups.items()}
+    return {g: {"silent_share": s / n, "weight_bytes": b} for g, (s, n, b) in groups.items()}
 
 
 @torch.no_grad()
-def silence_per_token(snn: nn.Module, ids: torch.Tensor) -> dict:
-    """Run ``snn(ids)`` (``[1, S]``) and give the distribution over its tokens of the share of the
-    spike-driven layers' weight bytes left unread (the rows of silent channels)."""
+def silence_per_token(snn: nn.Module, ids: torch.Tensor, cache=None) -> dict:
+    """Run ``snn(ids)`` (``[1, S]``, into the KV ``cache`` if one is given) and give the distribution
+    over its tokens of the share of the spike-driven layers' weight bytes left unread (the rows of
+    silent channels)."""
     rows = row_bytes(snn)
     total = sum(rows[s.name] * s.num_channels for _, s in iter_sites(snn) if s.name in rows)
     unread = torch.zeros(ids.shape[-1], dtype=torch.float64)
@@ -137,7 +126,7 @@ def silence_per_token(snn: nn.Module, ids: torch.Tensor) -> dict:
 
     handles = [s.register_forward_hook(hook) for _, s in iter_sites(snn) if s.name in rows]
     try:
-        snn(ids)
+        snn(ids, past_key_values=cache, use_cache=cache is not None)
     finally:
         for h in handles:
             h.remove()

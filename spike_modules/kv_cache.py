@@ -155,11 +155,3 @@ class SpikeKVCache(DynamicCache):
                 count += t.numel()
         return size / count if count else float("nan")
 
-
-@torch.no_grad()
-def stored_bytes_per_element(model: nn.Module, ids: torch.Tensor) -> float:
-    """Bytes per cached key or value element a :class:`SpikeKVCache` of ``model`` holds after a prefill of
-    ``ids`` ``[1, S]`` (the widths its counts need on that text)."""
-    cache = SpikeKVCache(model)
-    model(ids, past_key_values=cache, use_cache=True)
-    return cache.stored_bytes_per_element()

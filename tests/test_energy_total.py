@@ -118,7 +118,7 @@ def test_profile_of_a_converted_tiny_model():
     from spike_modules import set_mode
     from spike_modules.energy import counting
     from spike_modules.energy_profile import silence_by_group, token_profile
-    from spike_modules.kv_cache import stored_bytes_per_element
+    from spike_modules.kv_cache import SpikeKVCache
 
     torch.manual_seed(0)
     ids = torch.randint(1, VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
@@ -129,7 +129,10 @@ def test_profile_of_a_converted_tiny_model():
     set_mode(snn, "parallel")
     with counting(snn) as c, torch.no_grad():
         snn(ids)
-    prof = token_profile(snn, c, context=11.5, prefill_tokens=24, kv_bytes=stored_bytes_per_element(snn, ids))
+    cache = SpikeKVCache(snn)
+    with torch.no_grad():
+        snn(ids, past_key_values=cache, use_cache=True)
+    prof = token_profile(snn, c, context=11.5, prefill_tokens=24, kv_bytes=cache.stored_bytes_per_element())
     spiking = [lin for lin in prof.linears if lin.active_rows is not None]
     assert spiking and all(0 < lin.active_rows <= lin.in_features for lin in spiking)
     assert all(lin.weight_bytes == 1.0 and lin.scale_bytes == 4 for lin in prof.linears)

@@ -31,7 +31,7 @@ from .sequential import SEQUENTIAL_TOKENS, sequential_section
 from spike_modules.energy import counting, energy_summary, group_name, memory_traffic, site_neurons, site_spikes
 from spike_modules.energy_profile import silence_by_group, silence_per_token, token_profile
 from spike_modules.energy_total import energy_total
-from spike_modules.kv_cache import stored_bytes_per_element
+from spike_modules.kv_cache import SpikeKVCache
 from stac_lm.convert.options import EVAL_WINDOW
 from stac_common.runtime import machine_info
 
@@ -198,11 +198,16 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
 
 def total_energy_section(snn: nn.Module, counts, probe_ids: torch.Tensor) -> dict:
     """Total energy per token against the three ANN baselines (docs/design.md section 5), from the pass
-    ``counts`` counted, with how silent the channels were per layer group and, on ``probe_ids``, per token."""
-    profile = token_profile(snn, counts, context=(EVAL_WINDOW - 1) / 2, prefill_tokens=EVAL_WINDOW,
-                            kv_bytes=stored_bytes_per_element(snn, probe_ids))
-    section = energy_total(profile)
-    section["silence"] = {"per_group": silence_by_group(snn), "per_token": silence_per_token(snn, probe_ids)}
+    ``counts`` counted, with how silent the channels were per layer group and, on ``probe_ids``, per token.
+    One prefill of ``probe_ids`` gives the per-token silence and the widths the KV cache stores; the
+    site statistics are read before it, so they hold the counted pass alone."""
+    groups = silence_by_group(snn)
+    profile = token_profile(snn, counts, context=(EVAL_WINDOW - 1) / 2, prefill_tokens=EVAL_WINDOW, kv_bytes=0.0)
+    cache = SpikeKVCache(snn)
+    per_token = silence_per_token(snn, probe_ids, cache)
+    kv = replace(profile.attention, snn_kv_bytes=cache.stored_bytes_per_element())
+    section = energy_total(replace(profile, attention=kv))
+    section["silence"] = {"per_group": groups, "per_token": per_token}
     return section
 
 

@@ -50,7 +50,7 @@ def conversion_log(out) -> str:
         q = out.quantization
         lines += ["", f"== 8-bit weights: {q['backend']} ({q['layers']} layers, max rel error "
                       f"{q['max_rel_error']:.3g}) =="] + list(q["paths"])
-    silence = getattr(out, "silence", None)
+    silence = out.silence
     if silence:
         lines += ["", f"== dead zones: KL {silence['kl']:.4g} (budget {silence['config']['budget']}), top-1 vs the SNN "
                       f"without them {silence['top1_vs_dense']:.3f}, {silence['bytes_share_silenced']:.1%} of the rows' "
@@ -68,7 +68,7 @@ def run_record(out) -> dict:
         "source": out.source,
         "options": out.options.to_dict(),
         "finetune": out.finetune,
-        "silence": getattr(out, "silence", None),
+        "silence": out.silence,
         "texts": {"calibration": out.calib_stream.describe(), "evaluation": out.eval_stream.describe()},
         "step_seconds": out.step_seconds, "conversion_seconds": out.conversion_seconds,
     }
