@@ -94,9 +94,10 @@ def banner(args, config: dict, engine, session) -> str:
     source = config.get("source", {}).get("model_id") or config["options"].get("model_name")
     saved_T = f", calibrated at T={config['timesteps']}" if engine.kind == "snn" else ""
     settings = ", ".join(f"{k}={v}" for k, v in session.describe().items())
-    weight = engine.model.get_input_embeddings().weight
-    dtype = str(weight.dtype).removeprefix("torch.")
-    return (f"STAC chat with {what} of {source} on {weight.device} in {dtype}{saved_T}\n"
+    from stac_common.runtime import embedding_dtype, input_device
+
+    dtype = str(embedding_dtype(engine.model)).removeprefix("torch.")
+    return (f"STAC chat with {what} of {source} on {input_device(engine.model)} in {dtype}{saved_T}\n"
             f"settings: {settings}; context {engine.limit} tokens\n"
             f"format: {session.fmt.describe()}\n"
             ":help lists the commands; Ctrl-C stops a reply, Ctrl-D ends the session")

@@ -98,6 +98,14 @@ def build_parser() -> Parser:
     flag(g, "surrogate_function", metavar="NAME", help="SpikingJelly surrogate gradient for the fine-tune, e.g. "
                                                        "Sigmoid, ATan (default Sigmoid)")
     stac_cli.seed_flag(g, unset=True, help="seed of the calibration sampling (default 0)")
+    g = p.add_argument_group("models larger than memory")
+    flag(g, "layerwise", action=argparse.BooleanOptionalAction,
+         help="convert one decoder layer at a time, the source model's weights read from disk as each layer "
+              "needs them (same thresholds and weights as the whole-model conversion; default: on with "
+              "--max_memory, else off)")
+    flag(g, "max_memory", metavar="DEV=SIZE[,DEV=SIZE]",
+         help="memory budget per device in accelerate's notation, e.g. cpu=8GiB or 0=20GiB,cpu=8GiB; converts "
+              "layer by layer and records the measured peak against it in the report")
     g = p.add_argument_group("verification and output")
     flag(g, "verify", action=argparse.BooleanOptionalAction,
          help="measure the SNN against the ANN and write report.json (default: on); with --model_dir, "

@@ -28,6 +28,7 @@ from torch import nn
 
 from bench.timing import model_latency
 from stac_lm.eval.perplexity import evaluate_lm, windows
+from stac_common.runtime import input_device
 
 SITE_KINDS = ("input", "query", "key", "value", "mlp")
 SPIKING_SITES = ("signed IF encoders (positive + negative ActivationAwareIFNode, per-channel threshold) at: the "
@@ -112,7 +113,7 @@ def calibrate_peer(qwen: nn.Module, ids: torch.Tensor, config, window: int = 512
     """SpikingJelly's ``calibrate_qwen2_snn`` over ``window``-token windows of the 1-D ``ids``."""
     from spikingjelly.activation_based.ann2snn.recipes import calibrate_qwen2_snn
 
-    device = qwen.get_input_embeddings().weight.device
+    device = input_device(qwen)
     batches = [{"input_ids": b.to(device), "attention_mask": torch.ones_like(b, device=device)}
                for b in windows(ids, window).split(batch_size)]
     return calibrate_qwen2_snn(qwen, batches, config)
@@ -203,7 +204,7 @@ def run_peer(model: nn.Module, ids_calib: torch.Tensor, ids_eval: torch.Tensor, 
         qwen = llama_to_qwen2(model)
     calibration = calibrate_peer(qwen, ids_calib, config, window, calib_batch_size)
     peer = convert_peer(qwen, calibration, config, stats_calls=-(-stats_windows // batch_size))
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     lm = evaluate_lm({"ann": model, "peer": peer}, ids_eval.to(device), window=window, batch_size=batch_size,
                      reference="ann", progress=progress)
     spikes = {"per_site_kind": peer.spike_summary(),

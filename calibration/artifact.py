@@ -112,12 +112,13 @@ class Calibration:
     model_id: str = ""
     stats: dict[str, dict] = field(default_factory=dict)
 
-    def check_against(self, model: nn.Module, T: int | None = None) -> None:
-        """Raise ``ValueError`` listing every way ``model`` (its sites) or ``T`` differs from this calibration."""
+    def check_against(self, model: nn.Module, T: int | None = None, prefix: str = "") -> None:
+        """Raise ``ValueError`` listing every way ``model`` (its sites) or ``T`` differs from this calibration.
+        ``prefix``: where ``model`` sits in the calibrated model (one decoder layer of it)."""
         problems = []
         if T is not None and T != self.config.T:
             problems.append(f"calibrated for T={self.config.T}, asked for T={T}")
-        found = {name: site for name, site in iter_sites(model)}
+        found = _sites_named(model, prefix)
         for name in sorted(set(self.sites) - set(found)):
             problems.append(f"site {name!r} is in the calibration but not in the model")
         for name in sorted(set(found) - set(self.sites)):
@@ -134,10 +135,11 @@ class Calibration:
             head = f"calibration (model {self.model_id!r}) does not match this model/config:\n  - "
             raise ValueError(head + "\n  - ".join(problems) + "\nre-run calibration for this model and T")
 
-    def apply_to(self, model: nn.Module) -> None:
-        """Check, then copy every site's parameters into ``model`` (T is set from the config)."""
-        self.check_against(model)
-        for name, site in iter_sites(model):
+    def apply_to(self, model: nn.Module, prefix: str = "") -> None:
+        """Check, then copy every site's parameters into ``model`` (T is set from the config).
+        ``prefix``: see :meth:`check_against`."""
+        self.check_against(model, prefix=prefix)
+        for name, site in _sites_named(model, prefix).items():
             p = self.sites[name]
             site.set_params(p.theta, p.psi, p.phi, p.burst, p.dead)
             site.T = self.config.T
@@ -209,6 +211,10 @@ class Calibration:
                 raise ValueError(f"{bad}: site {name!r} has a negative dead zone")
             sites[name] = p
         return cls(config, sites, meta.get("model_id", ""), meta.get("stats", {}))
+
+
+def _sites_named(model: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    return {f"{prefix}.{name}" if prefix else name: site for name, site in iter_sites(model)}
 
 
 def _versions() -> dict[str, str]:

@@ -44,11 +44,13 @@ def calibrate(model: nn.Module, batches: Iterable, config: CalibrationConfig, *,
 
 def observe_sites(model: nn.Module, batches: Iterable, config: CalibrationConfig, *,
                   run_batch: Callable[[nn.Module, Any], None] = default_run_batch,
-                  progress: bool = True) -> tuple[dict[str, tuple[ChannelObserver, bool]], int]:
+                  progress: bool = True, first_index: int = 0) -> tuple[dict[str, tuple[ChannelObserver, bool]], int]:
     """Stream ``batches`` through ``model`` with an observer on every site.
 
     Returns ``({site name: (observer, signed)}, number of samples)``; the observers do not
     depend on T, so one pass serves calibrations for several T (:func:`fit_calibration`).
+    ``first_index``: the position of ``model``'s first site in the whole model (each site's
+    reservoir is seeded by its position, so a part observed alone samples as the whole would).
     """
     sites = list(iter_sites(model))
     if not sites:
@@ -57,7 +59,7 @@ def observe_sites(model: nn.Module, batches: Iterable, config: CalibrationConfig
     observers = {}
     for i, (name, site) in enumerate(sites):
         site.observer = ChannelObserver(site.num_channels, name, reservoir_rows=config.reservoir_rows,
-                                        seed=config.seed + i)
+                                        seed=config.seed + first_index + i)
         observers[name] = (site.observer, site.signed)
         site.mode = SiteMode.ANN
     n_samples = 0

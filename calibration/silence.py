@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import align_module_device
 from torch import nn
 
 from spike_modules.energy import group_name, stored_width
@@ -95,9 +96,10 @@ def driving_sites(model: nn.Module) -> dict[str, tuple[DAQCFSSite, torch.Tensor,
     for m in model.modules():
         if isinstance(m, SpikeLinear):
             site = m._shared.site
-            w = _column_weight(m.linear)
-            entry = out.setdefault(site.name, [site, torch.zeros(site.num_channels, dtype=torch.float64), 0.0])
-            entry[1] += w.double().pow(2).sum(0).cpu()
+            with align_module_device(m.linear):  # an offloaded layer's weights, for the time it is read
+                w = _column_weight(m.linear)
+                entry = out.setdefault(site.name, [site, torch.zeros(site.num_channels, dtype=torch.float64), 0.0])
+                entry[1] += w.double().pow(2).sum(0).cpu()
             entry[2] += w.shape[0] * stored_width(m.linear)[0]
     return {k: (s, w.sqrt().float(), b) for k, (s, w, b) in out.items()}
 

@@ -213,7 +213,7 @@ def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> to
     width = x.shape[-1] if x.dim() else 0
     n = x.numel() // width if width else 0
     if (not n or n > MAX_ROW_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu"
-            or _needs_grad(linear, x)):
+            or _needs_grad(linear, x) or hasattr(linear, "_hf_hook")):  # hooked (offloaded): its forward loads it
         return linear(x)
     int8 = _int8_parts(linear)
     if int8 is None and not row_readable(linear):  # an int8 layer is checked below, from what is at hand

@@ -172,14 +172,19 @@ def is_embedded_lm(name: str | None) -> bool:
     return name is None or name.strip().lower() in EMBEDDED_LM_ALIASES
 
 
-def load_causal_lm(name: str | None = None, dtype=None):
-    """``(model, tokenizer)`` for the embedded SmolLM2 (``name`` None/"embedded") or a hub/local name."""
+def load_causal_lm(name: str | None = None, dtype=None, offload_folder: str | None = None):
+    """``(model, tokenizer)`` for the embedded SmolLM2 (``name`` None/"embedded") or a hub/local name.
+
+    ``offload_folder``: the model's weights stay on disk (accelerate's disk offload, every module
+    loading its own for its forward; what is not a safetensors file in ``dtype`` is written there
+    first). The embedded model always loads whole."""
     if is_embedded_lm(name):
         return load_smollm2(dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    offload = {} if offload_folder is None else {"device_map": {"": "disk"}, "offload_folder": offload_folder}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **offload)
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise not_offline(name, e, EMBEDDED_LM) from None

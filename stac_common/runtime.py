@@ -46,6 +46,28 @@ def place(model: nn.Module, device: torch.device, share: float = 0.4) -> nn.Modu
     return dispatch_model(model, device_map=device_map)
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """The device ``model`` takes its input ids on: where its input embedding computes.
+
+    That is the accelerate hook's execution device when the embedding is dispatched or offloaded
+    (its weight then sits on the meta device), else the device of the embedding's own table
+    (``weight``, or ``weight_int8`` of an int8 embedding, read without decoding the table)."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    table = getattr(embedding, "weight_int8", None)
+    return (table if table is not None else embedding.weight).device
+
+
+def embedding_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype the input embedding computes in (an int8 table's scale dtype)."""
+    embedding = model.get_input_embeddings()
+    scale = getattr(embedding, "scale", None)
+    return scale.dtype if isinstance(scale, torch.Tensor) and getattr(embedding, "weight_int8", None) is not None \
+        else embedding.weight.dtype
+
+
 def machine_info(device: torch.device) -> dict:
     """The machine a figure was measured on: platform, CPUs and threads, device, library versions."""
     info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),

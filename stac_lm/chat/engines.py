@@ -22,6 +22,7 @@ from stac_lm.generate.sampling import SamplingConfig, pick_next
 from spike_modules.site import reset_spike_stats
 
 from stac_lm.checks.verify import spike_section
+from stac_common.runtime import input_device
 
 CONVERSATION = "chat"
 
@@ -154,7 +155,7 @@ class ANNEngine(Engine):
 
     def __init__(self, model: nn.Module, max_context_length: int):
         super().__init__(model.eval(), max_context_length)
-        self.device = model.get_input_embeddings().weight.device
+        self.device = input_device(model)
         self.reset()
 
     def reset(self) -> None:

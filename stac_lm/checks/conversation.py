@@ -35,6 +35,7 @@ from stac_lm.chat.segments import Segment, segments
 from stac_lm.generate.processor import TemporalSpikeProcessor
 from . import gates
 from stac_lm.checks.verify import AT_CAP_BOUND, SATURATION_BOUND, probe_section, spike_checks, spike_section
+from stac_common.runtime import embedding_dtype, input_device
 
 REL_TOL = 1e-6       # float64: relative logit error (Frobenius) within which two computations are equal
 TOP1_MIN = 1.0       # float64: share of positions whose top-1 token must agree
@@ -82,7 +83,7 @@ def exact_processor(proc: TemporalSpikeProcessor) -> TemporalSpikeProcessor:
 
 def tolerances(proc: TemporalSpikeProcessor) -> tuple[float, float, str]:
     """``(relative error bound, top-1 share bound, label)`` for the precision ``proc`` runs in."""
-    if proc.model.get_input_embeddings().weight.dtype == torch.float64:
+    if embedding_dtype(proc.model) == torch.float64:
         return REL_TOL, TOP1_MIN, "float64"
     return F32_REL_TOL, F32_TOP1_MIN, "float32"
 
@@ -172,7 +173,7 @@ def cache_contract(proc: TemporalSpikeProcessor, tokenizer) -> tuple[list[dict],
 @torch.no_grad()
 def one_pass(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Logits ``[n, V]`` of one full pass over ``ids`` from position 0, without the processor."""
-    ids = ids.to(model.get_input_embeddings().weight.device)
+    ids = ids.to(input_device(model))
     pos = torch.arange(ids.numel(), device=ids.device)[None]
     return model(input_ids=ids[None], position_ids=pos, use_cache=False).logits[0]
 
@@ -289,7 +290,7 @@ def spike_rates(proc: TemporalSpikeProcessor, tokenizer, calibration=None) -> tu
 
 def gate_rows(proc: TemporalSpikeProcessor, ids: torch.Tensor, calibration, measured: dict) -> list[dict]:
     """verify's pass-through and activity gates (``stac_lm.checks.gates``) as rows, on one pass over ``ids``."""
-    dev = proc.model.get_input_embeddings().weight.device
+    dev = input_device(proc.model)
     probe = probe_section(None, proc.model, ids.to(dev)[None], proc.T, calibration)
     reset_spike_stats(proc.model)
     leak = max(probe["pass_through_share"].values())

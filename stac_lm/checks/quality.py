@@ -26,6 +26,7 @@ from stac_lm.chat.segments import Segment, segments
 from stac_lm.checks.conversation import check, feed, info, one_pass
 from stac_lm.generate.processor import TemporalSpikeProcessor
 from stac_lm.convert.texts import as_chat, chitchat_data, turn_texts
+from stac_common.runtime import input_device
 
 EXCHANGES = 4              # user/assistant pairs per chit-chat conversation
 # the converter issue's full-mode targets on Shakespeare (perplexity ratio SNN/ANN, top-1 agreement)
@@ -49,7 +50,7 @@ def _ids(segs: list[Segment]) -> torch.Tensor:
 
 @torch.no_grad()
 def ann_logits(ann: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    dev = ann.get_input_embeddings().weight.device
+    dev = input_device(ann)
     return ann(input_ids=ids.to(dev)[None], use_cache=False).logits[0].float().cpu()
 
 
@@ -186,7 +187,7 @@ def _fact_scores(logits: torch.Tensor, ids: torch.Tensor, span: slice) -> tuple[
 
 @torch.no_grad()
 def ann_greedy(ann: nn.Module, ids: torch.Tensor, new_tokens: int, stop: set[int]) -> list[int]:
-    dev = ann.get_input_embeddings().weight.device
+    dev = input_device(ann)
     out = ann(input_ids=ids.to(dev)[None], use_cache=True)
     toks: list[int] = []
     while True:

@@ -33,7 +33,7 @@ from spike_modules.energy_profile import silence_by_group, silence_per_token, to
 from spike_modules.energy_total import energy_total
 from spike_modules.kv_cache import SpikeKVCache
 from stac_lm.convert.options import EVAL_WINDOW
-from stac_common.runtime import machine_info
+from stac_common.runtime import input_device, machine_info
 
 SATURATION_BOUND = 0.95     # spikes per neuron per step of a site without bursts; signed sites count |spikes|
 AT_CAP_BOUND = 0.05         # share of a site's (neuron, token) counts at the cap B*T (clipped)
@@ -44,10 +44,6 @@ NEW_TOKENS = 24
 RELU_NOTE = ("--activation relu replaced the model's SiLU/GELU by ReLU without fine-tuning; this damages a "
              "pretrained model, and ppl_relu_ann (the ReLU network without spikes) measures that damage apart "
              "from the spiking error")
-
-
-def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ int8_rounding      nearest [4]            -
 int8_group_size    0 (a scale per row)    -
 int8_head          on (own backend) [5]   - (refused)
 silence_budget     0.015 (weighted) [6]   0 (rate coding refuses dead zones)
+layerwise          off (on with max_memory) [7]
 activation         keep                   keep [3]
 calib_tokens       8192                   2048
 =================  =====================  ==============
@@ -50,6 +51,10 @@ it int8), and the head is read for every decoded token. Put on the saved float-h
 kept), perplexity ratio 1.0085 against 1.0068, top-1 agreement 0.942 against 0.943 on The Tempest
 (``docs/int8_head_check.json``). Off with other backends (refused: only ``own`` builds it). Options
 saved before this option existed read back as off, which is what those runs did.
+[7] ``layerwise`` (``--layerwise``, on by itself with ``--max_memory``) converts one decoder layer at a
+time with the source model's weights on disk (``stac_lm.convert.layerwise``); the thresholds and
+weights are those of the whole-model path. ``max_memory`` is the budget it is checked against (the
+report records the measured peak). Options saved before it read back as the whole-model path.
 [6] Dead zones (``calibration.silence``): per site, channels whose input adds little to the readers'
 outputs stay silent for the token, so their weight rows are not read; the shares are allocated over
 the sites for the most bytes left unread within this budget, the mean KL divergence (nats per token)
@@ -95,6 +100,37 @@ def surrogate_names() -> tuple[str, ...]:
     base = surrogate.SurrogateFunctionBase
     return tuple(sorted(n for n, c in inspect.getmembers(surrogate, inspect.isclass)
                         if issubclass(c, base) and c is not base))
+
+
+def parse_max_memory(value) -> dict[str, str]:
+    """A memory budget per device in accelerate's notation, ``{"cpu": "6GiB", "0": "20GiB"}``, from
+    that dict or from ``"cpu=6GiB,0=20GiB"``; device keys are ``cpu`` or a CUDA index.
+
+    Raises:
+        ValueError: another device name, or a size accelerate cannot read.
+    """
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(value, str):
+        pairs = [part.split("=", 1) for part in value.replace(" ", ",").split(",") if part]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"--max_memory {value!r}: give DEVICE=SIZE pairs, e.g. cpu=6GiB or cpu=6GiB,0=20GiB")
+        value = dict(pairs)
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"max_memory must map devices to sizes, e.g. {{'cpu': '6GiB'}}, got {value!r}")
+    out = {}
+    for device, size in value.items():
+        device = str(device)
+        if device != "cpu" and not device.isdigit():
+            raise ValueError(f"--max_memory: unknown device {device!r}; use cpu or a CUDA index such as 0")
+        try:
+            if convert_file_size_to_int(size) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--max_memory {device}={size}: not a size; write it as accelerate does, e.g. 6GiB "
+                             "or 500MB") from None
+        out[device] = str(size)
+    return out
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
@@ -149,6 +185,8 @@ class ConvertOptions:
     use_sparse: bool = False
     verify: bool = True
     seed: int = 0
+    layerwise: bool | None = None
+    max_memory: dict | None = None
 
     def __post_init__(self):
         # spike_modules imports torch: here, not at the top, so the CLI's --help does not load it
@@ -251,6 +289,20 @@ class ConvertOptions:
         if self.use_sparse and not self.verify:
             raise ValueError("--use_sparse applies to the sequential simulation, which only verification runs; "
                              "drop --no-verify or --use_sparse")
+        if self.max_memory is not None:
+            set_("max_memory", parse_max_memory(self.max_memory))
+        if self.layerwise is None:
+            set_("layerwise", self.max_memory is not None)  # a memory budget converts layer by layer
+        if not isinstance(self.layerwise, bool):
+            raise ValueError(f"layerwise must be true or false, got {self.layerwise!r}")
+        if self.max_memory is not None and not self.layerwise:
+            raise ValueError("--max_memory bounds a layer-by-layer conversion; drop --no-layerwise or --max_memory")
+        if self.layerwise and self.finetune_steps:
+            raise ValueError("--finetune_steps with --layerwise: the fine-tune trains the whole model at once, which "
+                             "layer-by-layer conversion exists to avoid; convert the whole model, or drop --finetune_steps")
+        if self.layerwise and self.quant_backend not in ("own", "none"):
+            raise ValueError(f"--layerwise builds 8-bit weights with --quant_backend own only (asked: "
+                             f"{self.quant_backend}); use --quant_backend own or convert the whole model at once")
         self._check_texts()
         names = surrogate_names()  # last: the only check that imports SpikingJelly (and torch)
         if self.surrogate_function not in names:
@@ -302,6 +354,8 @@ class ConvertOptions:
             d = dict(d, silence_budget=0.0)
         if "quant_backend" in d and "int8_head" not in d:  # saved before the int8 head: the head stayed float
             d = dict(d, int8_head=False)
+        if "seed" in d and "layerwise" not in d:  # saved before layer-by-layer conversion: whole model
+            d = dict(d, layerwise=False)
         return cls(**d)
 
     @classmethod

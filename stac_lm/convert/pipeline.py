@@ -7,6 +7,9 @@ directory is checked before any work, and written atomically at the end.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +26,12 @@ from spike_modules.conversion import ConversionConfig, convert
 from stac_common.assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, not_offline, smollm2_gguf
 from stac_common.io import check_output_free, sha256_file, write_json
 
+from stac_lm.convert.layerwise import convert_layerwise, peak_memory
 from stac_lm.convert.options import EVAL_WINDOW, ConvertOptions
 from stac_lm.convert.replies import ann_reply_windows
-from stac_common.runtime import StepTimer, place, resolve_device
+from stac_common.runtime import StepTimer, input_device, place, resolve_device
 from stac_lm.convert.texts import TokenStream, calibration_batches, finetune_windows, load_streams
-from stac_lm.checks.verify import input_device, verify
+from stac_lm.checks.verify import verify
 
 CALIB_SEQ = 512  # tokens per calibration window (shorter only if the model or the text is shorter)
 REPLY_WINDOWS = 128  # --finetune_text replies: ANN replies to distil on, cycled when there are more steps
@@ -51,6 +55,7 @@ class Converted:
     quantization: dict | None = None
     finetune: dict | None = None
     silence: dict | None = None
+    memory: dict | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)
     conversion_seconds: float = 0.0
     report: dict | None = None
@@ -125,10 +130,20 @@ def check_architecture(model_name: str) -> None:
     check_supported(config)  # the family's own refusals (ALiBi, cross-attention, ...)
 
 
-def load_source(model_name: str) -> tuple[nn.Module, object]:
-    """The source model (float32, eval mode) and its tokenizer, after :func:`check_architecture`."""
+def load_source(model_name: str, offload: bool = False) -> tuple[nn.Module, object]:
+    """The source model (float32, eval mode) and its tokenizer, after :func:`check_architecture`.
+
+    ``offload``: every module's weights stay on disk (accelerate's disk offload, reading the
+    checkpoint's safetensors) and load, in float32, for that module's forward alone. The embedded
+    SmolLM2 (a GGUF file, 135M parameters) loads whole either way."""
     check_architecture(model_name)
-    model, tok = load_causal_lm(None if is_embedded_lm(model_name) else model_name, dtype=torch.float32)
+    embedded = is_embedded_lm(model_name)
+    folder = None
+    if offload and not embedded:
+        folder = tempfile.mkdtemp(prefix="stac-offload-")
+    model, tok = load_causal_lm(None if embedded else model_name, dtype=torch.float32, offload_folder=folder)
+    if folder is not None:
+        weakref.finalize(model, shutil.rmtree, folder, True)  # what accelerate wrote there goes with the model
     return model.eval(), tok
 
 
@@ -182,7 +197,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     step = StepTimer(console, progress)
 
     with step("load model", spinner=True):
-        ann, tok = load_source(opts.model_name)
+        ann, tok = load_source(opts.model_name, offload=opts.layerwise)
         source = source_info(opts.model_name, ann)
     positions = max_positions(ann)
     if positions is not None and positions < EVAL_WINDOW:
@@ -192,11 +207,66 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         calib, evals = load_streams(tok, opts.calib_text, opts.calib_tokens, opts.eval_text, opts.eval_tokens)
         seq = min(CALIB_SEQ, opts.calib_tokens, positions or CALIB_SEQ)
         batches = calibration_batches(calib.ids, seq)
+    cfg = ConversionConfig(T=opts.timesteps, mode=opts.mode, activation=opts.activation, coding=opts.coding,
+                           spike_head=opts.spike_head, spike_probs=opts.spike_probs)
+    # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
+    ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
+                             max_burst=opts.max_burst, burst_budget=opts.burst_budget or None,
+                             seed=opts.seed, fit_affine=not opts.simplified, coding=opts.coding)
+    if opts.layerwise:
+        if not hasattr(ann, "hf_device_map"):
+            ann = place(ann, device)
+        batches = [b.to(device) for b in batches]
+        folder = tempfile.mkdtemp(prefix="stac-snn-offload-")  # the converted layers' weights until saved
+        with step("convert, 8-bit weights and calibrate, layer by layer"):
+            snn, calibration, quantization, per_layer = convert_layerwise(
+                ann, cfg, batches, ccfg, backend=opts.quant_backend, rounding=opts.int8_rounding,
+                group_size=opts.int8_group_size, int8_head=opts.int8_head, device=device,
+                model_id=source["model_id"], offload_folder=folder, progress=progress)
+            weakref.finalize(snn, shutil.rmtree, folder, True)
+            set_mode(snn, "parallel")
+    else:
+        snn, calibration, quantization, batches = _convert_whole(ann, cfg, ccfg, opts, batches, device, step,
+                                                                 source["model_id"], progress)
+        ann = place(ann, device)
+        per_layer = None
+    dev = input_device(snn)
+    out = Converted(opts, ann, snn, tok, cfg, calibration, calib, evals, source, device, quantization)
+    out.memory = {"layerwise": opts.layerwise, "max_memory": opts.max_memory, "seconds_per_layer": per_layer}
+    if opts.finetune_steps:
+        with step(f"fine-tune ({opts.finetune_steps} steps)"):
+            if opts.finetune_text == "replies":
+                windows, ft_tokens = ann_reply_windows(ann, tok, min(opts.finetune_steps, REPLY_WINDOWS))
+            else:
+                windows, ft_tokens = finetune_windows(tok, opts.calib_text, opts.finetune_steps, min(FINETUNE_SEQ, seq))
+            out.finetune = finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
+                                    opts.surrogate_function, progress,
+                                    weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
+            out.finetune["tokens"] = ft_tokens
+    if opts.silence_budget:
+        with step(f"dead zones (budget KL {opts.silence_budget})"):  # after any fine-tune: the thresholds are final
+            out.silence = calibrate_silence_(snn, batches, SilenceConfig(budget=opts.silence_budget))
+    out.conversion_seconds = sum(step.seconds.values())
+    out.memory["conversion"] = peak_memory(device)
+    if opts.verify:
+        with step("verify"):
+            out.report = verify(ann, snn, tok, evals.ids, T=opts.timesteps, activation=opts.activation,
+                                mode=opts.mode, calibration=ccfg, coding=getattr(opts, "coding", None),
+                                use_sparse=opts.use_sparse, progress=progress, console=step.console)
+    out.step_seconds = dict(step.seconds)
+    out.memory.update(peak_memory(device))
+    out.memory["within_budget"] = within_budget(out.memory["peak_rss_bytes"], opts.max_memory)
+    with step("save", spinner=True):
+        save_snn(out, opts.output_dir, overwrite=opts.overwrite)
+    return out
+
+
+def _convert_whole(ann: nn.Module, cfg: ConversionConfig, ccfg: CalibrationConfig, opts: ConvertOptions, batches: list,
+                   device: torch.device, step: StepTimer, model_id: str, progress: bool) -> tuple:
+    """The whole-model path: convert a copy of ``ann``, round every linear to 8 bits, calibrate every
+    site in one pass. Returns ``(snn, calibration, quantization summary or None, batches on its device)``."""
     with step("convert", spinner=True):
-        cfg = ConversionConfig(T=opts.timesteps, mode=opts.mode, activation=opts.activation, coding=opts.coding,
-                               spike_head=opts.spike_head, spike_probs=opts.spike_probs)
-        snn = convert(ann, cfg)
-        ann, snn = place(ann, device), place(snn, device)
+        snn = place(convert(ann, cfg), device)
     dev = input_device(snn)
     batches = [b.to(dev) for b in batches]
     quantization = None
@@ -212,37 +282,19 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
                                              head=opts.int8_head)
             del hessians
     with step("calibrate"):
-        # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
-        ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
-                                 max_burst=opts.max_burst, burst_budget=opts.burst_budget or None,
-                                 seed=opts.seed, fit_affine=not opts.simplified, coding=opts.coding)
-        calibration = calibrate(snn, batches, ccfg, model_id=source["model_id"], progress=progress)
+        calibration = calibrate(snn, batches, ccfg, model_id=model_id, progress=progress)
         calibration.apply_to(snn)
         set_mode(snn, "parallel")
-    out = Converted(opts, ann, snn, tok, cfg, calibration, calib, evals, source, device, quantization)
-    if opts.finetune_steps:
-        with step(f"fine-tune ({opts.finetune_steps} steps)"):
-            if opts.finetune_text == "replies":
-                windows, ft_tokens = ann_reply_windows(ann, tok, min(opts.finetune_steps, REPLY_WINDOWS))
-            else:
-                windows, ft_tokens = finetune_windows(tok, opts.calib_text, opts.finetune_steps, min(FINETUNE_SEQ, seq))
-            out.finetune = finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
-                                    opts.surrogate_function, progress,
-                                    weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
-            out.finetune["tokens"] = ft_tokens
-    if opts.silence_budget:
-        with step(f"dead zones (budget KL {opts.silence_budget})"):  # after any fine-tune: the thresholds are final
-            out.silence = calibrate_silence_(snn, batches, SilenceConfig(budget=opts.silence_budget))
-    out.conversion_seconds = sum(step.seconds.values())
-    if opts.verify:
-        with step("verify"):
-            out.report = verify(ann, snn, tok, evals.ids, T=opts.timesteps, activation=opts.activation,
-                                mode=opts.mode, calibration=ccfg, coding=getattr(opts, "coding", None),
-                                use_sparse=opts.use_sparse, progress=progress, console=step.console)
-    out.step_seconds = dict(step.seconds)
-    with step("save", spinner=True):
-        save_snn(out, opts.output_dir, overwrite=opts.overwrite)
-    return out
+    return snn, calibration, quantization, batches
+
+
+def within_budget(peak_rss: int, max_memory: dict | None) -> bool | None:
+    """Whether the measured peak resident memory kept the ``cpu`` budget (None: no budget given)."""
+    if not max_memory or "cpu" not in max_memory:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    return peak_rss <= convert_file_size_to_int(max_memory["cpu"])
 
 
 def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_tokens: int | None = None,

@@ -14,6 +14,7 @@ from torch import nn
 
 from stac_lm.eval.fidelity import chat_ids, left_padded, stop_ids
 from stac_lm.eval.prompts import chitchat_openings, opening_turns
+from stac_common.runtime import input_device
 
 REPLY_TOKENS = 48  # as many new tokens as the generation benchmark lets a reply have
 REPLY_BATCH = 16  # prompts decoded together
@@ -43,7 +44,7 @@ def ann_reply_windows(ann: nn.Module, tokenizer, n: int, new_tokens: int = REPLY
     ``generate``, greedy), each cut at its first end-of-turn token.
     Returns ``(windows on the ANN's device, tokens in all)``.
     """
-    device = ann.get_input_embeddings().weight.device
+    device = input_device(ann)
     stop = stop_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     prompts = [chat_ids(tokenizer, text)[0] for text in reply_openings(n)]

@@ -22,7 +22,7 @@ def assemble_report(measured: dict, config: dict) -> dict:
         conversion_seconds_covers="load, texts, convert, calibrate, 8-bit weights and fine-tune (not verify or save)",
         calib_tokens=texts["calibration"]["tokens_used"], eval_tokens=texts["evaluation"]["tokens_used"],
         texts=texts, quantization=config["quantization"]["summary"], finetune=config["finetune"],
-        silence=config.get("silence"),
+        silence=config.get("silence"), memory=config.get("memory"),
         verified_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     missing = [k for k in REQUIRED if k not in report]
@@ -64,6 +64,15 @@ def _peak(peak: dict | None) -> str:
     return f"{peak['spikes']:,.0f} (T={peak['timesteps']}, {peak['site'].removeprefix('model.')})"
 
 
+def _memory(m: dict | None) -> str:
+    """Peak resident memory of the run, and the budget it was held to (older reports have none)."""
+    if not m or "peak_rss_bytes" not in m:
+        return "-"
+    way = "layer by layer" if m.get("layerwise") else "whole model"
+    budget = f", budget {m['max_memory']['cpu']}" if (m.get("max_memory") or {}).get("cpu") else ""
+    return f"{m['peak_rss_bytes'] / 2**30:.2f} GiB ({way}{budget})"
+
+
 def report_table(report: dict) -> Table:
     """The summary table ``make demo`` prints."""
     table = Table(title=f"STAC SNN: {report['model']}, {report['mode']} mode, T={report['timesteps']}",
@@ -84,6 +93,7 @@ def report_table(report: dict) -> Table:
         ("parallel vs sequential top-1 (not gated)", report["sequential"]["top1_agreement"]),
         ("sequential counts off the parallel ones", report["sequential"]["sites"]["off_share"]),
         ("conversion seconds", report["conversion_seconds"]),
+        ("peak resident memory", _memory(report.get("memory"))),
         ("eval tokens / calib tokens", f"{report['eval_tokens']} / {report['calib_tokens']}"),
     ]
     if "ppl_relu_ann" in report:

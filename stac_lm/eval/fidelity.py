@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from stac_common.runtime import input_device
 
 FIRST_N = 16
 
@@ -60,7 +61,7 @@ def stop_ids(tokenizer) -> set[int]:
 def greedy_reply(model: nn.Module, prompt: torch.Tensor, new_tokens: int, stop: set[int]) -> list[int]:
     """Greedy continuation of ``prompt [1, S]`` with the KV cache, up to ``new_tokens`` or a stop token
     (not included)."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     out = model(prompt.to(device), use_cache=True, logits_to_keep=1)
     reply: list[int] = []
     for _ in range(new_tokens):
@@ -78,7 +79,7 @@ def reply_logits(model: nn.Module, prompt: torch.Tensor, reply: list[int]) -> to
     """``[len(reply), vocab]`` logits (float32, on the CPU) of ``model`` for each of ``reply``'s tokens,
     teacher-forced: one full pass over prompt and reply; the reply's first token is predicted from
     the prompt."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     ids = torch.cat([prompt, torch.tensor([reply])], dim=1).to(device)
     return model(ids).logits[0, prompt.shape[1] - 1: -1].float().cpu()
 

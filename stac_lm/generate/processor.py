@@ -30,6 +30,7 @@ from spike_modules.site import iter_sites, set_mode, set_timesteps
 
 from stac_lm.convert.pipeline import max_positions
 from stac_lm.generate.sampling import SamplingConfig, pick_next
+from stac_common.runtime import input_device
 
 DEFAULT_ID = "default"
 
@@ -200,7 +201,7 @@ class TemporalSpikeProcessor:
         positions = max_positions(snn_model)
         self.max_context_length = min(max_context_length, positions) if positions else max_context_length
         self.pad_token_id = int(pad_token_id)
-        self.device = snn_model.get_input_embeddings().weight.device
+        self.device = input_device(snn_model)
         self.conversations: dict[str, Conversation] = {}
         self.float_weight_bytes = keep_float_weights(snn_model) if float_weights else 0
 

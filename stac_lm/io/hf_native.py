@@ -15,7 +15,9 @@ Layout of a saved directory::
     generation_config.json    its generation defaults
     stac_conversion.json      the conversion: format, source model, mode, T, options, converter and
                               calibration configs, 8-bit paths, versions, sha256 of the tensor files
-    snn_model.safetensors     the converted model's state dict (tied embeddings stored once); not
+    snn_model.safetensors     the converted model's state dict (tied embeddings stored once; a model
+                              converted layer by layer: shards of at most 1 GiB, snn_model-00001-of-000NN
+                              .safetensors, ..., and snn_model.safetensors.index.json); not
                               ``model.safetensors``, so ``AutoModelForCausalLM.from_pretrained`` refuses
                               the directory instead of loading the spiking weights into a float model
     calibration.safetensors   per-site theta/psi/phi/burst (+ calibration.json), taken from the
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -50,6 +53,7 @@ from spike_modules import iter_sites, set_mode
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.kv_cache import SpikeKVCache
 from stac_common.io import atomic_dir, read_saved_config, sha256_file, write_json
+from stac_lm.io.offload import is_offloaded, module_state, read_shards, weight_files, write_shards
 
 FORMAT = "stac-snn"
 FORMAT_VERSION = 2          # 1: the one-config.json layout (still read, see _load_legacy)
@@ -253,7 +257,11 @@ def write_pretrained(model: SpikingCausalLM, directory: str | Path, overwrite: b
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the model has no tokenizer to save with it; set model.tokenizer")
     with atomic_dir(directory, overwrite) as tmp:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if is_offloaded(model):  # layers on disk: written one shard at a time, as they load
+            written = write_shards(module_state(model), tmp, WEIGHTS_FILE)
+        else:
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            written = [WEIGHTS_FILE]
         calibration_from_model(model, model.stac_calibration).write_files(tmp)
         model.tokenizer.save_pretrained(str(tmp))
         hf = model.config.to_dict()
@@ -263,7 +271,7 @@ def write_pretrained(model: SpikingCausalLM, directory: str | Path, overwrite: b
         write_json(tmp / CONFIG_FILE, hf)
         if model.can_generate():
             model.generation_config.save_pretrained(str(tmp))
-        conversion = conversion_record(model, {n: sha256_file(tmp / n) for n in (WEIGHTS_FILE, CALIB_FILES[0])})
+        conversion = conversion_record(model, {n: sha256_file(tmp / n) for n in (*written, CALIB_FILES[0])})
         if extra is not None:
             extra(tmp, conversion)
         write_json(tmp / CONVERSION_FILE, conversion)
@@ -298,11 +306,12 @@ def _is_legacy(d: Path) -> bool:
 
 def _read_current(d: Path, bad: str) -> tuple[dict, dict, Path]:
     """``(conversion, hf config dict, tokenizer folder)`` of a directory of this layout."""
-    missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE, *CALIB_FILES, CONVERSION_FILE, TOKENIZER_FILE)
+    weights = WEIGHTS_FILE if weight_files(d, WEIGHTS_FILE) is None else f"{WEIGHTS_FILE}.index.json"
+    missing = [n for n in (CONFIG_FILE, weights, *CALIB_FILES, CONVERSION_FILE, TOKENIZER_FILE)
                if not (d / n).is_file()]
     if missing:
         raise ValueError(f"{bad}: missing {', '.join(missing)} (not a complete STAC SNN directory)")
-    conversion = read_saved_config(d, bad, CONVERSION_FILE, (WEIGHTS_FILE, *CALIB_FILES, CONFIG_FILE), (), FORMAT,
+    conversion = read_saved_config(d, bad, CONVERSION_FILE, (weights, *CALIB_FILES, CONFIG_FILE), (), FORMAT,
                                    FORMAT_VERSION, "STAC SNN", REDO)
     try:
         hf = json.loads((d / CONFIG_FILE).read_text())
@@ -363,7 +372,13 @@ def _load(d: Path, device: str | torch.device) -> tuple[SpikingCausalLM, dict, d
     except (KeyError, TypeError, ValueError) as e:
         where = CONFIG_FILE if legacy else f"{CONFIG_FILE} / {CONVERSION_FILE}"
         raise ValueError(f"{bad}: {where} does not describe a model ({type(e).__name__}: {e})") from None
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    shards = None if legacy else weight_files(d, WEIGHTS_FILE)
+    if shards is None:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    else:  # a sharded (large) model: built empty, every tensor then comes from its shard
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model.tie_weights()
     convert_(model, conv_cfg)
     if paths:
         if backend not in SAVEABLE_INT8:
@@ -378,7 +393,12 @@ def _load(d: Path, device: str | torch.device) -> tuple[SpikingCausalLM, dict, d
         except ValueError as e:
             raise ValueError(f"{bad}: {e}") from None
     try:
-        load_model(model, str(d / WEIGHTS_FILE), strict=True)
+        if shards is None:
+            load_model(model, str(d / WEIGHTS_FILE), strict=True)
+        else:
+            missing = read_shards(model, shards)
+            if missing:
+                raise RuntimeError(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}")
     except (RuntimeError, SafetensorError) as e:
         msg = " ".join(str(e).split())[:600]
         raise ValueError(f"{bad}: {WEIGHTS_FILE} does not fit the model rebuilt from {CONFIG_FILE}: {msg}") from None

@@ -69,6 +69,7 @@ def run_record(out) -> dict:
         "options": out.options.to_dict(),
         "finetune": out.finetune,
         "silence": out.silence,
+        "memory": out.memory,
         "texts": {"calibration": out.calib_stream.describe(), "evaluation": out.eval_stream.describe()},
         "step_seconds": out.step_seconds, "conversion_seconds": out.conversion_seconds,
     }
