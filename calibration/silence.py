@@ -105,8 +105,9 @@ def driving_sites(model: nn.Module) -> dict[str, tuple[DAQCFSSite, torch.Tensor,
 
 
 @torch.no_grad()
-def _scores(model: nn.Module, sites: dict, batches: list, max_scores: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Sorted scores ``|y| w`` per site over ``batches`` (a random subset of ``max_scores`` at most)."""
+def _score_curves(model: nn.Module, sites: dict, batches: list, max_scores: int, seed: int = 0) -> dict[str, tuple]:
+    """Per site, the :func:`_curves` of its scores ``|y| w`` over ``batches`` (a random subset of ``max_scores``
+    at most); each site's sorted scores are made, used and dropped in turn, so one site's are in memory."""
     found: dict[str, list[torch.Tensor]] = {n: [] for n in sites}
 
     def hook(name):
@@ -122,14 +123,15 @@ def _scores(model: nn.Module, sites: dict, batches: list, max_scores: int, seed:
         for h in handles:
             h.remove()
     g = torch.Generator().manual_seed(seed)
+    never = [name for name, parts in found.items() if not parts]
+    if never:
+        raise ValueError(f"site {never[0]!r} never ran on the calibration text; dead zones cannot be placed")
     out = {}
-    for name, parts in found.items():
-        if not parts:
-            raise ValueError(f"site {name!r} never ran on the calibration text; dead zones cannot be placed")
-        s = torch.cat(parts)
+    for name in list(found):
+        s = torch.cat(found.pop(name))
         if s.numel() > max(max_scores, MIN_SCORES):
             s = s[torch.randperm(s.numel(), generator=g)[:max_scores]]
-        out[name] = torch.sort(s.double()).values
+        out[name] = _curves(torch.sort(s).values.double())  # float32 sorted, then widened: the same values
     return out
 
 
@@ -228,8 +230,8 @@ def _place(model: nn.Module, sites: dict, batches: list, config: SilenceConfig, 
     batches = [w[None] for b in batches for w in b]  # one window per forward: the statistics stay small
     stat = batches[: config.stat_windows]
     held = batches[config.stat_windows: config.stat_windows + config.eval_windows] or batches[: config.eval_windows]
-    scores = _scores(model, sites, stat, config.max_scores)
-    curves = {n: (*_curves(scores[n]), sites[n][2], sites[n][0].num_channels) for n in sites}
+    curves = {n: (*c, sites[n][2], sites[n][0].num_channels)
+              for n, c in _score_curves(model, sites, stat, config.max_scores).items()}
     dense = _log_probs(model, held)
     alphas = _alphas(model, sites, curves, held, dense, config.probe)
     total_bytes = sum(c[3] * c[4] for c in curves.values())

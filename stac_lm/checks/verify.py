@@ -132,11 +132,17 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
     With ``ann``, also the SNN's relative logit error against it.
     """
     sites = dict(iter_sites(snn))
-    observers = {n: ChannelObserver(s.num_channels, n, reservoir_rows=0) for n, s in sites.items()}
+    rule = replace(calib, T=T, fit_affine=False)
+    fitted: dict = {}
     leak = {n: [0, 0] for n in sites}
 
     def measure(name, site, x, y):
-        observers[name].update(torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0))  # a broken site may feed inf on
+        # fitted here, from this one call: a model's histograms together would not fit in memory
+        if name in fitted:
+            raise ValueError(f"site {name!r} ran twice in one probe pass; the activity gate needs one call per site")
+        observer = ChannelObserver(site.num_channels, name, reservoir_rows=0)
+        observer.update(torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0))  # a broken site may feed inf on
+        fitted[name] = fit_site(observer, rule, site.signed)[0]
         x, y = x.detach().float(), y.detach().float()
         step = (site.theta.detach() / getattr(site, "levels", site.T)).float()
         v = site.phi.detach().float() * (x + site.psi.detach().float())
@@ -150,8 +156,6 @@ def probe_section(ann: nn.Module | None, snn: nn.Module, ids: torch.Tensor, T: i
     with site_hooks(snn, measure):
         logits = snn(ids).logits.float()
     measured = {n: s.spike_rate for n, s in sites.items()}
-    rule = replace(calib, T=T, fit_affine=False)
-    fitted = {n: fit_site(observers[n], rule, sites[n].signed)[0] for n in sites}
     spikes = {n: [0.0, 0] for n in sites}
 
     def predict(name, site, x, y):
