@@ -48,6 +48,9 @@ def build_parser() -> Parser:
          help="tokens of conversation the model keeps; the oldest turns go beyond it (default 2048, at most "
               "the model's positions)")
     flag(p, "system", metavar="PROMPT", help="a system message, for chat templates that take one")
+    flag(p, "max_memory", metavar="cpu=SIZE", help="keep the SNN's weights within SIZE of memory (e.g. cpu=6GiB): the "
+                                                   "decoder layers that do not fit are read from the saved files for "
+                                                   "each token (CPU only)")
     flag(p, "float_weights", action="store_true", help="keep float copies of the 8-bit weights: the same replies, "
                                                         "faster, the original model's weight memory")
     flag(p, "ann", action="store_true", help="chat with the original network (the directory's source model) "
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         engine, tok, config = open_engine(args.model_dir, args.device, args.timesteps, args.max_context_length,
-                                          args.ann, args.float_weights, args.dtype)
+                                          args.ann, args.float_weights, args.dtype, args.max_memory)
         fmt = ChatFormat(tok, args.system, config["hf_config"].get("eos_token_id"))
     except (ValueError, OSError) as e:  # a bad directory or setting; MissingAssetError is an OSError
         fail(str(e))

@@ -25,7 +25,7 @@ from stac_lm.convert.options import ACTIVATIONS, DEVICES, QUANT_BACKENDS, THRESH
 
 PROG = "run_conversion.py"
 # flags that still mean something when verifying a saved directory
-VERIFY_FLAGS = {"model_dir", "verify", "eval_text", "eval_tokens", "device", "use_sparse"}
+VERIFY_FLAGS = {"model_dir", "verify", "eval_text", "eval_tokens", "device", "use_sparse", "max_memory"}
 FLAG_OF = {"model_name": "model_name_or_path"}  # option fields whose flag has another name
 # why --dtype takes float32 only here
 FLOAT32_ONLY = ("conversion calibrates, rounds weights to int8 and verifies in float32, where spike counts are exact "
@@ -105,7 +105,9 @@ def build_parser() -> Parser:
               "--max_memory, else off)")
     flag(g, "max_memory", metavar="DEV=SIZE[,DEV=SIZE]",
          help="memory budget per device in accelerate's notation, e.g. cpu=8GiB or 0=20GiB,cpu=8GiB; converts "
-              "layer by layer and records the measured peak against it in the report")
+              "layer by layer and records the measured peak against it in the report; with --model_dir, the "
+              "saved SNN loads within it (cpu=SIZE, layers that do not fit read from disk) and the source "
+              "model stays on disk")
     g = p.add_argument_group("verification and output")
     flag(g, "verify", action=argparse.BooleanOptionalAction,
          help="measure the SNN against the ANN and write report.json (default: on); with --model_dir, "
@@ -128,7 +130,8 @@ def _verify_saved(given: dict) -> dict:
     from stac_lm.convert.pipeline import verify_saved
 
     return verify_saved(given["model_dir"], given.get("eval_text"), given.get("eval_tokens"),
-                        given.get("device", "auto"), use_sparse=given.get("use_sparse"))
+                        given.get("device", "auto"), use_sparse=given.get("use_sparse"),
+                        max_memory=given.get("max_memory"))
 
 
 def _convert(given: dict) -> tuple[dict | None, str]:

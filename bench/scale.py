@@ -301,6 +301,33 @@ def plot(rows: list[dict], fit: dict, path: str | Path, whole_model: bool, large
         tmp.unlink(missing_ok=True)
 
 
+def summary(rows: list[dict], args, load_before, machine: dict | None = None) -> dict:
+    """The JSON of the rows measured so far: machine (None between models: reading it imports torch
+    here, see :func:`run_measured`), options, tokens, rows and fits."""
+    fit = fits(rows)
+    results = {
+        "what": "conversion time and memory against model size, random-weight models at published sizes",
+        "machine": machine,
+        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                   "after": [round(x, 2) for x in os.getloadavg()]},
+        "options": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "overwrite", "dry_run")},
+        "mode": "whole_model" if args.whole_model else "layerwise",
+        "tokens": {"calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
+                   "run_conversion_defaults": CONVERT_DEFAULT_TOKENS,
+                   "note": f"cut from the defaults to {args.calib_tokens} calibration and {args.eval_tokens} "
+                           "evaluation tokens for every model, so the big models convert in CPU time"},
+        "tokenizer": "SmolLM2-135M-Instruct's (the embedded model's), for every model: there is no hub; its ids "
+                     "are < 49152, inside every vocabulary here",
+        "weights_note": WEIGHTS_NOTE,
+        "rows": rows,
+        "fits": fit,
+        "target": {"max_abs_relative_deviation": TARGET_DEVIATION,
+                   "met": fit["seconds_vs_parameters"]["within_target"] if "seconds_vs_parameters" in fit
+                   else None},
+    }
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,33 +390,15 @@ def main(argv: list[str] | None = None) -> None:
         row = convert_model(name, args, w, model_dir, out_dir, logs)
         row["write"] = w
         rows.append(row)
+        if len(rows) < len(names):  # what is measured so far, in case a later model does not finish
+            write_results(f"{args.out}.partial.json", summary(rows, args, load_before), True)
     if args.dry_run:
         return
     import torch  # only now: see run_measured
 
     from stac_common.runtime import machine_info
 
-    fit = fits(rows)
-    results = {
-        "what": "conversion time and memory against model size, random-weight models at published sizes",
-        "machine": machine_info(torch.device("cpu")),
-        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
-                                   "after": [round(x, 2) for x in os.getloadavg()]},
-        "options": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "overwrite", "dry_run")},
-        "mode": "whole_model" if args.whole_model else "layerwise",
-        "tokens": {"calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
-                   "run_conversion_defaults": CONVERT_DEFAULT_TOKENS,
-                   "note": f"cut from the defaults to {args.calib_tokens} calibration and {args.eval_tokens} "
-                           "evaluation tokens for every model, so the big models convert in CPU time"},
-        "tokenizer": "SmolLM2-135M-Instruct's (the embedded model's), for every model: there is no hub; its ids "
-                     "are < 49152, inside every vocabulary here",
-        "weights_note": WEIGHTS_NOTE,
-        "rows": rows,
-        "fits": fit,
-        "target": {"max_abs_relative_deviation": TARGET_DEVIATION,
-                   "met": fit["seconds_vs_parameters"]["within_target"] if "seconds_vs_parameters" in fit
-                   else None},
-    }
+    results = summary(rows, args, load_before, machine_info(torch.device("cpu")))
     out = write_results(args.out, results, args.overwrite)
     plot(rows, fit, args.plot, args.whole_model, args.large_from)
     print(f"wrote {out} and {args.plot}", flush=True)

@@ -68,6 +68,22 @@ def embedding_dtype(model: nn.Module) -> torch.dtype:
         else embedding.weight.dtype
 
 
+def map_large_allocations(threshold: int = 1 << 16) -> bool:
+    """On glibc, serve blocks of ``threshold`` bytes and more by ``mmap``, so memory freed goes back to
+    the system at once. glibc otherwise raises that threshold each time a large block is freed (up to
+    32 MiB), and blocks below it (a layer's activations and dequantized weights) are then carved
+    from its heap, which keeps freed space resident: a layer-by-layer conversion's peak resident memory
+    grows with the passes instead of staying at one layer's. Returns whether it was set (False
+    elsewhere than glibc)."""
+    import ctypes
+    import ctypes.util
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+
+
 def machine_info(device: torch.device) -> dict:
     """The machine a figure was measured on: platform, CPUs and threads, device, library versions."""
     info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),

@@ -204,10 +204,13 @@ HALF_DTYPES = ("float16", "bfloat16")  # the original network (ann) runs in thes
 
 
 def open_engine(model_dir: str, device: str, T: int | None, max_context_length: int,
-                ann: bool, float_weights: bool = False, dtype: str = "float32") -> tuple[Engine, object, dict]:
+                ann: bool, float_weights: bool = False, dtype: str = "float32",
+                max_memory: str | None = None) -> tuple[Engine, object, dict]:
     """Load a saved SNN directory as ``(engine, tokenizer, config)``; with ``ann``, the engine
     runs the directory's source model instead, cast to ``dtype``. ``float_weights``: the SNN keeps
-    float copies of its 8-bit weights (see :class:`TemporalSpikeProcessor`).
+    float copies of its 8-bit weights (see :class:`TemporalSpikeProcessor`). ``max_memory``
+    (``cpu=SIZE``): the SNN's weights that do not fit stay on disk, read for each forward
+    (:func:`stac_lm.io.hf_native.from_pretrained`).
 
     Raises:
         ValueError: a missing or damaged directory, a bad device, ``T`` or context length, or a
@@ -222,8 +225,11 @@ def open_engine(model_dir: str, device: str, T: int | None, max_context_length: 
         what = "the original network" if ann else "the SNN"
         allowed = "float32, float16 or bfloat16" if ann else "float32 only (its spike counts are exact in float32)"
         raise ValueError(f"{what} runs in {allowed}, got dtype {dtype!r}")
+    if max_memory is not None and (ann or float_weights):
+        raise ValueError("--max_memory loads the SNN's weights within a budget; it does not apply to --ann or "
+                         "--float_weights")
     dev = resolve_device(device)
-    model, tok, config = load_snn(model_dir, dev)
+    model, tok, config = load_snn(model_dir, dev, max_memory)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     if not ann:
         T = int(config["timesteps"]) if T is None else T

@@ -28,11 +28,12 @@ import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import align_module_device, has_offloaded_params
+from accelerate.utils import OffloadedWeightsLoader, align_module_device, has_offloaded_params
 from rich.progress import Progress
 from torch import nn
 
@@ -43,7 +44,7 @@ from calibration.int8 import find_linears, quantize_weights_
 from calibration.int8_embedding import plan_head, quantize_head_
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.site import iter_sites
-from stac_lm.io.offload import offload_layer_, own_tensors
+from stac_lm.io.offload import hook_offloaded_, offload_layer_, own_tensors, safetensors_index
 
 
 class _Stop(Exception):
@@ -196,6 +197,34 @@ def skeleton(config) -> nn.Module:
     with init_empty_weights():  # a copy: the conversion changes the config (its attention implementation)
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32).eval()
     model.tie_weights()  # tied embeddings are one tensor, as in a loaded model
+    return model
+
+
+def offloaded_source(directory: str | Path, config) -> nn.Module | None:
+    """The float32 model whose safetensors are in ``directory``, empty in memory: each module reads its
+    weights from the files (cast to float32) for its own forward, through accelerate's hooks over an
+    index of the files; nothing is read at load. None where the files' tensor names are not the
+    model's own (older checkpoints that transformers renames on load): load those through
+    transformers' disk offload instead.
+    """
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        return None
+    index = safetensors_index(files, dtype="float32")
+    model = skeleton(config)
+    groups: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(t), []).append(name)
+    persistent = set(model.state_dict())
+    for names in groups.values():
+        names = [n for n in names if n in persistent]
+        stored = next((n for n in names if n in index), None)
+        if names and stored is None:
+            return None
+        index.update((n, index[stored]) for n in names)  # a tied weight is read under each of its names
+    owners = [(p, m) for p, m in model.named_modules() if own_tensors(m)]
+    hook_offloaded_(owners, OffloadedWeightsLoader(index=index), "", torch.device("cpu"))
+    model.hf_device_map = {"": "disk"}  # as transformers marks a model it offloaded
     return model
 
 

@@ -104,13 +104,12 @@ def surrogate_names() -> tuple[str, ...]:
 
 def parse_max_memory(value) -> dict[str, str]:
     """A memory budget per device in accelerate's notation, ``{"cpu": "6GiB", "0": "20GiB"}``, from
-    that dict or from ``"cpu=6GiB,0=20GiB"``; device keys are ``cpu`` or a CUDA index.
+    that dict or from ``"cpu=6GiB,0=20GiB"``; device keys are ``cpu`` or a CUDA index, sizes as
+    :func:`memory_bytes` reads them.
 
     Raises:
         ValueError: another device name, or a size accelerate cannot read.
     """
-    from accelerate.utils import convert_file_size_to_int
-
     if isinstance(value, str):
         pairs = [part.split("=", 1) for part in value.replace(" ", ",").split(",") if part]
         if any(len(p) != 2 for p in pairs):
@@ -124,13 +123,27 @@ def parse_max_memory(value) -> dict[str, str]:
         if device != "cpu" and not device.isdigit():
             raise ValueError(f"--max_memory: unknown device {device!r}; use cpu or a CUDA index such as 0")
         try:
-            if convert_file_size_to_int(size) <= 0:
+            if memory_bytes(size) <= 0:
                 raise ValueError
         except ValueError:
             raise ValueError(f"--max_memory {device}={size}: not a size; write it as accelerate does, e.g. 6GiB "
                              "or 500MB") from None
         out[device] = str(size)
     return out
+
+
+def memory_bytes(size: str | int) -> int:
+    """Bytes of a size in accelerate's notation (``6GiB``, ``500MB``) or a plain number of bytes.
+
+    Raises:
+        ValueError: neither."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(size, bool):
+        raise ValueError(f"not a size: {size!r}")
+    if isinstance(size, int) or str(size).strip().isdigit():
+        return int(size)
+    return convert_file_size_to_int(size)
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:

@@ -26,10 +26,10 @@ from spike_modules.conversion import ConversionConfig, convert
 from stac_common.assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, not_offline, smollm2_gguf
 from stac_common.io import check_output_free, sha256_file, write_json
 
-from stac_lm.convert.layerwise import convert_layerwise, peak_memory
-from stac_lm.convert.options import EVAL_WINDOW, ConvertOptions
+from stac_lm.convert.layerwise import convert_layerwise, offloaded_source, peak_memory
+from stac_lm.convert.options import EVAL_WINDOW, ConvertOptions, memory_bytes
 from stac_lm.convert.replies import ann_reply_windows
-from stac_common.runtime import StepTimer, input_device, place, resolve_device
+from stac_common.runtime import StepTimer, input_device, map_large_allocations, place, resolve_device
 from stac_lm.convert.texts import TokenStream, calibration_batches, finetune_windows, load_streams
 from stac_lm.checks.verify import verify
 
@@ -133,12 +133,19 @@ def check_architecture(model_name: str) -> None:
 def load_source(model_name: str, offload: bool = False) -> tuple[nn.Module, object]:
     """The source model (float32, eval mode) and its tokenizer, after :func:`check_architecture`.
 
-    ``offload``: every module's weights stay on disk (accelerate's disk offload, reading the
-    checkpoint's safetensors) and load, in float32, for that module's forward alone. The embedded
+    ``offload``: every module's weights stay on disk and load, in float32, for that module's forward
+    alone: a local folder's safetensors are read in place (nothing is read at load); anything else
+    goes through transformers' disk offload (which reads each file once to place it). The embedded
     SmolLM2 (a GGUF file, 135M parameters) loads whole either way."""
     check_architecture(model_name)
     embedded = is_embedded_lm(model_name)
     folder = None
+    if offload and not embedded and Path(model_name).is_dir():
+        model = _offloaded_local(Path(model_name))
+        if model is not None:
+            from transformers import AutoTokenizer
+
+            return model, AutoTokenizer.from_pretrained(model_name)
     if offload and not embedded:
         folder = tempfile.mkdtemp(prefix="stac-offload-")
     model, tok = load_causal_lm(None if embedded else model_name, dtype=torch.float32, offload_folder=folder)
@@ -147,15 +154,28 @@ def load_source(model_name: str, offload: bool = False) -> tuple[nn.Module, obje
     return model.eval(), tok
 
 
-def load_checked_source(config: dict) -> nn.Module:
-    """The source model a saved SNN was converted from (``config["source"]``), on the CPU.
+def _offloaded_local(directory: Path) -> nn.Module | None:
+    """A local model read straight from its safetensors for each module's forward
+    (:func:`stac_lm.convert.layerwise.offloaded_source`), with its generation defaults; None where
+    its tensor names need transformers' renaming."""
+    from transformers import AutoConfig, GenerationConfig
+
+    model = offloaded_source(directory, AutoConfig.from_pretrained(directory))
+    if model is not None and (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def load_checked_source(config: dict, offload: bool = False) -> nn.Module:
+    """The source model a saved SNN was converted from (``config["source"]``), on the CPU (its weights
+    on disk with ``offload``, see :func:`load_source`).
 
     Raises:
         ValueError: its weights (sha256) or revision changed since the conversion, so comparing
             the SNN with it would mislead.
     """
     source = config["source"]
-    ann, _ = load_source(source["model_name"])
+    ann, _ = load_source(source["model_name"], offload=offload)
     now = source_info(source["model_name"], ann)
     changed = [k for k in ("sha256", "revision") if now.get(k) != source.get(k)]
     if changed:
@@ -194,6 +214,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         raise ValueError(f"--quant_backend {opts.quant_backend}: such a model cannot be saved yet (load_snn rebuilds "
                          f"only {', '.join(SAVEABLE_INT8)} 8-bit layers); use --quant_backend own")
     torch.manual_seed(opts.seed)
+    if opts.layerwise:
+        map_large_allocations()  # freed layers leave memory (see there)
     step = StepTimer(console, progress)
 
     with step("load model", spinner=True):
@@ -292,18 +314,18 @@ def within_budget(peak_rss: int, max_memory: dict | None) -> bool | None:
     """Whether the measured peak resident memory kept the ``cpu`` budget (None: no budget given)."""
     if not max_memory or "cpu" not in max_memory:
         return None
-    from accelerate.utils import convert_file_size_to_int
-
-    return peak_rss <= convert_file_size_to_int(max_memory["cpu"])
+    return peak_rss <= memory_bytes(max_memory["cpu"])
 
 
 def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_tokens: int | None = None,
                  device: str = "auto", use_sparse: bool | None = None, console: Console | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, max_memory: dict | str | None = None) -> dict:
     """Verify a saved SNN directory against its source model and (re)write its ``report.json``.
 
     The evaluation text is the saved run's unless ``eval_text``/``eval_tokens`` are given; it must
-    differ from the saved calibration text.
+    differ from the saved calibration text. ``max_memory`` (``cpu=SIZE``): the SNN loads within that
+    budget (its other layers read from the saved files) and the source model stays on disk, read
+    module by module (accelerate's disk offload).
 
     Raises:
         ValueError: an unusable directory (see :func:`stac_lm.io.saving.load_snn`), a source model
@@ -314,11 +336,13 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
     from stac_lm.convert.texts import EVAL_PLAYS, read_text, tokenize
 
     dev = resolve_device(device)
+    if max_memory is not None:
+        map_large_allocations()
     step = StepTimer(console, progress)
     with step("load saved SNN", spinner=True):
-        snn, tok, config = load_snn(model_dir, "cpu")
+        snn, tok, config = load_snn(model_dir, "cpu", max_memory)
     with step("load source model", spinner=True):
-        ann = load_checked_source(config)
+        ann = load_checked_source(config, offload=max_memory is not None)
     saved = config["options"]
     if eval_text is None and eval_tokens is None:
         eval_text, eval_tokens = saved["eval_text"], saved["eval_tokens"]
@@ -334,7 +358,10 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
                                                          and Path(saved["calib_text"]).resolve() == Path(eval_text).resolve()):
             raise ValueError(f"the evaluation text ({src}) is the calibration text of this SNN; evaluation text "
                              "must be kept apart from calibration text")
-    ann, snn = place(ann, dev), place(snn, dev)
+    if max_memory is None:
+        ann, snn = place(ann, dev), place(snn, dev)
+    elif dev.type != "cpu":
+        raise ValueError(f"--max_memory verifies on the CPU with layers on disk; got --device {device}")
     with step("verify"):
         measured = verify(ann, snn, tok, evals.ids, T=config["timesteps"], activation=saved["activation"],
                           mode=config["mode"], calibration=CalibrationConfig(**config["calibration_config"]),

@@ -53,7 +53,8 @@ from spike_modules import iter_sites, set_mode
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.kv_cache import SpikeKVCache
 from stac_common.io import atomic_dir, read_saved_config, sha256_file, write_json
-from stac_lm.io.offload import is_offloaded, module_state, read_shards, weight_files, write_shards
+from stac_lm.io.offload import (is_offloaded, layers_on_disk, load_budgeted_, module_state, read_shards, weight_files,
+                                write_shards)
 
 FORMAT = "stac-snn"
 FORMAT_VERSION = 2          # 1: the one-config.json layout (still read, see _load_legacy)
@@ -125,9 +126,10 @@ class SpikingCausalLM:
     """
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> SpikingCausalLM:
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        max_memory: dict | str | None = None) -> SpikingCausalLM:
         """Rebuild a saved SNN from ``directory`` alone (see :func:`from_pretrained`)."""
-        return _load(Path(directory), device)[0]
+        return _load(Path(directory), device, max_memory)[0]
 
     @classmethod
     def from_converted_(cls, model: nn.Module, calibration: Calibration, tokenizer, *,
@@ -278,7 +280,8 @@ def write_pretrained(model: SpikingCausalLM, directory: str | Path, overwrite: b
     return Path(directory)
 
 
-def from_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> SpikingCausalLM:
+def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
+                    max_memory: dict | str | None = None) -> SpikingCausalLM:
     """Rebuild a saved SNN from ``directory`` alone: a :class:`SpikingCausalLM` (the converted
     transformers model) with its ``tokenizer``.
 
@@ -286,11 +289,16 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
     config, given 8-bit shells at the saved paths, then loaded strictly. Its sites are in parallel
     mode and it is in eval mode on ``device``.
 
+    ``max_memory`` (``{"cpu": "6GiB"}`` or ``"cpu=6GiB"``): the model is built empty and only what
+    fits stays in memory; the decoder layers accelerate's ``infer_auto_device_map`` leaves out keep
+    their weights in the saved files, read for each forward (``stac_lm.io.offload``). CPU only.
+
     Raises:
         ValueError: a missing file, bad JSON, another format version, a checksum or shape mismatch,
-            or site parameters that disagree with the calibration files.
+            site parameters that disagree with the calibration files, or a budget that does not hold
+            the embeddings and head.
     """
-    return _load(Path(directory), device)[0]
+    return _load(Path(directory), device, max_memory)[0]
 
 
 def _is_legacy(d: Path) -> bool:
@@ -352,7 +360,8 @@ def _read(bad: str, what: str, cls, directory: Path):
         raise ValueError(f"{bad}: {what} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
-def _load(d: Path, device: str | torch.device) -> tuple[SpikingCausalLM, dict, dict]:
+def _load(d: Path, device: str | torch.device, max_memory: dict | str | None = None
+          ) -> tuple[SpikingCausalLM, dict, dict]:
     """``(model, conversion, hf config dict)`` of a saved directory of either layout."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -373,6 +382,13 @@ def _load(d: Path, device: str | torch.device) -> tuple[SpikingCausalLM, dict, d
         where = CONFIG_FILE if legacy else f"{CONFIG_FILE} / {CONVERSION_FILE}"
         raise ValueError(f"{bad}: {where} does not describe a model ({type(e).__name__}: {e})") from None
     shards = None if legacy else weight_files(d, WEIGHTS_FILE)
+    if max_memory is not None:
+        from stac_lm.convert.options import parse_max_memory
+
+        max_memory = parse_max_memory(max_memory)
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"max_memory loads the model on the CPU with layers on disk; got device {device}")
+        shards = shards or [d / WEIGHTS_FILE]
     if shards is None:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     else:  # a sharded (large) model: built empty, every tensor then comes from its shard
@@ -396,7 +412,14 @@ def _load(d: Path, device: str | torch.device) -> tuple[SpikingCausalLM, dict, d
         if shards is None:
             load_model(model, str(d / WEIGHTS_FILE), strict=True)
         else:
-            missing = read_shards(model, shards)
+            if max_memory is not None:
+                from stac_lm.convert.layerwise import decoder_layers
+
+                layers = decoder_layers(model)
+                missing = load_budgeted_(model, shards, layers, layers_on_disk(model, max_memory, layers),
+                                         torch.device("cpu"))
+            else:
+                missing = read_shards(model, shards)
             if missing:
                 raise RuntimeError(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}")
     except (RuntimeError, SafetensorError) as e:
@@ -412,4 +435,5 @@ def _load(d: Path, device: str | torch.device) -> tuple[SpikingCausalLM, dict, d
     SpikingCausalLM.from_converted_(model, calib, tok, conversion=kept,
                                     quantization={**conversion["quantization"].get("summary", {}),
                                                   "backend": backend, "paths": paths})
-    return model.eval().to(device), conversion, hf
+    model.eval()
+    return (model if is_offloaded(model) else model.to(device)), conversion, hf

@@ -22,7 +22,8 @@ import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import OffloadedWeightsLoader, align_module_device, has_offloaded_params, offload_state_dict
 from accelerate.utils.offload import PrefixedDataset
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from spike_modules.site import DAQCFSSite
@@ -48,14 +49,22 @@ def offload_layer_(layer: nn.Module, folder: str | Path, prefix: str, device: to
     """Write ``layer``'s weights (all but its sites') under ``prefix`` into ``folder`` and leave them
     there: each module holding them loads them onto ``device`` for its forward. Returns the bytes written."""
     owners = _heavy_modules(layer)
-    tensors = {f"{prefix}.{p}.{n}" if p else f"{prefix}.{n}": t.detach() for p, m in owners for n, t in own_tensors(m)}
+    tensors = {_join(prefix, p, n): t.detach() for p, m in owners for n, t in own_tensors(m)}
     offload_state_dict(str(folder), tensors)
-    loader = OffloadedWeightsLoader(save_folder=str(folder))
-    for path, module in owners:
-        weights = PrefixedDataset(loader, f"{prefix}.{path}." if path else f"{prefix}.")
-        add_hook_to_module(module, AlignDevicesHook(execution_device=device, offload=True, weights_map=weights,
-                                                    offload_buffers=True))
+    hook_offloaded_(owners, OffloadedWeightsLoader(save_folder=str(folder)), prefix, device)
     return sum(t.nbytes for t in tensors.values())
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def hook_offloaded_(owners: list[tuple[str, nn.Module]], weights, prefix: str, device: torch.device) -> None:
+    """Each module of ``owners`` keeps its tensors in ``weights`` (under ``prefix.path.``) and loads them
+    onto ``device`` for its forward alone (accelerate's ``AlignDevicesHook``, ``offload=True``)."""
+    for path, module in owners:
+        add_hook_to_module(module, AlignDevicesHook(execution_device=device, offload=True, offload_buffers=True,
+                                                    weights_map=PrefixedDataset(weights, _join(prefix, path) + ".")))
 
 
 def is_offloaded(model: nn.Module) -> bool:
@@ -126,20 +135,35 @@ def weight_files(directory: Path, filename: str) -> list[Path] | None:
     return [directory / f for f in sorted(set(weight_map.values()))]
 
 
-def read_shards(model: nn.Module, files: list[Path]) -> list[str]:
+def safetensors_index(files: list[Path], dtype: str | None = None) -> dict[str, dict]:
+    """``{tensor name: where it is}`` over ``files``, as accelerate's ``OffloadedWeightsLoader`` reads an
+    index (each tensor read from its file when asked, cast to ``dtype`` if given)."""
+    index = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for k in handle.keys():
+                index[k] = {"safetensors_file": str(f), "weight_name": k, **({"dtype": dtype} if dtype else {})}
+    return index
+
+
+def read_shards(model: nn.Module, files: list[Path], leave: set[str] = frozenset()) -> list[str]:
     """Fill ``model`` (empty or not) from ``files`` one file at a time (``assign``: no second copy); a
     tensor the model holds under several names (tied weights, written once) is given to all of them.
-    Returns the names of the model's state that no file gave; ``ValueError`` on a name the model lacks."""
+    Names in ``leave`` are not read (they stay where they are). Returns the names of the model's state
+    that no file gave; ``ValueError`` on a name the model lacks."""
     groups: dict[int, list[str]] = {}
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         groups.setdefault(id(t), []).append(name)
     expected = set(model.state_dict())
     loaded: set[str] = set()
     for f in files:
-        part = load_file(str(f))
-        unexpected = sorted(set(part) - expected)
-        if unexpected:
-            raise ValueError(f"{f.name} holds {len(unexpected)} tensor(s) the model does not have ({unexpected[0]}, ...)")
+        with safe_open(str(f), framework="pt") as handle:
+            names = [k for k in handle.keys() if k not in leave]
+            unexpected = sorted(set(names) - expected)
+            if unexpected:
+                raise ValueError(f"{f.name} holds {len(unexpected)} tensor(s) the model does not have "
+                                 f"({unexpected[0]}, ...)")
+            part = {k: handle.get_tensor(k) for k in names}
         model.load_state_dict(part, strict=False, assign=True)
         loaded.update(part)
         del part
@@ -150,4 +174,58 @@ def read_shards(model: nn.Module, files: list[Path]) -> list[str]:
             src_parent, _, src_attr = given[0].rpartition(".")
             setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(src_parent), src_attr))
             loaded.add(name)
-    return sorted(expected - loaded)
+    return sorted(expected - loaded - set(leave))
+
+
+def layers_on_disk(model: nn.Module, max_memory: dict[str, str], layers: tuple[str, nn.ModuleList]) -> list[int]:
+    """Which decoder layers of the empty ``model`` keep their weights on disk under ``max_memory``
+    (``{"cpu": SIZE}``, for the weights): the embeddings, head, norms and sites stay in memory, with
+    room to load the largest layer; the first layers that fit beside them stay too, the rest read
+    from disk. Activations and the KV cache come on top.
+
+    Raises:
+        ValueError: a budget for another device, or one too small for what must stay.
+    """
+    from stac_lm.convert.options import memory_bytes
+
+    if set(max_memory) != {"cpu"}:
+        raise ValueError(f"max_memory {max_memory}: a saved SNN loads over the CPU and disk only; give cpu=SIZE")
+    budget = memory_bytes(max_memory["cpu"])
+    _, modules = layers
+    heavy = [sum(t.nbytes for _, m in _heavy_modules(layer) for _, t in own_tensors(m)) for layer in modules]
+    total = sum(t.nbytes for _, t in [*model.named_parameters(), *model.named_buffers()])
+    resident = total - sum(heavy)
+    if resident + max(heavy) > budget:
+        raise ValueError(f"max_memory cpu={max_memory['cpu']} does not hold the embeddings, head, norms and sites "
+                         f"({_size(resident)}) with room for one layer ({_size(max(heavy))}); give at least "
+                         f"{_size(resident + max(heavy))}")
+    kept, room = 0, budget - resident - max(heavy)
+    while kept < len(heavy) and heavy[kept] <= room:
+        room -= heavy[kept]
+        kept += 1
+    if kept == len(heavy) - 1 and heavy[-1] <= room + max(heavy):  # the room kept for loading holds the last one
+        kept += 1
+    return list(range(kept, len(heavy)))
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
+
+
+def load_budgeted_(model: nn.Module, files: list[Path], layers: tuple[str, nn.ModuleList], on_disk: list[int],
+                   device: torch.device) -> list[str]:
+    """Fill the empty ``model`` from ``files``: the weights of the decoder layers ``on_disk`` (all but their
+    sites') stay in the files, read for each forward (accelerate's hooks, as :func:`offload_layer_`);
+    everything else is read into memory. Returns the names no file gave."""
+    path, modules = layers
+    owners = {i: _heavy_modules(modules[i]) for i in on_disk}
+    leave = {_join(path, str(i), p, n) for i, mods in owners.items() for p, m in mods for n, _ in own_tensors(m)}
+    missing = read_shards(model, files, leave)
+    index = {k: v for k, v in safetensors_index(files).items() if k in leave}
+    absent = sorted(leave - set(index))
+    if absent:
+        return missing + absent
+    weights = OffloadedWeightsLoader(index=index)
+    for i, mods in owners.items():
+        hook_offloaded_(mods, weights, _join(path, str(i)), device)
+    return missing

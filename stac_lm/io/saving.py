@@ -102,7 +102,8 @@ def save_snn(out, output_dir: str | Path, overwrite: bool = False) -> Path:
     return write_pretrained(model, output_dir, overwrite, extra=run_files)
 
 
-def load_snn(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, object, dict]:
+def load_snn(directory: str | Path, device: str | torch.device = "cpu",
+             max_memory: dict | str | None = None) -> tuple[nn.Module, object, dict]:
     """Rebuild a saved SNN from ``directory`` alone: ``(model, tokenizer, config)``.
 
     ``model`` is a :class:`SpikingCausalLM` (see :func:`stac_lm.io.hf_native.from_pretrained`);
@@ -113,5 +114,5 @@ def load_snn(directory: str | Path, device: str | torch.device = "cpu") -> tuple
         ValueError: a missing file, bad JSON, another format version, a checksum or shape
             mismatch, or site parameters that disagree with the calibration files.
     """
-    model, conversion, hf = _load(Path(directory), device)
+    model, conversion, hf = _load(Path(directory), device, max_memory)
     return model, model.tokenizer, dict(conversion, hf_config=hf)
