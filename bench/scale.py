@@ -301,6 +301,20 @@ def plot(rows: list[dict], fit: dict, path: str | Path, whole_model: bool, large
         tmp.unlink(missing_ok=True)
 
 
+def earlier_rows(paths: list[str], names: list[str]) -> list[dict]:
+    """Rows of models not measured in this run, from the JSONs of earlier runs (``--rows_from``), each
+    marked with the file it came from; a model in two files is an error."""
+    rows, seen = [], set(names)
+    for path in paths or []:
+        for row in json.loads(Path(path).read_text())["rows"]:
+            if row["model"] in seen:
+                raise ValueError(f"--rows_from {path}: {row['model']} is measured twice; leave it out of --models "
+                                 "or of the earlier file")
+            seen.add(row["model"])
+            rows.append(dict(row, measured_in=str(path)))
+    return rows
+
+
 def summary(rows: list[dict], args, load_before, machine: dict | None = None) -> dict:
     """The JSON of the rows measured so far: machine (None between models: reading it imports torch
     here, see :func:`run_measured`), options, tokens, rows and fits."""
@@ -351,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="docs/results/scale.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot")
     p.add_argument("--dry_run", action="store_true", help="only write the models and print the commands")
+    p.add_argument("--rows_from", action="append", metavar="JSON",
+                   help="include the rows of an earlier run's JSON (models not measured here) in the fit, the plot "
+                        "and the JSON, marked with where they came from (repeatable)")
     return p
 
 
@@ -374,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     writes: dict[str, dict] = {}
     rows: list[dict] = []
+    earlier = earlier_rows(args.rows_from, names)
     for name in names:
         model_dir, out_dir = work / "models" / name, work / "snn" / name
         print(f"[{name}] writing the random model to {model_dir} ...", flush=True)
@@ -391,9 +409,10 @@ def main(argv: list[str] | None = None) -> None:
         row["write"] = w
         rows.append(row)
         if len(rows) < len(names):  # what is measured so far, in case a later model does not finish
-            write_results(f"{args.out}.partial.json", summary(rows, args, load_before), True)
+            write_results(f"{args.out}.partial.json", summary(earlier + rows, args, load_before), True)
     if args.dry_run:
         return
+    rows = earlier + rows
     import torch  # only now: see run_measured
 
     from stac_common.runtime import machine_info

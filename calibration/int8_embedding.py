@@ -206,12 +206,6 @@ def plan_head(model: nn.Module) -> tuple[str, nn.Module, str, nn.Module, bool]:
     return head_path, head, emb_path, embedding, tied
 
 
-def _rel_error(weight: torch.Tensor, decoded: torch.Tensor) -> float:
-    w = weight.detach().float()
-    err = float((w - decoded.float()).norm())
-    return err / float(w.norm()) if err else 0.0
-
-
 def quantize_head_(model: nn.Module, plan: tuple | None = None) -> dict:
     """Make the output head :class:`~calibration.int8.Int8Linear` and the input embedding
     :class:`Int8Embedding` (reading the head's table when tied), in place.
@@ -224,7 +218,7 @@ def quantize_head_(model: nn.Module, plan: tuple | None = None) -> dict:
     Raises:
         ValueError: see :func:`plan_head`.
     """
-    from .int8_linear import Int8Linear
+    from .int8_linear import Int8Linear, row_error
 
     head_path, head, emb_path, embedding, tied = plan if plan is not None else plan_head(model)
     with torch.no_grad():
@@ -237,8 +231,8 @@ def quantize_head_(model: nn.Module, plan: tuple | None = None) -> dict:
         after = sum(t.nbytes for t in new_head.state_dict().values()) + \
             sum(t.nbytes for t in new_emb.state_dict().values())
         return {"head": head_path, "embedding": emb_path, "tied": tied,
-                "rel_error": _rel_error(w, new_head.dequantize()),
-                "embedding_rel_error": _rel_error(e, new_emb.dequantize()),
+                "rel_error": row_error(w, new_head.weight_int8, new_head.scale),
+                "embedding_rel_error": row_error(e, new_emb.weight_int8, new_emb.scale),
                 "bytes_before": before, "bytes_after": after}
 
 

@@ -13,6 +13,28 @@ from spike_modules.linear import float_weight
 from .gptq import absmax_scale, check_group_size
 
 
+ROW_BLOCK_ELEMENTS = 1 << 24  # elements per block of rows in the per-row rounding and its error
+
+
+def _row_blocks(w: torch.Tensor):
+    """``(first row, rows)`` blocks of ``w`` of about :data:`ROW_BLOCK_ELEMENTS` elements."""
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], step):
+        yield start, w[start:start + step]
+
+
+def row_error(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+    """``||W - q * scale[:, None]|| / ||W||`` of a per-row int8 table, a block of rows at a time."""
+    err = norm = 0.0
+    for start, part in _row_blocks(weight.detach()):
+        part = part.float()
+        rows = slice(start, start + len(part))
+        decoded = q[rows].to(scale.dtype) * scale[rows, None]
+        err += float((part - decoded).double().pow(2).sum())
+        norm += float(part.double().pow(2).sum())
+    return (err ** 0.5) / (norm ** 0.5) if err else 0.0
+
+
 def quantize_rows(weight: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row of ``weight`` ``[out, in]``, or per group of ``group_size`` input columns
     of each row: ``(q int8 [out, in], scale float32 [out])``, or ``scale [out, ceil(in / group_size)]``
@@ -22,16 +44,24 @@ def quantize_rows(weight: torch.Tensor, group_size: int = 0) -> tuple[torch.Tens
     ``|w - q * scale| <= scale / 2``. An all-zero row (group) gets ``scale = 1`` and ``q = 0``: it
     decodes to exactly 0. A group as wide as the row is the per-row case.
     """
-    w = weight.detach().float()
+    w = weight.detach()
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    check_group_size(group_size)
+    if not group_size or group_size >= w.shape[1]:  # rows apart, a block at a time: an LM head's temporaries stay small
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        for start, part in _row_blocks(w):
+            part = part.float()
+            if not torch.isfinite(part).all():
+                raise ValueError("the weight holds NaN or inf; int8 cannot represent it")
+            s = absmax_scale(part)
+            scale[start:start + len(part)] = s
+            q[start:start + len(part)] = torch.round(part / s[:, None]).clamp_(-127, 127)
+        return q, scale
+    w = w.float()
     if not torch.isfinite(w).all():
         raise ValueError("the weight holds NaN or inf; int8 cannot represent it")
-    check_group_size(group_size)
-    if not group_size or group_size >= w.shape[1]:
-        scale = absmax_scale(w)
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return q, scale
     out, width = w.shape
     groups = -(-width // group_size)
     padded = nn.functional.pad(w, (0, groups * group_size - width)).view(out, groups, group_size)
