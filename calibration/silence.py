@@ -88,6 +88,21 @@ def _column_weight(linear: nn.Module) -> torch.Tensor:
     return out.t()
 
 
+WHOLE_SUM_ELEMENTS = 1 << 26  # weights up to this size are summed in one reduction; larger ones by blocks of rows
+
+
+def _column_squares(w: torch.Tensor) -> torch.Tensor:
+    """``sum over rows of w**2`` per column, in float64: in one reduction up to :data:`WHOLE_SUM_ELEMENTS`
+    elements, else a block of rows at a time (an 8B model's LM head in float64 would take 4 GB at once)."""
+    if w.numel() <= WHOLE_SUM_ELEMENTS:
+        return w.double().pow(2).sum(0)
+    out = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+    step = max(1, WHOLE_SUM_ELEMENTS // 4 // w.shape[1])
+    for start in range(0, w.shape[0], step):
+        out += w[start:start + step].double().pow(2).sum(0)
+    return out
+
+
 def driving_sites(model: nn.Module) -> dict[str, tuple[DAQCFSSite, torch.Tensor, float]]:
     """``{site name: (site, w, row_bytes)}`` for every site in front of linear layers: ``w`` the norm
     of each input channel's weight column over all its readers, ``row_bytes`` the weight bytes one
@@ -99,7 +114,7 @@ def driving_sites(model: nn.Module) -> dict[str, tuple[DAQCFSSite, torch.Tensor,
             with align_module_device(m.linear):  # an offloaded layer's weights, for the time it is read
                 w = _column_weight(m.linear)
                 entry = out.setdefault(site.name, [site, torch.zeros(site.num_channels, dtype=torch.float64), 0.0])
-                entry[1] += w.double().pow(2).sum(0).cpu()
+                entry[1] += _column_squares(w).cpu()
             entry[2] += w.shape[0] * stored_width(m.linear)[0]
     return {k: (s, w.sqrt().float(), b) for k, (s, w, b) in out.items()}
 

@@ -2,7 +2,8 @@
 
 The whole-model path (:func:`stac_lm.convert.pipeline.run`) holds the float model, its converted
 copy and every site's statistics at once. Here the source model stays where accelerate put it
-(:func:`load_offloaded_source`: every module's weights on disk, loaded for its own forward), and
+(:func:`offloaded_source`, or transformers' disk offload: every module's weights on disk, loaded for
+its own forward), and
 the converted model is built as an empty skeleton (``init_empty_weights``) whose layers are filled
 one after another, the way GPTQ and llm-compressor's sequential pipeline calibrate:
 
@@ -13,7 +14,8 @@ one after another, the way GPTQ and llm-compressor's sequential pipeline calibra
 3. per decoder layer: its float weights are loaded from the source, GPTQ's input statistics
    are taken on the float model's inputs (``int8_rounding='gptq'``), the layer's linears get int8
    weights, its sites are observed on the 8-bit network's inputs and fitted, and the batches go
-   through it to the next layer; the float weights leave memory with the layer;
+   through it to the next layer; the float weights leave memory with the layer, and with an
+   ``offload_folder`` the converted layer's weights go to disk too (its sites stay);
 4. a site at the output head is observed through the model's own tail (final norm, head).
 
 Each step is the whole-model path's own function (``quantize_weights_``, ``observe_sites``,
