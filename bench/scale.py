@@ -311,7 +311,7 @@ def earlier_rows(paths: list[str], names: list[str]) -> list[dict]:
                 raise ValueError(f"--rows_from {path}: {row['model']} is measured twice; leave it out of --models "
                                  "or of the earlier file")
             seen.add(row["model"])
-            rows.append(dict(row, measured_in=str(path)))
+            rows.append(dict(row, measured_in=row.get("measured_in", str(path))))  # where it was first measured
     return rows
 
 
