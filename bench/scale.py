@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = summary(rows, args, load_before, machine_info(torch.device("cpu")))
     out = write_results(args.out, results, args.overwrite)
-    plot(rows, fit, args.plot, args.whole_model, args.large_from)
+    plot(rows, results["fits"], args.plot, args.whole_model, args.large_from)
     print(f"wrote {out} and {args.plot}", flush=True)
 
 
