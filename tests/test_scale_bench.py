@@ -158,13 +158,8 @@ def test_models_and_commands():
 def test_writer_saves_smollm2_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from stac_common.assets import MissingAssetError
-
     d = tmp_path / "m"
-    try:
-        write_random_model(tiny_config(True), d, max_shard_bytes=SMALL_SHARDS, tokenizer=True)
-    except MissingAssetError as e:
-        pytest.skip(str(e))
+    write_random_model(tiny_config(True), d, max_shard_bytes=SMALL_SHARDS, tokenizer=True)  # make sets up the asset
     tok = AutoTokenizer.from_pretrained(str(d))
     assert len(tok) <= 49152 and tok("Hello")["input_ids"]
     assert json.loads((d / STAMP_FILE).read_text())["tokenizer"].startswith("SmolLM2-135M-Instruct")
