@@ -91,9 +91,20 @@ def _over_row_max(p: torch.Tensor) -> torch.Tensor:
     return p / p.amax(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
 
-def _normalised_matmul(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _normalised_matmul(e: torch.Tensor, v: torch.Tensor, matmul=torch.matmul) -> torch.Tensor:
     """``(e @ v) / sum(e)`` per row; a row without any value yet (early steps) gives 0."""
-    return torch.matmul(e, v) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+    return matmul(e, v) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+def _grouped_matmul(n_rep: int):
+    """``a @ b`` for ``a [B, heads, S, X]`` and ``b [B, kv_heads, X, Y]`` whose kv head ``j`` serves
+    query heads ``j n_rep .. (j + 1) n_rep - 1``: the kv heads are not repeated (copied) first.
+    Decoding with a :class:`SpikeKVCache` runs it; the cache would otherwise be copied n_rep
+    times on every token."""
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        B, H, S, X = a.shape
+        return torch.matmul(a.reshape(B, b.shape[1], n_rep * S, X), b).view(B, H, S, b.shape[-1])
+    return matmul
 
 
 def _check_prepared(module: nn.Module) -> int | None:
@@ -166,14 +177,21 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         _check_window(attention_mask, query.shape[2], key.shape[2], int(sliding_window))
     n_rep = query.shape[1] // key.shape[1]
     q = _head_site(getattr(module, "q_site", None), query)
+    matmul = torch.matmul
+    site = getattr(module, PROBS, None)
     if module.__dict__.pop(ENCODED_FLAG, False):  # a SpikeKVCache encoded (and stored) them already
-        k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+        if T is None and OP_COUNTER not in module.__dict__:  # the counter reads repeated heads
+            if site is None and softcap is None and not (dropout and module.training):
+                return _fused_attention(q, key, value, attention_mask, scaling, n_rep)
+            k, v, matmul = key, value, _grouped_matmul(n_rep)
+        else:
+            k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     else:
         k = _repeat_kv(_head_site(getattr(module, "k_site", None), key), n_rep)
         v = _repeat_kv(_head_site(getattr(module, "v_site", None), value), n_rep)
 
     def probs_of(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        w = torch.matmul(q, k.transpose(2, 3)) * scaling
+        w = matmul(q, k.transpose(2, 3)) * scaling
         if softcap is not None:  # the order of transformers' eager attention (Gemma 2)
             w = torch.tanh(w / softcap) * softcap
         if attention_mask is not None:
@@ -182,17 +200,16 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         # mask minimum would be -inf in float32 and turn a fully masked padding row into NaN
         return nn.functional.softmax(w, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
 
-    site = getattr(module, PROBS, None)
     by_max = site is not None and getattr(module, SCALE_ATTR, "sum") == "max"
     if T is None:
         probs = probs_of(q, k)
         probs = nn.functional.dropout(probs, p=dropout, training=module.training)
         if by_max:
             probs = _probs_site(site, _over_row_max(probs))
-            out = _normalised_matmul(probs, v)
+            out = _normalised_matmul(probs, v, matmul)
         else:
             probs = _probs_site(site, probs)
-            out = torch.matmul(probs, v)
+            out = matmul(probs, v)
         counter = module.__dict__.get(OP_COUNTER)
         if counter is not None:
             _count_matmuls(module, counter, q, v, attention_mask)
@@ -203,6 +220,16 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         probs = _probs_site(site, rate_op(probs_of, T, q, k))
         out = rate_op(torch.matmul, T, probs, v)
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                     n_rep: int) -> tuple[torch.Tensor, None]:
+    """``softmax(q k^T scaling + mask) v`` as one ``scaled_dot_product_attention`` call, the kv heads
+    not repeated: what the eager path computes when no probability site, softcap or dropout acts
+    (equal up to float rounding). Decoding with a :class:`SpikeKVCache` runs it: a token's
+    attention is then one call, as the ANN's is."""
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=n_rep > 1)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _head_spikes(site: DAQCFSSite, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .site import SiteMode
 
@@ -71,11 +72,68 @@ def _as_counts(y: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
     return c if torch.equal(c * step, y) else None
 
 
-def _width(c: torch.Tensor | None) -> torch.dtype | None:
+def _width(c: torch.Tensor | None, site=None) -> torch.dtype | None:
+    """The narrowest of :data:`COUNT_DTYPES` that holds every count of ``c`` (None: none does, or no
+    counts). A ``site`` whose counts are bounded by a number that int8 holds (no bursts) needs no look."""
     if c is None or c.numel() == 0:
         return COUNT_DTYPES[0] if c is not None else None
+    bound = (site.__dict__.get("_frozen") or site._fused())[4] if site is not None else None
+    if isinstance(bound, float) and bound <= torch.iinfo(COUNT_DTYPES[0]).max:
+        return COUNT_DTYPES[0]
     top = float(c.abs().max())
     return next((d for d in COUNT_DTYPES if top <= torch.iinfo(d).max), None)
+
+
+def _site_counts(site, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counts [B, heads, S, D], step [1, heads, 1, D])`` of ``x [B, heads, S, D]`` through a
+    per-(head, dim) site (:meth:`DAQCFSSite.counts`): ``counts * step`` is what :func:`_encode` gives."""
+    B, h, S, D = x.shape
+    c, step = site.counts(x.transpose(1, 2).reshape(B, S, h * D))
+    return c.reshape(B, S, h, D).transpose(1, 2), step.to(x.dtype).view(1, h, 1, D)
+
+
+ROOM_TOKENS = 128  # a layer that runs out of room grows by this many slots, or a quarter of its length if more
+
+
+def _appended(held: torch.Tensor, new: torch.Tensor, room: tuple | None) -> tuple[torch.Tensor, tuple | None]:
+    """``(cat([held, new], -2), room)``: the concatenation as a view into a buffer with space for later
+    tokens. ``room`` is ``(buffer, slots written)``; ``new`` goes into the buffer only where ``held`` is
+    exactly the written part and it fits. A slot is written once: a tensor handed out earlier (a
+    longer cache before a crop) never sees its values change."""
+    if held.dim() != new.dim() or held.dtype != new.dtype:  # the first update (an empty 1-d tensor)
+        return (torch.cat([held, new], dim=-2), None) if held.numel() else _roomy(new[..., :0, :], new)
+    old, total = held.shape[-2], held.shape[-2] + new.shape[-2]
+    if (room is None or held.data_ptr() != room[0].data_ptr() or held.stride() != room[0].stride()
+            or old != room[1] or held.shape[:-2] != new.shape[:-2] or held.shape[-1] != new.shape[-1]
+            or total > room[0].shape[-2]):
+        return _roomy(held, new)
+    room[0][..., old:total, :].copy_(new)
+    return room[0][..., :total, :], (room[0], total)
+
+
+def _roomy(held: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    old, total = held.shape[-2], held.shape[-2] + new.shape[-2]
+    buffer = new.new_empty(*new.shape[:-2], total + max(ROOM_TOKENS, total // 4), new.shape[-1])
+    buffer[..., :old, :].copy_(held)
+    buffer[..., old:total, :].copy_(new)
+    return buffer[..., :total, :], (buffer, total)
+
+
+class GrowingLayer(DynamicLayer):
+    """transformers' :class:`DynamicLayer` whose keys and values are views into buffers with room to
+    grow: appending a decoded token copies that token (and, now and then, the cache into a larger
+    buffer), where the base class concatenates the whole cache on every step. The tensors it holds
+    and returns have the same values; cropping, reordering and the rest are the base class's
+    (a view they replace gets a new buffer on the next append)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rooms = self.__dict__.get("_rooms", (None, None))
+        self.keys, k_room = _appended(self.keys, key_states, rooms[0])
+        self.values, v_room = _appended(self.values, value_states, rooms[1])
+        self._rooms = (k_room, v_room)
+        return self.keys, self.values
 
 
 class SpikeKVCache(DynamicCache):
@@ -94,6 +152,7 @@ class SpikeKVCache(DynamicCache):
 
     def __init__(self, model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         super().__init__()
+        self.layer_class_to_replicate = GrowingLayer
         self._attn = attention_layers(model)
         self._steps: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for idx, (k, v) in enumerate(data or []):
@@ -103,9 +162,16 @@ class SpikeKVCache(DynamicCache):
         module = self._attn.get(layer_idx)
         if module is None:
             raise ValueError(f"layer {layer_idx} has no STAC attention module; this cache belongs to another model")
+        setattr(module, ENCODED_FLAG, True)
+        sites = _counted(module)
+        if sites is not None and self._steps.get(layer_idx, ()) is not None and not torch.is_grad_enabled():
+            (kc, k_step), (vc, v_step) = _site_counts(sites[0], key_states), _site_counts(sites[1], value_states)
+            widths = [_width(kc, sites[0]), _width(vc, sites[1])]
+            if None not in widths:
+                return self._append(layer_idx, kc, vc, (k_step, v_step), widths, key_states.dtype)
+            return self._store(layer_idx, kc * k_step, vc * v_step, module)  # no integer holds them: float
         key_states = _encode(getattr(module, "k_site", None), key_states)
         value_states = _encode(getattr(module, "v_site", None), value_states)
-        setattr(module, ENCODED_FLAG, True)
         return self._store(layer_idx, key_states, value_states, module)
 
     def _store(self, idx: int, k: torch.Tensor, v: torch.Tensor, module: nn.Module | None):
@@ -118,29 +184,37 @@ class SpikeKVCache(DynamicCache):
         if steps is not None:
             kc, vc = _as_counts(k, steps[0]), _as_counts(v, steps[1])
         widths = [_width(kc), _width(vc)]
-        layer = self.layers[idx] if idx < len(self.layers) else None
-        held = layer.keys.dtype if layer is not None and getattr(layer, "is_initialized", False) else None
-        if held is not None and not held.is_floating_point:
-            widths.append(held)
         if steps is None or None in widths:
+            layer = self.layers[idx] if idx < len(self.layers) else None
             if idx in self._steps and self._steps[idx] is not None and layer is not None:
                 layer.keys, layer.values = self._decoded(idx, layer.keys, layer.values, k.dtype)
             self._steps[idx] = None
             keys, values = super().update(k, v, idx)
             return keys, values
-        dtype = max(widths, key=COUNT_DTYPES.index)
-        if held is not None and held != dtype:
-            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
-            layer.dtype = dtype
+        return self._append(idx, kc, vc, steps, widths, k.dtype)
+
+    def _append(self, idx: int, kc: torch.Tensor, vc: torch.Tensor, steps: tuple, widths: list, dtype: torch.dtype):
+        """Append counts ``kc``, ``vc`` (whole numbers, any dtype) to layer ``idx`` at the narrowest width that
+        holds them and what the layer holds; return the layer's decoded keys and values in ``dtype``."""
+        layer = self.layers[idx] if idx < len(self.layers) else None
+        held = layer.keys.dtype if layer is not None and getattr(layer, "is_initialized", False) else None
+        if held is not None and not held.is_floating_point:
+            widths.append(held)
+        width = max(widths, key=COUNT_DTYPES.index)
+        if held is not None and held != width:
+            layer.keys, layer.values = layer.keys.to(width), layer.values.to(width)
+            layer.dtype = width
         self._steps[idx] = steps
-        keys, values = super().update(kc.to(dtype), vc.to(dtype), idx)
-        return self._decoded(idx, keys, values, k.dtype)
+        keys, values = super().update(kc.to(width), vc.to(width), idx)
+        return self._decoded(idx, keys, values, dtype)
 
     def _decoded(self, idx: int, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None):
         steps = self._steps.get(idx)
         if steps is None or keys.is_floating_point():
             return keys, values
-        return keys.to(dtype or steps[0].dtype) * steps[0], values.to(dtype or steps[1].dtype) * steps[1]
+        if dtype is None or dtype == steps[0].dtype == steps[1].dtype:  # one pass: int * float computes in float
+            return keys * steps[0], values * steps[1]
+        return keys.to(dtype) * steps[0], values.to(dtype) * steps[1]
 
     def layer_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(keys, values)]`` per layer, decoded, each ``[B, kv_heads, L, D]``."""

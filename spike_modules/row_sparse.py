@@ -24,10 +24,12 @@ value, with an embedding-bag kernel that reads those rows and nothing else:
   ANN through it with every row). Whether a layer looks for its zero inputs or reads every row is
   decided from the zeros it saw (:func:`_skip_zeros`); both give the same bits. The kernel runs one
   bag on one thread, so a table over :data:`SPLIT_BYTES` is read in one run of input rows per
-  thread, the runs' sums added after (on the idle 2-core machine, splitting every block table took a
-  SmolLM2 decoding step from 46 to 41 ms; on the shared, loaded machine the waiting threads burnt
-  twice the CPU time and ``bench/decode.py`` ran over twice as long, so only tables of 8 MB and up,
-  an 8-bit LM head, are split: 2.2 -> 1.2 ms for SmolLM2's). The split depends on the thread count, so the last bits do too.
+  thread, the runs' sums added after; with one token, each run's bag starts where its first column
+  falls among the nonzero inputs (one ``searchsorted``). On the idle 2-core machine, splitting the
+  block tables of 256 KB and up (SmolLM2: all but k and v) took a decoding step from 42.5 to 39.5 ms
+  (an earlier measurement on a shared, loaded machine had the waiting threads burn twice the CPU
+  time: time decoding on a quiet machine). The split depends on the thread count, so the last bits
+  do too.
 - ``nn.Linear`` (a transposed float copy, kept) and GPT-2's ``Conv1D`` (its own ``[in, out]``
   weight, no copy): ``F.embedding_bag`` in sum mode. A float row costs as many bytes as the dense
   product's, so it only wins when few inputs fired: above :data:`FLOAT_MAX_SHARE` nonzero inputs
@@ -56,7 +58,7 @@ from transformers.pytorch_utils import Conv1D
 
 MAX_ROW_TOKENS = 4  # beyond this many tokens per call, the dense product (a GEMM) is faster
 FLOAT_MAX_SHARE = 0.3  # float layers: the row kernel above this share of nonzero inputs is slower than dense
-SPLIT_BYTES = 8 << 20  # int8 tables larger than this (an 8-bit LM head) are read by all threads, one bag each
+SPLIT_BYTES = 256 << 10  # int8 tables of this size and up are read by all threads, one bag each
 FIND_COST_BYTES = 64 << 10  # looking for the nonzero inputs costs about as long as reading this many weight bytes
 RECHECK_CALLS = 32  # a layer that reads every row looks at its share of zeros again every this many calls
 _TABLE = "_row_table"
@@ -150,9 +152,10 @@ def _bags(flat: torch.Tensor, span: int, parts: int, all_rows: bool):
     if all_rows:
         idx, offsets = _every_row(dev, n, width, span, parts)
         return idx, flat.reshape(-1), offsets
-    if n == 1 and parts == 1:
+    if n == 1:  # one token: each part's bag starts where its first column falls among the nonzero ones
         idx = flat[0].nonzero().squeeze(1)
-        return idx, flat[0].index_select(0, idx), _every_row(dev, 1, width, span, 1)[1]
+        starts = _every_row(dev, 1, width, span, parts)[1]
+        return idx, flat[0].index_select(0, idx), starts if parts == 1 else torch.searchsorted(idx, starts)
     nz = flat.nonzero()
     idx = nz[:, 1]
     vals = flat[nz[:, 0], idx]
@@ -213,7 +216,7 @@ def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> to
     width = x.shape[-1] if x.dim() else 0
     n = x.numel() // width if width else 0
     if (not n or n > MAX_ROW_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu"
-            or _needs_grad(linear, x) or hasattr(linear, "_hf_hook")):  # hooked (offloaded): its forward loads it
+            or _needs_grad(linear, x) or "_hf_hook" in linear.__dict__):  # hooked (offloaded): its forward loads it
         return linear(x)
     int8 = _int8_parts(linear)
     if int8 is None and not row_readable(linear):  # an int8 layer is checked below, from what is at hand

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import Enum
 from typing import Iterator
 
@@ -195,7 +196,8 @@ class DAQCFSSite(nn.Module):
         return p["theta"].requires_grad or p["psi"].requires_grad or p["phi"].requires_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_channels(x, self.burst, f"site {self.name!r}")
+        if not x.dim() or x.shape[-1] != self.num_channels:  # the message is formatted only then
+            check_channels(x, self.burst, f"site {self.name!r}")
         if self.observer is not None:
             self.observer.update(x)
         mode = self._mode
@@ -216,28 +218,42 @@ class DAQCFSSite(nn.Module):
             return self._forward_grad(x)
         # inference (quant and parallel alike, so they agree bit for bit): one fused multiply-add,
         # floor and clamp in place, one multiply to decode; statistics deferred (SpikeStats)
-        scale, shift, step, lo, hi = self._fused()
+        c, step = self._counted(x)
+        return c.mul_(step) if mode is SiteMode.QUANT else c * step
+
+    def counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(counts, step)`` in parallel or quant mode, without gradients: :meth:`forward` gives
+        ``counts * step`` bit for bit, and the observer and spike statistics see the call as they see
+        a forward call. The KV cache stores the counts."""
+        if self._mode not in (SiteMode.PARALLEL, SiteMode.QUANT):
+            raise ValueError(f"site {self.name!r}: counts exist in parallel and quant mode, not {self._mode.value}")
+        if torch.is_grad_enabled() and (x.requires_grad or self._trains()):
+            raise ValueError(f"site {self.name!r}: counts() is for inference; the input or parameters need gradients")
+        if not x.dim() or x.shape[-1] != self.num_channels:
+            check_channels(x, self.burst, f"site {self.name!r}")
+        if self.observer is not None:
+            self.observer.update(x)
+        return self._counted(x)
+
+    def _counted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift, step, lo, hi = self.__dict__.get("_frozen") or self._fused()
         c = self._silence(self._counts(x, scale, shift, lo, hi))
-        if mode is SiteMode.QUANT:
-            return c.mul_(step)
-        if self.count_spikes:
+        if self._mode is SiteMode.PARALLEL and self.count_spikes:
             self.parallel.record(c, hi)
-        return c * step
+        return c, step
 
     @staticmethod
     def _counts(x: torch.Tensor, scale, shift, lo, hi) -> torch.Tensor:
-        c = torch.addcmul(shift, x, scale).floor_()
-        if isinstance(hi, float):
-            return c.clamp_(lo, hi)
-        return torch.maximum(torch.minimum(c, hi, out=c), lo, out=c)
+        return torch.addcmul(shift, x, scale).floor_().clamp_(lo, hi)  # lo <= hi: min(max(c, lo), hi)
 
     def _silence(self, c: torch.Tensor) -> torch.Tensor:
         """``c`` with the counts inside the dead zone set to 0 (in place when ``c`` needs no gradient)."""
         dead = self.__dict__.get("_dead_cache")
         if dead is None:
             return c
-        quiet = c.detach().abs() < dead
-        return c.masked_fill_(quiet, 0.0) if not c.requires_grad else c.masked_fill(quiet, 0.0)
+        if not c.requires_grad:
+            return c.masked_fill_(c.abs() < dead, 0.0)
+        return c.masked_fill(c.detach().abs() < dead, 0.0)
 
     @torch.no_grad()
     def parallel_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,6 +343,23 @@ def _no_dead_zone_saved(state_dict, prefix, *args) -> None:
     theta = state_dict.get(prefix + "theta")
     if key not in state_dict and theta is not None:
         state_dict[key] = torch.zeros_like(theta)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Within the block, every site of ``model`` computes with the parameters it has on entry,
+    without comparing them with a snapshot on each call as :meth:`DAQCFSSite._fused` does (a
+    decoded token makes a few hundred site calls, and the comparisons took 2 ms of a SmolLM2
+    token). For generation, where nothing edits a site: an edit inside the block is not seen
+    until it ends. Nested blocks keep the outer block's parameters."""
+    sites = [site for _, site in iter_sites(model) if "_frozen" not in site.__dict__]
+    for site in sites:
+        site.__dict__["_frozen"] = site._fused()
+    try:
+        yield
+    finally:
+        for site in sites:
+            site.__dict__.pop("_frozen", None)
 
 
 def silent_channels(site: DAQCFSSite) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 from calibration import keep_float_weights
 from spike_modules.kv_cache import ENCODED_FLAG, SpikeKVCache, attention_layers
 from spike_modules.quantizer import check_timesteps
-from spike_modules.site import iter_sites, set_mode, set_timesteps
+from spike_modules.site import frozen, iter_sites, set_mode, set_timesteps
 
 from stac_lm.convert.pipeline import max_positions
 from stac_lm.generate.sampling import SamplingConfig, pick_next
@@ -388,24 +388,25 @@ class TemporalSpikeProcessor:
         live = list(cids)
         feed: list[torch.Tensor | None] = feeds
         try:
-            while live:
-                logits = batch.step(feed, self.pad_token_id)[:, -1]
-                feed = [None] * len(cids)
-                for i, c in enumerate(cids):
-                    if c not in live:
-                        continue
-                    tok = pick_next(logits[i], sampling, gens[c])
-                    replies[c].append(tok)
-                    if on_token is not None:
-                        on_token(c, tok)
-                    if tok in stops:
-                        reason[c] = "stop_token"
-                    if tok in stops or len(replies[c]) >= max_new_tokens:
-                        live.remove(c)
-                    feed[i] = torch.tensor([tok])
-                if live:
-                    # the last token of a finished reply is kept in its history but needs no step
-                    feed = [f if c in live else None for f, c in zip(feed, cids)]
+            with frozen(self.model):  # nothing edits a site while generating
+                while live:
+                    logits = batch.step(feed, self.pad_token_id)[:, -1]
+                    feed = [None] * len(cids)
+                    for i, c in enumerate(cids):
+                        if c not in live:
+                            continue
+                        tok = pick_next(logits[i], sampling, gens[c])
+                        replies[c].append(tok)
+                        if on_token is not None:
+                            on_token(c, tok)
+                        if tok in stops:
+                            reason[c] = "stop_token"
+                        if tok in stops or len(replies[c]) >= max_new_tokens:
+                            live.remove(c)
+                        feed[i] = torch.tensor([tok])
+                    if live:
+                        # the last token of a finished reply is kept in its history but needs no step
+                        feed = [f if c in live else None for f, c in zip(feed, cids)]
         except KeyboardInterrupt:
             for c in live:
                 reason[c] = "interrupted"

@@ -52,6 +52,7 @@ from calibration.int8_embedding import Int8Embedding, int8_head_info, prepare_in
 from spike_modules import iter_sites, set_mode
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.kv_cache import SpikeKVCache
+from spike_modules.site import frozen
 from stac_common.io import atomic_dir, read_saved_config, sha256_file, write_json
 from stac_lm.io.offload import (is_offloaded, layers_on_disk, load_budgeted_, module_state, read_shards, weight_files,
                                 write_shards)
@@ -181,7 +182,8 @@ class SpikingCausalLM:
         implementation = kwargs.get("cache_implementation", config.cache_implementation)
         if kwargs.get("past_key_values") is None and use_cache is not False and implementation in (None, "dynamic"):
             kwargs["past_key_values"] = SpikeKVCache(self)
-        return super().generate(*args, **kwargs)
+        with frozen(self):  # nothing edits a site while generating: skip the per-call parameter checks
+            return super().generate(*args, **kwargs)
 
     def tie_weights(self, *args, **kwargs):
         """transformers' tying, except with an int8 head: its :class:`Int8Embedding` already reads the

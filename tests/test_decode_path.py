@@ -1,0 +1,110 @@
+"""The decoding path's shortcuts give the numbers of the plain path: the cache's buffers with room
+to grow, frozen sites, counts straight from the sites, one-call attention, and the row kernel's runs
+for a single token."""
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+import spike_modules.row_sparse as row_sparse
+from calibration.int8 import Int8Linear
+from spike_modules import iter_sites
+from spike_modules.kv_cache import GrowingLayer, SpikeKVCache
+from spike_modules.row_sparse import row_linear
+from spike_modules.site import DAQCFSSite, frozen
+from tests.test_row_sparse import int_linear, sparse_ints
+from tests.test_silence import tiny_snn  # noqa: F401  (fixture)
+
+
+def _pieces(seed: int, sizes: list[int], dtype=torch.int8) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(-100, 100, (2, 3, n, 4), generator=g).to(dtype) for n in sizes]
+
+
+def test_growing_layer_holds_what_concatenation_holds():
+    grown, plain = GrowingLayer(), DynamicLayer()
+    handed = []
+    for k in _pieces(0, [5, 1, 1, 200, 1, 3]):
+        got, ref = grown.update(k, -k), plain.update(k, -k)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        handed.append((got[0], got[0].clone()))
+    grown.crop(-4)  # a crop, then appends: what was handed out before never changes
+    plain.crop(-4)
+    for k in _pieces(1, [1, 2]):
+        got, ref = grown.update(k, -k), plain.update(k, -k)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert all(torch.equal(t, copy) for t, copy in handed)
+    assert grown.get_seq_length() == plain.get_seq_length() == 210
+
+
+def test_growing_layer_appends_in_place_until_full():
+    layer = GrowingLayer()
+    first = layer.update(*_pieces(2, [10, 10]))[0]
+    second = layer.update(*_pieces(3, [1, 1]))[0]
+    assert second.data_ptr() == first.data_ptr()  # the same buffer: only the new token was copied
+    layer.update(*_pieces(4, [1000, 1000]))
+    assert layer.keys.data_ptr() != first.data_ptr() and layer.get_seq_length() == 1011
+
+
+def test_frozen_sites_keep_their_parameters_until_the_block_ends():
+    site = DAQCFSSite(4, 3, signed=True, mode="parallel")
+    site.set_params(theta=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    x = torch.linspace(-3, 3, 8).view(2, 4)
+    before = site(x)
+    with frozen(site):
+        site.theta.data.mul_(2)  # an edit no version counter sees
+        assert torch.equal(site(x), before)
+        with frozen(site):
+            assert torch.equal(site(x), before)
+    assert not torch.equal(site(x), before)
+    assert "_frozen" not in site.__dict__
+
+
+@pytest.mark.parametrize("mode", ["parallel", "quant"])
+def test_site_counts_decode_to_the_forward_bit_for_bit(mode):
+    site = DAQCFSSite(4, 3, signed=True, mode=mode, coding="weighted")
+    site.set_params(theta=torch.tensor([1.0, 2.0, 3.0, 4.0]), burst=torch.tensor([1.0, 3.0, 1.0, 1.0]),
+                    dead=torch.tensor([0.0, 2.0, 0.0, 1.5]))
+    x = torch.randn(3, 5, 4) * 4
+    with torch.no_grad():
+        c, step = site.counts(x)
+        assert torch.equal(c * step, site(x)) and torch.equal(c, c.round())
+    site.mode = "ann"
+    with pytest.raises(ValueError, match="parallel and quant"):
+        site.counts(x)
+
+
+def test_cached_decoding_takes_the_shortcuts_and_keeps_the_logits(tiny_snn):  # noqa: F811
+    snn, batches = tiny_snn
+    ids = batches[0][:1]
+    with torch.no_grad(), frozen(snn):
+        full = snn(ids).logits
+        cache = SpikeKVCache(snn)
+        steps = [snn(ids[:, :20], past_key_values=cache, use_cache=True).logits]
+        steps += [snn(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(20, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    assert all(isinstance(layer, GrowingLayer) for layer in cache.layers)
+    assert all(not layer.keys.is_floating_point() for layer in cache.layers)  # counts, not floats
+
+
+def test_one_token_split_into_runs_gives_the_whole_tables_numbers(monkeypatch):
+    layer = Int8Linear.from_linear(int_linear(24, 10, True))
+    for seed in range(4):
+        x = sparse_ints((1, 1, 24), 0.5, seed=seed)
+        if seed % 2:
+            x[..., :13] = 0  # the first run has no input that fired
+        with torch.no_grad():
+            whole = row_linear(layer, x)
+            with monkeypatch.context() as m:
+                m.setattr(row_sparse, "SPLIT_BYTES", 1)
+                m.setattr(torch, "get_num_threads", lambda: 2)
+                runs, every = row_linear(layer, x), row_linear(layer, x, all_rows=True)
+        torch.testing.assert_close(runs, whole, rtol=1e-6, atol=0)
+        assert torch.equal(runs, every)
+
+
+def test_every_site_of_a_model_is_frozen_within_the_block(tiny_snn):  # noqa: F811
+    snn, _ = tiny_snn
+    with frozen(snn):
+        assert all("_frozen" in site.__dict__ for _, site in iter_sites(snn))
+    assert not any("_frozen" in site.__dict__ for _, site in iter_sites(snn))
