@@ -26,7 +26,8 @@ attention computes (same operations in the same order). The KV cache holds the f
 (the cache update happens before the attention function); the sites encode the whole key and
 value set on every call. With a :class:`spike_modules.kv_cache.SpikeKVCache` the cache holds
 the decoded k/v instead, each token's k/v pass their sites once (when fed), and this function
-takes them as they come. Sites act per element, so either way a prefill followed by decoding
+takes them as they come: without a probability site, softcap or dropout as one
+``scaled_dot_product_attention`` call, else through the eager path with the kv heads unrepeated. Sites act per element, so either way a prefill followed by decoding
 gives the same values as one full pass.
 
 In the sequential simulation q.k^T with the mask and softmax form one causal rate-domain op,
