@@ -75,6 +75,10 @@ def build_parser() -> Parser:
     flag(g, "burst_budget", type=int, metavar="B", help="spikes per step a channel's calibration maximum may "
                                                          "need; channels needing more get theta = max / B "
                                                          "(default 64; 0: none)")
+    flag(g, "power_of_two_steps", action=argparse.BooleanOptionalAction,
+         help="round every threshold up to a power-of-two fraction of its site's largest, so a weighted spike is a "
+              "shifted int8 weight (priced as an integer add and shift, not a MAC); steps up to 2x coarser "
+              "(default: on with weighted coding in full mode)")
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
     flag(g, "int8_rounding", choices=("nearest", "gptq"),
          help="how weights round to int8: to nearest, or GPTQ's error compensation on the calibration text's "

@@ -50,18 +50,18 @@ DEFAULT_POINT = ("weighted", 7, 99.9, True, True, DEFAULT_SILENCE_BUDGET)  # ful
 
 
 def parse_point(spec: str) -> dict:
-    """``coding:T:percentile[:nohead][:float][:sBUDGET]`` -> a point's settings (``nohead``: LM head
-    dense; ``float``: float weights instead of 8-bit; ``sBUDGET``: dead zones within that KL budget,
-    default none); ``ValueError`` on a bad spec."""
+    """``coding:T:percentile[:nohead][:float][:p2][:sBUDGET]`` -> a point's settings (``nohead``: LM head
+    dense; ``float``: float weights instead of 8-bit; ``p2``: power-of-two steps; ``sBUDGET``: dead zones
+    within that KL budget, default none); ``ValueError`` on a bad spec."""
     parts = spec.split(":")
     budgets = [p for p in parts[3:] if p.startswith("s")]
     flags = set(parts[3:]) - set(budgets)
-    if len(parts) < 3 or flags - {"nohead", "float"} or len(budgets) > 1:
-        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float][:sBUDGET], e.g. "
+    if len(parts) < 3 or flags - {"nohead", "float", "p2"} or len(budgets) > 1:
+        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float][:p2][:sBUDGET], e.g. "
                          "weighted:7:99.9:s0.015")
     return {"spec": spec, "coding": parts[0], "T": int(parts[1]), "percentile": float(parts[2]),
             "spike_head": "nohead" not in flags, "int8_weights": "float" not in flags,
-            "silence_budget": float(budgets[0][1:]) if budgets else 0.0}
+            "power_of_two_steps": "p2" in flags, "silence_budget": float(budgets[0][1:]) if budgets else 0.0}
 
 
 def measure(ann, snn, eval_ids: torch.Tensor) -> dict:
@@ -108,7 +108,8 @@ def run(args) -> dict:
         obs = {k: v for k, v in observers.items() if k in names}
         t0 = time.perf_counter()
         ccfg = CalibrationConfig(T=pt["T"], coding=pt["coding"], rule="percentile", percentile=pt["percentile"],
-                                 max_burst=max_exact_burst(pt["T"], pt["coding"]), burst_budget=64, n_samples=n)
+                                 max_burst=max_exact_burst(pt["T"], pt["coding"]), burst_budget=64, n_samples=n,
+                                 power_of_two_steps=pt["power_of_two_steps"])
         fit_calibration(obs, ccfg).apply_to(snn)  # dead zones of an earlier point are cleared here
         set_mode(snn, "parallel")
         silence = None
@@ -180,7 +181,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated coding:T:percentile[:nohead][:float][:sBUDGET]")
+    p.add_argument("--points", default=DEFAULT_POINTS,
+                   help="comma-separated coding:T:percentile[:nohead][:float][:p2][:sBUDGET]")
     p.add_argument("--calib_tokens", type=int, default=8192)
     p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))

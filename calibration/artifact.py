@@ -49,6 +49,8 @@ class CalibrationConfig:
     threshold ``absmax / burst_budget`` (its usual values then pass at a coarser step). This
     keeps those massive activations (fixed channels, seen in every calibration window) from
     firing millions of spikes, while ``max_burst`` still lets outliers calibration never saw pass.
+    ``power_of_two_steps``: every threshold rounded up to a power-of-two fraction of its site's
+    largest (:func:`calibration.thresholds.power_of_two_steps`), before the psi/phi fit.
     """
 
     T: int
@@ -63,6 +65,7 @@ class CalibrationConfig:
     max_burst: int = 1
     burst_budget: int | None = None
     coding: str = "rate"
+    power_of_two_steps: bool = False
 
     def __post_init__(self):
         check_timesteps(self.T)
@@ -72,6 +75,8 @@ class CalibrationConfig:
         if self.n_samples < 0 or self.reservoir_rows < 0 or not self.bias_weight >= 0:
             raise ValueError("n_samples, reservoir_rows and bias_weight must be >= 0")
         check_max_burst(self.max_burst, self.T, self.coding)
+        if not isinstance(self.power_of_two_steps, bool):
+            raise ValueError(f"power_of_two_steps must be true or false, got {self.power_of_two_steps!r}")
         b = self.burst_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.max_burst):
             raise ValueError(f"burst_budget is the spikes per step planned for a channel's calibration maximum: None or "

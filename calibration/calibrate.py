@@ -14,7 +14,7 @@ from spike_modules.site import SiteMode, iter_sites
 from .affine import fit_affine, site_error
 from .artifact import Calibration, CalibrationConfig, SiteParams
 from .observer import ChannelObserver
-from .thresholds import choose_thresholds
+from .thresholds import choose_thresholds, power_of_two_steps
 
 
 def default_run_batch(model: nn.Module, batch: Any) -> None:
@@ -102,6 +102,8 @@ def fit_site(obs: ChannelObserver, config: CalibrationConfig, signed: bool) -> t
         floor = (obs.absmax(signed) / config.burst_budget).to(theta.dtype)
         raised = int((floor > theta).sum())
         theta = torch.maximum(theta, floor)
+    if config.power_of_two_steps:
+        theta = power_of_two_steps(theta)
     psi, phi = torch.zeros_like(theta), torch.ones_like(theta)
     burst = torch.full_like(theta, float(config.max_burst))
     if config.fit_affine:

@@ -65,3 +65,17 @@ def mse_thresholds(obs: ChannelObserver, T: int, signed: bool, init_mem: float =
         total = (err * n[:, None, :]).sum(-1)                     # [h, C]
         out[lo:lo + chunk] = theta.gather(1, total.argmin(1, keepdim=True)).squeeze(1).double()
     return out
+
+
+def power_of_two_steps(theta: torch.Tensor) -> torch.Tensor:
+    """Each threshold raised to the nearest ``theta_max * 2**-k`` (``k`` whole, >= 0) at or above it:
+    every channel's step is then a power-of-two fraction of the site's largest, so a weighted spike's
+    value is a shift of an int8 weight and the per-site factor goes into the output's rescale
+    (docs/design.md section 5 prices such a spike as an integer add and shift instead of a MAC). A
+    channel's step grows by less than 2x (values above the old threshold need fewer bursts)."""
+    top = theta.max().double()
+    t = theta.double()
+    k = torch.floor(torch.log2(top / t))
+    k = torch.where(top * torch.exp2(-k) < t, k - 1, k)  # log2's rounding must not take a step below theta
+    return (top * torch.exp2(-k)).to(theta.dtype)
+

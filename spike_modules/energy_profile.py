@@ -7,6 +7,8 @@ it): spikes per layer come from the counts, fired shares from each site's parall
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -23,6 +25,16 @@ def steps_power_of_two(site: DAQCFSSite) -> bool:
     step = site.theta.detach().double()
     ratio = torch.log2(step / step.max())
     return bool(torch.equal(ratio, ratio.round()))
+
+
+def accumulator_bits(site: DAQCFSSite, weight_bytes: float, in_features: int) -> int:
+    """Bits of the integer sum that ``in_features`` inputs of ``site`` (power-of-two steps), spiking
+    into ``weight_bytes``-byte weights, need without overflow: the weight, the largest count (levels
+    times the largest burst), the site's span of shifts, the fan-in, and a sign."""
+    theta = site.theta.detach().double()
+    span = math.ceil(float(torch.log2(theta.max() / theta.min())))
+    top = site.levels * float(site.burst.detach().max())
+    return int(8 * weight_bytes + math.ceil(math.log2(top + 1)) + span + math.ceil(math.log2(max(in_features, 1))) + 1)
 
 
 def _share(site: DAQCFSSite | None) -> float | None:
@@ -55,8 +67,10 @@ def token_profile(snn: nn.Module, counts: OpCounts, context: float, prefill_toke
         if id(m) in behind:
             key, site = behind[id(m)]
             spikes = counts.per_module.get(key, {}).get("acs", 0.0) / o / tokens
+            shifts = wb < 4 and steps_power_of_two(site)
             linears.append(LinearUse(key, i, o, wb, sb, active_rows=_share(site) * i, spikes=spikes,
-                                     folded=wb >= 4 or steps_power_of_two(site), weighted=site.coding == "weighted"))
+                                     folded=wb >= 4 or shifts, weighted=site.coding == "weighted",
+                                     accumulator_bits=accumulator_bits(site, wb, i) if shifts else 32))
         else:
             linears.append(LinearUse(path, i, o, wb, sb))
     cfg = snn.config

@@ -27,7 +27,8 @@ from pathlib import Path
 
 TABLES = Path(__file__).with_name("energy_tables")
 DEFAULT_TABLE = TABLES / "horowitz_45nm.json"
-OPS = ("add_int8", "add_int32", "add_fp16", "add_fp32", "mult_int8", "mult_fp16", "mult_fp32", "shift_int32")
+OPS = ("add_int8", "add_int32", "add_int64", "add_fp16", "add_fp32", "mult_int8", "mult_fp16", "mult_fp32",
+       "shift_int32", "shift_int64")
 MEMORIES = ("dram", "sram_small", "sram_large")
 MACS = {"mac_fp32": ("mult_fp32", "add_fp32"), "mac_bf16": ("mult_fp16", "add_fp32"),
         "mac_int8": ("mult_int8", "add_int32")}

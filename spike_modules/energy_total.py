@@ -87,6 +87,8 @@ class LinearUse:
     site in front, a dense layer). ``spikes``: spikes (nonzero digits) per token over its inputs.
     ``folded``: a spike is an add (float weights, or power-of-two steps), else a fired
     (channel, output) pair is a MAC. ``weighted``: a spike also costs a shift.
+    ``accumulator_bits``: the integer accumulator's width a folded spike adds into (int weights):
+    over 32 bits, adds and shifts are priced at 64 bits.
     """
 
     name: str
@@ -98,6 +100,7 @@ class LinearUse:
     spikes: float = 0.0
     folded: bool = True
     weighted: bool = False
+    accumulator_bits: int = 32
 
 
 @dataclass(frozen=True)
@@ -160,9 +163,10 @@ def _linear_actions(actions: dict, lin: LinearUse, model: str, weight_mem: str, 
     if lin.active_rows is None:
         _add(actions, "arithmetic", "mac_fp32", i * o)
     elif lin.folded:
-        _add(actions, "arithmetic", "add_int32" if lin.weight_bytes < 4 else "add_fp32", lin.spikes * o)
+        wide = "64" if lin.accumulator_bits > 32 else "32"
+        _add(actions, "arithmetic", f"add_int{wide}" if lin.weight_bytes < 4 else "add_fp32", lin.spikes * o)
         if lin.weighted:
-            _add(actions, "arithmetic", "shift_int32", lin.spikes * o)
+            _add(actions, "arithmetic", f"shift_int{wide}", lin.spikes * o)
     else:
         _add(actions, "arithmetic", "mac_fp32", lin.active_rows * o)
     if lin.scale_bytes:
@@ -235,7 +239,8 @@ CONVENTION = (
     "bf16 KV; ann_int8: W8A8, 1-byte weights + an fp32 scale per output row, int8 MACs into int32, a rescale per "
     "output and a quantisation per input, attention in bf16 over an int8 KV cache with an fp16 scale per token and "
     "head; snn: its stored widths, reading only the weight rows of input channels that fired in the token, a spike "
-    "an add (+ a shift if weighted) where the site's steps fold into the weights, else a MAC per fired (channel, "
+    "an add (+ a shift if weighted; 64-bit where the accumulator needs more than 32 bits) where the site's steps "
+    "fold into the weights (float weights, or power-of-two steps), else a MAC per fired (channel, "
     "output) pair, one fp32 MAC per site channel to encode, membranes and spike events on chip). Headline "
     "scenario decode_dram: batch 1, weights and KV cache read from DRAM once per token at the evaluation windows' "
     "mean context. Element-wise work (norms, activations, softmax, residual adds) is left out of every model. "

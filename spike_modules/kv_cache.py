@@ -14,11 +14,13 @@ call runs the layer's ``k_site``/``v_site`` here and tells ``spike_attention_for
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from .kv_layer import ESCAPE_BYTES, GrowingLayer
 from .site import SiteMode
 
 ENCODED_FLAG = "stac_kv_encoded"  # set on an attention module for the one attention call that follows
@@ -50,7 +52,7 @@ def _encode(site, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(B, S, h, D).transpose(1, 2)
 
 
-COUNT_DTYPES = (torch.int8, torch.int16, torch.int32)  # the narrowest that holds every count is used
+SLOT_DTYPES = (torch.int8, torch.int16, torch.int32)  # a slot: the narrowest that holds the site's levels
 
 
 def _counted(module: nn.Module) -> tuple | None:
@@ -72,16 +74,30 @@ def _as_counts(y: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
     return c if torch.equal(c * step, y) else None
 
 
-def _width(c: torch.Tensor | None, site=None) -> torch.dtype | None:
-    """The narrowest of :data:`COUNT_DTYPES` that holds every count of ``c`` (None: none does, or no
-    counts). A ``site`` whose counts are bounded by a number that int8 holds (no bursts) needs no look."""
-    if c is None or c.numel() == 0:
-        return COUNT_DTYPES[0] if c is not None else None
-    bound = (site.__dict__.get("_frozen") or site._fused())[4] if site is not None else None
-    if isinstance(bound, float) and bound <= torch.iinfo(COUNT_DTYPES[0]).max:
-        return COUNT_DTYPES[0]
+def _slot_dtype(site) -> torch.dtype:
+    """The narrowest of :data:`SLOT_DTYPES` that holds ``site``'s levels (int8 for weighted T <= 7)."""
+    return next((d for d in SLOT_DTYPES if site.levels <= torch.iinfo(d).max), SLOT_DTYPES[-1])
+
+
+def _narrowed(c: torch.Tensor | None, site) -> tuple | None:
+    """``(slots, escapes)`` of counts ``c`` from ``site``: each count clamped into a slot that holds the
+    site's levels (:func:`_slot_dtype`), and the counts past it (bursts) as escapes ``(positions [N, 4],
+    int32 counts [N])`` (None without any); None where ``c`` is not a tensor of finite counts. A site
+    whose counts cannot pass its levels (no bursts) needs no look."""
+    if c is None:
+        return None
+    dtype = _slot_dtype(site)
+    top_slot = torch.iinfo(dtype).max
+    bound = (site.__dict__.get("_frozen") or site._fused())[4]
+    if isinstance(bound, float) and bound <= top_slot or c.numel() == 0:
+        return c.to(dtype), None
     top = float(c.abs().max())
-    return next((d for d in COUNT_DTYPES if top <= torch.iinfo(d).max), None)
+    if not math.isfinite(top) or top > torch.iinfo(torch.int32).max:
+        return None
+    if top <= top_slot:
+        return c.to(dtype), None
+    big = c.abs() > top_slot
+    return c.clamp(-top_slot, top_slot).to(dtype), (big.nonzero(), c[big].to(torch.int32))
 
 
 def _site_counts(site, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,58 +108,16 @@ def _site_counts(site, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c.reshape(B, S, h, D).transpose(1, 2), step.to(x.dtype).view(1, h, 1, D)
 
 
-ROOM_TOKENS = 128  # a layer that runs out of room grows by this many slots, or a quarter of its length if more
-
-
-def _appended(held: torch.Tensor, new: torch.Tensor, room: tuple | None) -> tuple[torch.Tensor, tuple | None]:
-    """``(cat([held, new], -2), room)``: the concatenation as a view into a buffer with space for later
-    tokens. ``room`` is ``(buffer, slots written)``; ``new`` goes into the buffer only where ``held`` is
-    exactly the written part and it fits. A slot is written once: a tensor handed out earlier (a
-    longer cache before a crop) never sees its values change."""
-    if held.dim() != new.dim() or held.dtype != new.dtype:  # the first update (an empty 1-d tensor)
-        return (torch.cat([held, new], dim=-2), None) if held.numel() else _roomy(new[..., :0, :], new)
-    old, total = held.shape[-2], held.shape[-2] + new.shape[-2]
-    if (room is None or held.data_ptr() != room[0].data_ptr() or held.stride() != room[0].stride()
-            or old != room[1] or held.shape[:-2] != new.shape[:-2] or held.shape[-1] != new.shape[-1]
-            or total > room[0].shape[-2]):
-        return _roomy(held, new)
-    room[0][..., old:total, :].copy_(new)
-    return room[0][..., :total, :], (room[0], total)
-
-
-def _roomy(held: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    old, total = held.shape[-2], held.shape[-2] + new.shape[-2]
-    buffer = new.new_empty(*new.shape[:-2], total + max(ROOM_TOKENS, total // 4), new.shape[-1])
-    buffer[..., :old, :].copy_(held)
-    buffer[..., old:total, :].copy_(new)
-    return buffer[..., :total, :], (buffer, total)
-
-
-class GrowingLayer(DynamicLayer):
-    """transformers' :class:`DynamicLayer` whose keys and values are views into buffers with room to
-    grow: appending a decoded token copies that token (and, now and then, the cache into a larger
-    buffer), where the base class concatenates the whole cache on every step. The tensors it holds
-    and returns have the same values; cropping, reordering and the rest are the base class's
-    (a view they replace gets a new buffer on the next append)."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        rooms = self.__dict__.get("_rooms", (None, None))
-        self.keys, k_room = _appended(self.keys, key_states, rooms[0])
-        self.values, v_room = _appended(self.values, value_states, rooms[1])
-        self._rooms = (k_room, v_room)
-        return self.keys, self.values
-
-
 class SpikeKVCache(DynamicCache):
     """A :class:`transformers.DynamicCache` whose entries are the sites' decoded keys and values.
 
-    Where a layer's k and v sites emit whole counts (parallel or quant mode), the cache stores the
-    counts at the narrowest integer width that holds all of them (int8 while no count passes 127,
-    then int16, int32), and decodes them with the sites' steps when attention reads them: the same
-    values bit for bit, at a quarter of float32's bytes. A count that is not exact in the decode
-    (or a site in ANN mode) keeps that layer in float.
+    Where a layer's k and v sites emit whole counts (parallel or quant mode), the cache stores each
+    count in a slot as wide as the site's levels need (int8 up to 127 levels: weighted T <= 7), and a
+    count past them (a burst) also as an escape (its position and int32 count,
+    :mod:`spike_modules.kv_layer`); attention reads the counts decoded with the sites' steps: the same
+    values bit for bit, at a quarter of float32's bytes (int8 slots) plus 8 bytes per escape. The
+    layers are :class:`~spike_modules.kv_layer.GrowingLayer`, which append in place. A count that is
+    not exact in the decode (or a site in ANN mode) keeps that layer in float.
 
     Args:
         model: the converted model the cache belongs to (its attention layers give the sites).
@@ -166,10 +140,10 @@ class SpikeKVCache(DynamicCache):
         sites = _counted(module)
         if sites is not None and self._steps.get(layer_idx, ()) is not None and not torch.is_grad_enabled():
             (kc, k_step), (vc, v_step) = _site_counts(sites[0], key_states), _site_counts(sites[1], value_states)
-            widths = [_width(kc, sites[0]), _width(vc, sites[1])]
-            if None not in widths:
-                return self._append(layer_idx, kc, vc, (k_step, v_step), widths, key_states.dtype)
-            return self._store(layer_idx, kc * k_step, vc * v_step, module)  # no integer holds them: float
+            k, v = _narrowed(kc, sites[0]), _narrowed(vc, sites[1])
+            if k is not None and v is not None:
+                return self._append(layer_idx, k, v, (k_step, v_step), key_states.dtype)
+            return self._store(layer_idx, kc * k_step, vc * v_step, module)  # not whole finite counts: float
         key_states = _encode(getattr(module, "k_site", None), key_states)
         value_states = _encode(getattr(module, "v_site", None), value_states)
         return self._store(layer_idx, key_states, value_states, module)
@@ -180,52 +154,54 @@ class SpikeKVCache(DynamicCache):
         steps = (_step(sites[0], k), _step(sites[1], v)) if sites is not None else None
         if idx in self._steps and self._steps[idx] is None:
             steps = None  # a layer kept in float stays in float
-        kc = vc = None
+        kn = vn = None
         if steps is not None:
-            kc, vc = _as_counts(k, steps[0]), _as_counts(v, steps[1])
-        widths = [_width(kc), _width(vc)]
-        if steps is None or None in widths:
+            kn, vn = _narrowed(_as_counts(k, steps[0]), sites[0]), _narrowed(_as_counts(v, steps[1]), sites[1])
+        if kn is None or vn is None:
             layer = self.layers[idx] if idx < len(self.layers) else None
             if idx in self._steps and self._steps[idx] is not None and layer is not None:
                 layer.keys, layer.values = self._decoded(idx, layer.keys, layer.values, k.dtype)
+                layer.clear_escapes()
             self._steps[idx] = None
             keys, values = super().update(k, v, idx)
             return keys, values
-        return self._append(idx, kc, vc, steps, widths, k.dtype)
+        return self._append(idx, kn, vn, steps, k.dtype)
 
-    def _append(self, idx: int, kc: torch.Tensor, vc: torch.Tensor, steps: tuple, widths: list, dtype: torch.dtype):
-        """Append counts ``kc``, ``vc`` (whole numbers, any dtype) to layer ``idx`` at the narrowest width that
-        holds them and what the layer holds; return the layer's decoded keys and values in ``dtype``."""
+    def _append(self, idx: int, k: tuple, v: tuple, steps: tuple, dtype: torch.dtype):
+        """Append ``(int8 slots, escapes)`` of keys and values to layer ``idx``; return the layer's decoded
+        keys and values in ``dtype``."""
         layer = self.layers[idx] if idx < len(self.layers) else None
-        held = layer.keys.dtype if layer is not None and getattr(layer, "is_initialized", False) else None
-        if held is not None and not held.is_floating_point:
-            widths.append(held)
-        width = max(widths, key=COUNT_DTYPES.index)
-        if held is not None and held != width:
-            layer.keys, layer.values = layer.keys.to(width), layer.values.to(width)
-            layer.dtype = width
+        start = layer.get_seq_length() if layer is not None else 0
         self._steps[idx] = steps
-        keys, values = super().update(kc.to(width), vc.to(width), idx)
+        keys, values = super().update(k[0], v[0], idx)
+        self.layers[idx].add_escapes(start, k[1], v[1])
         return self._decoded(idx, keys, values, dtype)
 
     def _decoded(self, idx: int, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None):
+        """Layer ``idx``'s ``keys``, ``values`` (its own tensors) decoded: each slot times its step, each escape
+        its count times its step."""
         steps = self._steps.get(idx)
         if steps is None or keys.is_floating_point():
             return keys, values
         if dtype is None or dtype == steps[0].dtype == steps[1].dtype:  # one pass: int * float computes in float
-            return keys * steps[0], values * steps[1]
-        return keys.to(dtype) * steps[0], values.to(dtype) * steps[1]
+            k, v = keys * steps[0], values * steps[1]
+        else:
+            k, v = keys.to(dtype) * steps[0], values.to(dtype) * steps[1]
+        layer = self.layers[idx]
+        return layer.escaped("keys", k, steps[0]), layer.escaped("values", v, steps[1])
 
     def layer_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(keys, values)]`` per layer, decoded, each ``[B, kv_heads, L, D]``."""
         return [self._decoded(i, layer.keys, layer.values) for i, layer in enumerate(self.layers)]
 
     def stored_bytes_per_element(self) -> float:
-        """Mean bytes one cached key or value element takes as stored (1 for int8 counts, 4 for float32)."""
+        """Mean bytes one cached key or value element takes as stored: its slot (1 for int8), plus
+        :data:`~spike_modules.kv_layer.ESCAPE_BYTES` per escape, over the elements (4 for float32)."""
         size = count = 0
         for layer in self.layers:
             for t in (layer.keys, layer.values):
                 size += t.numel() * t.element_size()
                 count += t.numel()
+            if isinstance(layer, GrowingLayer):
+                size += layer.escape_count() * ESCAPE_BYTES
         return size / count if count else float("nan")
-

@@ -120,3 +120,28 @@ def test_calibration_round_trips_bit_exactly_and_applies_to_the_model(tmp_path):
     assert torch.equal(dict(iter_sites(model))["2"].theta, calib.sites["2"].theta)
     out = model(torch.cat(synthetic(1, 20, seed=6)))
     assert torch.isfinite(out).all()
+
+
+def test_power_of_two_steps_round_each_threshold_up_to_a_shift_of_the_largest():
+    from calibration.thresholds import power_of_two_steps
+
+    theta = torch.tensor([3.0, 1.5, 1.4999, 0.7, 1e-3, 2.9, 3.0 / 1024])
+    got = power_of_two_steps(theta)
+    assert got.max() == theta.max() and bool((got >= theta).all()) and bool((got < 2 * theta).all())
+    k = torch.log2(theta.max().double() / got.double())
+    assert torch.equal(k, k.round())
+    assert got.tolist()[:4] == [3.0, 1.5, 1.5, 0.75] and got[-1] == theta[-1]
+
+
+def test_a_power_of_two_calibration_prices_weighted_spikes_as_shifts():
+    from spike_modules.energy_profile import steps_power_of_two
+
+    model = nn.Sequential(DAQCFSSite(H, 5, name="a", coding="weighted"), nn.Linear(H, H))
+    data = synthetic(3, 100, seed=2)
+    plain = calibrate(model, data, CalibrationConfig(T=5, coding="weighted"), progress=False)
+    shifted = calibrate(model, data, CalibrationConfig(T=5, coding="weighted", power_of_two_steps=True), progress=False)
+    plain.apply_to(model)
+    assert not steps_power_of_two(model[0])
+    shifted.apply_to(model)
+    assert steps_power_of_two(model[0])
+    assert bool((shifted.sites["0"].theta >= plain.sites["0"].theta).all())

@@ -34,6 +34,9 @@ def tiny(tmp_path_factory):
 
 
 def convert(tiny: Path, out: Path, **kw):
+    """A conversion whose thresholds are the rule's own (power-of-two rounding, full mode's default, off
+    unless asked: these tests check the rules)."""
+    kw.setdefault("power_of_two_steps", False)
     opts = ConvertOptions(model_name=str(tiny), output_dir=str(out), calib_tokens=kw.pop("calib_tokens", 256),
                           timesteps=T, verify=False, **kw)
     return run(opts, progress=False, console=Console(file=io.StringIO()))
@@ -196,3 +199,14 @@ def test_burst_budget_raises_thresholds_to_max_over_budget(full_runs):
               for k, r in full_runs.items()}
     channels = sum(t.numel() for t in got.values())
     assert raised["budget1"] > 0.9 * channels and raised["budget1"] > raised["burst4"] >= raised["default"], raised
+
+
+def test_power_of_two_steps_are_full_modes_default_with_weighted_coding(tiny, tmp_path):
+    assert ConvertOptions().power_of_two_steps is True
+    assert ConvertOptions(coding="rate").power_of_two_steps is False
+    assert ConvertOptions(simplified=True).power_of_two_steps is False
+    assert ConvertOptions.from_dict({"coding": "weighted", "seed": 0}).power_of_two_steps is False  # saved before it
+    got = saved_thetas(convert(tiny, tmp_path / "p2", power_of_two_steps=True))
+    for theta in got.values():
+        k = torch.log2(theta.max().double() / theta.double())
+        assert torch.equal(k, k.round())

@@ -9,7 +9,8 @@ from transformers.cache_utils import DynamicLayer
 import spike_modules.row_sparse as row_sparse
 from calibration.int8 import Int8Linear
 from spike_modules import iter_sites
-from spike_modules.kv_cache import GrowingLayer, SpikeKVCache
+from spike_modules.kv_cache import SpikeKVCache
+from spike_modules.kv_layer import GrowingLayer
 from spike_modules.row_sparse import row_linear
 from spike_modules.site import DAQCFSSite, frozen
 from tests.test_row_sparse import int_linear, sparse_ints
@@ -108,3 +109,45 @@ def test_every_site_of_a_model_is_frozen_within_the_block(tiny_snn):  # noqa: F8
     with frozen(snn):
         assert all("_frozen" in site.__dict__ for _, site in iter_sites(snn))
     assert not any("_frozen" in site.__dict__ for _, site in iter_sites(snn))
+
+
+def test_counts_past_int8_are_escapes_that_decode_exactly(tiny_snn):  # noqa: F811
+    import copy
+
+    snn, batches = tiny_snn
+    snn = copy.deepcopy(snn)
+    for module in snn.modules():
+        site = getattr(module, "k_site", None)
+        if isinstance(site, DAQCFSSite):  # a fine step and room for bursts: counts past 127
+            site.set_params(site.theta / 40, site.psi, site.phi, torch.full_like(site.burst, 64.0), site.dead)
+    ids = batches[0][:1]
+    with torch.no_grad():
+        full = snn(ids).logits
+        cache = SpikeKVCache(snn)
+        parts = [snn(ids[:, :20], past_key_values=cache, use_cache=True).logits,
+                 snn(ids[:, 20:], past_key_values=cache, use_cache=True).logits]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+    escapes = sum(layer.escape_count() for layer in cache.layers)
+    elements = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+    assert escapes > 0 and all(layer.keys.dtype == torch.int8 for layer in cache.layers)
+    assert cache.stored_bytes_per_element() == pytest.approx(1 + 8 * escapes / elements)
+    rebuilt = SpikeKVCache(snn, cache.layer_tensors())  # from decoded values: the same counts and escapes
+    for (k0, v0), (k1, v1) in zip(cache.layer_tensors(), rebuilt.layer_tensors()):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+def test_escapes_follow_beam_reordering_and_crops():
+    layer = GrowingLayer()
+    c = torch.zeros(3, 1, 4, 2, dtype=torch.int8)
+    layer.update(c, c)
+    pos = torch.tensor([[0, 0, 1, 0], [2, 0, 3, 1]])
+    layer.add_escapes(0, (pos, torch.tensor([500, -900], dtype=torch.int32)), None)
+    step = torch.ones(1, 1, 1, 2)
+    layer.reorder_cache(torch.tensor([2, 2, 0]))
+    got = layer.escaped("keys", layer.keys * step, step)
+    assert got[0, 0, 3, 1] == got[1, 0, 3, 1] == -900 and got[2, 0, 1, 0] == 500 and layer.escape_count() == 3
+    layer.crop(-1)  # the slot of -900 is cut: its escapes no longer count, and a new token there is plain
+    assert layer.escape_count() == 1
+    layer.update(c[:, :, :1], c[:, :, :1])
+    layer.add_escapes(3, None, None)
+    assert float(layer.escaped("keys", layer.keys * step, step)[0, 0, 3, 1]) == 0.0

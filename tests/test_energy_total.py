@@ -12,14 +12,14 @@ from spike_modules.energy_table import DEFAULT_TABLE, EnergyTable
 from spike_modules.energy_total import (AttentionUse, LinearUse, TokenProfile, energy_total, price, scenario_table,
                                         token_actions)
 
-OPS = {"add_int8": 0.03, "add_int32": 0.1, "add_fp16": 0.4, "add_fp32": 0.9, "mult_int8": 0.2, "mult_fp16": 1.1,
-       "mult_fp32": 3.7, "shift_int32": 0.1}
+OPS = {"add_int8": 0.03, "add_int32": 0.1, "add_int64": 0.2, "add_fp16": 0.4, "add_fp32": 0.9, "mult_int8": 0.2,
+       "mult_fp16": 1.1, "mult_fp32": 3.7, "shift_int32": 0.1, "shift_int64": 0.2}
 TABLE = EnergyTable("round", "test", OPS, {"dram": 100.0, "sram_small": 1.0, "sram_large": 10.0}, {})
 
 
-def profile(folded=False, weighted=True, prefill=512):
+def profile(folded=False, weighted=True, prefill=512, accumulator_bits=32):
     lin = LinearUse("l", 4, 3, weight_bytes=1.0, scale_bytes=4, active_rows=2.0, spikes=3.0, folded=folded,
-                    weighted=weighted)
+                    weighted=weighted, accumulator_bits=accumulator_bits)
     att = AttentionUse(layers=1, heads=2, kv_heads=1, head_dim=2, context=5.0, snn_kv_bytes=1.0, q_active=0.5,
                        v_active=0.25)
     return TokenProfile((lin,), att, hidden=4, embedding_bytes=1.0, embedding_scale_bytes=4, site_elements=10.0,
@@ -51,6 +51,22 @@ def test_folded_spikes_are_adds_and_shifts():
     without = total("snn", folded=True, weighted=False)["arithmetic"]
     assert with_shift - without == pytest.approx(3 * 3 * 0.1)
     assert without == pytest.approx(3 * 3 * 0.1 + 3 * 4.6 + 15 * 4.6 + 10 * 4.6)
+
+
+def test_folded_spikes_into_a_wide_accumulator_cost_64_bit_adds_and_shifts():
+    narrow = total("snn", folded=True)["arithmetic"]
+    wide = total("snn", folded=True, accumulator_bits=33)["arithmetic"]
+    assert wide - narrow == pytest.approx(3 * 3 * (0.2 - 0.1) * 2)  # 9 adds and 9 shifts, each 0.1 pJ dearer
+
+
+def test_accumulator_width_of_power_of_two_sites():
+    from spike_modules.energy_profile import accumulator_bits
+    from spike_modules.site import DAQCFSSite
+
+    site = DAQCFSSite(3, 7, signed=True, coding="weighted")  # 127 levels: 7 bits
+    site.set_params(theta=torch.tensor([4.0, 1.0, 0.5]), burst=torch.tensor([1.0, 2.0, 1.0]))
+    # 8 (int8 weight) + 8 (counts up to 254) + 3 (shifts 4 / 0.5) + 10 (1024 inputs) + 1 (sign)
+    assert accumulator_bits(site, 1.0, 1024) == 30
 
 
 def test_int8_ann_by_hand():

@@ -1,0 +1,145 @@
+"""``GrowingLayer``: a transformers cache layer whose tensors grow in place, and keep escapes.
+
+transformers' :class:`DynamicLayer` concatenates the whole cache with each new token. This layer
+keeps its keys and values as views into buffers with room to grow: appending a token copies that
+token (and, now and then, the cache into a larger buffer). A slot is written once, so a tensor
+handed out before a crop never changes.
+
+Escapes (:class:`spike_modules.kv_cache.SpikeKVCache`): the cache holds each key and value as a
+count in a slot as wide as its site's levels (int8 for 127); a count past them (a burst) keeps its
+slot clamped and is also listed, with its
+position ``(batch, head, slot, dim)``, as an int32 escape that overrides the slot when the cache is
+decoded. The layer carries its escapes through the batch operations transformers runs on a cache
+(beam reordering, batch selection and repetition); entries past the layer's length (after a crop
+or a slice) are ignored, and dropped when their slots are written again.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+ROOM_TOKENS = 128  # a layer that runs out of room grows by this many slots, or a quarter of its length if more
+ESCAPE_BYTES = 8   # an escape as stored: its position in the layer (int32) and its count (int32)
+NAMES = ("keys", "values")
+
+
+def _appended(held: torch.Tensor, new: torch.Tensor, room: tuple | None) -> tuple[torch.Tensor, tuple | None]:
+    """``(cat([held, new], -2), room)``: the concatenation as a view into a buffer with space for later
+    tokens. ``room`` is ``(buffer, slots written)``; ``new`` goes into the buffer only where ``held`` is
+    exactly the written part and it fits. A slot is written once: a tensor handed out earlier (a
+    longer cache before a crop) never sees its values change."""
+    if held.dim() != new.dim() or held.dtype != new.dtype:  # the first update (an empty 1-d tensor)
+        return (torch.cat([held, new], dim=-2), None) if held.numel() else _roomy(new[..., :0, :], new)
+    old, total = held.shape[-2], held.shape[-2] + new.shape[-2]
+    if (room is None or held.data_ptr() != room[0].data_ptr() or held.stride() != room[0].stride()
+            or old != room[1] or held.shape[:-2] != new.shape[:-2] or held.shape[-1] != new.shape[-1]
+            or total > room[0].shape[-2]):
+        return _roomy(held, new)
+    room[0][..., old:total, :].copy_(new)
+    return room[0][..., :total, :], (room[0], total)
+
+
+def _roomy(held: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    old, total = held.shape[-2], held.shape[-2] + new.shape[-2]
+    buffer = new.new_empty(*new.shape[:-2], total + max(ROOM_TOKENS, total // 4), new.shape[-1])
+    buffer[..., :old, :].copy_(held)
+    buffer[..., old:total, :].copy_(new)
+    return buffer[..., :total, :], (buffer, total)
+
+
+def _rebatched(escapes: tuple | None, order: torch.Tensor) -> tuple | None:
+    """Escapes after the batch rows become ``order`` (new row ``j`` is old row ``order[j]``)."""
+    if escapes is None:
+        return None
+    pos, val = escapes
+    order = order.to(pos.device)
+    j, e = (pos[:, 0][None, :] == order[:, None]).nonzero(as_tuple=True)
+    moved = pos[e].clone()
+    moved[:, 0] = j
+    return moved, val[e]
+
+
+class GrowingLayer(DynamicLayer):
+    """:class:`DynamicLayer` with buffers that grow in place and escapes (see the module docstring).
+    The tensors it holds and returns have the values the base class's would have."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rooms = self.__dict__.get("_rooms", (None, None))
+        self.keys, k_room = _appended(self.keys, key_states, rooms[0])
+        self.values, v_room = _appended(self.values, value_states, rooms[1])
+        self._rooms = (k_room, v_room)
+        return self.keys, self.values
+
+    def _escapes(self) -> dict:
+        return self.__dict__.setdefault("_escape", {name: None for name in NAMES})
+
+    def add_escapes(self, start: int, keys: tuple | None, values: tuple | None) -> None:
+        """Record escapes ``(positions [N, 4], counts [N])`` of the slots just written from ``start`` on
+        (positions relative to it); the entries an earlier, longer cache left there are dropped."""
+        held = self._escapes()
+        for name, new in zip(NAMES, (keys, values)):
+            old = held[name]
+            if old is not None:
+                keep = old[0][:, 2] < start
+                old = (old[0][keep], old[1][keep]) if not bool(keep.all()) else old
+                old = old if old[0].numel() else None
+            if new is not None:
+                pos = new[0].clone()
+                pos[:, 2] += start
+                new = (pos, new[1])
+                old = new if old is None else (torch.cat([old[0], pos]), torch.cat([old[1], new[1]]))
+            held[name] = old
+
+    def escapes(self, name: str) -> tuple | None:
+        """The escapes of ``keys`` or ``values`` within the layer's length, or None."""
+        got = self._escapes()[name]
+        if got is None or not self.is_initialized:
+            return None
+        keep = got[0][:, 2] < getattr(self, name).shape[-2]
+        if bool(keep.all()):
+            return got
+        return (got[0][keep], got[1][keep]) if bool(keep.any()) else None
+
+    def clear_escapes(self) -> None:
+        self.__dict__.pop("_escape", None)
+
+    def escaped(self, name: str, decoded: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """``decoded`` (the layer's ``name`` times ``step``) with each escaped slot set to its count times
+        its step, the site's decode of that count bit for bit; in place."""
+        got = self.escapes(name)
+        if got is None:
+            return decoded
+        pos, val = (t.to(decoded.device) for t in got)
+        b, h, s, d = pos.unbind(1)
+        decoded[b, h, s, d] = val.to(decoded.dtype) * step[0, h, 0, d]
+        return decoded
+
+    def escape_count(self) -> int:
+        return sum(0 if (got := self.escapes(name)) is None else int(got[1].numel()) for name in NAMES)
+
+    def _rebatch(self, order: torch.Tensor) -> None:
+        held = self._escapes()
+        for name in NAMES:
+            held[name] = _rebatched(held[name], order)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._rebatch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._rebatch(torch.arange(self.keys.shape[0])[indices.cpu() if torch.is_tensor(indices) else indices])
+        super().batch_select_indices(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self._rebatch(beam_idx.cpu())
+        super().reorder_cache(beam_idx)
+
+    def reset(self) -> None:
+        self.clear_escapes()
+        super().reset()
