@@ -43,10 +43,10 @@ from stac_lm.convert.texts import calibration_batches, load_streams
 from stac_common.runtime import machine_info, resolve_device
 
 BASELINE = "rate:16:95:nohead"
-DEFAULT_POINTS = ("rate:16:95,weighted:6:99.9:s0,weighted:7:99.9:s0,weighted:7:99.9:s0.005,weighted:7:99.9:s0.01,"
-                  "weighted:7:99.9:s0.015,weighted:7:99.9:s0.03,weighted:8:99.9:s0.015")
+DEFAULT_POINTS = ("rate:16:95,weighted:7:99.9:s0,weighted:7:99.9:p2:s0,weighted:7:99.9:s0.015,"
+                  "weighted:7:99.9:p2:s0.015,weighted:7:99.9:p2:s0.02,weighted:7:99.9:p2:s0.03,weighted:8:99.9:p2:s0.015")
 PEER_FILE = Path("docs/bench_convert_peer.json")
-DEFAULT_POINT = ("weighted", 7, 99.9, True, True, DEFAULT_SILENCE_BUDGET)  # full mode's defaults (stac_lm.convert.options)
+DEFAULT_POINT = ("weighted", 7, 99.9, True, True, True, DEFAULT_SILENCE_BUDGET)  # full mode's defaults (stac_lm.convert.options)
 
 
 def parse_point(spec: str) -> dict:
@@ -157,10 +157,12 @@ def plot(result: dict, path: Path) -> None:
             ax.scatter([_x(p) for p in pts], [p[key] for p in pts], marker=marker, label=f"{coding} coding")
             for p in pts:
                 budget = p.get("silence_budget", 0.0)
-                ax.annotate(f"T={p['T']}" + (f" KL{budget:g}" if budget else " dense"), (_x(p), p[key]),
+                label = f"T={p['T']}" + (" p2" if p.get("power_of_two_steps") else "")
+                ax.annotate(label + (f" KL{budget:g}" if budget else " dense"), (_x(p), p[key]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
         default = [p for p in result["points"] if (p["coding"], p["T"], p["percentile"], p["spike_head"],
-                                                   p["int8_weights"], p.get("silence_budget", 0.0)) == DEFAULT_POINT]
+                                                   p["int8_weights"], p.get("power_of_two_steps", False),
+                                                   p.get("silence_budget", 0.0)) == DEFAULT_POINT]
         if default:
             ax.scatter([_x(default[0])], [default[0][key]], s=260, facecolors="none", edgecolors="red",
                        label="default (make demo)")

@@ -136,7 +136,7 @@ def test_the_frontier_marks_the_default_conversion():
     from stac_lm.convert.options import ConvertOptions
 
     o = ConvertOptions()
-    assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none",
+    assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none", o.power_of_two_steps,
             o.silence_budget) == DEFAULT_POINT
 
 
