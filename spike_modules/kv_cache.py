@@ -174,7 +174,7 @@ class SpikeKVCache(DynamicCache):
         start = layer.get_seq_length() if layer is not None else 0
         self._steps[idx] = steps
         keys, values = super().update(k[0], v[0], idx)
-        self.layers[idx].add_escapes(start, k[1], v[1])
+        self.layers[idx].add_escapes(start, k[1], v[1], steps)
         return self._decoded(idx, keys, values, dtype)
 
     def _decoded(self, idx: int, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None):
@@ -188,7 +188,7 @@ class SpikeKVCache(DynamicCache):
         else:
             k, v = keys.to(dtype) * steps[0], values.to(dtype) * steps[1]
         layer = self.layers[idx]
-        return layer.escaped("keys", k, steps[0]), layer.escaped("values", v, steps[1])
+        return layer.escaped("keys", k), layer.escaped("values", v)
 
     def layer_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(keys, values)]`` per layer, decoded, each ``[B, kv_heads, L, D]``."""

@@ -52,12 +52,23 @@ def _rebatched(escapes: tuple | None, order: torch.Tensor) -> tuple | None:
     """Escapes after the batch rows become ``order`` (new row ``j`` is old row ``order[j]``)."""
     if escapes is None:
         return None
-    pos, val = escapes
+    pos, count, value, top = escapes
     order = order.to(pos.device)
     j, e = (pos[:, 0][None, :] == order[:, None]).nonzero(as_tuple=True)
     moved = pos[e].clone()
     moved[:, 0] = j
-    return moved, val[e]
+    return (moved, count[e], value[e], top) if e.numel() else None
+
+
+def _within(escapes: tuple | None, length: int) -> tuple | None:
+    """The escapes whose slot is below ``length`` (all of them, without a look, where the last is)."""
+    if escapes is None or escapes[3] < length:
+        return escapes
+    keep = escapes[0][:, 2] < length
+    if not bool(keep.any()):
+        return None
+    pos = escapes[0][keep]
+    return pos, escapes[1][keep], escapes[2][keep], int(pos[:, 2].max())
 
 
 class GrowingLayer(DynamicLayer):
@@ -74,47 +85,42 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _escapes(self) -> dict:
+        """``{"keys"|"values": (positions [N, 4], counts [N], decoded values [N], last slot) or None}``."""
         return self.__dict__.setdefault("_escape", {name: None for name in NAMES})
 
-    def add_escapes(self, start: int, keys: tuple | None, values: tuple | None) -> None:
+    def add_escapes(self, start: int, keys: tuple | None, values: tuple | None, steps: tuple) -> None:
         """Record escapes ``(positions [N, 4], counts [N])`` of the slots just written from ``start`` on
-        (positions relative to it); the entries an earlier, longer cache left there are dropped."""
+        (positions relative to it), decoded once with ``steps`` (the keys' and values' ``[1, heads, 1, D]``);
+        the entries an earlier, longer cache left there are dropped."""
         held = self._escapes()
-        for name, new in zip(NAMES, (keys, values)):
-            old = held[name]
-            if old is not None:
-                keep = old[0][:, 2] < start
-                old = (old[0][keep], old[1][keep]) if not bool(keep.all()) else old
-                old = old if old[0].numel() else None
+        for name, new, step in zip(NAMES, (keys, values), steps):
+            old = _within(held[name], start)
             if new is not None:
                 pos = new[0].clone()
                 pos[:, 2] += start
-                new = (pos, new[1])
-                old = new if old is None else (torch.cat([old[0], pos]), torch.cat([old[1], new[1]]))
+                value = new[1].to(step.dtype) * step[0, pos[:, 1], 0, pos[:, 3]]
+                new = (pos, new[1], value, start + int(new[0][:, 2].max()))
+                old = new if old is None else (*(torch.cat([a, b]) for a, b in zip(old[:3], new[:3])), new[3])
             held[name] = old
 
     def escapes(self, name: str) -> tuple | None:
-        """The escapes of ``keys`` or ``values`` within the layer's length, or None."""
-        got = self._escapes()[name]
-        if got is None or not self.is_initialized:
+        """The escapes ``(positions, counts, decoded values, last slot)`` of ``keys`` or ``values`` within
+        the layer's length, or None."""
+        if not self.is_initialized:
             return None
-        keep = got[0][:, 2] < getattr(self, name).shape[-2]
-        if bool(keep.all()):
-            return got
-        return (got[0][keep], got[1][keep]) if bool(keep.any()) else None
+        return _within(self._escapes()[name], getattr(self, name).shape[-2])
 
     def clear_escapes(self) -> None:
         self.__dict__.pop("_escape", None)
 
-    def escaped(self, name: str, decoded: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """``decoded`` (the layer's ``name`` times ``step``) with each escaped slot set to its count times
-        its step, the site's decode of that count bit for bit; in place."""
-        got = self.escapes(name)
+    def escaped(self, name: str, decoded: torch.Tensor) -> torch.Tensor:
+        """``decoded`` (the layer's ``name`` times its step) with each escaped slot set to its count times
+        its step, decoded once when recorded: the site's decode of that count bit for bit; in place."""
+        got = _within(self._escapes()[name], decoded.shape[-2])
         if got is None:
             return decoded
-        pos, val = (t.to(decoded.device) for t in got)
-        b, h, s, d = pos.unbind(1)
-        decoded[b, h, s, d] = val.to(decoded.dtype) * step[0, h, 0, d]
+        pos, value = got[0].to(decoded.device), got[2].to(decoded.device, decoded.dtype)
+        decoded.index_put_(tuple(pos.unbind(1)), value)
         return decoded
 
     def escape_count(self) -> int:

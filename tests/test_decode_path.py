@@ -141,13 +141,13 @@ def test_escapes_follow_beam_reordering_and_crops():
     c = torch.zeros(3, 1, 4, 2, dtype=torch.int8)
     layer.update(c, c)
     pos = torch.tensor([[0, 0, 1, 0], [2, 0, 3, 1]])
-    layer.add_escapes(0, (pos, torch.tensor([500, -900], dtype=torch.int32)), None)
     step = torch.ones(1, 1, 1, 2)
+    layer.add_escapes(0, (pos, torch.tensor([500, -900], dtype=torch.int32)), None, (step, step))
     layer.reorder_cache(torch.tensor([2, 2, 0]))
-    got = layer.escaped("keys", layer.keys * step, step)
+    got = layer.escaped("keys", layer.keys * step)
     assert got[0, 0, 3, 1] == got[1, 0, 3, 1] == -900 and got[2, 0, 1, 0] == 500 and layer.escape_count() == 3
     layer.crop(-1)  # the slot of -900 is cut: its escapes no longer count, and a new token there is plain
     assert layer.escape_count() == 1
     layer.update(c[:, :, :1], c[:, :, :1])
-    layer.add_escapes(3, None, None)
-    assert float(layer.escaped("keys", layer.keys * step, step)[0, 0, 3, 1]) == 0.0
+    layer.add_escapes(3, None, None, (step, step))
+    assert float(layer.escaped("keys", layer.keys * step)[0, 0, 3, 1]) == 0.0
