@@ -157,8 +157,8 @@ def plot(result: dict, path: Path) -> None:
             ax.scatter([_x(p) for p in pts], [p[key] for p in pts], marker=marker, label=f"{coding} coding")
             for p in pts:
                 budget = p.get("silence_budget", 0.0)
-                label = f"T={p['T']}" + (" p2" if p.get("power_of_two_steps") else "")
-                ax.annotate(label + (f" KL{budget:g}" if budget else " dense"), (_x(p), p[key]),
+                name = f"T={p['T']}" + (" p2" if p.get("power_of_two_steps") else "")
+                ax.annotate(name + (f" KL{budget:g}" if budget else " dense"), (_x(p), p[key]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
         default = [p for p in result["points"] if (p["coding"], p["T"], p["percentile"], p["spike_head"],
                                                    p["int8_weights"], p.get("power_of_two_steps", False),
