@@ -64,7 +64,7 @@ them off. Only weighted coding keeps dead zones. Options saved before it read ba
 [8] ``power_of_two_steps``: every threshold rounded up to a power-of-two fraction of its site's
 largest before the psi/phi fit (``calibration.thresholds.power_of_two_steps``), so a weighted spike is
 a shifted int8 weight added into an integer accumulator, not an fp32 MAC (docs/design.md section 5).
-On the embedded SmolLM2 and The Tempest (``bench/frontier.py``, weighted T=7, KL budget 0.015) it
+On the embedded SmolLM2 and The Tempest (``docs/results/frontier_steps.json``, weighted T=7, KL budget 0.015) it
 was better on both axes: 0.947 against 0.964 of the int8 ANN's total energy, top-1 agreement 0.916
 against 0.907, perplexity ratio 1.015 against 1.014 (the KV cache then still 2 bytes per element).
 Rate coding leaves it off (not measured). Options saved before it read back as off.
