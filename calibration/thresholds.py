@@ -78,4 +78,3 @@ def power_of_two_steps(theta: torch.Tensor) -> torch.Tensor:
     k = torch.floor(torch.log2(top / t))
     k = torch.where(top * torch.exp2(-k) < t, k - 1, k)  # log2's rounding must not take a step below theta
     return (top * torch.exp2(-k)).to(theta.dtype)
-

@@ -27,8 +27,9 @@ attention computes (same operations in the same order). The KV cache holds the f
 value set on every call. With a :class:`spike_modules.kv_cache.SpikeKVCache` the cache holds
 the decoded k/v instead, each token's k/v pass their sites once (when fed), and this function
 takes them as they come: without a probability site, softcap or dropout as one
-``scaled_dot_product_attention`` call, else through the eager path with the kv heads unrepeated. Sites act per element, so either way a prefill followed by decoding
-gives the same values as one full pass.
+``scaled_dot_product_attention`` call, else through the eager path with the kv heads unrepeated.
+Sites act per element, so either way a prefill followed by decoding gives the same values as one
+full pass.
 
 In the sequential simulation q.k^T with the mask and softmax form one causal rate-domain op,
 and probs.V another (``spike_modules.temporal``); the sites run their SpikingJelly neurons.

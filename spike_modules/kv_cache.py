@@ -91,12 +91,13 @@ def _narrowed(c: torch.Tensor | None, site) -> tuple | None:
     bound = (site.__dict__.get("_frozen") or site._fused())[4]
     if isinstance(bound, float) and bound <= top_slot or c.numel() == 0:
         return c.to(dtype), None
-    top = float(c.abs().max())
+    size = c.abs()
+    top = float(size.max())
     if not math.isfinite(top) or top > torch.iinfo(torch.int32).max:
         return None
     if top <= top_slot:
         return c.to(dtype), None
-    big = c.abs() > top_slot
+    big = size > top_slot
     return c.clamp(-top_slot, top_slot).to(dtype), (big.nonzero(), c[big].to(torch.int32))
 
 
@@ -168,7 +169,7 @@ class SpikeKVCache(DynamicCache):
         return self._append(idx, kn, vn, steps, k.dtype)
 
     def _append(self, idx: int, k: tuple, v: tuple, steps: tuple, dtype: torch.dtype):
-        """Append ``(int8 slots, escapes)`` of keys and values to layer ``idx``; return the layer's decoded
+        """Append ``(slots, escapes)`` of keys and values to layer ``idx``; return the layer's decoded
         keys and values in ``dtype``."""
         layer = self.layers[idx] if idx < len(self.layers) else None
         start = layer.get_seq_length() if layer is not None else 0

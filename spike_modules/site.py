@@ -195,11 +195,15 @@ class DAQCFSSite(nn.Module):
             return True
         return p["theta"].requires_grad or p["psi"].requires_grad or p["phi"].requires_grad
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.dim() or x.shape[-1] != self.num_channels:  # the message is formatted only then
+    def _seen(self, x: torch.Tensor) -> None:
+        """Check ``x``'s channels (the message is formatted only on a mismatch) and show it to the observer."""
+        if not x.dim() or x.shape[-1] != self.num_channels:
             check_channels(x, self.burst, f"site {self.name!r}")
         if self.observer is not None:
             self.observer.update(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._seen(x)
         mode = self._mode
         if mode is SiteMode.ANN:
             return x
@@ -229,10 +233,7 @@ class DAQCFSSite(nn.Module):
             raise ValueError(f"site {self.name!r}: counts exist in parallel and quant mode, not {self._mode.value}")
         if torch.is_grad_enabled() and (x.requires_grad or self._trains()):
             raise ValueError(f"site {self.name!r}: counts() is for inference; the input or parameters need gradients")
-        if not x.dim() or x.shape[-1] != self.num_channels:
-            check_channels(x, self.burst, f"site {self.name!r}")
-        if self.observer is not None:
-            self.observer.update(x)
+        self._seen(x)
         return self._counted(x)
 
     def _counted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
