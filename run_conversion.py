@@ -21,7 +21,7 @@ import stac_common.cli as stac_cli
 from stac_common.cli import TIMESTEPS_RANGE, Parser
 from stac_common.cli import fail as cli_fail
 from stac_common.cli import flag as cli_flag
-from stac_lm.convert.options import ACTIVATIONS, DEVICES, QUANT_BACKENDS, THRESHOLD_RULES
+from stac_lm.convert.options import ACTIVATIONS, DEVICES, QUANT_BACKENDS, STEP_ROUNDINGS, THRESHOLD_RULES
 
 PROG = "run_conversion.py"
 # flags that still mean something when verifying a saved directory
@@ -79,6 +79,9 @@ def build_parser() -> Parser:
          help="round every threshold up to a power-of-two fraction of its site's largest, so a weighted spike is a "
               "shifted int8 weight (priced as an integer add and shift, not a MAC); steps up to 2x coarser "
               "(default: on with weighted coding in full mode)")
+    flag(g, "step_rounding", choices=STEP_ROUNDINGS,
+         help="how --power_of_two_steps rounds a threshold: up (steps never finer than fitted) or to the nearest "
+              "power of two in log scale (default: up)")
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
     flag(g, "int8_rounding", choices=("nearest", "gptq"),
          help="how weights round to int8: to nearest, or GPTQ's error compensation on the calibration text's "

@@ -17,7 +17,7 @@ from spike_modules.quantizer import check_init_mem, check_max_burst, check_times
 from spike_modules.site import iter_sites
 from stac_common.io import atomic_dir, sha256_file, write_json
 
-from .thresholds import check_rule
+from .thresholds import STEP_ROUNDINGS, check_rule
 
 FORMAT_VERSION = 2
 TENSORS_FILE = "calibration.safetensors"
@@ -49,8 +49,9 @@ class CalibrationConfig:
     threshold ``absmax / burst_budget`` (its usual values then pass at a coarser step). This
     keeps those massive activations (fixed channels, seen in every calibration window) from
     firing millions of spikes, while ``max_burst`` still lets outliers calibration never saw pass.
-    ``power_of_two_steps``: every threshold rounded up to a power-of-two fraction of its site's
-    largest (:func:`calibration.thresholds.power_of_two_steps`), before the psi/phi fit.
+    ``power_of_two_steps``: every threshold moved to a power-of-two fraction of its site's
+    largest (:func:`calibration.thresholds.power_of_two_steps`), before the psi/phi fit;
+    ``step_rounding`` says how: ``'up'`` (never a finer step) or ``'nearest'`` (in log scale).
     """
 
     T: int
@@ -66,6 +67,7 @@ class CalibrationConfig:
     burst_budget: int | None = None
     coding: str = "rate"
     power_of_two_steps: bool = False
+    step_rounding: str = "up"
 
     def __post_init__(self):
         check_timesteps(self.T)
@@ -77,6 +79,8 @@ class CalibrationConfig:
         check_max_burst(self.max_burst, self.T, self.coding)
         if not isinstance(self.power_of_two_steps, bool):
             raise ValueError(f"power_of_two_steps must be true or false, got {self.power_of_two_steps!r}")
+        if self.step_rounding not in STEP_ROUNDINGS:
+            raise ValueError(f"step_rounding must be one of {STEP_ROUNDINGS}, got {self.step_rounding!r}")
         b = self.burst_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.max_burst):
             raise ValueError(f"burst_budget is the spikes per step planned for a channel's calibration maximum: None or "

@@ -103,7 +103,7 @@ def fit_site(obs: ChannelObserver, config: CalibrationConfig, signed: bool) -> t
         raised = int((floor > theta).sum())
         theta = torch.maximum(theta, floor)
     if config.power_of_two_steps:
-        theta = power_of_two_steps(theta)
+        theta = power_of_two_steps(theta, config.step_rounding)
     psi, phi = torch.zeros_like(theta), torch.ones_like(theta)
     burst = torch.full_like(theta, float(config.max_burst))
     if config.fit_affine:

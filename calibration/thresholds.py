@@ -67,14 +67,26 @@ def mse_thresholds(obs: ChannelObserver, T: int, signed: bool, init_mem: float =
     return out
 
 
-def power_of_two_steps(theta: torch.Tensor) -> torch.Tensor:
-    """Each threshold raised to the nearest ``theta_max * 2**-k`` (``k`` whole, >= 0) at or above it:
-    every channel's step is then a power-of-two fraction of the site's largest, so a weighted spike's
-    value is a shift of an int8 weight and the per-site factor goes into the output's rescale
-    (docs/design.md section 5 prices such a spike as an integer add and shift instead of a MAC). A
-    channel's step grows by less than 2x (values above the old threshold need fewer bursts)."""
+STEP_ROUNDINGS = ("up", "nearest")
+
+
+def power_of_two_steps(theta: torch.Tensor, rounding: str = "up") -> torch.Tensor:
+    """Each threshold moved to a ``theta_max * 2**-k`` (``k`` whole, >= 0): every channel's step is then
+    a power-of-two fraction of the site's largest, so a weighted spike's value is a shift of an int8
+    weight and the per-site factor goes into the output's rescale (docs/design.md section 5 prices
+    such a spike as an integer add and shift instead of a MAC).
+
+    ``rounding='up'``: the nearest such value at or above the threshold; a channel's step grows by
+    less than 2x (values above the old threshold need fewer bursts). ``'nearest'``: the nearest in
+    log scale (within a factor sqrt(2) either way), so the steps are on average as fine as fitted;
+    channels moved down need more spikes per value and clip later (bursts carry the rest)."""
+    if rounding not in STEP_ROUNDINGS:
+        raise ValueError(f"step rounding must be one of {STEP_ROUNDINGS}, got {rounding!r}")
     top = theta.max().double()
     t = theta.double()
-    k = torch.floor(torch.log2(top / t))
+    r = torch.log2(top / t)
+    if rounding == "nearest":
+        return (top * torch.exp2(-torch.round(r))).to(theta.dtype)
+    k = torch.floor(r)
     k = torch.where(top * torch.exp2(-k) < t, k - 1, k)  # log2's rounding must not take a step below theta
     return (top * torch.exp2(-k)).to(theta.dtype)

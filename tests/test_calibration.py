@@ -1,5 +1,6 @@
 """Calibration on synthetic data whose channels differ in scale by four orders of magnitude."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -133,7 +134,24 @@ def test_power_of_two_steps_round_each_threshold_up_to_a_shift_of_the_largest():
     assert got.tolist()[:4] == [3.0, 1.5, 1.5, 0.75] and got[-1] == theta[-1]
 
 
+def test_nearest_power_of_two_steps_round_in_log_scale():
+    from calibration.thresholds import STEP_ROUNDINGS, power_of_two_steps
+    from stac_lm.convert.options import STEP_ROUNDINGS as OPTION_ROUNDINGS
+
+    assert OPTION_ROUNDINGS == STEP_ROUNDINGS
+    # log2(4 / t): 0.5 -> 1 (2.0 rounds to 2.83 -> 2.0 at k=1), just below and above sqrt(2) apart
+    theta = torch.tensor([4.0, 2.0, 2.9, 2.8, 1.0, 1.5, 4.0 / 1024])
+    got = power_of_two_steps(theta, "nearest")
+    assert got.tolist() == [4.0, 2.0, 4.0, 2.0, 1.0, 2.0, 4.0 / 1024]
+    ratio = got.double() / theta.double()
+    assert bool((ratio <= 2 ** 0.5).all()) and bool((ratio >= 2 ** -0.5).all())
+    assert bool((got < theta).any())  # unlike 'up', some steps get finer
+    with pytest.raises(ValueError, match="step rounding must be one of"):
+        power_of_two_steps(theta, "down")
+
+
 def test_a_power_of_two_calibration_prices_weighted_spikes_as_shifts():
+    from calibration.thresholds import power_of_two_steps
     from spike_modules.energy_profile import steps_power_of_two
 
     model = nn.Sequential(DAQCFSSite(H, 5, name="a", coding="weighted"), nn.Linear(H, H))
@@ -145,3 +163,10 @@ def test_a_power_of_two_calibration_prices_weighted_spikes_as_shifts():
     shifted.apply_to(model)
     assert steps_power_of_two(model[0])
     assert bool((shifted.sites["0"].theta >= plain.sites["0"].theta).all())
+    nearest = CalibrationConfig(T=5, coding="weighted", power_of_two_steps=True, step_rounding="nearest")
+    near = calibrate(model, data, nearest, progress=False)
+    near.apply_to(model)
+    assert steps_power_of_two(model[0])
+    assert torch.equal(near.sites["0"].theta, power_of_two_steps(plain.sites["0"].theta, "nearest"))
+    with pytest.raises(ValueError, match="step_rounding must be one of"):
+        CalibrationConfig(T=5, coding="weighted", power_of_two_steps=True, step_rounding="down")

@@ -206,7 +206,28 @@ def test_power_of_two_steps_are_full_modes_default_with_weighted_coding(tiny, tm
     assert ConvertOptions(coding="rate").power_of_two_steps is False
     assert ConvertOptions(simplified=True).power_of_two_steps is False
     assert ConvertOptions.from_dict({"coding": "weighted", "seed": 0}).power_of_two_steps is False  # saved before it
-    got = saved_thetas(convert(tiny, tmp_path / "p2", power_of_two_steps=True))
-    for theta in got.values():
+    saved = ConvertOptions(step_rounding="up").to_dict()
+    del saved["step_rounding"]  # saved before the rounding was a choice: rounded up
+    assert ConvertOptions.from_dict(saved).step_rounding == "up"
+    with pytest.raises(ValueError, match="add --power_of_two_steps"):
+        ConvertOptions(coding="rate", step_rounding="nearest")
+    with pytest.raises(ValueError, match="step_rounding"):
+        ConvertOptions(step_rounding="down")
+    got = saved_thetas(convert(tiny, tmp_path / "p2", power_of_two_steps=True, step_rounding="up"))
+    nearest = convert(tiny, tmp_path / "p2n", power_of_two_steps=True, step_rounding="nearest")
+    assert Calibration.load(nearest.options.output_dir).config.step_rounding == "nearest"
+    near = saved_thetas(nearest)
+    for theta in (*got.values(), *near.values()):
         k = torch.log2(theta.max().double() / theta.double())
         assert torch.equal(k, k.round())
+    assert any(bool((near[n] < got[n]).any()) for n in got)  # nearest takes some steps below 'up''s
+
+
+@pytest.mark.parametrize("argv, value", [(["--step_rounding", "nearest"], "nearest"), (["--step-rounding", "up"], "up"),
+                                         ([], None)])
+def test_the_step_rounding_flag_reaches_the_options(argv, value):
+    import run_conversion
+
+    args = vars(run_conversion.build_parser().parse_args(argv))
+    assert args.get("step_rounding") == value
+

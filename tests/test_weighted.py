@@ -137,7 +137,19 @@ def test_the_frontier_marks_the_default_conversion():
 
     o = ConvertOptions()
     assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none", o.power_of_two_steps,
-            o.silence_budget) == DEFAULT_POINT
+            o.step_rounding, o.silence_budget) == DEFAULT_POINT
+
+
+def test_frontier_points_name_their_step_rounding():
+    from bench.frontier import parse_point
+
+    assert parse_point("weighted:7:99.9:p2:s0.02")["step_rounding"] == "up"
+    near = parse_point("weighted:7:99.9:p2n")
+    assert near["power_of_two_steps"] and near["step_rounding"] == "nearest" and near["silence_budget"] == 0.0
+    assert not parse_point("rate:16:95")["power_of_two_steps"]
+    for bad in ("weighted:7:99.9:p2:p2n", "weighted:7:99.9:p3", "weighted:7"):
+        with pytest.raises(ValueError, match="expected coding:T:percentile"):
+            parse_point(bad)
 
 
 @pytest.mark.parametrize("burst", [1.0, 4.0])

@@ -92,6 +92,8 @@ THRESHOLD_RULES = ("max", "percentile", "mse")
 QUANT_BACKENDS = ("own", "bnb", "torchao", "none")
 ACTIVATIONS = ("keep", "relu")
 INT8_ROUNDINGS = ("nearest", "gptq")
+STEP_ROUNDINGS = ("up", "nearest")  # calibration.thresholds.STEP_ROUNDINGS, here without importing torch
+DEFAULT_STEP_ROUNDING = "up"  # see [8]
 FINETUNE_TEXTS = ("calib", "replies")  # replies: the ANN's greedy chat replies (stac_lm.convert.replies)
 DEFAULT_SILENCE_BUDGET = 0.015  # mean KL, nats per token, that dead zones may add (see [6])
 DEFAULT_INT8_GROUP = 0  # one scale per output row
@@ -200,6 +202,7 @@ class ConvertOptions:
     max_burst: int | None = None
     burst_budget: int | None = None
     power_of_two_steps: bool | None = None
+    step_rounding: str | None = None
     finetune_steps: int = 0
     finetune_text: str = "calib"
     finetune_weight_lr: float | None = None
@@ -254,6 +257,12 @@ class ConvertOptions:
             set_("power_of_two_steps", full and self.coding == "weighted")  # see [8]
         if not isinstance(self.power_of_two_steps, bool):
             raise ValueError(f"power_of_two_steps must be true or false, got {self.power_of_two_steps!r}")
+        if self.step_rounding is None:
+            set_("step_rounding", DEFAULT_STEP_ROUNDING if self.power_of_two_steps else "up")  # see [8]
+        _check_choice("step_rounding", self.step_rounding, STEP_ROUNDINGS)
+        if self.step_rounding != "up" and not self.power_of_two_steps:
+            raise ValueError(f"--step_rounding {self.step_rounding} rounds power-of-two steps: add "
+                             "--power_of_two_steps, or leave --step_rounding out")
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
@@ -384,6 +393,8 @@ class ConvertOptions:
             d = dict(d, layerwise=False)
         if "coding" in d and "power_of_two_steps" not in d:  # saved before power-of-two steps: none
             d = dict(d, power_of_two_steps=False)
+        if "power_of_two_steps" in d and "step_rounding" not in d:  # saved before the choice: steps rounded up
+            d = dict(d, step_rounding="up")
         return cls(**d)
 
     @classmethod

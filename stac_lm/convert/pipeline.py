@@ -235,7 +235,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
                              max_burst=opts.max_burst, burst_budget=opts.burst_budget or None,
                              seed=opts.seed, fit_affine=not opts.simplified, coding=opts.coding,
-                             power_of_two_steps=opts.power_of_two_steps)
+                             power_of_two_steps=opts.power_of_two_steps, step_rounding=opts.step_rounding)
     if opts.layerwise:
         if not hasattr(ann, "hf_device_map"):
             ann = place(ann, device)
