@@ -21,7 +21,8 @@ import stac_common.cli as stac_cli
 from stac_common.cli import TIMESTEPS_RANGE, Parser
 from stac_common.cli import fail as cli_fail
 from stac_common.cli import flag as cli_flag
-from stac_lm.convert.options import ACTIVATIONS, DEVICES, QUANT_BACKENDS, STEP_ROUNDINGS, THRESHOLD_RULES
+from stac_lm.convert.options import (ACTIVATIONS, DEVICES, QUANT_BACKENDS, SILENCE_WEIGHTINGS, STEP_ROUNDINGS,
+                                    THRESHOLD_RULES)
 
 PROG = "run_conversion.py"
 # flags that still mean something when verifying a saved directory
@@ -95,7 +96,11 @@ def build_parser() -> Parser:
     flag(g, "silence_budget", type=float, metavar="KL",
          help="dead zones: the most mean KL divergence (nats per token) silent channels may add to the SNN's "
               "next-token distribution on held calibration windows; the silence is spread over the sites for the "
-              "most weight bytes left unread (default 0.015 with weighted coding; 0: none; rate coding: refused)")
+              "most weight bytes left unread (default 0.018 with weighted coding; 0: none; rate coding: refused)")
+    flag(g, "silence_weighting", choices=SILENCE_WEIGHTINGS,
+         help="what weighs a channel's input when dead zones are placed: fisher (the gradient of the SNN's own "
+              "next-token log-likelihood, one backward pass; the default) or columns (the norm of its weight column "
+              "over the readers; the default with --layerwise)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_text", choices=("calib", "replies"), help="what the distillation reads: calib (the calibration "
          "text, default) or replies (the ANN's greedy chat replies to chit-chat openings calibration reads)")

@@ -31,7 +31,7 @@ from calibration.calibrate import fit_calibration, observe_sites
 from calibration.int8 import quantize_weights_
 from calibration.silence import SilenceConfig, calibrate_silence_
 from stac_lm.checks.verify import PROBE_TOKENS, total_energy_section
-from stac_lm.convert.options import DEFAULT_SILENCE_BUDGET, DEFAULT_STEP_ROUNDING
+from stac_lm.convert.options import DEFAULT_SILENCE_BUDGET, DEFAULT_SILENCE_WEIGHTING, DEFAULT_STEP_ROUNDING
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import iter_sites, max_exact_burst, set_mode
 from spike_modules.site import reset_spike_stats
@@ -46,23 +46,26 @@ BASELINE = "rate:16:95:nohead"
 DEFAULT_POINTS = ("rate:16:95,weighted:7:99.9:s0,weighted:7:99.9:p2:s0,weighted:7:99.9:s0.015,"
                   "weighted:7:99.9:p2:s0.015,weighted:7:99.9:p2:s0.02,weighted:7:99.9:p2:s0.03,weighted:8:99.9:p2:s0.015")
 PEER_FILE = Path("docs/bench_convert_peer.json")
-DEFAULT_POINT = ("weighted", 7, 99.9, True, True, True, DEFAULT_STEP_ROUNDING, DEFAULT_SILENCE_BUDGET)  # full mode's defaults (stac_lm.convert.options)
+DEFAULT_POINT = ("weighted", 7, 99.9, True, True, True, DEFAULT_STEP_ROUNDING, DEFAULT_SILENCE_BUDGET,
+                 DEFAULT_SILENCE_WEIGHTING)  # full mode's defaults (stac_lm.convert.options)
 
 
 def parse_point(spec: str) -> dict:
-    """``coding:T:percentile[:nohead][:float][:p2|p2n][:sBUDGET]`` -> a point's settings (``nohead``: LM head
-    dense; ``float``: float weights instead of 8-bit; ``p2``: power-of-two steps rounded up, ``p2n``: to
-    the nearest; ``sBUDGET``: dead zones within that KL budget, default none); ``ValueError`` on a bad spec."""
+    """``coding:T:percentile[:nohead][:float][:p2|p2n][:cols][:sBUDGET]`` -> a point's settings (``nohead``:
+    LM head dense; ``float``: float weights instead of 8-bit; ``p2``: power-of-two steps rounded up, ``p2n``:
+    to the nearest; ``cols``: dead zones weighted by weight-column norms instead of Fisher information;
+    ``sBUDGET``: dead zones within that KL budget, default none); ``ValueError`` on a bad spec."""
     parts = spec.split(":")
     budgets = [p for p in parts[3:] if p.startswith("s")]
     flags = set(parts[3:]) - set(budgets)
-    if len(parts) < 3 or flags - {"nohead", "float", "p2", "p2n"} or len(budgets) > 1 or {"p2", "p2n"} <= flags:
-        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float][:p2|p2n][:sBUDGET], e.g. "
+    if len(parts) < 3 or flags - {"nohead", "float", "p2", "p2n", "cols"} or len(budgets) > 1 or {"p2", "p2n"} <= flags:
+        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float][:p2|p2n][:cols][:sBUDGET], e.g. "
                          "weighted:7:99.9:s0.015")
     return {"spec": spec, "coding": parts[0], "T": int(parts[1]), "percentile": float(parts[2]),
             "spike_head": "nohead" not in flags, "int8_weights": "float" not in flags,
             "power_of_two_steps": bool(flags & {"p2", "p2n"}), "step_rounding": "nearest" if "p2n" in flags else "up",
-            "silence_budget": float(budgets[0][1:]) if budgets else 0.0}
+            "silence_budget": float(budgets[0][1:]) if budgets else 0.0,
+            "silence_weighting": "columns" if "cols" in flags else "fisher"}
 
 
 def measure(ann, snn, eval_ids: torch.Tensor) -> dict:
@@ -115,7 +118,8 @@ def run(args) -> dict:
         set_mode(snn, "parallel")
         silence = None
         if pt["silence_budget"]:
-            silence = calibrate_silence_(snn, batches, SilenceConfig(budget=pt["silence_budget"]))
+            silence = calibrate_silence_(snn, batches, SilenceConfig(budget=pt["silence_budget"],
+                                                                                 weighting=pt["silence_weighting"]))
         row = {**pt, **measure(ann, snn, evals.ids.to(device)), "seconds": time.perf_counter() - t0,
                "silence_calibration": silence and {k: silence[k] for k in ("kl", "top1_vs_dense", "bytes_share_silenced",
                                                                             "silent_share_per_group", "seconds")}}
@@ -162,12 +166,13 @@ def plot(result: dict, path: Path) -> None:
             for p in pts:
                 budget = p.get("silence_budget", 0.0)
                 name = f"T={p['T']}" + (_P2_LABEL[p.get("step_rounding", "up")] if p.get("power_of_two_steps") else "")
-                ax.annotate(name + (f" KL{budget:g}" if budget else " dense"), (_x(p), p[key]),
+                cols = " cols" if budget and p.get("silence_weighting", "columns") == "columns" else ""
+                ax.annotate(name + (f" KL{budget:g}{cols}" if budget else " dense"), (_x(p), p[key]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
         default = [p for p in result["points"] if (p["coding"], p["T"], p["percentile"], p["spike_head"],
                                                    p["int8_weights"], p.get("power_of_two_steps", False),
-                                                   p.get("step_rounding", "up"), p.get("silence_budget", 0.0))
-                   == DEFAULT_POINT]
+                                                   p.get("step_rounding", "up"), p.get("silence_budget", 0.0),
+                                                   p.get("silence_weighting", "columns")) == DEFAULT_POINT]
         if default:
             ax.scatter([_x(default[0])], [default[0][key]], s=260, facecolors="none", edgecolors="red",
                        label="default (make demo)")
@@ -189,7 +194,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", default=DEFAULT_POINTS,
-                   help="comma-separated coding:T:percentile[:nohead][:float][:p2|p2n][:sBUDGET]")
+                   help="comma-separated coding:T:percentile[:nohead][:float][:p2|p2n][:cols][:sBUDGET]")
     p.add_argument("--calib_tokens", type=int, default=8192)
     p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))

@@ -223,11 +223,15 @@ def test_power_of_two_steps_are_full_modes_default_with_weighted_coding(tiny, tm
     assert any(bool((near[n] < got[n]).any()) for n in got)  # nearest takes some steps below 'up''s
 
 
-@pytest.mark.parametrize("argv, value", [(["--step_rounding", "nearest"], "nearest"), (["--step-rounding", "up"], "up"),
-                                         ([], None)])
-def test_the_step_rounding_flag_reaches_the_options(argv, value):
+@pytest.mark.parametrize("argv, key, value", [(["--step_rounding", "nearest"], "step_rounding", "nearest"),
+                                              (["--step-rounding", "up"], "step_rounding", "up"),
+                                              ([], "step_rounding", None),
+                                              (["--silence_weighting", "columns"], "silence_weighting", "columns"),
+                                              (["--silence-weighting", "fisher"], "silence_weighting", "fisher"),
+                                              ([], "silence_weighting", None)])
+def test_the_step_rounding_and_silence_weighting_flags_reach_the_options(argv, key, value):
     import run_conversion
 
     args = vars(run_conversion.build_parser().parse_args(argv))
-    assert args.get("step_rounding") == value
+    assert args.get(key) == value
 

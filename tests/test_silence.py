@@ -91,7 +91,7 @@ def test_silence_is_placed_within_its_budget(tiny_snn):
 
     snn, batches = tiny_snn
     windows = [w[None] for b in batches for w in b]
-    summary = calibrate_silence_(snn, batches, SilenceConfig(budget=0.05, steps=6))
+    summary = calibrate_silence_(snn, batches, SilenceConfig(budget=0.05, steps=6, weighting="columns"))
     dead = [s for n, s in snn.named_modules() if isinstance(s, DAQCFSSite) and bool((s.dead > 0).any())]
     assert dead and 0 < summary["bytes_share_silenced"] < 1
     assert summary["kl"] <= 0.05 and set(summary["silent_share_per_group"]) >= {"lm_head.site"}
@@ -105,6 +105,87 @@ def test_silence_is_placed_within_its_budget(tiny_snn):
     assert _divergence(snn, held, ref)[0] == pytest.approx(summary["kl"], rel=1e-4)
     assert calibrate_silence_(snn, batches, SilenceConfig(budget=0.0))["bytes_share_silenced"] == 0.0
     assert not any(bool((s.dead > 0).any()) for s in snn.modules() if isinstance(s, DAQCFSSite))
+
+
+def test_windows_are_shared_out_when_the_text_is_short():
+    from calibration.silence import SilenceConfig, split_windows
+
+    w = list(range(10))
+    assert split_windows(w, 4, 4) == (w[:4], w[4:8])
+    assert split_windows(w[:6], 4, 4) == (w[:3], w[3:6])
+    assert split_windows(w[:4], 1, 2) == (w[:1], w[1:3])
+    assert split_windows(w[:2], 1, 2) == (w[:1], w[1:2])
+    assert split_windows(w[:1], 4, 4) == (w[:1], w[:1])
+    assert (SilenceConfig().stat_windows, SilenceConfig().eval_windows) == (4, 4)
+    assert (SilenceConfig(weighting="columns").stat_windows, SilenceConfig(weighting="columns").eval_windows) == (1, 2)
+
+
+def test_fisher_weights_are_the_root_mean_square_gradient_of_sampled_log_likelihoods(tiny_snn):
+    import copy
+
+    import torch.nn.functional as F
+
+    from calibration.silence import driving_sites, fisher_weights
+
+    snn, batches = tiny_snn
+    windows = [w[None] for w in batches[0]]
+    sites = driving_sites(snn)
+    wanted = [p.requires_grad for p in snn.parameters()]
+    got = fisher_weights(snn, sites, windows, seed=3)
+    assert all(s.mode is SiteMode.PARALLEL for s, _, _ in sites.values())  # modes and gradients put back
+    assert [p.requires_grad for p in snn.parameters()] == wanted and any(wanted)
+    # by hand: quant mode (the same values as parallel), each site's output kept, one sampled token per position
+    ref = copy.deepcopy(snn)
+    kept: dict[str, list] = {n: [] for n in sites}
+    for name, site in ref.named_modules():
+        if isinstance(site, DAQCFSSite):
+            site.mode = SiteMode.QUANT
+            if name in kept:
+                site.register_forward_hook(lambda m, a, y, name=name: kept[name].append(y))
+    ref.get_input_embeddings().register_forward_hook(lambda m, a, out: out.detach().requires_grad_())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    g, total = torch.Generator().manual_seed(3), {n: 0.0 for n in sites}
+    for ids in windows:
+        for v in kept.values():
+            v.clear()
+        lp = F.log_softmax(ref(ids).logits.float(), -1).reshape(-1, ref.config.vocab_size)
+        pick = torch.multinomial(lp.detach().exp(), 1, generator=g)
+        ys = [y for n in sites for y in kept[n]]
+        grads = torch.autograd.grad(lp.gather(1, pick).sum(), ys)
+        i = 0
+        for n in sites:
+            for _ in kept[n]:
+                total[n] = total[n] + grads[i].double().pow(2).reshape(-1, grads[i].shape[-1]).sum(0)
+                i += 1
+    tokens = sum(w.numel() for w in windows)
+    for n in sites:
+        assert torch.allclose(got[n], (total[n] / tokens).sqrt().float(), rtol=1e-4, atol=1e-9), n
+    assert all(bool((w > 0).all()) for w in got.values())
+
+
+def test_fisher_weighted_silence_is_placed_within_its_budget(tiny_snn):
+    from calibration.silence import SilenceConfig, calibrate_silence_
+
+    snn, batches = tiny_snn
+    with pytest.raises(ValueError, match="silence weighting must be one of"):
+        SilenceConfig(weighting="hessian")
+    from calibration.silence import WEIGHTINGS
+    from stac_lm.convert.options import SILENCE_WEIGHTINGS, ConvertOptions
+
+    assert SILENCE_WEIGHTINGS == WEIGHTINGS
+    assert ConvertOptions().silence_weighting == "fisher"
+    assert ConvertOptions(layerwise=True).silence_weighting == "columns"  # the backward pass would hold every layer
+    with pytest.raises(ValueError, match="use --silence_weighting columns"):
+        ConvertOptions(layerwise=True, silence_weighting="fisher")
+    saved = ConvertOptions().to_dict()
+    del saved["silence_weighting"]  # saved before the choice: column norms
+    assert ConvertOptions.from_dict(saved).silence_weighting == "columns"
+    summary = calibrate_silence_(snn, batches, SilenceConfig(budget=0.05, steps=6, weighting="fisher"))
+    assert 0 < summary["bytes_share_silenced"] < 1 and summary["kl"] <= 0.05
+    assert summary["config"]["weighting"] == "fisher"
+    assert all(s.mode is SiteMode.PARALLEL for s in snn.modules() if isinstance(s, DAQCFSSite))
+    calibrate_silence_(snn, batches, SilenceConfig(budget=0.0))  # leave the shared model without dead zones
 
 
 def test_cache_stores_int8_counts_and_rebuilds_from_decoded_values(tiny_snn):

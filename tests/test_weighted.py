@@ -137,7 +137,7 @@ def test_the_frontier_marks_the_default_conversion():
 
     o = ConvertOptions()
     assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none", o.power_of_two_steps,
-            o.step_rounding, o.silence_budget) == DEFAULT_POINT
+            o.step_rounding, o.silence_budget, o.silence_weighting) == DEFAULT_POINT
 
 
 def test_frontier_points_name_their_step_rounding():
@@ -147,6 +147,8 @@ def test_frontier_points_name_their_step_rounding():
     near = parse_point("weighted:7:99.9:p2n")
     assert near["power_of_two_steps"] and near["step_rounding"] == "nearest" and near["silence_budget"] == 0.0
     assert not parse_point("rate:16:95")["power_of_two_steps"]
+    assert parse_point("weighted:7:99.9:s0.02")["silence_weighting"] == "fisher"
+    assert parse_point("weighted:7:99.9:cols:s0.02")["silence_weighting"] == "columns"
     for bad in ("weighted:7:99.9:p2:p2n", "weighted:7:99.9:p3", "weighted:7"):
         with pytest.raises(ValueError, match="expected coding:T:percentile"):
             parse_point(bad)

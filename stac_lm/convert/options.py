@@ -20,7 +20,8 @@ quant_backend      own                    none (int8 is refused)
 int8_rounding      nearest [4]            -
 int8_group_size    0 (a scale per row)    -
 int8_head          on (own backend) [5]   - (refused)
-silence_budget     0.015 (weighted) [6]   0 (rate coding refuses dead zones)
+silence_budget     0.018 (weighted) [6]   0 (rate coding refuses dead zones)
+silence_weighting  fisher [6]             columns (layerwise: columns)
 layerwise          off (on with max_memory) [7]
 activation         keep                   keep [3]
 calib_tokens       8192                   2048
@@ -100,7 +101,9 @@ INT8_ROUNDINGS = ("nearest", "gptq")
 STEP_ROUNDINGS = ("up", "nearest")  # calibration.thresholds.STEP_ROUNDINGS, here without importing torch
 DEFAULT_STEP_ROUNDING = "up"  # see [8]
 FINETUNE_TEXTS = ("calib", "replies")  # replies: the ANN's greedy chat replies (stac_lm.convert.replies)
-DEFAULT_SILENCE_BUDGET = 0.015  # mean KL, nats per token, that dead zones may add (see [6])
+DEFAULT_SILENCE_BUDGET = 0.018  # mean KL, nats per token, that dead zones may add (see [6])
+SILENCE_WEIGHTINGS = ("columns", "fisher")  # calibration.silence.WEIGHTINGS, here without importing torch
+DEFAULT_SILENCE_WEIGHTING = "fisher"  # see [6]
 DEFAULT_INT8_GROUP = 0  # one scale per output row
 EVAL_WINDOW = 512  # the fixed perplexity protocol of stac_lm.eval.perplexity
 FORMAT_VERSION = 1
@@ -203,6 +206,7 @@ class ConvertOptions:
     int8_group_size: int | None = None
     int8_head: bool | None = None
     silence_budget: float | None = None
+    silence_weighting: str | None = None
     activation: str | None = None
     max_burst: int | None = None
     burst_budget: int | None = None
@@ -337,6 +341,12 @@ class ConvertOptions:
             raise ValueError(f"layerwise must be true or false, got {self.layerwise!r}")
         if self.max_memory is not None and not self.layerwise:
             raise ValueError("--max_memory bounds a layer-by-layer conversion; drop --no-layerwise or --max_memory")
+        if self.silence_weighting is None:  # layer by layer: the Fisher pass would hold every layer at once
+            set_("silence_weighting", "columns" if self.layerwise or not self.silence_budget else DEFAULT_SILENCE_WEIGHTING)
+        _check_choice("silence_weighting", self.silence_weighting, SILENCE_WEIGHTINGS)
+        if self.silence_weighting == "fisher" and self.layerwise:
+            raise ValueError("--silence_weighting fisher with --layerwise: its backward pass keeps every layer's weights "
+                             "in memory at once, past the layer-by-layer budget; use --silence_weighting columns")
         if self.layerwise and self.finetune_steps:
             raise ValueError("--finetune_steps with --layerwise: the fine-tune trains the whole model at once, which "
                              "layer-by-layer conversion exists to avoid; convert the whole model, or drop --finetune_steps")
@@ -392,6 +402,8 @@ class ConvertOptions:
             d = dict(d, int8_rounding="nearest", int8_group_size=0)
         if "coding" in d and "silence_budget" not in d:  # saved before dead zones: there were none
             d = dict(d, silence_budget=0.0)
+        if "silence_budget" in d and "silence_weighting" not in d:  # saved before the choice: column norms
+            d = dict(d, silence_weighting="columns")
         if "quant_backend" in d and "int8_head" not in d:  # saved before the int8 head: the head stayed float
             d = dict(d, int8_head=False)
         if "seed" in d and "layerwise" not in d:  # saved before layer-by-layer conversion: whole model

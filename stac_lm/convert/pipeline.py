@@ -268,7 +268,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
             out.finetune["tokens"] = ft_tokens
     if opts.silence_budget:
         with step(f"dead zones (budget KL {opts.silence_budget})"):  # after any fine-tune: the thresholds are final
-            out.silence = calibrate_silence_(snn, batches, SilenceConfig(budget=opts.silence_budget))
+            out.silence = calibrate_silence_(snn, batches, SilenceConfig(budget=opts.silence_budget,
+                                                                             weighting=opts.silence_weighting))
     out.conversion_seconds = sum(step.seconds.values())
     out.memory["conversion"] = peak_memory(device)
     if opts.verify:
