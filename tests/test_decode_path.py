@@ -151,3 +151,41 @@ def test_escapes_follow_beam_reordering_and_crops():
     layer.update(c[:, :, :1], c[:, :, :1])
     layer.add_escapes(3, None, None, (step, step))
     assert float(layer.escaped("keys", layer.keys * step)[0, 0, 3, 1]) == 0.0
+
+
+def test_the_decoded_cache_grows_with_the_slots_and_equals_a_full_decode():
+    """``GrowingLayer.decoded`` decodes only the slots written since its last call while the layer grows in
+    the same rooms, with escapes; after a crop, a reorder or new steps it decodes everything again. Every
+    call equals the full decode bit for bit, and a tensor handed out earlier never changes."""
+    g = torch.Generator().manual_seed(0)
+    layer = GrowingLayer()
+    k_step, v_step = torch.rand(1, 2, 1, 3, generator=g) + 0.5, torch.rand(1, 2, 1, 3, generator=g) + 0.5
+
+    def grow(start: int, tokens: int, escape: bool):
+        k, v = (torch.randint(-127, 128, (2, 2, tokens, 3), generator=g, dtype=torch.int8) for _ in range(2))
+        layer.update(k, v)
+        pos = torch.tensor([[1, 0, tokens - 1, 2]])
+        layer.add_escapes(start, (pos, torch.tensor([1000], dtype=torch.int32)) if escape else None, None,
+                          (k_step, v_step))
+
+    def full():
+        return layer.escaped("keys", layer.keys * k_step), layer.escaped("values", layer.values * v_step)
+
+    grow(0, 5, True)
+    first = layer.decoded((k_step, v_step), None)
+    kept = [t.clone() for t in first]
+    buffer = layer.__dict__["_shadow"]["keys"][1]
+    for n in range(5, 9):
+        grow(n, 1, n == 7)
+        got = layer.decoded((k_step, v_step), None)
+        assert all(torch.equal(a, b) for a, b in zip(got, full()))
+    assert layer.__dict__["_shadow"]["keys"][1] is buffer  # the same buffer all along: only new slots decoded
+    assert float(got[0][1, 0, 7, 2]) == pytest.approx(1000 * float(k_step[0, 0, 0, 2]))
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))  # handed out earlier: unchanged
+    layer.crop(-3)  # 9 slots -> 6
+    grow(6, 2, False)
+    assert all(torch.equal(a, b) for a, b in zip(layer.decoded((k_step, v_step), None), full()))
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert all(torch.equal(a, b) for a, b in zip(layer.decoded((k_step, v_step), None), full()))
+    k_step = k_step * 2  # new steps: everything decoded again
+    assert all(torch.equal(a, b) for a, b in zip(layer.decoded((k_step, v_step), None), full()))
