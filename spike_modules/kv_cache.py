@@ -180,11 +180,16 @@ class SpikeKVCache(DynamicCache):
 
     def _decoded(self, idx: int, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None):
         """Layer ``idx``'s ``keys``, ``values`` (its own tensors) decoded: each slot times its step, each escape
-        its count times its step (:meth:`GrowingLayer.decoded`, which decodes only new slots where it can)."""
+        its count times its step."""
         steps = self._steps.get(idx)
         if steps is None or keys.is_floating_point():
             return keys, values
-        return self.layers[idx].decoded(steps, dtype)
+        if dtype is None or dtype == steps[0].dtype == steps[1].dtype:  # one pass: int * float computes in float
+            k, v = keys * steps[0], values * steps[1]
+        else:
+            k, v = keys.to(dtype) * steps[0], values.to(dtype) * steps[1]
+        layer = self.layers[idx]
+        return layer.escaped("keys", k), layer.escaped("values", v)
 
     def layer_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(keys, values)]`` per layer, decoded, each ``[B, kv_heads, L, D]``."""

@@ -112,54 +112,6 @@ class GrowingLayer(DynamicLayer):
 
     def clear_escapes(self) -> None:
         self.__dict__.pop("_escape", None)
-        self.__dict__.pop("_shadow", None)
-
-    def decoded(self, steps: tuple, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's keys and values decoded: each slot times its step (``steps``: the keys' and
-        values' ``[1, heads, 1, D]``), in ``dtype`` (None: the product's), each escape its decoded
-        value; the values of :meth:`escaped` over the whole layer, bit for bit.
-
-        The decoded tensors are kept in buffers beside the rooms (the CPU's copy for attention; the
-        energy model prices the slots and escapes as stored). A call decodes only the slots written since
-        the last one while the keys and values still grow in the same rooms with equal steps;
-        otherwise (a new room after a crop, a reorder, a float layer) all of them. Slots are written once
-        in a buffer too, so a tensor handed out earlier never changes."""
-        shadows = self.__dict__.setdefault("_shadow", {})
-        rooms = self.__dict__.get("_rooms", (None, None))
-        out = []
-        for name, step, room in zip(NAMES, steps, rooms):
-            held = getattr(self, name)
-            length = held.shape[-2]
-            in_room = room is not None and held.data_ptr() == room[0].data_ptr() and held.stride() == room[0].stride()
-            kept = shadows.get(name)
-            start = 0
-            if in_room and kept is not None and kept[0] is room[0] and kept[3] == dtype and kept[4] <= length \
-                    and torch.equal(kept[2], step):
-                start = kept[4]
-            piece = held[..., start:, :]
-            piece = (piece * step) if dtype is None or dtype == step.dtype else piece.to(dtype) * step
-            if not in_room:
-                shadows.pop(name, None)
-                out.append(self.escaped(name, piece))
-                continue
-            buffer = kept[1] if start else piece.new_empty(room[0].shape)
-            buffer[..., start:length, :].copy_(piece)
-            self._patch(name, buffer, start, length)
-            shadows[name] = (room[0], buffer, step, dtype, length)
-            out.append(buffer[..., :length, :])
-        return out[0], out[1]
-
-    def _patch(self, name: str, decoded: torch.Tensor, start: int, length: int) -> None:
-        """Each escape of ``name`` in slots ``start`` to ``length`` written into ``decoded`` (a buffer)."""
-        got = _within(self._escapes()[name], length)
-        if got is None:
-            return
-        pos, value = got[0], got[2]
-        if start:
-            new = pos[:, 2] >= start
-            pos, value = pos[new], value[new]
-        if pos.numel():
-            decoded.index_put_(tuple(pos.to(decoded.device).unbind(1)), value.to(decoded.device, decoded.dtype))
 
     def escaped(self, name: str, decoded: torch.Tensor) -> torch.Tensor:
         """``decoded`` (the layer's ``name`` times its step) with each escaped slot set to its count times

@@ -183,7 +183,7 @@ def test_fisher_weighted_silence_is_placed_within_its_budget(tiny_snn):
     assert ConvertOptions.from_dict(saved).silence_weighting == "columns"
     summary = calibrate_silence_(snn, batches, SilenceConfig(budget=0.05, steps=6, weighting="fisher"))
     assert 0 < summary["bytes_share_silenced"] < 1 and summary["kl"] <= 0.05
-    assert summary["config"]["weighting"] == "fisher" and "gradient" in summary["rule"]
+    assert summary["config"]["weighting"] == "fisher"
     assert all(s.mode is SiteMode.PARALLEL for s in snn.modules() if isinstance(s, DAQCFSSite))
     calibrate_silence_(snn, batches, SilenceConfig(budget=0.0))  # leave the shared model without dead zones
 
