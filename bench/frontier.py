@@ -43,8 +43,8 @@ from stac_lm.convert.texts import calibration_batches, load_streams
 from stac_common.runtime import machine_info, resolve_device
 
 BASELINE = "rate:16:95:nohead"
-DEFAULT_POINTS = ("rate:16:95,weighted:7:99.9:s0,weighted:7:99.9:p2:s0,weighted:7:99.9:s0.015,"
-                  "weighted:7:99.9:p2:s0.015,weighted:7:99.9:p2:s0.02,weighted:7:99.9:p2:s0.03,weighted:8:99.9:p2:s0.015")
+DEFAULT_POINTS = ("rate:16:95,weighted:7:99.9:s0,weighted:7:99.9:p2:s0,weighted:7:99.9:p2:cols:s0.015,"
+                  "weighted:7:99.9:p2:s0.015,weighted:7:99.9:p2:s0.018,weighted:7:99.9:p2:s0.025,weighted:8:99.9:p2:s0.018")
 PEER_FILE = Path("docs/bench_convert_peer.json")
 DEFAULT_POINT = ("weighted", 7, 99.9, True, True, True, DEFAULT_STEP_ROUNDING, DEFAULT_SILENCE_BUDGET,
                  DEFAULT_SILENCE_WEIGHTING)  # full mode's defaults (stac_lm.convert.options)

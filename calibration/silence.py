@@ -5,17 +5,23 @@ An SNN beats an ANN of the same width only by silence: a channel that fires noth
 costs neither its accumulates nor the read of its weight row. With 127 levels almost every
 channel fires. A dead zone (``DAQCFSSite.dead``, in counts) silences channel ``c`` when
 
-    |y_c| * w_c < tau_s        (y_c the decoded input, w_c the norm of its weight column over the
-                                site's readers, tau_s one threshold per site)
+    |y_c| * w_c < tau_s        (y_c the decoded input, w_c the channel's weight, tau_s one
+                                threshold per site)
 
-so a channel is judged by what it adds to the readers' outputs, not by its magnitude alone. Sites
-tolerate silence very differently (on SmolLM2-135M, zeroing the smallest 25% of every block input
-costs about 2% perplexity, 40% costs 18%), so the shares are allocated, not set globally:
+so a channel is judged by what it adds, not by its magnitude alone. ``w_c`` is by default
+(``weighting='fisher'``) the root-mean-square gradient of the SNN's next-token log-likelihood in
+``y_c``, tokens sampled from its own distribution (:func:`fisher_weights`): silencing ``y_c`` in a
+token then adds about ``(y_c w_c)^2 / 2`` nats of KL divergence, in the same units at every site
+and counting everything downstream. With ``weighting='columns'`` it is the norm of the channel's
+weight column over the site's readers (what the readers' outputs lose). Sites tolerate silence very
+differently (on SmolLM2-135M, zeroing the smallest 25% of every block input costs about 2%
+perplexity, 40% costs 18%), so the shares are allocated, not set globally:
 
 1. statistics: every driving site's scores ``|y| w`` on calibration tokens, without dead zones;
 2. per site and silent share ``p``: the bytes it saves (``p`` of its weight rows) and the error it
-   adds, the share of ``sum (y w)^2`` that falls silent (the readers' output error if their weight
-   columns were orthogonal);
+   adds: with Fisher weights the mean ``(y w)^2`` silenced per score (a predicted KL divergence),
+   with column norms the share of ``sum (y w)^2`` that falls silent (the readers' output error if
+   their weight columns were orthogonal);
 3. for a price ``lam`` every site takes the share maximising ``bytes saved - lam * error``;
 4. ``lam`` is bisected (on a log scale) for the most silence whose next-token distribution on other
    calibration windows stays within ``budget`` (mean KL divergence, nats per token) of the SNN's
@@ -165,7 +171,8 @@ def fisher_weights(model: nn.Module, sites: dict, batches: list, seed: int = 0) 
             site.mode = "quant"
         for ids in batches:
             with torch.enable_grad():
-                lp = F.log_softmax(model(ids).logits.float(), -1).reshape(-1, model.config.vocab_size)
+                logits = model(ids).logits.float()
+                lp = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
                 pick = torch.multinomial(lp.detach().exp().cpu(), 1, generator=g).to(lp.device)
                 lp.gather(1, pick).sum().backward()
             tokens += ids.numel()
@@ -354,6 +361,13 @@ def _place(model: nn.Module, sites: dict, batches: list, config: SilenceConfig, 
             "silent_share_per_group": {g: a / b for g, (a, b) in groups.items()}, "trace": trace,
             "stat_tokens": sum(int(b.numel()) for b in stat), "eval_tokens": sum(int(b.numel()) for b in held),
             "seconds": time.perf_counter() - start,
-            "rule": "channel silent in a token when |decoded input| x (its weight column's norm over the readers) < the "
+            "rule": RULES[config.weighting]}
+
+
+RULES = {"columns": "channel silent in a token when |decoded input| x (its weight column's norm over the readers) < the "
                     "site's threshold; thresholds chosen by bytes saved - lam x (share of sum (y w)^2 silenced), lam "
-                    "bisected for the most silence within the KL budget on held calibration windows"}
+                    "bisected for the most silence within the KL budget on held calibration windows",
+         "fisher": "channel silent in a token when |decoded input| x (root-mean-square gradient of the SNN's sampled "
+                   "next-token log-likelihood in it) < the site's threshold; thresholds chosen by bytes saved - lam x "
+                   "(mean (y w)^2 silenced, a predicted KL divergence), lam bisected for the most silence within the "
+                   "KL budget on held calibration windows"}
