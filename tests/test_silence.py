@@ -176,6 +176,8 @@ def test_fisher_weighted_silence_is_placed_within_its_budget(tiny_snn):
     assert SILENCE_WEIGHTINGS == WEIGHTINGS
     assert ConvertOptions().silence_weighting == "fisher"
     assert ConvertOptions(layerwise=True).silence_weighting == "columns"  # the backward pass would hold every layer
+    assert ConvertOptions(calib_tokens=2048).silence_weighting == "columns"  # too few windows for 4 + 4
+    assert ConvertOptions(calib_tokens=2048, silence_weighting="fisher").silence_weighting == "fisher"
     with pytest.raises(ValueError, match="use --silence_weighting columns"):
         ConvertOptions(layerwise=True, silence_weighting="fisher")
     saved = ConvertOptions().to_dict()

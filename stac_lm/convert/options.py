@@ -21,7 +21,7 @@ int8_rounding      nearest [4]            -
 int8_group_size    0 (a scale per row)    -
 int8_head          on (own backend) [5]   - (refused)
 silence_budget     0.018 (weighted) [6]   0 (rate coding refuses dead zones)
-silence_weighting  fisher [6]             columns (layerwise: columns)
+silence_weighting  fisher [6]             columns (layerwise or < 4096 calib tokens: columns)
 layerwise          off (on with max_memory) [7]
 activation         keep                   keep [3]
 calib_tokens       8192                   2048
@@ -69,7 +69,10 @@ its weight column over the readers). On the embedded SmolLM2 and The Tempest, at
 budget 0.015, Fisher weights left more bytes unread at better top-1: 0.916 of the int8 ANN's total
 energy at top-1 0.920 against 0.928 at 0.916; the default budget 0.018 gives 0.897 at 0.915
 (``docs/results/frontier.json``). A layer-by-layer conversion uses ``columns`` (the backward pass would
-hold every layer at once); options saved before the choice read back as ``columns``.
+hold every layer at once), and so does a calibration text under 4,096 tokens (Fisher weights read 4
+windows of 512 tokens for the statistics and 4 others for the budget; with fewer, the two share
+windows and the budget is fitted on the statistics' own text). Options saved before the choice read
+back as ``columns``.
 [8] ``power_of_two_steps``: every threshold rounded up to a power-of-two fraction of its site's
 largest before the psi/phi fit (``calibration.thresholds.power_of_two_steps``), so a weighted spike is
 a shifted int8 weight added into an integer accumulator, not an fp32 MAC (docs/design.md section 5).
@@ -111,6 +114,7 @@ FINETUNE_TEXTS = ("calib", "replies")  # replies: the ANN's greedy chat replies 
 DEFAULT_SILENCE_BUDGET = 0.018  # mean KL, nats per token, that dead zones may add (see [6])
 SILENCE_WEIGHTINGS = ("columns", "fisher")  # calibration.silence.WEIGHTINGS, here without importing torch
 DEFAULT_SILENCE_WEIGHTING = "fisher"  # see [6]
+FISHER_MIN_CALIB_TOKENS = 4096  # Fisher weights read 4 + 4 windows of 512 calibration tokens (calibration.silence.WINDOWS)
 DEFAULT_INT8_GROUP = 0  # one scale per output row
 EVAL_WINDOW = 512  # the fixed perplexity protocol of stac_lm.eval.perplexity
 FORMAT_VERSION = 1
@@ -349,7 +353,9 @@ class ConvertOptions:
         if self.max_memory is not None and not self.layerwise:
             raise ValueError("--max_memory bounds a layer-by-layer conversion; drop --no-layerwise or --max_memory")
         if self.silence_weighting is None:  # layer by layer: the Fisher pass would hold every layer at once
-            set_("silence_weighting", "columns" if self.layerwise or not self.silence_budget else DEFAULT_SILENCE_WEIGHTING)
+            few = self.calib_tokens < FISHER_MIN_CALIB_TOKENS  # too few windows to keep statistics and budget apart
+            set_("silence_weighting", "columns" if self.layerwise or few or not self.silence_budget
+                 else DEFAULT_SILENCE_WEIGHTING)
         _check_choice("silence_weighting", self.silence_weighting, SILENCE_WEIGHTINGS)
         if self.silence_weighting == "fisher" and self.layerwise:
             raise ValueError("--silence_weighting fisher with --layerwise: its backward pass keeps every layer's weights "
