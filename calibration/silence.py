@@ -44,7 +44,7 @@ from torch import nn
 
 from spike_modules.energy import group_name, stored_width
 from spike_modules.layers import SpikeLinear
-from spike_modules.linear import float_weight
+from spike_modules.linear import float_weight, linear_shape
 from spike_modules.site import DAQCFSSite, iter_sites, set_spike_counting
 
 SHARES = tuple(i / 100 for i in range(0, 81))  # silent shares a site may take (at most 80%: every site keeps firing)
@@ -122,20 +122,25 @@ def _column_squares(w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def driving_sites(model: nn.Module) -> dict[str, tuple[DAQCFSSite, torch.Tensor, float]]:
+def driving_sites(model: nn.Module, column_norms: bool = True) -> dict[str, tuple[DAQCFSSite, torch.Tensor | None, float]]:
     """``{site name: (site, w, row_bytes)}`` for every site in front of linear layers: ``w`` the norm
-    of each input channel's weight column over all its readers, ``row_bytes`` the weight bytes one
-    input channel's rows take over them."""
+    of each input channel's weight column over all its readers (None without ``column_norms``: the
+    weights are then not read), ``row_bytes`` the weight bytes one input channel's rows take over them."""
     out: dict[str, list] = {}
     for m in model.modules():
         if isinstance(m, SpikeLinear):
             site = m._shared.site
-            with align_module_device(m.linear):  # an offloaded layer's weights, for the time it is read
-                w = _column_weight(m.linear)
-                entry = out.setdefault(site.name, [site, torch.zeros(site.num_channels, dtype=torch.float64), 0.0])
-                entry[1] += _column_squares(w).cpu()
-            entry[2] += w.shape[0] * stored_width(m.linear)[0]
-    return {k: (s, w.sqrt().float(), b) for k, (s, w, b) in out.items()}
+            entry = out.setdefault(site.name, [site, torch.zeros(site.num_channels, dtype=torch.float64), 0.0])
+            shape = linear_shape(m.linear)
+            if column_norms or shape is None:
+                with align_module_device(m.linear):  # an offloaded layer's weights, for the time it is read
+                    w = _column_weight(m.linear)
+                    entry[1] += _column_squares(w).cpu()
+                rows = w.shape[0]
+            else:
+                rows = shape[1]
+            entry[2] += rows * stored_width(m.linear)[0]
+    return {k: (s, w.sqrt().float() if column_norms else None, b) for k, (s, w, b) in out.items()}
 
 
 def fisher_weights(model: nn.Module, sites: dict, batches: list, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -294,7 +299,7 @@ def calibrate_silence_(model: nn.Module, batches: list, config: SilenceConfig, p
     if not batches:
         raise ValueError("dead zones need calibration text: no calibration batches were given")
     start = time.perf_counter()
-    sites = driving_sites(model)
+    sites = driving_sites(model, column_norms=config.weighting == "columns")  # Fisher weights replace them
     rate = [n for n, (s, _, _) in sites.items() if s.coding != "weighted"]
     if rate:
         raise ValueError(f"dead zones need weighted coding (its neurons know their count before firing); "

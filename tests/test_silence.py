@@ -130,6 +130,9 @@ def test_fisher_weights_are_the_root_mean_square_gradient_of_sampled_log_likelih
     snn, batches = tiny_snn
     windows = [w[None] for w in batches[0]]
     sites = driving_sites(snn)
+    bare = driving_sites(snn, column_norms=False)  # Fisher weighting reads no weight columns
+    assert {n: (s, b) for n, (s, _, b) in bare.items()} == {n: (s, b) for n, (s, _, b) in sites.items()}
+    assert all(w is None for _, w, _ in bare.values())
     wanted = [p.requires_grad for p in snn.parameters()]
     got = fisher_weights(snn, sites, windows, seed=3)
     assert all(s.mode is SiteMode.PARALLEL for s, _, _ in sites.values())  # modes and gradients put back
