@@ -99,8 +99,8 @@ def build_parser() -> Parser:
               "most weight bytes left unread (default 0.018 with weighted coding; 0: none; rate coding: refused)")
     flag(g, "silence_weighting", choices=SILENCE_WEIGHTINGS,
          help="what weighs a channel's input when dead zones are placed: fisher (the gradient of the SNN's own "
-              "next-token log-likelihood, one backward pass; the default) or columns (the norm of its weight column "
-              "over the readers; the default with --layerwise or under 4096 calibration tokens)")
+              "next-token log-likelihood, one backward pass, one decoder layer recomputed at a time; the default) or "
+              "columns (the norm of its weight column over the readers; the default under 4096 calibration tokens)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_text", choices=("calib", "replies"), help="what the distillation reads: calib (the calibration "
          "text, default) or replies (the ANN's greedy chat replies to chit-chat openings calibration reads)")

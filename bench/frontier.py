@@ -38,6 +38,7 @@ from spike_modules.site import reset_spike_stats
 from stac_lm.eval.perplexity import evaluate_lm
 from stac_common.io import check_output_free, write_json
 from spike_modules.energy import counting, energy_summary
+from stac_lm.convert.layerwise import layer_list
 from stac_lm.convert.pipeline import CALIB_SEQ, load_source
 from stac_lm.convert.texts import calibration_batches, load_streams
 from stac_common.runtime import machine_info, resolve_device
@@ -119,7 +120,8 @@ def run(args) -> dict:
         silence = None
         if pt["silence_budget"]:
             silence = calibrate_silence_(snn, batches, SilenceConfig(budget=pt["silence_budget"],
-                                                                                 weighting=pt["silence_weighting"]))
+                                                                     weighting=pt["silence_weighting"]),
+                                         layers=layer_list(snn))  # as the conversion does (the same weights)
         row = {**pt, **measure(ann, snn, evals.ids.to(device)), "seconds": time.perf_counter() - t0,
                "silence_calibration": silence and {k: silence[k] for k in ("kl", "top1_vs_dense", "bytes_share_silenced",
                                                                             "silent_share_per_group", "seconds")}}

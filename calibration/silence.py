@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import align_module_device
 from torch import nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from spike_modules.energy import group_name, stored_width
 from spike_modules.layers import SpikeLinear
@@ -143,13 +146,49 @@ def driving_sites(model: nn.Module, column_norms: bool = True) -> dict[str, tupl
     return {k: (s, w.sqrt().float() if column_norms else None, b) for k, (s, w, b) in out.items()}
 
 
-def fisher_weights(model: nn.Module, sites: dict, batches: list, seed: int = 0) -> dict[str, torch.Tensor]:
+class _Checkpointed(nn.Module):
+    """A decoder layer run under torch's (non-reentrant) activation checkpoint: the graph keeps the
+    layer's inputs only and recomputes the rest in the backward pass, so a layer whose weights accelerate
+    loads for its forward alone (offloaded) lets them go after it, in the backward pass as in the forward."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+
+
+@contextmanager
+def _checkpointed(layers: nn.ModuleList | None) -> Iterator[None]:
+    """Every layer of ``layers`` wrapped in :class:`_Checkpointed` for the duration (nothing with None).
+    Without early stop, a recomputed layer runs to its end, so accelerate's hook that drops its weights runs too."""
+    if layers is None:
+        yield
+        return
+    kept = list(layers)
+    try:
+        for i, layer in enumerate(kept):
+            layers[i] = _Checkpointed(layer)
+        with set_checkpoint_early_stop(False):
+            yield
+    finally:
+        for i, layer in enumerate(kept):
+            layers[i] = layer
+
+
+def fisher_weights(model: nn.Module, sites: dict, batches: list, seed: int = 0,
+                   layers: nn.ModuleList | None = None) -> dict[str, torch.Tensor]:
     """Per driving site, ``sqrt`` of the diagonal Fisher information of the model's next-token
     distributions in each channel's decoded input: ``sqrt(E[(d log p(s) / d y_c)^2])`` over tokens,
     ``s`` sampled from the model's own distribution at every position (one backward pass per batch).
     A channel silenced in one token then adds about ``(|y_c| f_c)^2 / 2`` nats to the summed KL divergence
     of the window's predictions, in the same units at every site. The sites run in quant mode for
-    the pass (the same values as parallel mode, straight-through gradients)."""
+    the pass (the same values as parallel mode, straight-through gradients).
+
+    ``layers`` (the model's decoder layers) run checkpointed: the backward pass then holds one
+    layer's weights and activations at a time beside every layer's input hidden states, not the whole
+    model's, and gives the same weights (recomputation repeats the same operations)."""
     found = {n: torch.zeros(s.num_channels, dtype=torch.float64) for n, (s, _, _) in sites.items()}
 
     def grad_hook(name):
@@ -159,7 +198,7 @@ def fisher_weights(model: nn.Module, sites: dict, batches: list, seed: int = 0) 
 
     def hook(name):
         def fn(site, args, y):
-            if y.requires_grad:
+            if y.requires_grad:  # a layer recomputed in the backward pass adds hooks that never fire
                 y.register_hook(grad_hook(name))
         return fn
 
@@ -174,13 +213,14 @@ def fisher_weights(model: nn.Module, sites: dict, batches: list, seed: int = 0) 
             p.requires_grad_(False)
         for _, site in iter_sites(model):
             site.mode = "quant"
-        for ids in batches:
-            with torch.enable_grad():
-                logits = model(ids).logits.float()
-                lp = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
-                pick = torch.multinomial(lp.detach().exp().cpu(), 1, generator=g).to(lp.device)
-                lp.gather(1, pick).sum().backward()
-            tokens += ids.numel()
+        with _checkpointed(layers):
+            for ids in batches:
+                with torch.enable_grad():
+                    logits = model(ids, use_cache=False).logits.float()
+                    lp = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
+                    pick = torch.multinomial(lp.detach().exp().cpu(), 1, generator=g).to(lp.device)
+                    lp.gather(1, pick).sum().backward()
+                tokens += ids.numel()
     finally:
         for h in handles:
             h.remove()
@@ -289,9 +329,12 @@ def _divergence(model: nn.Module, batches: list, reference: list[torch.Tensor]) 
     return kl / count, same / count
 
 
-def calibrate_silence_(model: nn.Module, batches: list, config: SilenceConfig, progress: bool = False) -> dict:
+def calibrate_silence_(model: nn.Module, batches: list, config: SilenceConfig, progress: bool = False,
+                       layers: nn.ModuleList | None = None) -> dict:
     """Place dead zones on every weighted site in front of linear layers of ``model`` (in place,
-    sites in parallel mode, already calibrated) within ``config.budget``; returns a summary.
+    sites in parallel mode, already calibrated) within ``config.budget``; returns a summary. ``layers``,
+    the model's decoder layers, are checkpointed in the Fisher weights' backward pass
+    (:func:`fisher_weights`: one layer in memory at a time, the same result).
 
     Raises:
         ValueError: a driving site that does not code weighted spikes, or no calibration batches.
@@ -309,7 +352,7 @@ def calibrate_silence_(model: nn.Module, batches: list, config: SilenceConfig, p
     counting = {name: s.count_spikes for name, s in iter_sites(model)}
     set_spike_counting(model, False)  # the passes below need no spike statistics
     try:
-        return _place(model, sites, batches, config, progress, start)
+        return _place(model, sites, batches, config, progress, start, layers)
     finally:
         for name, s in iter_sites(model):
             s.count_spikes = counting[name]
@@ -328,11 +371,12 @@ def split_windows(windows: list, stat: int, held: int) -> tuple[list, list]:
     return windows[:k], windows[k:]
 
 
-def _place(model: nn.Module, sites: dict, batches: list, config: SilenceConfig, progress: bool, start: float) -> dict:
+def _place(model: nn.Module, sites: dict, batches: list, config: SilenceConfig, progress: bool, start: float,
+           layers: nn.ModuleList | None) -> dict:
     batches = [w[None] for b in batches for w in b]  # one window per forward: the statistics stay small
     stat, held = split_windows(batches, config.stat_windows, config.eval_windows)
     if config.weighting == "fisher":
-        fisher = fisher_weights(model, sites, stat)
+        fisher = fisher_weights(model, sites, stat, layers=layers)
         sites = {n: (s, fisher[n], b) for n, (s, _, b) in sites.items()}
     curves = {n: (*c, sites[n][2], sites[n][0].num_channels) for n, c in
               _score_curves(model, sites, stat, config.max_scores, absolute=config.weighting == "fisher").items()}

@@ -101,11 +101,13 @@ def test_offloaded_source_converts_as_the_loaded_one(tmp_path):
     _assert_same(_layerwise(whole), _layerwise(offloaded))
 
 
-@pytest.mark.parametrize("silence", [0.0, 0.05])
-def test_run_layerwise_gives_the_whole_model_report(tmp_path, silence):
+@pytest.mark.parametrize("silence,weighting", [(0.0, None), (0.05, "columns"), (0.05, "fisher")])
+def test_run_layerwise_gives_the_whole_model_report(tmp_path, silence, weighting):
     # the converted layers live on disk (offloaded) until saved; dead zones are placed through them
+    # (Fisher weights: a backward pass through the offloaded layers, one recomputed at a time)
     src = save_tiny(tmp_path / "model", "llama")
-    common = dict(model_name=str(src), calib_tokens=256, eval_tokens=512, device="cpu", silence_budget=silence)
+    common = dict(model_name=str(src), calib_tokens=256, eval_tokens=512, device="cpu", silence_budget=silence,
+                  silence_weighting=weighting)
     whole = run(ConvertOptions(output_dir=str(tmp_path / "whole"), **common), progress=False)
     lw = run(ConvertOptions(output_dir=str(tmp_path / "lw"), max_memory="cpu=20GiB", **common), progress=False)
     assert lw.options.layerwise and not whole.options.layerwise
@@ -114,6 +116,10 @@ def test_run_layerwise_gives_the_whole_model_report(tmp_path, silence):
         assert lw.report[key] == whole.report[key], key
     assert lw.report["energy_total"]["snn_over_ann_int8"] == whole.report["energy_total"]["snn_over_ann_int8"]
     assert lw.silence == whole.silence or (lw.silence["kl"] == whole.silence["kl"] and silence)
+    if silence:
+        assert lw.silence["config"]["weighting"] == weighting and lw.silence["bytes_share_silenced"] > 0
+        for key in ("bytes_share_silenced", "group_sensitivity", "silent_share_per_group", "trace"):
+            assert lw.silence[key] == whole.silence[key], key
     a, b = load_snn(tmp_path / "whole")[0], load_snn(tmp_path / "lw")[0]  # saved as it loaded, streamed
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():

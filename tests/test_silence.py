@@ -167,6 +167,42 @@ def test_fisher_weights_are_the_root_mean_square_gradient_of_sampled_log_likelih
     assert all(bool((w > 0).all()) for w in got.values())
 
 
+def test_fisher_backward_pass_holds_one_decoder_layer_at_a_time(tiny_snn):
+    # with the decoder layers checkpointed, nothing a layer computes is kept for the backward pass
+    # (each is recomputed there, alone): the graph keeps the layers' inputs, the embedding and the head
+    from calibration.silence import driving_sites, fisher_weights
+    from stac_lm.convert.layerwise import layer_list
+
+    snn, batches = tiny_snn
+    windows = [w[None] for w in batches[0]]
+    sites = driving_sites(snn, column_norms=False)
+    layers = layer_list(snn)
+    inside = [0]
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, inside[0] + 1))
+        layer.register_forward_hook(lambda m, a, y: inside.__setitem__(0, inside[0] - 1))
+    saved = {False: [], True: []}  # bytes saved for the backward pass, outside / inside a decoder layer
+
+    def pack(t):
+        saved[inside[0] > 0].append(t.nbytes)
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            plain = fisher_weights(snn, sites, windows, seed=2)
+        assert sum(saved[True]) > 0  # without checkpoints the graph keeps what every layer saved
+        saved = {False: [], True: []}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            checkpointed = fisher_weights(snn, sites, windows, seed=2, layers=layers)
+    finally:
+        for layer in layers:
+            layer._forward_pre_hooks.clear()
+            layer._forward_hooks.clear()
+    assert saved[True] == [] and saved[False]
+    assert all(torch.equal(plain[n], checkpointed[n]) for n in sites)  # recomputation: the same weights, bit for bit
+    assert list(layer_list(snn)) == list(layers) and all(type(m).__name__ != "_Checkpointed" for m in snn.modules())
+
+
 def test_fisher_weighted_silence_is_placed_within_its_budget(tiny_snn):
     from calibration.silence import SilenceConfig, calibrate_silence_
 
@@ -178,11 +214,9 @@ def test_fisher_weighted_silence_is_placed_within_its_budget(tiny_snn):
 
     assert SILENCE_WEIGHTINGS == WEIGHTINGS
     assert ConvertOptions().silence_weighting == "fisher"
-    assert ConvertOptions(layerwise=True).silence_weighting == "columns"  # the backward pass would hold every layer
+    assert ConvertOptions(layerwise=True).silence_weighting == "fisher"  # one layer recomputed at a time
     assert ConvertOptions(calib_tokens=2048).silence_weighting == "columns"  # too few windows for 4 + 4
     assert ConvertOptions(calib_tokens=2048, silence_weighting="fisher").silence_weighting == "fisher"
-    with pytest.raises(ValueError, match="use --silence_weighting columns"):
-        ConvertOptions(layerwise=True, silence_weighting="fisher")
     saved = ConvertOptions().to_dict()
     del saved["silence_weighting"]  # saved before the choice: column norms
     assert ConvertOptions.from_dict(saved).silence_weighting == "columns"

@@ -53,16 +53,30 @@ class _Stop(Exception):
     """Raised by the last layer's catcher: the rest of the forward is not needed."""
 
 
+def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in names:
+            return path, module
+    return None
+
+
+def layer_list(model: nn.Module) -> nn.ModuleList | None:
+    """The model's decoder layers (see :func:`decoder_layers`), or None where it has no such list."""
+    found = _find_layers(model)
+    return found[1] if found else None
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(path, layers)``: the model's list of decoder layers (of its ``_no_split_modules`` class).
 
     Raises:
         ValueError: no such list (the model cannot be converted layer by layer).
     """
+    found = _find_layers(model)
+    if found:
+        return found
     names = set(getattr(model, "_no_split_modules", None) or ())
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in names:
-            return path, module
     raise ValueError(f"{type(model).__name__}: no list of decoder layers ({', '.join(sorted(names)) or 'none named'}) "
                      "found; this model cannot be converted layer by layer: leave out --layerwise")
 

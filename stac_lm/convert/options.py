@@ -21,7 +21,7 @@ int8_rounding      nearest [4]            -
 int8_group_size    0 (a scale per row)    -
 int8_head          on (own backend) [5]   - (refused)
 silence_budget     0.018 (weighted) [6]   0 (rate coding refuses dead zones)
-silence_weighting  fisher [6]             columns (layerwise or < 4096 calib tokens: columns)
+silence_weighting  fisher [6]             columns (< 4096 calib tokens: columns)
 layerwise          off (on with max_memory) [7]
 activation         keep                   keep [3]
 calib_tokens       8192                   2048
@@ -68,8 +68,9 @@ of the SNN's sampled next-token log-likelihood in it, one backward pass) or ``co
 its weight column over the readers). On the embedded SmolLM2 and The Tempest, at the previous default
 budget 0.015, Fisher weights left more bytes unread at better top-1: 0.916 of the int8 ANN's total
 energy at top-1 0.920 against 0.928 at 0.916; the default budget 0.018 gives 0.897 at 0.915
-(``docs/results/frontier.json``). A layer-by-layer conversion uses ``columns`` (the backward pass would
-hold every layer at once), and so does a calibration text under 4,096 tokens (Fisher weights read 4
+(``docs/results/frontier.json``). A layer-by-layer conversion takes the Fisher weights too: their
+backward pass recomputes one decoder layer at a time (activation checkpointing), so it holds one layer's
+weights, not the model's. A calibration text under 4,096 tokens uses ``columns`` (Fisher weights read 4
 windows of 512 tokens for the statistics and 4 others for the budget; with fewer, the two share
 windows and the budget is fitted on the statistics' own text). Options saved before the choice read
 back as ``columns``.
@@ -352,14 +353,10 @@ class ConvertOptions:
             raise ValueError(f"layerwise must be true or false, got {self.layerwise!r}")
         if self.max_memory is not None and not self.layerwise:
             raise ValueError("--max_memory bounds a layer-by-layer conversion; drop --no-layerwise or --max_memory")
-        if self.silence_weighting is None:  # layer by layer: the Fisher pass would hold every layer at once
+        if self.silence_weighting is None:
             few = self.calib_tokens < FISHER_MIN_CALIB_TOKENS  # too few windows to keep statistics and budget apart
-            set_("silence_weighting", "columns" if self.layerwise or few or not self.silence_budget
-                 else DEFAULT_SILENCE_WEIGHTING)
+            set_("silence_weighting", "columns" if few or not self.silence_budget else DEFAULT_SILENCE_WEIGHTING)
         _check_choice("silence_weighting", self.silence_weighting, SILENCE_WEIGHTINGS)
-        if self.silence_weighting == "fisher" and self.layerwise:
-            raise ValueError("--silence_weighting fisher with --layerwise: its backward pass keeps every layer's weights "
-                             "in memory at once, past the layer-by-layer budget; use --silence_weighting columns")
         if self.layerwise and self.finetune_steps:
             raise ValueError("--finetune_steps with --layerwise: the fine-tune trains the whole model at once, which "
                              "layer-by-layer conversion exists to avoid; convert the whole model, or drop --finetune_steps")

@@ -26,7 +26,7 @@ from spike_modules.conversion import ConversionConfig, convert
 from stac_common.assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causal_lm, not_offline, smollm2_gguf
 from stac_common.io import check_output_free, sha256_file, write_json
 
-from stac_lm.convert.layerwise import convert_layerwise, offloaded_source, peak_memory
+from stac_lm.convert.layerwise import convert_layerwise, layer_list, offloaded_source, peak_memory
 from stac_lm.convert.options import EVAL_WINDOW, ConvertOptions, memory_bytes
 from stac_lm.convert.replies import ann_reply_windows
 from stac_common.runtime import StepTimer, input_device, map_large_allocations, place, resolve_device
@@ -269,7 +269,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     if opts.silence_budget:
         with step(f"dead zones (budget KL {opts.silence_budget})"):  # after any fine-tune: the thresholds are final
             out.silence = calibrate_silence_(snn, batches, SilenceConfig(budget=opts.silence_budget,
-                                                                             weighting=opts.silence_weighting))
+                                                                         weighting=opts.silence_weighting),
+                                             layers=layer_list(snn))
     out.conversion_seconds = sum(step.seconds.values())
     out.memory["conversion"] = peak_memory(device)
     if opts.verify:
