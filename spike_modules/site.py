@@ -203,6 +203,12 @@ class DAQCFSSite(nn.Module):
             self.observer.update(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fz = self.__dict__.get("_frozen")
+        if (fz is not None and self._mode is SiteMode.PARALLEL and not self.count_spikes and self.observer is None
+                and not torch.is_grad_enabled() and x.dim() and x.shape[-1] == self.num_channels):
+            # generation (frozen, deployed): the inference path below without its checks, counts decoded in place
+            scale, shift, step, lo, hi = fz
+            return self._silence(self._counts(x, scale, shift, lo, hi)).mul_(step)
         self._seen(x)
         mode = self._mode
         if mode is SiteMode.ANN:

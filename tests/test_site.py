@@ -191,3 +191,27 @@ def test_spike_counting_can_be_switched_off_without_changing_outputs():
     set_spike_counting(model, True)
     model(x)
     assert model[0].parallel.neuron_steps_total == 2 * counted
+
+
+def test_frozen_deployed_sites_take_the_lean_path_with_the_same_bits():
+    # frozen, spike counting off, no observer, no gradients: the generation path; same values, and
+    # anything that needs the full path (an observer, counting, a wrong width) still gets it
+    from spike_modules.site import frozen, set_spike_counting
+
+    site = DAQCFSSite(6, T=7, signed=True, coding="weighted", mode="parallel")
+    site.set_params(torch.linspace(0.5, 1.5, 6), 0.1, 1.0, torch.tensor([1.0, 3.0, 1.0, 1.0, 2.0, 1.0]),
+                    dead=torch.tensor([0.0, 4.0, 9.0, 0.0, 30.0, 2.0]))
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(4)) * 2
+    with torch.no_grad():
+        full = site(x)
+        set_spike_counting(site, False)
+        with frozen(site):
+            lean = site(x)
+            seen = []
+            site.observer = type("Obs", (), {"update": lambda self, v: seen.append(v)})()
+            watched = site(x)
+            site.observer = None
+            with pytest.raises(ValueError, match="channels"):
+                site(x[..., :5])
+    assert torch.equal(lean, full) and torch.equal(watched, full) and len(seen) == 1
+    assert bool((full == 0).any()) and bool((site.dead > 0).any())
