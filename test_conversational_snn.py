@@ -66,6 +66,10 @@ def build_parser() -> Parser:
     flag(g, "conversations", type=int, default=50, metavar="N", help="chit-chat conversations scored (default 50)")
     flag(g, "max_context_length", type=int, default=512, metavar="N",
          help="most tokens a conversation keeps (default 512)")
+    flag(g, "max_memory", metavar="cpu=SIZE", help="run within SIZE of memory (e.g. cpu=6GiB, CPU only): the SNN's "
+                                                   "decoder layers that do not fit, and every weight of the source "
+                                                   "model, are read from disk for each forward; the JSON records the "
+                                                   "peak resident memory")
     g = p.add_argument_group("output")
     flag(g, "out", metavar="PATH", default=DEFAULT_OUT, help=f"JSON result (default {DEFAULT_OUT})")
     flag(g, "overwrite", action="store_true", help="replace an existing --out file")
@@ -87,6 +91,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--conversations must be >= 1, got {args.conversations}")
     if args.max_context_length < 2:
         raise ValueError(f"--max_context_length must be >= 2, got {args.max_context_length}")
+    if args.max_memory is not None:
+        from stac_lm.convert.options import parse_max_memory
+
+        if set(parse_max_memory(args.max_memory)) != {"cpu"} or args.device not in ("cpu", "auto"):
+            raise ValueError(f"--max_memory {args.max_memory}: the checks run within a budget on the CPU only; give "
+                             "cpu=SIZE and --device cpu")
 
 
 def converted_dir(args: argparse.Namespace) -> str:
@@ -121,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         from stac_lm.checks.suite import checks_table, run_suite
 
         model_dir = args.model_dir or converted_dir(args)
-        result = run_suite(model_dir, groups_of(args), timesteps=args.timesteps, device=args.device,
-                           conversations=args.conversations, max_context_length=args.max_context_length)
+        device = "cpu" if args.max_memory is not None else args.device
+        result = run_suite(model_dir, groups_of(args), timesteps=args.timesteps, device=device,
+                           conversations=args.conversations, max_context_length=args.max_context_length,
+                           max_memory=args.max_memory)
         check_output_free(args.out, args.overwrite)  # something may have appeared meanwhile
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, result)

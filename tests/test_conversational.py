@@ -430,6 +430,9 @@ def test_cli_runs_a_group_and_writes_the_table(saved, tmp_path):
     (["--test_everything"], "unrecognized arguments"),
     (["--timesteps", "0"], "between 1 and"),
     (["--conversations", "0"], "--conversations must be >= 1"),
+    (["--max_memory", "cpu=lots"], "not a size"),
+    (["--max_memory", "0=6GiB"], "on the CPU only"),
+    (["--max_memory", "cpu=6GiB", "--device", "cuda"], "on the CPU only"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
     p = cli(*args, "--out", str(tmp_path / "x.json"))

@@ -65,3 +65,34 @@ def test_budget_too_small_and_other_devices_are_refused(saved):
         layers_on_disk(whole, {"0": "10GiB"}, decoder_layers(whole))
     with pytest.raises(ValueError, match="on the CPU"):
         load_snn(saved, device="cuda", max_memory="cpu=1GiB")
+
+
+def test_conversational_checks_run_within_a_budget(saved, monkeypatch):
+    # the SNN and the float64 copy of the exact checks load with both layers on disk (the copy's float weights
+    # widen as they load), the source model reads from disk: the same check values as without a budget
+    from stac_lm.checks import conversation, suite
+    from stac_lm.generate.processor import TemporalSpikeProcessor
+
+    resident, heavy = _sizes(load_snn(saved)[0])
+    groups = ["multi_turn", "positions", "masks"]
+    ref = suite.run_suite(str(saved), groups, device="cpu", conversations=2, progress=False)
+    made, anns = [], []
+    real_exact, real_ann = conversation.exact_processor, suite.load_ann
+
+    def exact(proc: TemporalSpikeProcessor, fresh=None):
+        made.append((proc.model, fresh))
+        return real_exact(proc, fresh)
+
+    monkeypatch.setattr(conversation, "exact_processor", exact)
+    monkeypatch.setattr(suite, "load_ann", lambda config, dev, offload=False: anns.append(offload) or
+                        real_ann(config, dev, offload))
+    budget = {"cpu": str(resident + heavy[0])}
+    got = suite.run_suite(str(saved), groups, device="cpu", conversations=2, progress=False, max_memory=budget)
+    (model, fresh), = made
+    assert _on_disk(model) == [0, 1] and _on_disk(fresh) == [0, 1] and fresh is not model
+    assert fresh.lm_head.site.theta.dtype == torch.float64 and anns == [True]
+    assert [(r["name"], r["value"]) for r in got["checks"]] == [(r["name"], r["value"]) for r in ref["checks"]]
+    assert got["all_passed"] == ref["all_passed"]
+    memory = got["memory"]
+    assert memory["max_memory"] == budget and memory["within_budget"] == (memory["peak_rss_bytes"] <= int(budget["cpu"]))
+    assert ref["memory"]["within_budget"] is None

@@ -75,9 +75,11 @@ def three_turns(tokenizer) -> list[Segment]:
     return segments(tokenizer, messages(THREE_TURNS))
 
 
-def exact_processor(proc: TemporalSpikeProcessor) -> TemporalSpikeProcessor:
-    """A processor with ``proc``'s settings over a float64 copy of its model (see the module docstring)."""
-    model = copy.deepcopy(proc.model).double()
+def exact_processor(proc: TemporalSpikeProcessor, fresh: nn.Module | None = None) -> TemporalSpikeProcessor:
+    """A processor with ``proc``'s settings over a float64 copy of its model (see the module docstring):
+    a deep copy widened, or ``fresh``, another load of the same model, widened in place (a model whose
+    layers stay on disk cannot be copied; its layers' float weights widen as they load for each forward)."""
+    model = (copy.deepcopy(proc.model) if fresh is None else fresh).double()
     return TemporalSpikeProcessor(model, proc.T, proc.max_context_length, pad_token_id=proc.pad_token_id)
 
 

@@ -20,7 +20,9 @@ from torch import nn
 from calibration import CalibrationConfig
 
 from . import conversation, free_running, masks, quality
-from stac_lm.convert.pipeline import load_checked_source
+from stac_lm.convert.layerwise import peak_memory
+from stac_lm.convert.options import parse_max_memory
+from stac_lm.convert.pipeline import load_checked_source, within_budget
 from stac_lm.generate.processor import TemporalSpikeProcessor
 from stac_lm.io.saving import load_snn
 from stac_common.runtime import machine_info, place, resolve_device
@@ -28,9 +30,11 @@ from stac_common.runtime import machine_info, place, resolve_device
 GROUPS = ("multi_turn", "positions", "masks", "spike_rates", "fidelity")
 
 
-def load_ann(config: dict, device) -> nn.Module:
-    """The source model the SNN was converted from; refuses one whose weights changed since."""
-    return place(load_checked_source(config), device)
+def load_ann(config: dict, device, offload: bool = False) -> nn.Module:
+    """The source model the SNN was converted from; refuses one whose weights changed since. With
+    ``offload`` its weights stay on disk, each module's loaded for its own forward."""
+    ann = load_checked_source(config, offload=offload)
+    return ann if offload else place(ann, device)
 
 
 class _Steps:
@@ -61,8 +65,14 @@ class _Steps:
 
 def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None, device: str = "auto",
               conversations: int = 50, max_context_length: int = 512, console: Console | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, max_memory: dict | str | None = None) -> dict:
     """Run ``groups`` (of :data:`GROUPS`) on the SNN saved in ``model_dir``; returns the result dict.
+
+    ``max_memory`` (``cpu=SIZE``, CPU only): the SNN loads within the budget (the decoder layers that
+    do not fit read from its saved files for each forward), the float64 copy of the exact checks is
+    loaded the same way and widened (the layers on disk widen as they load), and the source model
+    reads every module's weights from disk for its forward. The result records the peak resident
+    memory and whether it stayed within the budget.
 
     Raises:
         ValueError: an unusable directory, an unknown group, bad ``timesteps`` / ``max_context_length``,
@@ -75,9 +85,15 @@ def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None
         raise ValueError(f"conversations must be an integer >= 1, got {conversations!r}")
     console = console or Console(stderr=True)
     dev = resolve_device(device)
+    if max_memory is not None:
+        max_memory = parse_max_memory(max_memory)
+        if dev.type != "cpu":
+            raise ValueError(f"--max_memory runs the checks on the CPU with layers on disk; got device {device}: "
+                             "use --device cpu")
     t_start = time.perf_counter()
-    snn, tok, config = load_snn(model_dir, "cpu")
-    snn = place(snn, dev)
+    snn, tok, config = load_snn(model_dir, "cpu", max_memory)
+    snn = snn if max_memory is not None else place(snn, dev)
+    offload = max_memory is not None
     T = config["timesteps"] if timesteps is None else timesteps
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     proc = TemporalSpikeProcessor(snn, T, max_context_length, pad_token_id=pad)
@@ -85,13 +101,13 @@ def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None
     exact = None
     if {"multi_turn", "positions", "masks"} & set(groups):
         with step("float64_copy", "float64 copy of the model (for the exact checks)"):
-            exact = conversation.exact_processor(proc)
+            exact = conversation.exact_processor(proc, load_snn(model_dir, "cpu", max_memory)[0] if offload else None)
     if "multi_turn" in groups:
         with step("cache_contract_float64", "cache contract, float64 (3 turns)"):
             step.add("cache_contract_float64", conversation.cache_contract(exact, tok))
         with step("cache_contract_float32", "cache contract, float32 (3 turns)"):
             step.add("cache_contract_float32", conversation.cache_contract(proc, tok))
-        ann = load_ann(config, dev)
+        ann = load_ann(config, dev, offload)
         with step("chitchat", f"multi-turn quality ({conversations} chit-chat conversations)") as tick:
             step.add("chitchat", quality.multi_turn_quality(proc, ann, tok, conversations, config["mode"], tick))
         with step("recall", f"recall probes ({len(quality.FACTS)})"):
@@ -107,7 +123,7 @@ def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None
             step.add("masks", masks.masks(exact, tok))
     del exact
     if "fidelity" in groups:
-        ann = load_ann(config, dev)
+        ann = load_ann(config, dev, offload)
         with step("fidelity", "free-running replies beside the ANN's") as tick:
             step.add("fidelity", free_running.free_running(proc, ann, tok, progress=tick))
         del ann
@@ -116,6 +132,7 @@ def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None
             calib = CalibrationConfig(**config["calibration_config"])
             step.add("spike_rates", conversation.spike_rates(proc, tok, calib))
     failed = [r["name"] for r in step.rows if r["passed"] is False]
+    peak = peak_memory(dev)
     return {"model_dir": str(model_dir), "model": config["source"]["model_id"], "mode": config["mode"],
             "timesteps": T, "calibrated_timesteps": config["timesteps"], "max_context_length": proc.max_context_length,
             "conversations": conversations, "groups": [g for g in GROUPS if g in groups],
@@ -126,6 +143,7 @@ def run_suite(model_dir: str, groups: list[str], *, timesteps: int | None = None
                            "fidelity_identity_min": free_running.IDENTITY_MIN,
                            "fidelity_keep_min": free_running.KEEP_MIN},
             "checks": step.rows, "failed": failed, "all_passed": not failed, "measurements": step.measurements,
+            "memory": {"max_memory": max_memory, **peak, "within_budget": within_budget(peak["peak_rss_bytes"], max_memory)},
             "seconds": {**step.seconds, "total": time.perf_counter() - t_start}, "machine": machine_info(dev)}
 
 
