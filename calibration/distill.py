@@ -25,6 +25,8 @@ from torch import nn
 
 from spike_modules.site import DAQCFSSite, SiteMode, iter_sites
 
+from .checkpointing import checkpointed_layers
+
 
 class _LogParam(nn.Module):
     """``theta = exp(log_theta)`` as a ``torch.nn.utils.parametrize`` parametrization."""
@@ -44,7 +46,7 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
 
 def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], steps: int, lr: float = 2e-3,
               surrogate: nn.Module | None = None, train_psi: bool = True, weight_lr: float = 0.0,
-              progress: bool = True) -> dict:
+              progress: bool = True, layers: nn.ModuleList | None = None) -> dict:
     """Distil ``ann`` into the calibrated ``snn`` for ``steps`` optimizer steps, in place.
 
     Args:
@@ -56,13 +58,17 @@ def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], s
         surrogate: a SpikingJelly surrogate function for the floor; None = straight-through.
         train_psi: learn the per-channel shift as well as the threshold.
         weight_lr: if > 0, also train the decoder's float linear weights at this learning rate.
+        layers: the SNN's decoder layers, run checkpointed (:mod:`calibration.checkpointing`): the
+            backward pass holds one layer at a time, so layers whose weights stay on disk (a
+            layer-by-layer conversion) train their sites without the whole model in memory; the same
+            steps bit for bit. Not with ``weight_lr``: weights on disk do not train.
 
     Returns:
         ``{"steps", "seconds", "loss_first", "loss_last", "lr", "weight_lr", "surrogate", "trained"}``; the
         sites keep their modes from before the call.
 
     Raises:
-        ValueError: ``steps < 1``, no batches, or a model without sites.
+        ValueError: ``steps < 1``, no batches, a model without sites, or ``weight_lr`` with ``layers``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"finetune steps must be an integer >= 1, got {steps!r}")
@@ -72,6 +78,9 @@ def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], s
     data = list(batches)
     if not data:
         raise ValueError("fine-tuning got no batches of calibration text")
+    if layers is not None and weight_lr > 0:
+        raise ValueError("weight_lr trains the decoder's weights, which a layer-by-layer fine-tune keeps on disk; "
+                         "train the thresholds alone (weight_lr 0) or convert the whole model")
     start = time.time()
     modes = [site.mode for site in sites]
     frozen = [(p, p.requires_grad) for p in snn.parameters()]
@@ -92,13 +101,13 @@ def finetune_(snn: nn.Module, ann: nn.Module, batches: Iterable[torch.Tensor], s
     try:
         columns = [TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                    TimeRemainingColumn()]
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        with Progress(*columns, disable=not progress, transient=True) as bar, checkpointed_layers(layers):
             task = bar.add_task("distil", total=steps, loss="-")
             for step in range(steps):
                 ids = data[step % len(data)]
                 with torch.no_grad():
                     target = ann(ids).logits
-                loss = _kl(snn(ids).logits, target)
+                loss = _kl(snn(ids, use_cache=False).logits, target)
                 if not math.isfinite(float(loss.detach())):
                     raise ValueError(f"distillation diverged at step {step + 1} (loss {float(loss.detach())}); "
                                      "use a smaller learning rate or fewer steps")

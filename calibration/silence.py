@@ -35,16 +35,14 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import align_module_device
 from torch import nn
-from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from .checkpointing import checkpointed_layers
 from spike_modules.energy import group_name, stored_width
 from spike_modules.layers import SpikeLinear
 from spike_modules.linear import float_weight, linear_shape
@@ -146,37 +144,6 @@ def driving_sites(model: nn.Module, column_norms: bool = True) -> dict[str, tupl
     return {k: (s, w.sqrt().float() if column_norms else None, b) for k, (s, w, b) in out.items()}
 
 
-class _Checkpointed(nn.Module):
-    """A decoder layer run under torch's (non-reentrant) activation checkpoint: the graph keeps the
-    layer's inputs only and recomputes the rest in the backward pass, so a layer whose weights accelerate
-    loads for its forward alone (offloaded) lets them go after it, in the backward pass as in the forward."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args, **kwargs):
-        return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
-
-
-@contextmanager
-def _checkpointed(layers: nn.ModuleList | None) -> Iterator[None]:
-    """Every layer of ``layers`` wrapped in :class:`_Checkpointed` for the duration (nothing with None).
-    Without early stop, a recomputed layer runs to its end, so accelerate's hook that drops its weights runs too."""
-    if layers is None:
-        yield
-        return
-    kept = list(layers)
-    try:
-        for i, layer in enumerate(kept):
-            layers[i] = _Checkpointed(layer)
-        with set_checkpoint_early_stop(False):
-            yield
-    finally:
-        for i, layer in enumerate(kept):
-            layers[i] = layer
-
-
 def fisher_weights(model: nn.Module, sites: dict, batches: list, seed: int = 0,
                    layers: nn.ModuleList | None = None) -> dict[str, torch.Tensor]:
     """Per driving site, ``sqrt`` of the diagonal Fisher information of the model's next-token
@@ -213,7 +180,7 @@ def fisher_weights(model: nn.Module, sites: dict, batches: list, seed: int = 0,
             p.requires_grad_(False)
         for _, site in iter_sites(model):
             site.mode = "quant"
-        with _checkpointed(layers):
+        with checkpointed_layers(layers):
             for ids in batches:
                 with torch.enable_grad():
                     logits = model(ids, use_cache=False).logits.float()

@@ -60,6 +60,27 @@ def test_weight_training_moves_weights_and_keeps_the_head():
     assert any("weight" in t for t in out["trained"])
 
 
+@pytest.mark.parametrize("sg", [None, surrogate.Sigmoid()], ids=["straight-through", "sigmoid"])
+def test_checkpointed_layers_train_the_same_sites_bit_for_bit(sg):
+    # one decoder layer recomputed at a time in the backward pass (a layer-by-layer conversion's layers
+    # live on disk): the same steps; the layers are put back
+    from stac_lm.convert.layerwise import layer_list
+
+    ann, plain, ids = _setup()
+    _, checkpointed, _ = _setup()
+    layers = layer_list(checkpointed)
+    kept = list(layers)
+    a = finetune_(plain, ann, list(ids.split(4)), steps=6, lr=1e-2, surrogate=sg, progress=False)
+    b = finetune_(checkpointed, ann, list(ids.split(4)), steps=6, lr=1e-2, surrogate=sg, progress=False,
+                  layers=layers)
+    assert (a["loss_first"], a["loss_last"]) == (b["loss_first"], b["loss_last"])
+    for (name, s), (_, t) in zip(iter_sites(plain), iter_sites(checkpointed)):
+        assert torch.equal(s.theta, t.theta) and torch.equal(s.psi, t.psi), name
+    assert list(layer_list(checkpointed)) == kept
+    with pytest.raises(ValueError, match="keeps on disk"):
+        finetune_(checkpointed, ann, [ids], steps=1, weight_lr=1e-3, layers=layers, progress=False)
+
+
 def test_bad_steps_and_missing_data():
     ann, snn, ids = _setup()
     with pytest.raises(ValueError, match="steps"):

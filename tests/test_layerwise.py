@@ -133,6 +133,24 @@ def test_run_layerwise_gives_the_whole_model_report(tmp_path, silence, weighting
     assert json.loads((tmp_path / "whole" / "report.json").read_text())["memory"]["within_budget"] is None
 
 
+def test_run_layerwise_fine_tunes_as_the_whole_model(tmp_path):
+    # the distillation's backward pass recomputes one offloaded layer at a time: the same steps, the same SNN
+    src = save_tiny(tmp_path / "model", "llama")
+    common = dict(model_name=str(src), calib_tokens=256, eval_tokens=512, device="cpu", silence_budget=0.0,
+                  finetune_steps=3)
+    whole = run(ConvertOptions(output_dir=str(tmp_path / "whole"), **common), progress=False)
+    lw = run(ConvertOptions(output_dir=str(tmp_path / "lw"), max_memory="cpu=20GiB", **common), progress=False)
+    assert is_offloaded(lw.snn) and lw.finetune["steps"] == 3
+    assert (lw.finetune["loss_first"], lw.finetune["loss_last"]) == (whole.finetune["loss_first"],
+                                                                     whole.finetune["loss_last"])
+    for key in ("ppl_snn", "top1_agreement", "energy_ratio"):
+        assert lw.report[key] == whole.report[key], key
+    a, b = load_snn(tmp_path / "whole")[0], load_snn(tmp_path / "lw")[0]
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
 def test_max_memory_notation_and_refusals():
     assert parse_max_memory("cpu=6GiB,0=20GiB") == {"cpu": "6GiB", "0": "20GiB"}
     assert parse_max_memory({0: "1GB"}) == {"0": "1GB"}
@@ -146,6 +164,9 @@ def test_max_memory_notation_and_refusals():
         ConvertOptions(max_memory="cpu=6GiB", layerwise=False)
     with pytest.raises(ValueError, match="--quant_backend own only"):
         ConvertOptions(layerwise=True, quant_backend="torchao")
+    assert ConvertOptions(layerwise=True, finetune_steps=5).finetune_weight_lr == 0.0
+    with pytest.raises(ValueError, match="keeps on disk"):
+        ConvertOptions(layerwise=True, finetune_steps=5, finetune_weight_lr=1e-5)
     old = ConvertOptions().to_dict()
     del old["layerwise"], old["max_memory"]
     assert ConvertOptions.from_dict(old).layerwise is False  # saved before: the whole-model path

@@ -357,9 +357,10 @@ class ConvertOptions:
             few = self.calib_tokens < FISHER_MIN_CALIB_TOKENS  # too few windows to keep statistics and budget apart
             set_("silence_weighting", "columns" if few or not self.silence_budget else DEFAULT_SILENCE_WEIGHTING)
         _check_choice("silence_weighting", self.silence_weighting, SILENCE_WEIGHTINGS)
-        if self.layerwise and self.finetune_steps:
-            raise ValueError("--finetune_steps with --layerwise: the fine-tune trains the whole model at once, which "
-                             "layer-by-layer conversion exists to avoid; convert the whole model, or drop --finetune_steps")
+        if self.layerwise and self.finetune_steps and self.finetune_weight_lr:
+            raise ValueError(f"--finetune_weight_lr {self.finetune_weight_lr} with --layerwise: it trains the decoder's "
+                             "weights, which a layer-by-layer conversion keeps on disk; the thresholds alone train "
+                             "layer by layer (--finetune_weight_lr 0), or convert the whole model")
         if self.layerwise and self.quant_backend not in ("own", "none"):
             raise ValueError(f"--layerwise builds 8-bit weights with --quant_backend own only (asked: "
                              f"{self.quant_backend}); use --quant_backend own or convert the whole model at once")

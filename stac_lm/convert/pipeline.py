@@ -185,15 +185,16 @@ def load_checked_source(config: dict, offload: bool = False) -> nn.Module:
 
 
 def finetune(snn: nn.Module, ann: nn.Module, batches: list, steps: int, surrogate: str, progress: bool,
-             weight_lr: float = 0.0) -> dict:
+             weight_lr: float = 0.0, layers: nn.ModuleList | None = None) -> dict:
     """Spike-aware distillation of ``snn`` from ``ann`` with the named SpikingJelly surrogate (its
-    default settings); returns the fine-tune's summary."""
+    default settings); returns the fine-tune's summary. ``layers``: the decoder layers, recomputed one
+    at a time in the backward pass (a layer-by-layer conversion, whose layers stay on disk)."""
     from spikingjelly.activation_based import surrogate as sj_surrogate
 
     from calibration.distill import finetune_
 
     return finetune_(snn, ann, batches, steps, surrogate=getattr(sj_surrogate, surrogate)(), progress=progress,
-                     weight_lr=weight_lr)
+                     weight_lr=weight_lr, layers=layers)
 
 
 def run(opts: ConvertOptions, console: Console | None = None, progress: bool = True) -> Converted:
@@ -263,8 +264,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
             else:
                 windows, ft_tokens = finetune_windows(tok, opts.calib_text, opts.finetune_steps, min(FINETUNE_SEQ, seq))
             out.finetune = finetune(snn, ann, [w.to(dev) for w in windows], opts.finetune_steps,
-                                    opts.surrogate_function, progress,
-                                    weight_lr=opts.finetune_weight_lr)  # sites keep their (parallel) mode
+                                    opts.surrogate_function, progress, weight_lr=opts.finetune_weight_lr,
+                                    layers=layer_list(snn) if opts.layerwise else None)  # sites keep their mode
             out.finetune["tokens"] = ft_tokens
     if opts.silence_budget:
         with step(f"dead zones (budget KL {opts.silence_budget})"):  # after any fine-tune: the thresholds are final
