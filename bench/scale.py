@@ -15,6 +15,7 @@ lines of stderr) and the next model runs.
     python -m bench.scale                                              # all four, layerwise
     python -m bench.scale --whole_model --models smollm2-360m --out /tmp/scale.json --plot /tmp/scale.png
     python -m bench.scale --dry_run --models smollm2-1.7b                # write the model, print the commands
+    python -m bench.scale --device cuda --gpu_budget 20 --out docs/results/scale_gpu.json --plot docs/results/scale_gpu.png
 """
 
 from __future__ import annotations
@@ -64,18 +65,20 @@ def budget_gib(parameters: int, small: float, large: float, large_from: float) -
     return small if parameters < large_from else large
 
 
-def max_memory(gib: float) -> str:
-    return f"cpu={gib:g}GiB"
+def max_memory(gib: float, gpu_gib: float | None = None) -> str:
+    """The ``--max_memory`` value: the CPU's budget, and GPU 0's before it when given."""
+    return (f"0={gpu_gib:g}GiB," if gpu_gib is not None else "") + f"cpu={gib:g}GiB"
 
 
 def conversion_command(model_dir: Path, out_dir: Path, calib_tokens: int, eval_tokens: int,
-                       budget: float | None) -> list[str]:
-    """``run_conversion.py`` for one model; ``budget`` None leaves out ``--layerwise --max_memory``."""
+                       budget: float | None, device: str = "cpu", gpu_gib: float | None = None) -> list[str]:
+    """``run_conversion.py`` for one model; ``budget`` None leaves out ``--layerwise --max_memory``.
+    ``device`` cuda computes on GPU 0, within ``gpu_gib`` GiB of it when given."""
     cmd = [sys.executable, str(REPO / "run_conversion.py"), "--model_name_or_path", str(model_dir),
            "--output_dir", str(out_dir), "--overwrite", "--verify", "--calib_tokens", str(calib_tokens),
-           "--eval_tokens", str(eval_tokens), "--device", "cpu"]
+           "--eval_tokens", str(eval_tokens), "--device", device]
     if budget is not None:
-        cmd += ["--layerwise", "--max_memory", max_memory(budget)]
+        cmd += ["--layerwise", "--max_memory", max_memory(budget, gpu_gib)]
     return cmd
 
 
@@ -155,7 +158,7 @@ def convert_model(name: str, args, written: dict, model_dir: Path, out_dir: Path
     counts, layers = written["counts"], written["layers"]
     budget = budget_gib(counts["total"], args.budget_small, args.budget_large, args.large_from)
     cmd = conversion_command(model_dir, out_dir, args.calib_tokens, args.eval_tokens,
-                             None if args.whole_model else budget)
+                             None if args.whole_model else budget, args.device, args.gpu_budget)
     if out_dir.exists():  # a failed run must not leave an earlier run's results to be read as its own
         shutil.rmtree(out_dir)
     print(f"[{name}] converting: {' '.join(cmd)}", flush=True)
@@ -183,6 +186,10 @@ def convert_model(name: str, args, written: dict, model_dir: Path, out_dir: Path
     if report is not None:
         row["report"] = {"all_checks_passed": report.get("all_checks_passed"), "ppl_ratio": report.get("ppl_ratio"),
                          "memory": report.get("memory"), "note": WEIGHTS_NOTE}
+        cuda = (report.get("memory") or {}).get("peak_cuda_bytes")
+        if cuda is not None:  # the CUDA allocator's peak in the child, as its report measured it
+            row["peak_cuda_gib"] = round(cuda / GIB, 3)
+            row["within_gpu_budget"] = None if args.gpu_budget is None else cuda <= args.gpu_budget * GIB
     row["step_seconds_logged"] = logged_step_seconds(logs / f"{name}.convert.stderr")
     if run["returncode"] != 0:
         row["stderr_tail"] = tail(logs / f"{name}.convert.stderr")
@@ -359,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_large", type=float, default=8.0, metavar="GIB",
                    help="--max_memory budget of the larger models (default 8)")
     p.add_argument("--large_from", type=float, default=2e9, metavar="PARAMS", help="(default 2e9)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the conversions compute (cuda: GPU 0, the layers' weights streamed from CPU memory "
+                        "and disk; default cpu)")
+    p.add_argument("--gpu_budget", type=float, default=None, metavar="GIB",
+                   help="with --device cuda: GPU 0's share of --max_memory (0=GIB), checked against the CUDA "
+                        "allocator's peak")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--max_shard_bytes", type=int, default=DEFAULT_SHARD_BYTES)
     p.add_argument("--out", default="docs/results/scale.json")
@@ -381,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
                              f"and {args.eval_tokens}")
         if min(args.budget_small, args.budget_large) <= 0:
             raise ValueError("--budget_small and --budget_large must be positive (GiB)")
+        if args.gpu_budget is not None and (args.device != "cuda" or args.gpu_budget <= 0 or args.whole_model):
+            raise ValueError("--gpu_budget is GPU 0's budget of a layer-by-layer conversion: give a positive size, "
+                             "with --device cuda and without --whole_model")
         if not args.dry_run:
             check_output_free(args.out, args.overwrite)
             check_output_free(args.plot, args.overwrite)
@@ -402,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             budget = budget_gib(w["counts"]["total"], args.budget_small, args.budget_large, args.large_from)
             cmd = conversion_command(model_dir, out_dir, args.calib_tokens, args.eval_tokens,
-                                     None if args.whole_model else budget)
+                                     None if args.whole_model else budget, args.device, args.gpu_budget)
             print(" ".join(cmd), flush=True)
             continue
         row = convert_model(name, args, w, model_dir, out_dir, logs)
@@ -417,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from stac_common.runtime import machine_info
 
-    results = summary(rows, args, load_before, machine_info(torch.device("cpu")))
+    results = summary(rows, args, load_before, machine_info(torch.device(args.device)))
     out = write_results(args.out, results, args.overwrite)
     plot(rows, results["fits"], args.plot, args.whole_model, args.large_from)
     print(f"wrote {out} and {args.plot}", flush=True)

@@ -136,7 +136,7 @@ def silence_per_token(snn: nn.Module, ids: torch.Tensor, cache=None) -> dict:
 
     def hook(site, args, y):
         silent = (y.detach().reshape(-1, ids.shape[-1], site.num_channels) == 0).sum(-1)[0]
-        unread.add_(silent.double() * rows[site.name])
+        unread.add_(silent.double().cpu() * rows[site.name])
 
     handles = [s.register_forward_hook(hook) for _, s in iter_sites(snn) if s.name in rows]
     try:

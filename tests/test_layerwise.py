@@ -15,7 +15,7 @@ from spike_modules.conversion import ConversionConfig, convert
 from stac_common.runtime import input_device
 from stac_lm.convert.layerwise import convert_layerwise, decoder_layers
 from stac_lm.convert.options import ConvertOptions, parse_max_memory
-from stac_lm.convert.pipeline import load_source, run
+from stac_lm.convert.pipeline import load_source, run, within_budget
 from stac_lm.io.offload import is_offloaded
 from stac_lm.io.saving import load_snn
 
@@ -151,7 +151,7 @@ def test_run_layerwise_fine_tunes_as_the_whole_model(tmp_path):
         assert torch.equal(a(ids).logits, b(ids).logits)
 
 
-def test_max_memory_notation_and_refusals():
+def test_max_memory_notation_and_refusals(tmp_path):
     assert parse_max_memory("cpu=6GiB,0=20GiB") == {"cpu": "6GiB", "0": "20GiB"}
     assert parse_max_memory({0: "1GB"}) == {"0": "1GB"}
     assert ConvertOptions(max_memory="cpu=6GiB").layerwise is True
@@ -167,6 +167,14 @@ def test_max_memory_notation_and_refusals():
     assert ConvertOptions(layerwise=True, finetune_steps=5).finetune_weight_lr == 0.0
     with pytest.raises(ValueError, match="keeps on disk"):
         ConvertOptions(layerwise=True, finetune_steps=5, finetune_weight_lr=1e-5)
+    gib = 2 ** 30
+    assert within_budget(3 * gib, {"0": "2GiB", "cpu": "4GiB"}, peak_cuda=gib) is True
+    assert within_budget(3 * gib, {"0": "2GiB", "cpu": "4GiB"}, peak_cuda=3 * gib) is False
+    assert within_budget(5 * gib, {"0": "2GiB", "cpu": "4GiB"}, peak_cuda=gib) is False
+    assert within_budget(5 * gib, {"0": "2GiB"}) is None and within_budget(5 * gib, None) is None
+    with pytest.raises(ValueError, match="use --device cuda:0"):
+        run(ConvertOptions(model_name="embedded", max_memory="0=2GiB,cpu=4GiB", device="cpu",
+                           output_dir=str(tmp_path / "snn")), progress=False)
     old = ConvertOptions().to_dict()
     del old["layerwise"], old["max_memory"]
     assert ConvertOptions.from_dict(old).layerwise is False  # saved before: the whole-model path

@@ -9,7 +9,8 @@ from tiny_models import save_tiny
 from stac_lm.convert.layerwise import decoder_layers
 from stac_lm.convert.options import ConvertOptions
 from stac_lm.convert.pipeline import run
-from stac_lm.io.offload import _heavy_modules, is_offloaded, layers_on_disk, own_tensors
+from stac_lm.io.offload import (_heavy_modules, budget_device, hook_in_memory_, is_offloaded, own_tensors,
+                                plan_layers, resident_to_)
 from stac_lm.io.saving import load_snn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,10 +62,59 @@ def test_budget_too_small_and_other_devices_are_refused(saved):
     resident, heavy = _sizes(whole)
     with pytest.raises(ValueError, match="does not hold the embeddings, head, norms and sites"):
         load_snn(saved, max_memory={"cpu": str(resident + heavy[0] - 1)})
-    with pytest.raises(ValueError, match="CPU and disk only"):
-        layers_on_disk(whole, {"0": "10GiB"}, decoder_layers(whole))
-    with pytest.raises(ValueError, match="on the CPU"):
+    with pytest.raises(ValueError, match="names no GPU"):
         load_snn(saved, device="cuda", max_memory="cpu=1GiB")
+    with pytest.raises(ValueError, match="one GPU"):
+        plan_layers(whole, {"0": "10GiB", "1": "10GiB"}, decoder_layers(whole))
+    with pytest.raises(ValueError, match="use --device cuda:0"):
+        load_snn(saved, device="cpu", max_memory="0=1GiB,cpu=1GiB")
+    with pytest.raises(ValueError, match="use --device cuda:1"):
+        budget_device({"1": "1GiB"}, "cuda:0")
+    assert budget_device({"1": "1GiB"}, "cuda") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="max_memory 0=.* does not hold"):
+        plan_layers(whole, {"0": str(resident + heavy[0] - 1), "cpu": "1GiB"}, decoder_layers(whole))
+
+
+def test_a_gpu_budget_places_layers_on_the_gpu_then_in_cpu_memory_then_on_disk(saved):
+    # a plan is arithmetic on the sizes, so it is checked here without a GPU: the GPU holds what stays and room to
+    # load one layer, then the layers that fit; the CPU the next ones; the rest are read from disk
+    whole = load_snn(saved)[0]
+    resident, heavy = _sizes(whole)
+    layers = decoder_layers(whole)
+    one = str(resident + heavy[0])
+    assert plan_layers(whole, {"0": one}, layers) == ["disk", "disk"]
+    assert plan_layers(whole, {"0": one, "cpu": str(heavy[0])}, layers) == ["cpu", "disk"]
+    assert plan_layers(whole, {"0": one, "cpu": str(2 * heavy[0])}, layers) == ["cpu", "cpu"]
+    assert plan_layers(whole, {"0": str(resident + 2 * heavy[0]), "cpu": "1"}, layers) == ["0", "0"]
+    assert plan_layers(whole, {"0": str(resident + 2 * heavy[0] - 1), "cpu": str(heavy[0])}, layers) == ["cpu", "disk"]
+    assert plan_layers(whole, {"cpu": one}, layers) == ["disk", "disk"]
+    assert plan_layers(whole, {"cpu": "1GiB"}, layers) == ["cpu", "cpu"]
+
+
+def test_weights_kept_in_cpu_memory_load_for_each_forward(saved):
+    # the mechanism of a GPU budget's "cpu" layers, run on the CPU: accelerate's CPU offload leaves the layer's
+    # weights in a map and loads them for each forward; the logits and the replies do not change
+    whole = load_snn(saved)[0]
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, ref_gen = whole(ids).logits, whole.generate(ids, max_new_tokens=6, do_sample=False)
+    model = load_snn(saved)[0]
+    hook_in_memory_(decoder_layers(model)[1][0], torch.device("cpu"))
+    resident_to_(model, torch.device("cpu"))
+    assert _on_disk(model) == [0] and model.model.layers[0].self_attn.q_proj.site.theta.device.type == "cpu"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), ref_gen)
+
+
+def test_resident_to_keeps_tied_weights_one_tensor():
+    lin = torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(lin, torch.nn.Linear(3, 3))
+    model[1].weight = lin.weight
+    model[0].register_buffer("scale", torch.ones(3), persistent=False)
+    resident_to_(model, torch.device("meta"))
+    assert model[0].weight is model[1].weight and model[0].weight.device.type == "meta"
+    assert isinstance(model[0].weight, torch.nn.Parameter) and model[0].scale.device.type == "meta"
 
 
 def test_conversational_checks_run_within_a_budget(saved, monkeypatch):
@@ -96,3 +146,13 @@ def test_conversational_checks_run_within_a_budget(saved, monkeypatch):
     memory = got["memory"]
     assert memory["max_memory"] == budget and memory["within_budget"] == (memory["peak_rss_bytes"] <= int(budget["cpu"]))
     assert ref["memory"]["within_budget"] is None
+
+
+def test_device_bench_budgets_split_the_layers_as_named():
+    from bench.devices import budgets
+
+    got = budgets(100, [10] * 8)
+    assert got["whole on the GPU"] is None
+    assert got["GPU + CPU"] == {"0": str(100 + 10 + 40), "cpu": "40"}
+    assert got["GPU + CPU + disk"] == {"0": str(100 + 10 + 20), "cpu": "20"}
+    assert got["GPU + disk"] == {"0": "110"}

@@ -153,6 +153,12 @@ def test_models_and_commands():
     cmd = scale.conversion_command(scale.Path("/m"), scale.Path("/o"), 512, 512, 8.0)
     assert cmd[-3:] == ["--layerwise", "--max_memory", "cpu=8GiB"] and "--verify" in cmd
     assert "--layerwise" not in scale.conversion_command(scale.Path("/m"), scale.Path("/o"), 512, 512, None)
+    cmd = scale.conversion_command(scale.Path("/m"), scale.Path("/o"), 512, 512, 4.0, "cuda", 20.0)
+    assert cmd[-3:] == ["--layerwise", "--max_memory", "0=20GiB,cpu=4GiB"] and cmd[cmd.index("--device") + 1] == "cuda"
+    for bad in (["--gpu_budget", "8"], ["--device", "cuda", "--gpu_budget", "0"],
+                ["--device", "cuda", "--gpu_budget", "8", "--whole_model"]):
+        with pytest.raises(SystemExit):
+            scale.main(["--dry_run", *bad])
 
 
 def test_writer_saves_smollm2_tokenizer(tmp_path):

@@ -46,7 +46,7 @@ from calibration.int8 import find_linears, quantize_weights_
 from calibration.int8_embedding import plan_head, quantize_head_
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.site import iter_sites
-from stac_lm.io.offload import hook_offloaded_, offload_layer_, own_tensors, safetensors_index
+from stac_lm.io.offload import hook_offloaded_, offload_layer_, own_tensors, resident_to_, safetensors_index
 
 
 class _Stop(Exception):
@@ -216,10 +216,10 @@ def skeleton(config) -> nn.Module:
     return model
 
 
-def offloaded_source(directory: str | Path, config) -> nn.Module | None:
+def offloaded_source(directory: str | Path, config, device: torch.device = torch.device("cpu")) -> nn.Module | None:
     """The float32 model whose safetensors are in ``directory``, empty in memory: each module reads its
     weights from the files (cast to float32) for its own forward, through accelerate's hooks over an
-    index of the files; nothing is read at load. None where the files' tensor names are not the
+    index of the files, and computes on ``device``; nothing is read at load. None where the files' tensor names are not the
     model's own (older checkpoints that transformers renames on load): load those through
     transformers' disk offload instead.
     """
@@ -239,7 +239,8 @@ def offloaded_source(directory: str | Path, config) -> nn.Module | None:
             return None
         index.update((n, index[stored]) for n in names)  # a tied weight is read under each of its names
     owners = [(p, m) for p, m in model.named_modules() if own_tensors(m)]
-    hook_offloaded_(owners, OffloadedWeightsLoader(index=index), "", torch.device("cpu"))
+    hook_offloaded_(owners, OffloadedWeightsLoader(index=index), "", device)
+    resident_to_(model, device)  # what no file holds (buffers computed at build, such as rotary frequencies)
     model.hf_device_map = {"": "disk"}  # as transformers marks a model it offloaded
     return model
 
@@ -323,6 +324,7 @@ def convert_layerwise(ann: nn.Module, cfg: ConversionConfig, batches: list[torch
     ann_path, ann_layers = decoder_layers(ann)
     path, layers = decoder_layers(snn)
     _outer_fill_(snn, ann, names, device)
+    resident_to_(snn, device)  # the sites' parameters and the buffers built with the skeleton
     float_calls = capture_layer_inputs(snn, batches) if backend == "own" and rounding == "gptq" else None
     head = quantize_head_(snn, plan_head(snn)) if backend == "own" and int8_head else None
     calls = capture_layer_inputs(snn, batches)  # the 8-bit network's inputs: after the int8 embedding

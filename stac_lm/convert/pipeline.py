@@ -27,8 +27,9 @@ from stac_common.assets import EMBEDDED_LM, PACKAGES, is_embedded_lm, load_causa
 from stac_common.io import check_output_free, sha256_file, write_json
 
 from stac_lm.convert.layerwise import convert_layerwise, layer_list, offloaded_source, peak_memory
-from stac_lm.convert.options import EVAL_WINDOW, ConvertOptions, memory_bytes
+from stac_lm.convert.options import EVAL_WINDOW, ConvertOptions, memory_bytes, parse_max_memory
 from stac_lm.convert.replies import ann_reply_windows
+from stac_lm.io.offload import budget_device
 from stac_common.runtime import StepTimer, input_device, map_large_allocations, place, resolve_device
 from stac_lm.convert.texts import TokenStream, calibration_batches, finetune_windows, load_streams
 from stac_lm.checks.verify import verify
@@ -130,18 +131,20 @@ def check_architecture(model_name: str) -> None:
     check_supported(config)  # the family's own refusals (ALiBi, cross-attention, ...)
 
 
-def load_source(model_name: str, offload: bool = False) -> tuple[nn.Module, object]:
+def load_source(model_name: str, offload: bool = False,
+                device: torch.device = torch.device("cpu")) -> tuple[nn.Module, object]:
     """The source model (float32, eval mode) and its tokenizer, after :func:`check_architecture`.
 
     ``offload``: every module's weights stay on disk and load, in float32, for that module's forward
-    alone: a local folder's safetensors are read in place (nothing is read at load); anything else
+    alone: a local folder's safetensors are read in place (nothing is read at load) and computed with on
+    ``device``; anything else
     goes through transformers' disk offload (which reads each file once to place it). The embedded
     SmolLM2 (a GGUF file, 135M parameters) loads whole either way."""
     check_architecture(model_name)
     embedded = is_embedded_lm(model_name)
     folder = None
     if offload and not embedded and Path(model_name).is_dir():
-        model = _offloaded_local(Path(model_name))
+        model = _offloaded_local(Path(model_name), device)
         if model is not None:
             from transformers import AutoTokenizer
 
@@ -154,19 +157,19 @@ def load_source(model_name: str, offload: bool = False) -> tuple[nn.Module, obje
     return model.eval(), tok
 
 
-def _offloaded_local(directory: Path) -> nn.Module | None:
+def _offloaded_local(directory: Path, device: torch.device) -> nn.Module | None:
     """A local model read straight from its safetensors for each module's forward
     (:func:`stac_lm.convert.layerwise.offloaded_source`), with its generation defaults; None where
     its tensor names need transformers' renaming."""
     from transformers import AutoConfig, GenerationConfig
 
-    model = offloaded_source(directory, AutoConfig.from_pretrained(directory))
+    model = offloaded_source(directory, AutoConfig.from_pretrained(directory), device)
     if model is not None and (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
 
 
-def load_checked_source(config: dict, offload: bool = False) -> nn.Module:
+def load_checked_source(config: dict, offload: bool = False, device: torch.device = torch.device("cpu")) -> nn.Module:
     """The source model a saved SNN was converted from (``config["source"]``), on the CPU (its weights
     on disk with ``offload``, see :func:`load_source`).
 
@@ -175,7 +178,7 @@ def load_checked_source(config: dict, offload: bool = False) -> nn.Module:
             the SNN with it would mislead.
     """
     source = config["source"]
-    ann, _ = load_source(source["model_name"], offload=offload)
+    ann, _ = load_source(source["model_name"], offload=offload, device=device)
     now = source_info(source["model_name"], ann)
     changed = [k for k in ("sha256", "revision") if now.get(k) != source.get(k)]
     if changed:
@@ -211,6 +214,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     check_output_free(opts.output_dir, opts.overwrite)
     check_architecture(opts.model_name)
     device = resolve_device(opts.device)
+    if set(opts.max_memory or {}) - {"cpu"}:  # a GPU's budget: the conversion computes on that GPU
+        budget_device(opts.max_memory, device)
     if opts.quant_backend not in SAVEABLE_INT8:
         raise ValueError(f"--quant_backend {opts.quant_backend}: such a model cannot be saved yet (load_snn rebuilds "
                          f"only {', '.join(SAVEABLE_INT8)} 8-bit layers); use --quant_backend own")
@@ -220,7 +225,7 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
     step = StepTimer(console, progress)
 
     with step("load model", spinner=True):
-        ann, tok = load_source(opts.model_name, offload=opts.layerwise)
+        ann, tok = load_source(opts.model_name, offload=opts.layerwise, device=device)
         source = source_info(opts.model_name, ann)
     positions = max_positions(ann)
     if positions is not None and positions < EVAL_WINDOW:
@@ -281,7 +286,8 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
                                 use_sparse=opts.use_sparse, progress=progress, console=step.console)
     out.step_seconds = dict(step.seconds)
     out.memory.update(peak_memory(device))
-    out.memory["within_budget"] = within_budget(out.memory["peak_rss_bytes"], opts.max_memory)
+    out.memory["within_budget"] = within_budget(out.memory["peak_rss_bytes"], opts.max_memory,
+                                                out.memory.get("peak_cuda_bytes"))
     with step("save", spinner=True):
         save_snn(out, opts.output_dir, overwrite=opts.overwrite)
     return out
@@ -314,11 +320,16 @@ def _convert_whole(ann: nn.Module, cfg: ConversionConfig, ccfg: CalibrationConfi
     return snn, calibration, quantization, batches
 
 
-def within_budget(peak_rss: int, max_memory: dict | None) -> bool | None:
-    """Whether the measured peak resident memory kept the ``cpu`` budget (None: no budget given)."""
-    if not max_memory or "cpu" not in max_memory:
-        return None
-    return peak_rss <= memory_bytes(max_memory["cpu"])
+def within_budget(peak_rss: int, max_memory: dict | None, peak_cuda: int | None = None) -> bool | None:
+    """Whether the measured peaks kept the budget: resident memory the ``cpu`` one, the CUDA allocator's
+    peak (``peak_cuda``) the GPU's (None: no budget given for what was measured)."""
+    kept = []
+    if max_memory and "cpu" in max_memory:
+        kept.append(peak_rss <= memory_bytes(max_memory["cpu"]))
+    gpus = [k for k in (max_memory or {}) if k != "cpu"]
+    if gpus and peak_cuda is not None:
+        kept.append(peak_cuda <= memory_bytes(max_memory[gpus[0]]))
+    return all(kept) if kept else None
 
 
 def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_tokens: int | None = None,
@@ -327,7 +338,8 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
     """Verify a saved SNN directory against its source model and (re)write its ``report.json``.
 
     The evaluation text is the saved run's unless ``eval_text``/``eval_tokens`` are given; it must
-    differ from the saved calibration text. ``max_memory`` (``cpu=SIZE``): the SNN loads within that
+    differ from the saved calibration text. ``max_memory`` (``cpu=SIZE``, or ``0=SIZE,cpu=SIZE`` to compute
+    on that GPU, see :func:`stac_lm.io.offload.plan_layers`): the SNN loads within that
     budget (its other layers read from the saved files) and the source model stays on disk, read
     module by module (accelerate's disk offload).
 
@@ -342,11 +354,13 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
     dev = resolve_device(device)
     if max_memory is not None:
         map_large_allocations()
+        max_memory = parse_max_memory(max_memory)
+        dev = budget_device(max_memory, dev)
     step = StepTimer(console, progress)
     with step("load saved SNN", spinner=True):
-        snn, tok, config = load_snn(model_dir, "cpu", max_memory)
+        snn, tok, config = load_snn(model_dir, dev if max_memory is not None else "cpu", max_memory)
     with step("load source model", spinner=True):
-        ann = load_checked_source(config, offload=max_memory is not None)
+        ann = load_checked_source(config, offload=max_memory is not None, device=dev)
     saved = config["options"]
     if eval_text is None and eval_tokens is None:
         eval_text, eval_tokens = saved["eval_text"], saved["eval_tokens"]
@@ -364,8 +378,6 @@ def verify_saved(model_dir: str | Path, eval_text: str | None = None, eval_token
                              "must be kept apart from calibration text")
     if max_memory is None:
         ann, snn = place(ann, dev), place(snn, dev)
-    elif dev.type != "cpu":
-        raise ValueError(f"--max_memory verifies on the CPU with layers on disk; got --device {device}")
     with step("verify"):
         measured = verify(ann, snn, tok, evals.ids, T=config["timesteps"], activation=saved["activation"],
                           mode=config["mode"], calibration=CalibrationConfig(**config["calibration_config"]),

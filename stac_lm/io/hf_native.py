@@ -54,7 +54,7 @@ from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.kv_cache import SpikeKVCache
 from spike_modules.site import frozen
 from stac_common.io import atomic_dir, read_saved_config, sha256_file, write_json
-from stac_lm.io.offload import (is_offloaded, layers_on_disk, load_budgeted_, module_state, read_shards, weight_files,
+from stac_lm.io.offload import (budget_device, is_offloaded, load_budgeted_, plan_layers, module_state, read_shards, weight_files,
                                 write_shards)
 
 FORMAT = "stac-snn"
@@ -292,8 +292,10 @@ def from_pretrained(directory: str | Path, device: str | torch.device = "cpu",
     mode and it is in eval mode on ``device``.
 
     ``max_memory`` (``{"cpu": "6GiB"}`` or ``"cpu=6GiB"``): the model is built empty and only what
-    fits stays in memory; the decoder layers accelerate's ``infer_auto_device_map`` leaves out keep
-    their weights in the saved files, read for each forward (``stac_lm.io.offload``). CPU only.
+    fits stays in memory; the decoder layers that do not fit keep their weights in the saved files,
+    read for each forward (``stac_lm.io.offload.plan_layers``). With a GPU in the budget
+    (``{"0": "20GiB", "cpu": "6GiB"}``, ``device`` cuda) the model computes there: the first layers on
+    the GPU, the next in CPU memory, the rest on disk, each loaded onto the GPU for its forward.
 
     Raises:
         ValueError: a missing file, bad JSON, another format version, a checksum or shape mismatch,
@@ -388,8 +390,7 @@ def _load(d: Path, device: str | torch.device, max_memory: dict | str | None = N
         from stac_lm.convert.options import parse_max_memory
 
         max_memory = parse_max_memory(max_memory)
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"max_memory loads the model on the CPU with layers on disk; got device {device}")
+        device = budget_device(max_memory, device)
         shards = shards or [d / WEIGHTS_FILE]
     if shards is None:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
@@ -418,8 +419,7 @@ def _load(d: Path, device: str | torch.device, max_memory: dict | str | None = N
                 from stac_lm.convert.layerwise import decoder_layers
 
                 layers = decoder_layers(model)
-                missing = load_budgeted_(model, shards, layers, layers_on_disk(model, max_memory, layers),
-                                         torch.device("cpu"))
+                missing = load_budgeted_(model, shards, layers, plan_layers(model, max_memory, layers), device)
             else:
                 missing = read_shards(model, shards)
             if missing:

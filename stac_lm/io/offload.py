@@ -177,47 +177,85 @@ def read_shards(model: nn.Module, files: list[Path], leave: set[str] = frozenset
     return sorted(expected - loaded - set(leave))
 
 
-def layers_on_disk(model: nn.Module, max_memory: dict[str, str], layers: tuple[str, nn.ModuleList]) -> list[int]:
-    """Which decoder layers of the empty ``model`` keep their weights on disk under ``max_memory``
-    (``{"cpu": SIZE}``, for the weights): the embeddings, head, norms and sites stay in memory, with
-    room to load the largest layer; the first layers that fit beside them stay too, the rest read
-    from disk. Activations and the KV cache come on top.
+def budget_device(max_memory: dict[str, str], device: str | torch.device = "cpu") -> torch.device:
+    """The device a model loaded within ``max_memory`` computes on: the GPU the budget names
+    (``{"0": SIZE, ...}``; ``device`` must be CUDA then), else the CPU (``device`` must be the CPU).
 
     Raises:
-        ValueError: a budget for another device, or one too small for what must stay.
+        ValueError: several GPUs in one budget, or a ``device`` the budget does not name.
+    """
+    gpus = sorted(k for k in max_memory if k != "cpu")
+    device = torch.device(device)
+    if len(gpus) > 1:
+        raise ValueError(f"max_memory {max_memory}: a model loaded within a budget computes on one GPU; name one "
+                         f"CUDA index (e.g. 0=20GiB,cpu=6GiB), not {len(gpus)}")
+    if not gpus:
+        if device.type != "cpu":
+            raise ValueError(f"max_memory {max_memory} names no GPU, so the model loads on the CPU with layers on "
+                             f"disk; got device {device}: name the GPU in the budget (e.g. 0=20GiB,cpu=6GiB) or use the CPU")
+        return torch.device("cpu")
+    want = torch.device("cuda", int(gpus[0]))
+    if device.type != "cuda" or (device.index is not None and device.index != want.index):
+        raise ValueError(f"max_memory {max_memory} puts the model on GPU {want.index}; got device {device}: "
+                         f"use --device {want} (or a budget of cpu=SIZE alone for the CPU)")
+    return want
+
+
+def plan_layers(model: nn.Module, max_memory: dict[str, str], layers: tuple[str, nn.ModuleList]) -> list[str]:
+    """Where each decoder layer of the empty ``model`` keeps its weights under ``max_memory`` (for the
+    weights): a CUDA index (``"0"``), ``"cpu"`` or ``"disk"``. The model computes on the budget's GPU
+    if it names one (:func:`budget_device`), else on the CPU.
+
+    The embeddings, head, norms and sites stay on that device with room to load the largest layer
+    (unless every layer fits there too); the first layers that fit beside them stay on it. With a
+    GPU, the next layers that fit ``cpu=SIZE`` keep their weights in CPU memory, loaded onto the GPU
+    for each forward; the rest read from disk for each forward. Activations and the KV cache come on top.
+
+    Raises:
+        ValueError: several GPUs, or a budget too small for what must stay on the device.
     """
     from stac_lm.convert.options import memory_bytes
 
-    if set(max_memory) != {"cpu"}:
-        raise ValueError(f"max_memory {max_memory}: a saved SNN loads over the CPU and disk only; give cpu=SIZE")
-    budget = memory_bytes(max_memory["cpu"])
+    gpu = budget_device(max_memory, "cuda" if set(max_memory) - {"cpu"} else "cpu")
+    where = "cpu" if gpu.type == "cpu" else str(gpu.index)
+    budget = memory_bytes(max_memory[where])
     _, modules = layers
     heavy = [sum(t.nbytes for _, m in _heavy_modules(layer) for _, t in own_tensors(m)) for layer in modules]
     total = sum(t.nbytes for _, t in [*model.named_parameters(), *model.named_buffers()])
     resident = total - sum(heavy)
+    if total <= budget:
+        return [where] * len(heavy)
     if resident + max(heavy) > budget:
-        raise ValueError(f"max_memory cpu={max_memory['cpu']} does not hold the embeddings, head, norms and sites "
+        raise ValueError(f"max_memory {where}={max_memory[where]} does not hold the embeddings, head, norms and sites "
                          f"({_size(resident)}) with room for one layer ({_size(max(heavy))}); give at least "
                          f"{_size(resident + max(heavy))}")
-    kept, room = 0, budget - resident - max(heavy)
-    while kept < len(heavy) and heavy[kept] <= room:
-        room -= heavy[kept]
+    placed = _first_fitting(heavy, budget - resident - max(heavy), where)
+    if where != "cpu" and "cpu" in max_memory:  # in CPU memory, loaded onto the GPU for each forward
+        placed += _first_fitting(heavy[len(placed):], memory_bytes(max_memory["cpu"]), "cpu")
+    return placed + ["disk"] * (len(heavy) - len(placed))
+
+
+def _first_fitting(sizes: list[int], room: int, where: str) -> list[str]:
+    kept = 0
+    while kept < len(sizes) and sizes[kept] <= room:
+        room -= sizes[kept]
         kept += 1
-    if kept == len(heavy) - 1 and heavy[-1] <= room + max(heavy):  # the room kept for loading holds the last one
-        kept += 1
-    return list(range(kept, len(heavy)))
+    return [where] * kept
 
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
-def load_budgeted_(model: nn.Module, files: list[Path], layers: tuple[str, nn.ModuleList], on_disk: list[int],
+def load_budgeted_(model: nn.Module, files: list[Path], layers: tuple[str, nn.ModuleList], placement: list[str],
                    device: torch.device) -> list[str]:
-    """Fill the empty ``model`` from ``files``: the weights of the decoder layers ``on_disk`` (all but their
-    sites') stay in the files, read for each forward (accelerate's hooks, as :func:`offload_layer_`);
-    everything else is read into memory. Returns the names no file gave."""
+    """Fill the empty ``model`` from ``files`` as ``placement`` says (:func:`plan_layers`), to compute on
+    ``device``: the weights of the decoder layers on ``"disk"`` (all but their sites') stay in the
+    files, read for each forward (accelerate's hooks, as :func:`offload_layer_`); on a GPU, those of
+    the layers on ``"cpu"`` stay in CPU memory, loaded onto it for each forward (accelerate's CPU
+    offload); everything else is read and sits on ``device``. Returns the names no file gave."""
     path, modules = layers
+    on_disk = [i for i, where in enumerate(placement) if where == "disk"]
     owners = {i: _heavy_modules(modules[i]) for i in on_disk}
     leave = {_join(path, str(i), p, n) for i, mods in owners.items() for p, m in mods for n, _ in own_tensors(m)}
     missing = read_shards(model, files, leave)
@@ -228,4 +266,31 @@ def load_budgeted_(model: nn.Module, files: list[Path], layers: tuple[str, nn.Mo
     weights = OffloadedWeightsLoader(index=index)
     for i, mods in owners.items():
         hook_offloaded_(mods, weights, _join(path, str(i)), device)
+    if device.type != "cpu":
+        for i in (i for i, where in enumerate(placement) if where == "cpu"):
+            hook_in_memory_(modules[i], device)
+        resident_to_(model, device)
     return missing
+
+
+def hook_in_memory_(layer: nn.Module, device: torch.device) -> None:
+    """``layer``'s weights (all but its sites') stay where they are (CPU memory) and load onto ``device``
+    for each forward of the module holding them (accelerate's ``AlignDevicesHook``, ``offload=True``)."""
+    for _, module in _heavy_modules(layer):
+        add_hook_to_module(module, AlignDevicesHook(execution_device=device, offload=True, offload_buffers=True))
+
+
+def resident_to_(model: nn.Module, device: torch.device) -> None:
+    """Move every tensor of ``model`` that is not offloaded (on the meta device) to ``device``; a tensor
+    held under several names (tied weights) stays one tensor."""
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in list(table.items()):
+                if t is None or t.device.type == "meta" or t.device == device:
+                    continue
+                if id(t) not in moved:
+                    value = t.data.to(device)
+                    moved[id(t)] = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                        else value
+                table[name] = moved[id(t)]

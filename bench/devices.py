@@ -1,0 +1,145 @@
+"""A saved SNN split over a GPU, CPU memory and disk: the same logits and replies as the model whole on
+the GPU, and what each split costs in GPU memory and decoding speed.
+
+Each placement loads the directory with a ``max_memory`` budget (``stac_lm.io.offload.plan_layers``):
+the embeddings, head, norms and sites on GPU 0 with room to load one layer, then as many decoder
+layers as the GPU's share holds; with ``cpu=SIZE`` the next layers keep their weights in CPU memory;
+the rest read from the saved files; each streamed layer is loaded onto the GPU for its forward
+(accelerate's hooks). Per placement: the plan (layers per place), the CUDA allocator's peak while
+loading and decoding, the largest difference of the prompt's logits from the whole model's, whether
+the greedy tokens of ``generate()`` and of ``TemporalSpikeProcessor`` are the whole model's, and
+tokens/s of each (one run each after a warm-up of a few tokens; the first placement is the model whole).
+
+    python -m bench.devices --model_dir out/demo_smollm2 --out /tmp/devices.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from stac_common.io import check_output_free, write_json
+from stac_common.runtime import machine_info, resolve_device
+
+GIB = 1 << 30
+
+
+def budgets(resident: int, heavy: list[int]) -> dict[str, dict[str, str] | None]:
+    """The placements measured: the model whole (None), and GPU budgets that keep half of the layers on
+    the GPU and half in CPU memory, a quarter on each of GPU and CPU and the rest on disk, and every
+    layer on disk."""
+    room = resident + max(heavy)
+    half, quarter = sum(heavy[:len(heavy) // 2]), sum(heavy[:len(heavy) // 4])
+    rest = sum(heavy) - half
+    return {"whole on the GPU": None,
+            "GPU + CPU": {"0": str(room + half), "cpu": str(rest)},
+            "GPU + CPU + disk": {"0": str(room + quarter), "cpu": str(max(quarter, 1))},
+            "GPU + disk": {"0": str(room)}}
+
+
+def sizes(model) -> tuple[int, list[int]]:
+    """``(bytes outside the decoder layers' heavy modules, bytes of each layer's)``."""
+    from stac_lm.convert.layerwise import decoder_layers
+    from stac_lm.io.offload import _heavy_modules, own_tensors
+
+    layers = decoder_layers(model)[1]
+    heavy = [sum(t.nbytes for _, m in _heavy_modules(layer) for _, t in own_tensors(m)) for layer in layers]
+    total = sum(t.nbytes for _, t in [*model.named_parameters(), *model.named_buffers()])
+    return total - sum(heavy), heavy
+
+
+def measure(model_dir: str, budget: dict | None, ids: torch.Tensor, new_tokens: int,
+            device: torch.device) -> tuple[dict, torch.Tensor]:
+    """Load with ``budget`` on ``device``, run the prompt and decode ``new_tokens`` both ways: the row
+    and the prompt's logits."""
+    from stac_lm.convert.layerwise import decoder_layers
+    from stac_lm.generate.processor import TemporalSpikeProcessor
+    from stac_lm.io.offload import plan_layers
+    from stac_lm.io.saving import load_snn
+
+    cuda = device.type == "cuda"  # the CPU runs it in the tests, without the GPU's figures
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    model, tok, config = load_snn(model_dir, device, budget)
+    load_s = time.perf_counter() - t0
+    plan = plan_layers(model, budget, decoder_layers(model)) if budget else ["0"] * len(decoder_layers(model)[1])
+    ids = ids.to(device)
+    with torch.no_grad():
+        logits = model(ids).logits.float().cpu()
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        _sync(device)
+        gen_s = time.perf_counter() - t0
+    proc = TemporalSpikeProcessor(model, int(config["timesteps"]), max_context_length=ids.shape[1] + new_tokens + 8)
+    proc.generate(ids[0].cpu(), max_new_tokens=2, conversation_id="warm-up")
+    reply = proc.generate(ids[0].cpu(), max_new_tokens=new_tokens)
+    row = {"max_memory": budget, "layers": {p: plan.count(p) for p in dict.fromkeys(plan)}, "load_seconds": load_s,
+           "peak_cuda_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+           "generate_tokens": out[0, ids.shape[1]:].tolist(), "generate_tokens_per_second": new_tokens / gen_s,
+           "processor_tokens": reply.tokens, "processor_tokens_per_second": reply.tokens_per_second}
+    del model, proc
+    gc.collect()
+    return row, logits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.devices", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="a saved SNN directory")
+    p.add_argument("--device", default="cuda", help="the GPU (default cuda)")
+    p.add_argument("--prompt_tokens", type=int, default=128)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        if device.type != "cuda":
+            raise ValueError(f"--device {args.device}: this benchmark splits a model over a GPU and the CPU; it needs CUDA")
+        check_output_free(args.out, args.overwrite)
+    except ValueError as e:
+        p.error(str(e))
+    from stac_lm.io.saving import load_snn
+
+    model, tok, _ = load_snn(args.model_dir)
+    resident, heavy = sizes(model)
+    del model
+    ids = torch.randint(3, min(len(tok), 49152), (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    rows, ref = {}, None
+    for name, budget in budgets(resident, heavy).items():
+        print(f"[{name}] max_memory {budget}", flush=True)
+        row, logits = measure(args.model_dir, budget, ids, args.new_tokens, device)
+        if ref is None:
+            ref, whole = logits, row
+        row["max_abs_logit_difference"] = float((logits - ref).abs().max())
+        row["generate_same_tokens"] = row["generate_tokens"] == whole["generate_tokens"]
+        row["processor_same_tokens"] = row["processor_tokens"] == whole["processor_tokens"]
+        rows[name] = row
+        print(f"[{name}] {row['layers']}, peak CUDA {row['peak_cuda_gib']:.2f} GiB, "
+              f"generate {row['generate_tokens_per_second']:.1f} tok/s, processor "
+              f"{row['processor_tokens_per_second']:.1f} tok/s, max |logit diff| {row['max_abs_logit_difference']:.3g}, "
+              f"same tokens {row['generate_same_tokens']}/{row['processor_same_tokens']}", flush=True)
+    result = {"what": "a saved SNN split over GPU, CPU memory and disk, against the model whole on the GPU",
+              "model_dir": str(Path(args.model_dir).resolve()), "resident_bytes": resident, "layer_bytes": heavy,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "prompt": "random token ids (seed 0): the placements are compared with each other, not judged",
+              "machine": machine_info(device), "placements": rows}
+    write_json(check_output_free(args.out, args.overwrite), result)
+    print(f"wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
