@@ -48,9 +48,10 @@ def build_parser() -> Parser:
          help="tokens of conversation the model keeps; the oldest turns go beyond it (default 2048, at most "
               "the model's positions)")
     flag(p, "system", metavar="PROMPT", help="a system message, for chat templates that take one")
-    flag(p, "max_memory", metavar="cpu=SIZE", help="keep the SNN's weights within SIZE of memory (e.g. cpu=6GiB): the "
-                                                   "decoder layers that do not fit are read from the saved files for "
-                                                   "each token (CPU only)")
+    flag(p, "max_memory", metavar="[0=SIZE,]cpu=SIZE",
+         help="keep the SNN's weights within a budget (e.g. cpu=6GiB): the decoder layers that do not fit are read "
+              "from the saved files for each token; with a GPU named (e.g. 0=10GiB,cpu=20GiB, --device cuda) the "
+              "first layers sit on the GPU, the next in CPU memory")
     flag(p, "float_weights", action="store_true", help="keep float copies of the 8-bit weights: the same replies, "
                                                         "faster, the original model's weight memory")
     flag(p, "ann", action="store_true", help="chat with the original network (the directory's source model) "

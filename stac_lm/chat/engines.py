@@ -209,7 +209,7 @@ def open_engine(model_dir: str, device: str, T: int | None, max_context_length: 
     """Load a saved SNN directory as ``(engine, tokenizer, config)``; with ``ann``, the engine
     runs the directory's source model instead, cast to ``dtype``. ``float_weights``: the SNN keeps
     float copies of its 8-bit weights (see :class:`TemporalSpikeProcessor`). ``max_memory``
-    (``cpu=SIZE``): the SNN's weights that do not fit stay on disk, read for each forward
+    (``cpu=SIZE``, or ``0=SIZE,cpu=SIZE`` to compute on that GPU): the SNN's weights that do not fit stay on disk, read for each forward
     (:func:`stac_lm.io.hf_native.from_pretrained`).
 
     Raises:
