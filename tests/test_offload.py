@@ -156,3 +156,36 @@ def test_device_bench_budgets_split_the_layers_as_named():
     assert got["GPU + CPU"] == {"0": str(100 + 10 + 40), "cpu": "40"}
     assert got["GPU + CPU + disk"] == {"0": str(100 + 10 + 20), "cpu": "20"}
     assert got["GPU + disk"] == {"0": "110"}
+
+
+def test_shard_reader_reads_what_safetensors_reads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from stac_lm.io.offload import ShardReader, safetensors_index
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, generator=g).bfloat16(),
+               "i8": torch.randint(-128, 127, (2, 3, 4), generator=g, dtype=torch.int8), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4), "flags": torch.tensor([True, False, True]),
+               "i64": torch.arange(7), "f16": torch.randn(2, 2, generator=g).half()}
+    save_file(dict(list(tensors.items())[:4]), str(tmp_path / "a.safetensors"))
+    save_file(dict(list(tensors.items())[4:]), str(tmp_path / "b.safetensors"), metadata={"format": "pt"})
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    reader = ShardReader(safetensors_index(files))
+    assert sorted(reader) == sorted(tensors)
+    for name, t in tensors.items():
+        got = reader[name]
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+    widened = ShardReader(safetensors_index(files, dtype="float32"))
+    assert widened["bf16"].dtype == torch.float32 and torch.equal(widened["bf16"], tensors["bf16"].float())
+    with safe_open(str(files[0]), framework="pt") as f:  # what accelerate's loader reads, for the same names
+        assert all(torch.equal(f.get_tensor(k), reader[k]) for k in f.keys())
+    (tmp_path / "b.safetensors").write_bytes((tmp_path / "b.safetensors").read_bytes()[:-8])  # cut short
+    last = max((n for n in reader.index if reader.index[n]["safetensors_file"] == str(files[1])),
+               key=lambda n: reader.index[n]["span"][1])
+    with pytest.raises(OSError, match="ends past the end of the file"):
+        ShardReader({last: reader.index[last]})[last]
+    (tmp_path / "c.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        safetensors_index([tmp_path / "c.safetensors"])

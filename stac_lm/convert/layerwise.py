@@ -35,7 +35,7 @@ from typing import Iterator
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import OffloadedWeightsLoader, align_module_device, has_offloaded_params
+from accelerate.utils import align_module_device, has_offloaded_params
 from rich.progress import Progress
 from torch import nn
 
@@ -46,7 +46,7 @@ from calibration.int8 import find_linears, quantize_weights_
 from calibration.int8_embedding import plan_head, quantize_head_
 from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.site import iter_sites
-from stac_lm.io.offload import hook_offloaded_, offload_layer_, own_tensors, resident_to_, safetensors_index
+from stac_lm.io.offload import ShardReader, hook_offloaded_, offload_layer_, own_tensors, resident_to_, safetensors_index
 
 
 class _Stop(Exception):
@@ -239,7 +239,7 @@ def offloaded_source(directory: str | Path, config, device: torch.device = torch
             return None
         index.update((n, index[stored]) for n in names)  # a tied weight is read under each of its names
     owners = [(p, m) for p, m in model.named_modules() if own_tensors(m)]
-    hook_offloaded_(owners, OffloadedWeightsLoader(index=index), "", device)
+    hook_offloaded_(owners, ShardReader(index), "", device)
     resident_to_(model, device)  # what no file holds (buffers computed at build, such as rotary frequencies)
     model.hf_device_map = {"": "disk"}  # as transformers marks a model it offloaded
     return model

@@ -15,6 +15,7 @@ model twice.
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -137,13 +138,73 @@ def weight_files(directory: Path, filename: str) -> list[Path] | None:
 
 def safetensors_index(files: list[Path], dtype: str | None = None) -> dict[str, dict]:
     """``{tensor name: where it is}`` over ``files``, as accelerate's ``OffloadedWeightsLoader`` reads an
-    index (each tensor read from its file when asked, cast to ``dtype`` if given)."""
+    index (each tensor read from its file when asked, cast to ``dtype`` if given), with where its bytes
+    lie in the file for :class:`ShardReader` (``span``: byte offsets; ``stored``: the file's dtype; ``shape``)."""
     index = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for k in handle.keys():
-                index[k] = {"safetensors_file": str(f), "weight_name": k, **({"dtype": dtype} if dtype else {})}
+        for k, (span, stored, shape) in _header(Path(f)).items():
+            index[k] = {"safetensors_file": str(f), "weight_name": k, "span": span, "stored": stored, "shape": shape,
+                        **({"dtype": dtype} if dtype else {})}
     return index
+
+
+STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def _header(path: Path) -> dict[str, tuple[tuple[int, int], str, list[int]]]:
+    """``{name: ((first byte, end byte) in the file, dtype, shape)}`` from a safetensors file's header (an
+    8-byte little-endian length, then that much JSON; data offsets count from the header's end).
+
+    Raises:
+        ValueError: a file that is not safetensors."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(size)) if 0 < size < 1 << 30 else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is unreadable)")
+    base = 8 + size
+    return {k: ((base + v["data_offsets"][0], base + v["data_offsets"][1]), v["dtype"], list(v["shape"]))
+            for k, v in header.items() if k != "__metadata__"}
+
+
+class ShardReader(OffloadedWeightsLoader):
+    """accelerate's ``OffloadedWeightsLoader`` over a :func:`safetensors_index`, each tensor read with one
+    positioned read from its file, opened once. accelerate's own opens the file (a memory map, its
+    header parsed) for every tensor it reads, which made a decoder layer on disk cost tens of times the
+    reading of its bytes; a memory map kept open instead would count every page read as the process's
+    resident memory, so a budget's peak would grow with the weights read."""
+
+    def __init__(self, index: dict):
+        super().__init__(index=index)
+        self._files: dict[str, object] = {}
+        weakref.finalize(self, _close_all, self._files)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self.index[key]
+        if "span" not in info:
+            return super().__getitem__(key)
+        path, (start, end) = info["safetensors_file"], info["span"]
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        f.seek(start)
+        if f.readinto(raw.numpy()) != end - start:
+            raise OSError(f"{path}: {key} ends past the end of the file (changed since it was indexed?)")
+        tensor = raw.view(STORED_DTYPES[info["stored"]]).reshape(info["shape"])
+        return tensor.to(getattr(torch, info["dtype"])) if "dtype" in info else tensor
+
+
+def _close_all(files: dict[str, object]) -> None:
+    for f in files.values():
+        f.close()
+    files.clear()
 
 
 def read_shards(model: nn.Module, files: list[Path], leave: set[str] = frozenset()) -> list[str]:
@@ -263,7 +324,7 @@ def load_budgeted_(model: nn.Module, files: list[Path], layers: tuple[str, nn.Mo
     absent = sorted(leave - set(index))
     if absent:
         return missing + absent
-    weights = OffloadedWeightsLoader(index=index)
+    weights = ShardReader(index)
     for i, mods in owners.items():
         hook_offloaded_(mods, weights, _join(path, str(i)), device)
     if device.type != "cpu":
