@@ -189,3 +189,5 @@ def test_shard_reader_reads_what_safetensors_reads(tmp_path):
     (tmp_path / "c.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a safetensors file"):
         safetensors_index([tmp_path / "c.safetensors"])
+    cpu = budgets(100, [10] * 8, gpu=False)
+    assert cpu == {"whole": None, "half on disk": {"cpu": "150"}, "all on disk": {"cpu": "110"}}
