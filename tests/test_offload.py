@@ -156,6 +156,8 @@ def test_device_bench_budgets_split_the_layers_as_named():
     assert got["GPU + CPU"] == {"0": str(100 + 10 + 40), "cpu": "40"}
     assert got["GPU + CPU + disk"] == {"0": str(100 + 10 + 20), "cpu": "20"}
     assert got["GPU + disk"] == {"0": "110"}
+    cpu = budgets(100, [10] * 8, gpu=False)
+    assert cpu == {"whole": None, "half on disk": {"cpu": "150"}, "all on disk": {"cpu": "110"}}
 
 
 def test_shard_reader_reads_what_safetensors_reads(tmp_path):
@@ -189,5 +191,3 @@ def test_shard_reader_reads_what_safetensors_reads(tmp_path):
     (tmp_path / "c.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="not a safetensors file"):
         safetensors_index([tmp_path / "c.safetensors"])
-    cpu = budgets(100, [10] * 8, gpu=False)
-    assert cpu == {"whole": None, "half on disk": {"cpu": "150"}, "all on disk": {"cpu": "110"}}
