@@ -71,6 +71,8 @@ def test_budget_too_small_and_other_devices_are_refused(saved):
     with pytest.raises(ValueError, match="use --device cuda:1"):
         budget_device({"1": "1GiB"}, "cuda:0")
     assert budget_device({"1": "1GiB"}, "cuda") == torch.device("cuda", 1)
+    assert budget_device({"1": "1GiB"}, "auto") == torch.device("cuda", 1)
+    assert budget_device({"cpu": "1GiB"}, "auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="max_memory 0=.* does not hold"):
         plan_layers(whole, {"0": str(resident + heavy[0] - 1), "cpu": "1GiB"}, decoder_layers(whole))
 

@@ -240,13 +240,14 @@ def read_shards(model: nn.Module, files: list[Path], leave: set[str] = frozenset
 
 def budget_device(max_memory: dict[str, str], device: str | torch.device = "cpu") -> torch.device:
     """The device a model loaded within ``max_memory`` computes on: the GPU the budget names
-    (``{"0": SIZE, ...}``; ``device`` must be CUDA then), else the CPU (``device`` must be the CPU).
+    (``{"0": SIZE, ...}``; ``device`` must be CUDA then), else the CPU (``device`` must be the CPU);
+    ``device`` ``auto`` follows the budget.
 
     Raises:
         ValueError: several GPUs in one budget, or a ``device`` the budget does not name.
     """
     gpus = sorted(k for k in max_memory if k != "cpu")
-    device = torch.device(device)
+    device = torch.device(("cuda" if gpus else "cpu") if str(device) == "auto" else device)
     if len(gpus) > 1:
         raise ValueError(f"max_memory {max_memory}: a model loaded within a budget computes on one GPU; name one "
                          f"CUDA index (e.g. 0=20GiB,cpu=6GiB), not {len(gpus)}")
