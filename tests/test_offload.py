@@ -181,6 +181,11 @@ def test_shard_reader_reads_what_safetensors_reads(tmp_path):
     for name, t in tensors.items():
         got = reader[name]
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # threads share the open files: each read keeps its own position
+        got = list(pool.map(lambda name: reader[name], [*tensors] * 50))
+    assert all(torch.equal(g, tensors[n]) for g, n in zip(got, [*tensors] * 50))
     widened = ShardReader(safetensors_index(files, dtype="float32"))
     assert widened["bf16"].dtype == torch.float32 and torch.equal(widened["bf16"], tensors["bf16"].float())
     with safe_open(str(files[0]), framework="pt") as f:  # what accelerate's loader reads, for the same names

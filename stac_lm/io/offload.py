@@ -15,6 +15,7 @@ model twice.
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 from pathlib import Path
 from typing import Iterator
@@ -183,6 +184,7 @@ class ShardReader(OffloadedWeightsLoader):
     def __init__(self, index: dict):
         super().__init__(index=index)
         self._files: dict[str, object] = {}
+        self._lock = threading.Lock()  # one position per open file: a seek and its read go together
         weakref.finalize(self, _close_all, self._files)
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -190,12 +192,14 @@ class ShardReader(OffloadedWeightsLoader):
         if "span" not in info:
             return super().__getitem__(key)
         path, (start, end) = info["safetensors_file"], info["span"]
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = open(path, "rb")
         raw = torch.empty(end - start, dtype=torch.uint8)
-        f.seek(start)
-        if f.readinto(raw.numpy()) != end - start:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                f = self._files[path] = open(path, "rb")
+            f.seek(start)
+            got = f.readinto(raw.numpy())
+        if got != end - start:
             raise OSError(f"{path}: {key} ends past the end of the file (changed since it was indexed?)")
         tensor = raw.view(STORED_DTYPES[info["stored"]]).reshape(info["shape"])
         return tensor.to(getattr(torch, info["dtype"])) if "dtype" in info else tensor
