@@ -1,10 +1,12 @@
-"""A converted model larger than memory: its decoder layers' weights on disk, loaded for each forward, and
-written to (and read from) sharded safetensors one piece at a time.
+"""A converted model larger than memory: its decoder layers' weights on disk (or, on a GPU, in CPU memory),
+loaded for each forward, and written to (and read from) sharded safetensors one piece at a time.
 
 Offloading is accelerate's: :func:`offload_layer_` writes a layer's weights with ``offload_state_dict``
 and gives every module that holds them an ``AlignDevicesHook`` (``offload=True``) that loads them for
 that module's forward and drops them after. The spiking sites keep their (small) parameters in memory:
-calibration and dead zones write into them, reports read them.
+calibration and dead zones write into them, reports read them. A saved model loaded within a budget
+(:func:`plan_layers`, :func:`load_budgeted_`) reads its layers on disk through :class:`ShardReader`,
+and on a GPU keeps the next ones in CPU memory (accelerate's CPU offload).
 
 :func:`module_state` yields a model's tensors module by module, loading the offloaded ones as it
 goes, so :func:`write_shards` never holds more than one shard; :func:`read_shards` fills an empty
