@@ -117,9 +117,10 @@ def build_parser() -> Parser:
               "--max_memory, else off)")
     flag(g, "max_memory", metavar="DEV=SIZE[,DEV=SIZE]",
          help="memory budget per device in accelerate's notation, e.g. cpu=8GiB or 0=20GiB,cpu=8GiB; converts "
-              "layer by layer and records the measured peak against it in the report; with --model_dir, the "
-              "saved SNN loads within it (cpu=SIZE, layers that do not fit read from disk) and the source "
-              "model stays on disk")
+              "layer by layer and records the measured peak against it in the report (a GPU's budget: the "
+              "conversion computes on that GPU, --device cuda); with --model_dir, the saved SNN loads within "
+              "it (layers that do not fit read from disk; with a GPU named, the first layers on the GPU, the "
+              "next in CPU memory) and the source model stays on disk")
     g = p.add_argument_group("verification and output")
     flag(g, "verify", action=argparse.BooleanOptionalAction,
          help="measure the SNN against the ANN and write report.json (default: on); with --model_dir, "
