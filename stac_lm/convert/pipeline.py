@@ -136,9 +136,9 @@ def load_source(model_name: str, offload: bool = False,
     """The source model (float32, eval mode) and its tokenizer, after :func:`check_architecture`.
 
     ``offload``: every module's weights stay on disk and load, in float32, for that module's forward
-    alone: a local folder's safetensors are read in place (nothing is read at load) and computed with on
-    ``device``; anything else
-    goes through transformers' disk offload (which reads each file once to place it). The embedded
+    alone: a local folder's safetensors are read in place (nothing is read at load) and its modules
+    compute on ``device``; anything else goes through transformers' disk offload (which reads each file
+    once to place it, and computes on the CPU). The embedded
     SmolLM2 (a GGUF file, 135M parameters) loads whole either way."""
     check_architecture(model_name)
     embedded = is_embedded_lm(model_name)
@@ -170,8 +170,8 @@ def _offloaded_local(directory: Path, device: torch.device) -> nn.Module | None:
 
 
 def load_checked_source(config: dict, offload: bool = False, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """The source model a saved SNN was converted from (``config["source"]``), on the CPU (its weights
-    on disk with ``offload``, see :func:`load_source`).
+    """The source model a saved SNN was converted from (``config["source"]``), on the CPU (with ``offload``,
+    its weights on disk and its modules computing on ``device``, see :func:`load_source`).
 
     Raises:
         ValueError: its weights (sha256) or revision changed since the conversion, so comparing
