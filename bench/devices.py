@@ -45,17 +45,6 @@ def budgets(resident: int, heavy: list[int], gpu: bool = True) -> dict[str, dict
             "GPU + disk": {"0": str(room)}}
 
 
-def sizes(model) -> tuple[int, list[int]]:
-    """``(bytes outside the decoder layers' heavy modules, bytes of each layer's)``."""
-    from stac_lm.convert.layerwise import decoder_layers
-    from stac_lm.io.offload import _heavy_modules, own_tensors
-
-    layers = decoder_layers(model)[1]
-    heavy = [sum(t.nbytes for _, m in _heavy_modules(layer) for _, t in own_tensors(m)) for layer in layers]
-    total = sum(t.nbytes for _, t in [*model.named_parameters(), *model.named_buffers()])
-    return total - sum(heavy), heavy
-
-
 def measure(model_dir: str, budget: dict | None, ids: torch.Tensor, new_tokens: int,
             device: torch.device) -> tuple[dict, torch.Tensor]:
     """Load with ``budget`` on ``device``, run the prompt and decode ``new_tokens`` both ways: the row
@@ -126,10 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         check_output_free(args.out, args.overwrite)
     except ValueError as e:
         p.error(str(e))
+    from stac_lm.convert.layerwise import layer_list
+    from stac_lm.io.offload import layer_bytes
     from stac_lm.io.saving import load_snn
 
     model, tok, _ = load_snn(args.model_dir)
-    resident, heavy = sizes(model)
+    resident, heavy = layer_bytes(model, layer_list(model))
     del model
     ids = torch.randint(3, min(len(tok), 49152), (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     rows, ref = {}, None

@@ -54,7 +54,7 @@ from spike_modules.conversion import ConversionConfig, convert_
 from spike_modules.kv_cache import SpikeKVCache
 from spike_modules.site import frozen
 from stac_common.io import atomic_dir, read_saved_config, sha256_file, write_json
-from stac_lm.io.offload import (budget_device, is_offloaded, load_budgeted_, plan_layers, module_state, read_shards, weight_files,
+from stac_lm.io.offload import (budget_device, is_offloaded, load_budgeted_, module_state, plan_layers, read_shards, weight_files,
                                 write_shards)
 
 FORMAT = "stac-snn"

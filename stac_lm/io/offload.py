@@ -284,14 +284,11 @@ def plan_layers(model: nn.Module, max_memory: dict[str, str], layers: tuple[str,
     """
     from stac_lm.convert.options import memory_bytes
 
-    gpu = budget_device(max_memory, "cuda" if set(max_memory) - {"cpu"} else "cpu")
+    gpu = budget_device(max_memory, "auto")
     where = "cpu" if gpu.type == "cpu" else str(gpu.index)
     budget = memory_bytes(max_memory[where])
-    _, modules = layers
-    heavy = [sum(t.nbytes for _, m in _heavy_modules(layer) for _, t in own_tensors(m)) for layer in modules]
-    total = sum(t.nbytes for _, t in [*model.named_parameters(), *model.named_buffers()])
-    resident = total - sum(heavy)
-    if total <= budget:
+    resident, heavy = layer_bytes(model, layers[1])
+    if resident + sum(heavy) <= budget:
         return [where] * len(heavy)
     if resident + max(heavy) > budget:
         raise ValueError(f"max_memory {where}={max_memory[where]} does not hold the embeddings, head, norms and sites "
@@ -301,6 +298,14 @@ def plan_layers(model: nn.Module, max_memory: dict[str, str], layers: tuple[str,
     if where != "cpu" and "cpu" in max_memory:  # in CPU memory, loaded onto the GPU for each forward
         placed += _first_fitting(heavy[len(placed):], memory_bytes(max_memory["cpu"]), "cpu")
     return placed + ["disk"] * (len(heavy) - len(placed))
+
+
+def layer_bytes(model: nn.Module, layers: nn.ModuleList) -> tuple[int, list[int]]:
+    """``(bytes of everything outside the decoder layers' weights, bytes of each layer's weights)``; the
+    sites' parameters count with the first, as they stay on the device whatever the budget."""
+    heavy = [sum(t.nbytes for _, m in _heavy_modules(layer) for _, t in own_tensors(m)) for layer in layers]
+    total = sum(t.nbytes for _, t in [*model.named_parameters(), *model.named_buffers()])
+    return total - sum(heavy), heavy
 
 
 def _first_fitting(sizes: list[int], room: int, where: str) -> list[str]:
