@@ -14,7 +14,7 @@ Recomputation repeats the same operations: the gradients are the same bit for bi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
@@ -32,18 +32,24 @@ class _Checkpointed(nn.Module):
 
 
 @contextmanager
+def layers_replaced(layers: nn.ModuleList, make: Callable[[int, nn.Module], nn.Module]) -> Iterator[None]:
+    """Layer ``i`` of ``layers`` replaced by ``make(i, layer)`` for the duration, put back after."""
+    kept = list(layers)
+    try:
+        for i, layer in enumerate(kept):
+            layers[i] = make(i, layer)
+        yield
+    finally:
+        for i, layer in enumerate(kept):
+            layers[i] = layer
+
+
+@contextmanager
 def checkpointed_layers(layers: nn.ModuleList | None) -> Iterator[None]:
     """Every layer of ``layers`` checkpointed for the duration (nothing with None). The model must
     run without a KV cache inside (``use_cache=False``): a recomputed layer would append to it again."""
     if layers is None:
         yield
         return
-    kept = list(layers)
-    try:
-        for i, layer in enumerate(kept):
-            layers[i] = _Checkpointed(layer)
-        with set_checkpoint_early_stop(False):
-            yield
-    finally:
-        for i, layer in enumerate(kept):
-            layers[i] = layer
+    with layers_replaced(layers, lambda i, layer: _Checkpointed(layer)), set_checkpoint_early_stop(False):
+        yield

@@ -28,10 +28,8 @@ from __future__ import annotations
 import copy
 import resource
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate import init_empty_weights
@@ -41,6 +39,7 @@ from torch import nn
 
 from calibration import Calibration, CalibrationConfig
 from calibration.calibrate import fit_calibration, observe_sites
+from calibration.checkpointing import layers_replaced
 from calibration.gptq import input_hessians
 from calibration.int8 import find_linears, quantize_weights_
 from calibration.int8_embedding import plan_head, quantize_head_
@@ -115,27 +114,14 @@ class _Replay(nn.Module):
         return self.final.pop(0) if self.final is not None else hidden
 
 
-@contextmanager
-def _layers_swapped(model: nn.Module, make) -> Iterator[None]:
-    """Every decoder layer replaced by ``make(i, n)`` for the duration."""
-    _, layers = decoder_layers(model)
-    kept = list(layers)
-    try:
-        for i in range(len(kept)):
-            layers[i] = make(i, len(kept))
-        yield
-    finally:
-        for i, layer in enumerate(kept):
-            layers[i] = layer
-
-
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[list[LayerCall]]:
     """``calls[layer][batch]``: what every decoder layer is called with for each batch (the first
     layer's hidden states are the embedding's output; later layers' are filled as layers run)."""
-    n = len(decoder_layers(model)[1])
+    _, layers = decoder_layers(model)
+    n = len(layers)
     calls: list[list[LayerCall]] = [[] for _ in range(n)]
-    with _layers_swapped(model, lambda i, n: _Catcher(calls[i], i == n - 1)):
+    with layers_replaced(layers, lambda i, _: _Catcher(calls[i], i == n - 1)):
         for batch in batches:
             try:
                 model(batch, use_cache=False)
@@ -364,7 +350,7 @@ def convert_layerwise(ann: nn.Module, cfg: ConversionConfig, batches: list[torch
             bar.advance(task)
     if any(True for name, _ in iter_sites(snn) if name not in params):  # a site at the head, after the final norm
         final = outs
-        with _layers_swapped(snn, lambda i, n: _Replay(final if i == n - 1 else None)):
+        with layers_replaced(layers, lambda i, _: _Replay(final if i == n - 1 else None)):
             observers, _ = observe_sites(snn, batches, ccfg, progress=False, first_index=first,
                                          run_batch=lambda model, batch: model(batch, use_cache=False))
         fitted = fit_calibration(observers, ccfg)
