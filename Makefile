@@ -67,6 +67,7 @@ bench: setup
 	$(PY) run_conversion.py --output_dir out/demo_smollm2 --overwrite
 	$(PY) -m bench.generation --model_dir out/demo_smollm2 --out docs/results/generation.json --markdown docs/results/generation.md --overwrite
 	$(PY) -m bench.decode --model_dir out/demo_smollm2 --out docs/results/bench_decode.json --overwrite --repeats 3
+	$(PY) -m bench.held_out --model_dir out/demo_smollm2 --out docs/results/held_out_demo.json --overwrite
 	$(PY) -m bench.latency --model_dir out/demo_smollm2 --out docs/bench_latency.json --overwrite
 	$(PY) -m bench.lm_harness --points simplified:8,simplified:16,simplified:32 --limit 40 --out docs/lm_eval.json --markdown docs/lm_eval.md --overwrite
 

@@ -263,11 +263,13 @@ class DAQCFSSite(nn.Module):
         return c.masked_fill(c.detach().abs() < dead, 0.0)
 
     @torch.no_grad()
-    def parallel_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def parallel_counts(self, x: torch.Tensor, silence: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(counts, step)``: the signed spike counts parallel mode gives for ``x`` (decoded value
-        ``counts * step``), whatever the site's mode, without observers or spike statistics."""
+        ``counts * step``), whatever the site's mode, without observers or spike statistics; with
+        ``silence=False``, the counts before the dead zone silences the small ones."""
         scale, shift, step, lo, hi = self._fused()
-        return self._silence(self._counts(x, scale, shift, lo, hi)), step
+        counts = self._counts(x, scale, shift, lo, hi)
+        return (self._silence(counts) if silence else counts), step
 
     def _forward_grad(self, x: torch.Tensor) -> torch.Tensor:
         # the same operations as the inference path, on tensors that carry gradients; quant mode

@@ -278,3 +278,16 @@ def test_site_hooks_do_not_outlive_verify(converted):
     (0.3, {"a": 0.0, "b": 1.0}, {"spikes drive the output: no site passes float through"})])
 def test_drive_checks(change, shares, bad):
     assert {c["name"] for c in gates.drive_checks(change, 8, 4, shares) if not c["passed"]} == bad
+
+
+def test_a_tie_at_a_dead_zone_edge_is_one_level_and_a_lost_count_is_not():
+    from stac_lm.checks.sequential import levels_off
+
+    dead = torch.tensor([1.9, 1.9, 1.9, 0.0, 3.0, 1.9])
+    counts = torch.tensor([2.0, -1.0, 3.0, 2.0, 3.0, 1.0])  # parallel, before the dead zone
+    seq = torch.tensor([0.0, -2.0, 0.0, 0.0, 0.0, 0.0])     # sequential, dead zone applied
+    off = levels_off(seq, counts, dead)
+    # 2 -> 0: the tie 2 / 1 at the edge of 1.9, one level; -1 -> -2: a tie into the first kept level;
+    # 3 -> 0: two levels from the nearest silenced count (1); no dead zone: 2 -> 0 is two levels;
+    # 3 -> 0 with a dead zone of 3: one level (2 is silenced); 1 -> 0: silenced in both
+    assert off.tolist() == [1.0, 1.0, 2.0, 2.0, 1.0, 0.0]

@@ -4,7 +4,8 @@
 time-varying input. Parallel mode claims that the neuron's spike count over the window is the
 closed-form count of the site's mean input. This is checked on every site and element of the
 simulated tokens: the counts must agree except where the mean input sits on a level boundary
-within float rounding (one level off, on a tiny share of elements). A neuron that loses spikes,
+within float rounding (one level off, on a tiny share of elements; counted before a dead zone
+silences the count, :func:`levels_off`, since a tie at a dead zone's edge jumps to silence). A neuron that loses spikes,
 fires late without catching up or is not reset fails it.
 
 **Whole model.** The logits of the two are compared as well, but two implementations of the
@@ -47,8 +48,8 @@ class SiteCounts:
 
     def __call__(self, name: str, site: DAQCFSSite, x: torch.Tensor, y: torch.Tensor) -> None:
         # x, y: [T, ...] (the site unfolds time itself); the decoded mean is counts * step
-        counts, step = site.parallel_counts(x.float().mean(0))
-        diff = (y.float().mean(0) / step - counts).abs()
+        counts, step = site.parallel_counts(x.float().mean(0), silence=False)
+        diff = levels_off(y.float().mean(0) / step, counts, site.dead.detach())
         off = int((diff > 0.5).sum())
         self.elements += diff.numel()
         self.off += off
@@ -61,6 +62,19 @@ class SiteCounts:
         return {"elements": self.elements, "off_elements": self.off,
                 "off_share": self.off / self.elements if self.elements else float("nan"),
                 "max_off_levels": self.max_off, "worst_site": self.worst[1], "worst_site_off_share": self.worst[0]}
+
+
+def levels_off(seq: torch.Tensor, counts: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """How many levels the sequential neuron's count ``seq`` (dead zone applied) is from the parallel
+    count ``counts`` of the mean input *before* the dead zone (``dead`` in counts, per channel).
+
+    A float tie moves the count by one level, and then the dead zone acts: at the edge of a dead
+    zone of 1.9 a tie between 2 and 1 is a tie between 2 and 0 after silence. So a silent ``seq``
+    (0) is as far from ``counts`` as the nearest silenced count (``|c| <= ceil(dead) - 1``), and a
+    count that fired is compared as it is."""
+    silenced = (torch.ceil(dead) - 1).clamp(min=0)  # the largest count magnitude a dead zone silences
+    to_silence = (counts.abs() - silenced).clamp(min=0)
+    return torch.where(seq == 0, to_silence, (seq - counts).abs())
 
 
 def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
