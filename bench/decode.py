@@ -10,7 +10,7 @@ is followed by exactly ``--new_tokens`` greedy tokens (``min_new_tokens = max_ne
 - ``ann_fp32``: the source model (``load_checked_source``);
 - ``ann_int8_own``: the source model with every block linear layer as STAC's ``Int8Linear`` (the head
   too where the SNN's is, ``int8_head``), run through the same row kernel with every row
-  (``RowReadLinear``);
+  (``RowReadLinear``), the layers that read one tensor joined as the SNN's are (``group_readers_``);
 - ``ann_int8_torchao``: torchao's int8 weight-only layers on the same block layers, where torchao runs.
 
 Each repeat runs every candidate once, interleaved (``bench/timing.py``), and the medians are kept.
@@ -33,6 +33,7 @@ import torch
 from bench.timing import side_by_side
 from calibration.int8 import Int8Linear, quantize_weights_
 from spike_modules.layers import set_row_sparse
+from spike_modules.row_groups import group_readers_
 from spike_modules.row_sparse import read_by_rows_
 from spike_modules.site import set_spike_counting
 from stac_common.io import check_output_free, write_json
@@ -51,12 +52,16 @@ def prompt_ids(tok, config: dict, n: int) -> torch.Tensor:
     return ids[None]
 
 
-def int8_own(ann: torch.nn.Module, head: bool = False) -> torch.nn.Module:
+def int8_own(ann: torch.nn.Module, head: bool = False, sample: torch.Tensor | None = None) -> torch.nn.Module:
     """A copy of ``ann`` with STAC's own int8 block layers (and head, with ``head``: as the SNN was
-    converted, so that both read the same bytes), each read by the row kernel (all rows)."""
+    converted, so that both read the same bytes), each read by the row kernel (all rows). With
+    ``sample`` (token ids), the layers that read the same tensor in a pass over it are read together
+    where the SNN's are (``spike_modules.row_groups``: q, k and v in one call)."""
     model = copy.deepcopy(ann)
     quantize_weights_(model, "own", progress=False, head=head)
     read_by_rows_(model, Int8Linear)
+    if sample is not None:
+        group_readers_(model, sample)
     return model
 
 
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     mask = torch.ones_like(ids)
     int8_head = bool(config["options"].get("int8_head", False))
     models = {"snn_row_sparse": (snn, True), "snn_dense": (snn, False), "ann_fp32": (ann, None),
-              "ann_int8_own": (int8_own(ann, int8_head), None)}
+              "ann_int8_own": (int8_own(ann, int8_head, ids[:, :8]), None)}
     torchao_model, torchao_note = (None, "left out (--no_torchao)") if args.no_torchao else int8_torchao(ann)
     if torchao_model is not None:
         models["ann_int8_torchao"] = (torchao_model, None)

@@ -7,14 +7,9 @@ import torch
 from torch import nn
 
 from .site import DAQCFSSite, SiteMode
-from .row_sparse import row_linear
+from .row_groups import RowGroup, tensor_version
 from .sparse import event_linear, sparse_supported
 from .temporal import apply_site, rate_op
-
-
-def _version(x: torch.Tensor) -> int | None:
-    """In-place change counter; inference-mode tensors have none (identity must do)."""
-    return None if x.is_inference() else x._version
 
 
 class SharedInput:
@@ -26,13 +21,14 @@ class SharedInput:
 
     def __init__(self, site: DAQCFSSite, readers: int):
         self.site, self.readers = site, readers
+        self.rows = RowGroup()  # the readers (SpikeLinear), read by rows together while decoding
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self._left = 0
         self._version = -1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        version = _version(x)
+        version = tensor_version(x)
         if self._left and x is self._x and version == self._version:
             y, self._left = self._y, self._left - 1
             if not self._left:
@@ -58,7 +54,8 @@ class SpikeLinear(nn.Module):
 
     ``row_sparse`` (default on, :func:`set_row_sparse`): while the site is in parallel mode, a call
     of a few tokens (decoding) reads only the weight rows of the channels whose decoded count is
-    nonzero (``spike_modules.row_sparse.row_linear``), the event-driven layer's memory traffic. The
+    nonzero (``spike_modules.row_sparse.row_linear``), the event-driven layer's memory traffic; the
+    narrow layers behind one site are read in one kernel call (``spike_modules.row_groups``). The
     result equals the dense product up to float summation order. Layers that cannot be read by rows
     (bitsandbytes, torchao), prefills and tensors that need gradients run the dense product.
     """
@@ -67,6 +64,7 @@ class SpikeLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self._shared = shared
+        shared.rows.members.append(self)
         if owner:
             self.site = shared.site
         self.sparse = False
@@ -76,7 +74,7 @@ class SpikeLinear(nn.Module):
         y = self._shared(x)
         mode = self._shared.site.mode
         if mode is SiteMode.PARALLEL and self.row_sparse:
-            return row_linear(self.linear, y)
+            return self._shared.rows.product(self, y)
         if self.sparse and mode is SiteMode.SEQUENTIAL:
             return event_linear(self.linear, y)
         return self.linear(y)

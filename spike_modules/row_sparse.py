@@ -36,6 +36,9 @@ value, with an embedding-bag kernel that reads those rows and nothing else:
   the dense product runs (measured roughly, 1 thread, on SmolLM2's layer shapes: at 20% nonzero the
   rows took 0.15-1x the dense time, at 50% 0.7-1.5x).
 
+Narrow layers that read one input (q, k and v) are read in one call over their joined table by
+:mod:`spike_modules.row_groups`, which builds on the pieces here.
+
 The result equals the dense layer up to float summation order. Beyond :data:`MAX_ROW_TOKENS`
 tokens (a prefill) the dense product is faster and runs. The dense product also runs, by design,
 where the kernel does not apply: tensors that need gradients (the tables are detached copies),
@@ -184,8 +187,9 @@ def _every_row(device: torch.device, n: int, width: int, span: int, parts: int) 
     return got
 
 
-def _skip_zeros(linear: nn.Module) -> bool:
-    """Whether this call of an int8 layer looks for the inputs that fired, or reads every row.
+def _skip_zeros(d: dict) -> bool:
+    """Whether this call of an int8 layer (``d``: its ``__dict__``, or a joined group's) looks for the
+    inputs that fired, or reads every row.
 
     The two give the same bits (rows are added in ascending order either way, and a zero input adds
     nothing), so this is a choice of speed alone. Finding the nonzero inputs costs a few kernel calls,
@@ -193,14 +197,13 @@ def _skip_zeros(linear: nn.Module) -> bool:
     weigh more. The share of zeros is measured on the calls that look (every call while looking pays,
     and every :data:`RECHECK_CALLS`-th call otherwise, so a layer whose inputs become sparser is seen).
     """
-    d = linear.__dict__
     calls = d.get("_row_calls", 0)
     d["_row_calls"] = calls + 1
     return d.get("_row_skip", True) or calls % RECHECK_CALLS == 0
 
 
-def _note_zeros(linear: nn.Module, found: int, n: int, width: int, out: int) -> None:
-    linear.__dict__["_row_skip"] = (n * width - found) * out > FIND_COST_BYTES
+def _note_zeros(d: dict, found: int, n: int, width: int, out: int) -> None:
+    d["_row_skip"] = (n * width - found) * out > FIND_COST_BYTES
 
 
 def _split(width: int, out: int) -> int:
@@ -242,10 +245,10 @@ def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> to
     span = (getattr(linear, "group_size", 0) or width) if grouped else _split(width, scale.shape[0])
     parts = -(-width // span)
     out = scale.shape[0]
-    look = not all_rows and _skip_zeros(linear)
+    look = not all_rows and _skip_zeros(linear.__dict__)
     idx, vals, offsets = _bags(flat, span, parts, not look)
     if look:
-        _note_zeros(linear, idx.numel(), n, width, out)
+        _note_zeros(linear.__dict__, idx.numel(), n, width, out)
     y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(row_table(linear, q), idx, offsets, False, 0, False,
                                                                vals, None, False)
     if grouped:  # [n * groups, out] partial sums, each group scaled by its own [out] scale
@@ -267,6 +270,9 @@ class RowReadLinear(nn.Module):
         self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get("rows")  # spike_modules.row_groups.group_readers_ sets it
+        if group is not None:
+            return group.product(self, x, all_rows=True)
         return row_linear(self.linear, x, all_rows=True)
 
 

@@ -1,0 +1,184 @@
+"""Layers that read the same input, read by rows in one kernel call over their joined table.
+
+A decoder layer's q, k and v projections read one tensor. Read one by one
+(:func:`spike_modules.row_sparse.row_linear`), each call finds the nonzero inputs again and pays the
+kernel call and the Python around it, and the narrow k and v tables (SmolLM2: 192 outputs) run the
+kernel at about half its speed on wide ones. :class:`RowGroup` reads them together: the first
+member called with a tensor computes every member's product in one
+``embedding_bag_byte_rowwise_offsets`` call over a table whose row ``j`` is the members' rows ``j``
+side by side, and keeps the other members' products for their own calls with that same tensor
+(same object, same version; a member called with another tensor computes its own product alone).
+
+Only groups whose joined table has at most :data:`JOIN_MAX_OUT` outputs are joined: measured on
+SmolLM2's layers (1 thread, the 2-core machine), q/k/v (576 + 192 + 192 outputs) took 103-112 us
+joined against 129-148 us one by one, while gate and up (1,536 each) took 178-221 us joined
+against 161-194 us: past about a thousand outputs the kernel gains nothing from a wider row and the
+joined call only adds a wider sum.
+
+Each output is the same sum of the same rows as the member's own call, in the same order; only the
+split into runs per thread (:func:`spike_modules.row_sparse._split`) follows the joined table's size,
+so a member whose own table is too small to split gets the last bits of a split one. The joined
+table lives in the first member's ``__dict__`` (``drop_row_tables`` drops it) and is rebuilt when a
+member's weight or scale changes (data pointer, version, shape) or a member's layer is replaced.
+Members that cannot be joined (float or grouped-scale layers, offloaded layers, a prefill, inputs
+that need gradients) run :func:`~spike_modules.row_sparse.row_linear` each, as before.
+
+:class:`spike_modules.layers.SharedInput` groups the spiking layers behind one site; for a model
+without sites (the int8 ANN of ``bench/decode.py``), :func:`group_readers_` finds the layers that
+read the same tensor in one forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .row_sparse import (_KEY, _SCALE_OFFSET, _TABLE, MAX_ROW_TOKENS, RowReadLinear, _bags, _int8_parts,
+                         _needs_grad, _note_zeros, _skip_zeros, _split, row_linear)
+
+JOIN_MAX_OUT = 1024  # joined tables with more outputs than this are not joined (see the module docstring)
+_SCALE = "_row_group_scale"
+
+
+def tensor_version(x: torch.Tensor) -> int | None:
+    """In-place change counter; inference-mode tensors have none (identity must do)."""
+    return None if x.is_inference() else x._version
+
+
+def _ver(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), tensor_version(t), t.shape
+
+
+class RowGroup:
+    """Modules with a ``linear`` child that read the same input (``members``), read by rows
+    together (see the module docstring). A plain object, not a module."""
+
+    def __init__(self):
+        self.members: list[nn.Module] = []
+        self._x: torch.Tensor | None = None
+        self._x_version: int | None = None
+        self._outs: dict[int, torch.Tensor] = {}
+
+    def product(self, member: nn.Module, x: torch.Tensor, all_rows: bool = False) -> torch.Tensor:
+        """``member.linear(x)``, read by rows: taken from the products computed with the group when
+        ``x`` is the tensor they were computed for, else computed now for every member at once
+        (where they can be joined) or for ``member`` alone."""
+        outs = self._outs
+        if outs and x is self._x and tensor_version(x) == self._x_version:
+            got = outs.pop(id(member), None)
+            if got is not None:
+                if not outs:
+                    self._x = None  # do not keep the input alive past the last reader
+                return got
+        joined = _joined_products(self.members, x, all_rows) if len(self.members) > 1 else None
+        if joined is None:
+            return row_linear(member.linear, x, all_rows)
+        self._outs = {id(m): y for m, y in zip(self.members, joined) if m is not member}
+        self._x, self._x_version = (x, tensor_version(x)) if self._outs else (None, None)
+        return joined[self.members.index(member)]
+
+
+def _parts(members: list[nn.Module], x: torch.Tensor) -> list | None:
+    """``[(linear, weight_int8, scale)]`` of the members when one joined call can compute them all for
+    ``x``, else None."""
+    width = x.shape[-1] if x.dim() else 0
+    n = x.numel() // width if width else 0
+    if not n or n > MAX_ROW_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    got, out = [], 0
+    for m in members:
+        if not getattr(m, "row_sparse", True):
+            return None
+        lin = m.linear
+        parts = _int8_parts(lin)
+        if parts is None or "_hf_hook" in lin.__dict__ or _needs_grad(lin, x):
+            return None
+        q, scale = parts
+        if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != width or scale.dim() != 1 or q.device != x.device:
+            return None
+        out += q.shape[0]
+        got.append((lin, q, scale))
+    return got if out <= JOIN_MAX_OUT else None
+
+
+def _table(holder: dict, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(table, scale)`` joined over the members' layers: packed rows ``[q_1[:, j], q_2[:, j], ...]``
+    and their per-output scales one after the other; kept in ``holder`` until a member changes."""
+    key = tuple((id(lin), _ver(q), _ver(s)) for lin, q, s in parts)
+    if holder.get(_KEY) != key:
+        with torch.no_grad():
+            qs = [q for _, q, _ in parts]
+            out = sum(q.shape[0] for q in qs)
+            table = torch.empty(qs[0].shape[1], out + 8, dtype=torch.uint8, device=qs[0].device)
+            table[:, :out] = (torch.cat(qs).t().to(torch.int16) + 128).to(torch.uint8)
+            table[:, out:] = _SCALE_OFFSET.to(table.device)
+            scale = torch.cat([s.detach() for _, _, s in parts])
+        holder[_TABLE], holder[_KEY], holder[_SCALE] = table, key, scale
+    return holder[_TABLE], holder[_SCALE]
+
+
+def _joined_products(members: list[nn.Module], x: torch.Tensor, all_rows: bool) -> list[torch.Tensor] | None:
+    """Every member's ``linear(x)`` from one kernel call, or None where they cannot be joined."""
+    parts = _parts(members, x)
+    if parts is None:
+        return None
+    holder = members[0].__dict__
+    table, scale = _table(holder, parts)
+    width = x.shape[-1]
+    n = x.numel() // width
+    out = scale.shape[0]
+    span = _split(width, out)
+    runs = -(-width // span)
+    look = not all_rows and _skip_zeros(holder)
+    idx, vals, offsets = _bags(x.reshape(n, width), span, runs, not look)
+    if look:
+        _note_zeros(holder, idx.numel(), n, width, out)
+    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, idx, offsets, False, 0, False, vals, None, False)
+    y = y.view(n, runs, -1).sum(1) if runs > 1 else y
+    sizes = [q.shape[0] for _, q, _ in parts]
+    biases = [lin.bias for lin, _, _ in parts]
+    if all(b is None for b in biases):  # each member's own formula (y * scale), elementwise on the joined row
+        ys = (y * scale).split(sizes, dim=-1)
+    else:
+        ys = [y_i * s if b is None else torch.addcmul(b, y_i, s)
+              for y_i, (_, _, s), b in zip(y.split(sizes, dim=-1), parts, biases)]
+    lead = x.shape[:-1]
+    return [(y_i if n == 1 else y_i.contiguous()).reshape(*lead, y_i.shape[-1]) for y_i in ys]
+
+
+class _Reads:
+    """Forward pre-hook recording which layers read each input tensor (by identity)."""
+
+    def __init__(self):
+        self.seen: dict[int, list[nn.Module]] = {}
+        self.keep: list[torch.Tensor] = []
+
+    def hook(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        self.seen.setdefault(id(x), []).append(module)
+        self.keep.append(x)  # ids stay unique while the pass runs
+
+
+@torch.no_grad()
+def group_readers_(model: nn.Module, sample: torch.Tensor) -> int:
+    """Group the :class:`~spike_modules.row_sparse.RowReadLinear` layers of ``model`` that read the same
+    tensor in a forward pass over ``sample`` (token ids ``[1, S]``), so that each group is read by rows
+    in one kernel call where it can be joined (:class:`RowGroup`). Returns how many groups of two or
+    more were made."""
+    reads = _Reads()
+    layers = [m for m in model.modules() if isinstance(m, RowReadLinear)]
+    handles = [m.register_forward_pre_hook(reads.hook) for m in layers]
+    try:
+        model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    made = 0
+    for members in reads.seen.values():
+        if len(members) > 1 and len(set(map(id, members))) == len(members):
+            group = RowGroup()
+            group.members = members
+            for m in members:
+                m.rows = group
+            made += 1
+    return made
