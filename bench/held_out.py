@@ -66,7 +66,7 @@ def row(report: dict) -> dict:
             "energy_fp32": et["snn_over_ann_fp32"], "op_energy": report["energy_ratio"],
             "silent_share_per_group": {g: v["silent_share"] for g, v in et["silence"]["per_group"].items()},
             "all_checks_passed": report["all_checks_passed"],
-            "failed_checks": {c["name"]: c.get("detail") for c in report["checks"] if not c.get("passed", True)},
+            "failed_checks": {c["name"]: c["detail"] for c in report["checks"] if not c["passed"]},
             "eval_tokens": report["eval_tokens"], "text": report["texts"]["evaluation"]["source"]}
 
 

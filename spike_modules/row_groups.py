@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .row_sparse import (_KEY, _SCALE_OFFSET, _TABLE, MAX_ROW_TOKENS, RowReadLinear, _bags, _int8_parts,
-                         _needs_grad, _note_zeros, _skip_zeros, _split, row_linear)
+from .row_sparse import (_KEY, _TABLE, MAX_ROW_TOKENS, RowReadLinear, _int8_parts, _needs_grad, _split,
+                         packed_table, read_rows, rescaled, row_linear)
 
 JOIN_MAX_OUT = 1024  # joined tables with more outputs than this are not joined (see the module docstring)
 _SCALE = "_row_group_scale"
@@ -94,11 +94,12 @@ def _parts(members: list[nn.Module], x: torch.Tensor) -> list | None:
         if parts is None or "_hf_hook" in lin.__dict__ or _needs_grad(lin, x):
             return None
         q, scale = parts
-        if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != width or scale.dim() != 1 or q.device != x.device:
-            return None
         out += q.shape[0]
+        if (out > JOIN_MAX_OUT or q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != width or scale.dim() != 1
+                or q.device != x.device):  # too wide to gain (gate/up: known at the first member) or not joinable
+            return None
         got.append((lin, q, scale))
-    return got if out <= JOIN_MAX_OUT else None
+    return got
 
 
 def _table(holder: dict, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +108,7 @@ def _table(holder: dict, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
     key = tuple((id(lin), _ver(q), _ver(s)) for lin, q, s in parts)
     if holder.get(_KEY) != key:
         with torch.no_grad():
-            qs = [q for _, q, _ in parts]
-            out = sum(q.shape[0] for q in qs)
-            table = torch.empty(qs[0].shape[1], out + 8, dtype=torch.uint8, device=qs[0].device)
-            table[:, :out] = (torch.cat(qs).t().to(torch.int16) + 128).to(torch.uint8)
-            table[:, out:] = _SCALE_OFFSET.to(table.device)
+            table = packed_table(torch.cat([q for _, q, _ in parts]))
             scale = torch.cat([s.detach() for _, _, s in parts])
         holder[_TABLE], holder[_KEY], holder[_SCALE] = table, key, scale
     return holder[_TABLE], holder[_SCALE]
@@ -129,19 +126,14 @@ def _joined_products(members: list[nn.Module], x: torch.Tensor, all_rows: bool) 
     out = scale.shape[0]
     span = _split(width, out)
     runs = -(-width // span)
-    look = not all_rows and _skip_zeros(holder)
-    idx, vals, offsets = _bags(x.reshape(n, width), span, runs, not look)
-    if look:
-        _note_zeros(holder, idx.numel(), n, width, out)
-    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, idx, offsets, False, 0, False, vals, None, False)
+    y = read_rows(table, x.reshape(n, width), span, out, holder, all_rows)
     y = y.view(n, runs, -1).sum(1) if runs > 1 else y
     sizes = [q.shape[0] for _, q, _ in parts]
     biases = [lin.bias for lin, _, _ in parts]
     if all(b is None for b in biases):  # each member's own formula (y * scale), elementwise on the joined row
-        ys = (y * scale).split(sizes, dim=-1)
+        ys = rescaled(y, scale, None).split(sizes, dim=-1)
     else:
-        ys = [y_i * s if b is None else torch.addcmul(b, y_i, s)
-              for y_i, (_, _, s), b in zip(y.split(sizes, dim=-1), parts, biases)]
+        ys = [rescaled(y_i, s, b) for y_i, (_, _, s), b in zip(y.split(sizes, dim=-1), parts, biases)]
     lead = x.shape[:-1]
     return [(y_i if n == 1 else y_i.contiguous()).reshape(*lead, y_i.shape[-1]) for y_i in ys]
 

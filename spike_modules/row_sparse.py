@@ -108,15 +108,21 @@ def _weight(linear: nn.Module) -> torch.Tensor:
     return linear.weight_int8 if _is_int8(linear) else linear.weight
 
 
-def _build(linear: nn.Module, w: torch.Tensor) -> torch.Tensor:
+def packed_table(q: torch.Tensor) -> torch.Tensor:
+    """An int8 weight ``q`` ``[out, in]`` as the kernel's packed ``[in, out + 8]`` table: row ``j`` is
+    ``q[:, j] + 128`` as uint8, then the float32 scale 1.0 and offset -128.0 (so a byte reads as ``q``)."""
     with torch.no_grad():
-        if _is_int8(linear):
-            out, width = w.shape
-            table = torch.empty(width, out + 8, dtype=torch.uint8, device=w.device)
-            table[:, :out] = (w.t().to(torch.int16) + 128).to(torch.uint8)
-            table[:, out:] = _SCALE_OFFSET.to(w.device)
-            return table
-        return w.detach().t().contiguous()  # nn.Linear: [out, in] -> [in, out]
+        out, width = q.shape
+        table = torch.empty(width, out + 8, dtype=torch.uint8, device=q.device)
+        table[:, :out] = (q.t().to(torch.int16) + 128).to(torch.uint8)
+        table[:, out:] = _SCALE_OFFSET.to(q.device)
+        return table
+
+
+def _build(linear: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    if _is_int8(linear):
+        return packed_table(w)
+    return w.detach().t().contiguous()  # nn.Linear: [out, in] -> [in, out]
 
 
 def row_table(linear: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,19 +251,31 @@ def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> to
     span = (getattr(linear, "group_size", 0) or width) if grouped else _split(width, scale.shape[0])
     parts = -(-width // span)
     out = scale.shape[0]
-    look = not all_rows and _skip_zeros(linear.__dict__)
-    idx, vals, offsets = _bags(flat, span, parts, not look)
-    if look:
-        _note_zeros(linear.__dict__, idx.numel(), n, width, out)
-    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(row_table(linear, q), idx, offsets, False, 0, False,
-                                                               vals, None, False)
+    y = read_rows(row_table(linear, q), flat, span, out, linear.__dict__, all_rows)
     if grouped:  # [n * groups, out] partial sums, each group scaled by its own [out] scale
         y = (y.view(n, parts, -1) * scale.t()).sum(1)
         y = y if bias is None else y + bias
     else:  # the dense layer's own formula, after adding the runs of a split table
-        y = y.view(n, parts, -1).sum(1) if parts > 1 else y
-        y = y * scale if bias is None else torch.addcmul(bias, y, scale)
+        y = rescaled(y.view(n, parts, -1).sum(1) if parts > 1 else y, scale, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def read_rows(table: torch.Tensor, flat: torch.Tensor, span: int, out: int, d: dict, all_rows: bool) -> torch.Tensor:
+    """``[n * runs, out]``: per token and run of ``span`` input columns, the sum of the packed ``table``'s
+    rows weighted by the token's inputs ``flat`` ``[n, in]``; the zero inputs looked for or not as
+    :func:`_skip_zeros` decides from the calls recorded in ``d`` (``all_rows``: never)."""
+    n, width = flat.shape
+    look = not all_rows and _skip_zeros(d)
+    idx, vals, offsets = _bags(flat, span, -(-width // span), not look)
+    if look:
+        _note_zeros(d, idx.numel(), n, width, out)
+    return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, idx, offsets, False, 0, False, vals, None,
+                                                                  False)
+
+
+def rescaled(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """An int8 layer's integer sums ``y`` times its per-output ``scale``, plus ``bias``: its own formula."""
+    return y * scale if bias is None else torch.addcmul(bias, y, scale)
 
 
 class RowReadLinear(nn.Module):
