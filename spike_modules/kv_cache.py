@@ -14,6 +14,7 @@ call runs the layer's ``k_site``/``v_site`` here and tells ``spike_attention_for
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,13 +53,15 @@ def _encode(site, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(B, S, h, D).transpose(1, 2)
 
 
+COUNTED_MODES = (SiteMode.PARALLEL, SiteMode.QUANT)  # site modes that emit whole counts
 SLOT_DTYPES = (torch.int8, torch.int16, torch.int32)  # a slot: the narrowest that holds the site's levels
 
 
 def _counted(module: nn.Module) -> tuple | None:
     """The k and v sites of ``module`` when both emit whole counts (parallel or quant mode), else None."""
-    k_site, v_site = getattr(module, "k_site", None), getattr(module, "v_site", None)
-    if k_site is None or v_site is None or {k_site.mode, v_site.mode} - {SiteMode.PARALLEL, SiteMode.QUANT}:
+    sites = module._modules  # nn.Module keeps its submodules (and None set over them) here
+    k_site, v_site = sites.get("k_site"), sites.get("v_site")
+    if k_site is None or v_site is None or k_site.mode not in COUNTED_MODES or v_site.mode not in COUNTED_MODES:
         return None
     return k_site, v_site
 
@@ -74,9 +77,16 @@ def _as_counts(y: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
     return c if torch.equal(c * step, y) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _slot_for(levels: int) -> tuple[torch.dtype, int]:
+    """``(dtype, its largest value)``: the narrowest of :data:`SLOT_DTYPES` that holds ``levels``."""
+    dtype = next((d for d in SLOT_DTYPES if levels <= torch.iinfo(d).max), SLOT_DTYPES[-1])
+    return dtype, torch.iinfo(dtype).max
+
+
 def _slot_dtype(site) -> torch.dtype:
     """The narrowest of :data:`SLOT_DTYPES` that holds ``site``'s levels (int8 for weighted T <= 7)."""
-    return next((d for d in SLOT_DTYPES if site.levels <= torch.iinfo(d).max), SLOT_DTYPES[-1])
+    return _slot_for(int(site.levels))[0]
 
 
 def _narrowed(c: torch.Tensor | None, site) -> tuple | None:
@@ -86,18 +96,16 @@ def _narrowed(c: torch.Tensor | None, site) -> tuple | None:
     whose counts cannot pass its levels (no bursts) needs no look."""
     if c is None:
         return None
-    dtype = _slot_dtype(site)
-    top_slot = torch.iinfo(dtype).max
+    dtype, top_slot = _slot_for(int(site.levels))
     bound = (site.__dict__.get("_frozen") or site._fused())[4]
     if isinstance(bound, float) and bound <= top_slot or c.numel() == 0:
         return c.to(dtype), None
-    size = c.abs()
-    top = float(size.max())
+    top = float(torch.linalg.vector_norm(c, math.inf))  # the largest |count| in one call; NaN stays NaN
     if not math.isfinite(top) or top > torch.iinfo(torch.int32).max:
         return None
     if top <= top_slot:
         return c.to(dtype), None
-    big = size > top_slot
+    big = c.abs() > top_slot
     return c.clamp(-top_slot, top_slot).to(dtype), (big.nonzero(), c[big].to(torch.int32))
 
 
@@ -137,7 +145,7 @@ class SpikeKVCache(DynamicCache):
         module = self._attn.get(layer_idx)
         if module is None:
             raise ValueError(f"layer {layer_idx} has no STAC attention module; this cache belongs to another model")
-        setattr(module, ENCODED_FLAG, True)
+        module.__dict__[ENCODED_FLAG] = True  # what setattr would do for a plain value, without nn.Module's checks
         sites = _counted(module)
         if sites is not None and self._steps.get(layer_idx, ()) is not None and not torch.is_grad_enabled():
             (kc, k_step), (vc, v_step) = _site_counts(sites[0], key_states), _site_counts(sites[1], value_states)

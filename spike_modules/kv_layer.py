@@ -48,16 +48,22 @@ def _roomy(held: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     return buffer[..., :total, :], (buffer, total)
 
 
+def _entry(pos: torch.Tensor, count: torch.Tensor, value: torch.Tensor, top: int) -> tuple:
+    """Escapes as held: ``(positions [N, 4], counts [N], decoded values [N], last slot, positions as the
+    index tuple index_put_ takes)``, the tuple made once rather than at every decode."""
+    return pos, count, value, top, tuple(pos.unbind(1))
+
+
 def _rebatched(escapes: tuple | None, order: torch.Tensor) -> tuple | None:
     """Escapes after the batch rows become ``order`` (new row ``j`` is old row ``order[j]``)."""
     if escapes is None:
         return None
-    pos, count, value, top = escapes
+    pos, count, value, top = escapes[:4]
     order = order.to(pos.device)
     j, e = (pos[:, 0][None, :] == order[:, None]).nonzero(as_tuple=True)
     moved = pos[e].clone()
     moved[:, 0] = j
-    return (moved, count[e], value[e], top) if e.numel() else None
+    return _entry(moved, count[e], value[e], top) if e.numel() else None
 
 
 def _within(escapes: tuple | None, length: int) -> tuple | None:
@@ -68,7 +74,7 @@ def _within(escapes: tuple | None, length: int) -> tuple | None:
     if not bool(keep.any()):
         return None
     pos = escapes[0][keep]
-    return pos, escapes[1][keep], escapes[2][keep], int(pos[:, 2].max())
+    return _entry(pos, escapes[1][keep], escapes[2][keep], int(pos[:, 2].max()))
 
 
 class GrowingLayer(DynamicLayer):
@@ -85,7 +91,7 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _escapes(self) -> dict:
-        """``{"keys"|"values": (positions [N, 4], counts [N], decoded values [N], last slot) or None}``."""
+        """``{"keys"|"values": escapes as :func:`_entry` holds them, or None}``."""
         return self.__dict__.setdefault("_escape", {name: None for name in NAMES})
 
     def add_escapes(self, start: int, keys: tuple | None, values: tuple | None, steps: tuple) -> None:
@@ -99,13 +105,14 @@ class GrowingLayer(DynamicLayer):
                 pos = new[0].clone()
                 pos[:, 2] += start
                 value = new[1].to(step.dtype) * step[0, pos[:, 1], 0, pos[:, 3]]
-                new = (pos, new[1], value, start + int(new[0][:, 2].max()))
-                old = new if old is None else (*(torch.cat([a, b]) for a, b in zip(old[:3], new[:3])), new[3])
+                top = start + int(new[0][:, 2].max())
+                old = (_entry(pos, new[1], value, top) if old is None
+                       else _entry(*(torch.cat([a, b]) for a, b in zip(old[:3], (pos, new[1], value))), top))
             held[name] = old
 
     def escapes(self, name: str) -> tuple | None:
-        """The escapes ``(positions, counts, decoded values, last slot)`` of ``keys`` or ``values`` within
-        the layer's length, or None."""
+        """The escapes ``(positions, counts, decoded values, last slot, index tuple)`` of ``keys`` or
+        ``values`` within the layer's length, or None."""
         if not self.is_initialized:
             return None
         return _within(self._escapes()[name], getattr(self, name).shape[-2])
@@ -119,9 +126,10 @@ class GrowingLayer(DynamicLayer):
         got = _within(self._escapes()[name], decoded.shape[-2])
         if got is None:
             return decoded
-        pos, value = got[0].to(decoded.device), got[2].to(decoded.device, decoded.dtype)
-        decoded.index_put_(tuple(pos.unbind(1)), value)
-        return decoded
+        index, value = got[4], got[2]
+        if value.device != decoded.device or value.dtype != decoded.dtype:
+            index, value = tuple(i.to(decoded.device) for i in index), value.to(decoded.device, decoded.dtype)
+        return decoded.index_put_(index, value)
 
     def escape_count(self) -> int:
         return sum(0 if (got := self.escapes(name)) is None else int(got[1].numel()) for name in NAMES)
