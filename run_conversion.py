@@ -86,7 +86,7 @@ def build_parser() -> Parser:
     flag(g, "quant_backend", choices=QUANT_BACKENDS, help="8-bit weights (default: own; none with --simplified)")
     flag(g, "int8_rounding", choices=("nearest", "gptq"),
          help="how weights round to int8: to nearest, or GPTQ's error compensation on the calibration text's "
-              "inputs (same stored format; default nearest)")
+              "inputs (same stored format; default gptq, nearest with --layerwise or --max_memory)")
     flag(g, "int8_group_size", type=int, metavar="G", help="input columns per int8 scale; 0 = one scale per output "
                                                              "row (default 0); each group costs one rescale "
                                                              "multiply-add per output and token, counted in energy")
@@ -96,7 +96,8 @@ def build_parser() -> Parser:
     flag(g, "silence_budget", type=float, metavar="KL",
          help="dead zones: the most mean KL divergence (nats per token) silent channels may add to the SNN's "
               "next-token distribution on held calibration windows; the silence is spread over the sites for the "
-              "most weight bytes left unread (default 0.018 with weighted coding; 0: none; rate coding: refused)")
+              "most weight bytes left unread (default with weighted coding: 0.02, 0.018 with weights rounded to "
+              "nearest; 0: none; rate coding: refused)")
     flag(g, "silence_weighting", choices=SILENCE_WEIGHTINGS,
          help="what weighs a channel's input when dead zones are placed: fisher (the gradient of the SNN's own "
               "next-token log-likelihood, one backward pass, one decoder layer recomputed at a time; the default) or "

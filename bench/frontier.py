@@ -28,7 +28,8 @@ import torch
 
 from calibration import CalibrationConfig
 from calibration.calibrate import fit_calibration, observe_sites
-from calibration.int8 import quantize_weights_
+from calibration.gptq import input_hessians
+from calibration.int8 import find_linears, quantize_weights_
 from calibration.silence import SilenceConfig, calibrate_silence_
 from stac_lm.checks.verify import PROBE_TOKENS, total_energy_section
 from stac_lm.convert.options import DEFAULT_SILENCE_BUDGET, DEFAULT_SILENCE_WEIGHTING, DEFAULT_STEP_ROUNDING
@@ -45,28 +46,39 @@ from stac_common.runtime import machine_info, resolve_device
 
 BASELINE = "rate:16:95:nohead"
 DEFAULT_POINTS = ("rate:16:95,weighted:7:99.9:s0,weighted:7:99.9:p2:s0,weighted:7:99.9:p2:cols:s0.015,"
-                  "weighted:7:99.9:p2:s0.015,weighted:7:99.9:p2:s0.018,weighted:7:99.9:p2:s0.025,weighted:8:99.9:p2:s0.018")
+                  "weighted:7:99.9:p2:s0.015,weighted:7:99.9:p2:s0.018,weighted:7:99.9:p2:s0.025,weighted:8:99.9:p2:s0.018,"
+                  "weighted:7:99.9:p2:gptq:s0,weighted:7:99.9:p2:gptq:s0.018,weighted:7:99.9:p2:gptq:s0.02,"
+                  "weighted:7:99.9:p2:gptq:s0.022")
 PEER_FILE = Path("docs/bench_convert_peer.json")
-DEFAULT_POINT = ("weighted", 7, 99.9, True, True, True, DEFAULT_STEP_ROUNDING, DEFAULT_SILENCE_BUDGET,
+DEFAULT_POINT = ("weighted", 7, 99.9, True, "gptq", True, DEFAULT_STEP_ROUNDING, DEFAULT_SILENCE_BUDGET,
                  DEFAULT_SILENCE_WEIGHTING)  # full mode's defaults (stac_lm.convert.options)
 
 
 def parse_point(spec: str) -> dict:
-    """``coding:T:percentile[:nohead][:float][:p2|p2n][:cols][:sBUDGET]`` -> a point's settings (``nohead``:
-    LM head dense; ``float``: float weights instead of 8-bit; ``p2``: power-of-two steps rounded up, ``p2n``:
+    """``coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET]`` -> a point's settings (``nohead``:
+    LM head dense; ``float``: float weights instead of 8-bit; ``gptq``: 8-bit block weights rounded with
+    GPTQ's error compensation on the calibration text, as the conversion's default; ``p2``: power-of-two steps rounded up, ``p2n``:
     to the nearest; ``cols``: dead zones weighted by weight-column norms instead of Fisher information;
     ``sBUDGET``: dead zones within that KL budget, default none); ``ValueError`` on a bad spec."""
     parts = spec.split(":")
     budgets = [p for p in parts[3:] if p.startswith("s")]
     flags = set(parts[3:]) - set(budgets)
-    if len(parts) < 3 or flags - {"nohead", "float", "p2", "p2n", "cols"} or len(budgets) > 1 or {"p2", "p2n"} <= flags:
-        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float][:p2|p2n][:cols][:sBUDGET], e.g. "
-                         "weighted:7:99.9:s0.015")
+    if (len(parts) < 3 or flags - {"nohead", "float", "p2", "p2n", "cols", "gptq"} or len(budgets) > 1
+            or {"p2", "p2n"} <= flags or {"float", "gptq"} <= flags):
+        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET], "
+                         "e.g. weighted:7:99.9:s0.015")
     return {"spec": spec, "coding": parts[0], "T": int(parts[1]), "percentile": float(parts[2]),
             "spike_head": "nohead" not in flags, "int8_weights": "float" not in flags,
+            "int8_rounding": "gptq" if "gptq" in flags else "nearest",
             "power_of_two_steps": bool(flags & {"p2", "p2n"}), "step_rounding": "nearest" if "p2n" in flags else "up",
             "silence_budget": float(budgets[0][1:]) if budgets else 0.0,
             "silence_weighting": "columns" if "cols" in flags else "fisher"}
+
+
+def _quantize(model, rounding: str, batches: list, head: bool) -> None:
+    """8-bit weights as the conversion gives them: GPTQ's on the float model's inputs, or to nearest."""
+    hessians = input_hessians(model, find_linears(model), batches) if rounding == "gptq" else None
+    quantize_weights_(model, "own", progress=False, head=head, hessians=hessians)
 
 
 def measure(ann, snn, eval_ids: torch.Tensor) -> dict:
@@ -93,21 +105,24 @@ def run(args) -> dict:
     ann = ann.to(device)
     calib, evals = load_streams(tok, None, args.calib_tokens, None, args.eval_tokens)
     batches = [b.to(device) for b in calibration_batches(calib.ids, min(CALIB_SEQ, args.calib_tokens))]
-    # one pass observes every site (a model with a head site has them all); observations depend on
-    # neither T nor coding, so every point fits its thresholds from them
-    probe = convert(ann, ConversionConfig(T=4, mode="full", spike_head=True)).to(device)  # new sites start on the CPU
-    quantize_weights_(probe, "own", progress=False)
-    observers, n = observe_sites(probe, batches, CalibrationConfig(T=4), progress=False)
-    del probe
+    # one pass per weight rounding observes every site (a model with a head site has them all);
+    # observations depend on neither T nor coding, so every point of that rounding fits its thresholds from them
+    observations = {}
     models, rows = {}, []
     t_start = time.perf_counter()
     for pt in points:
-        key = (pt["coding"], pt["spike_head"], pt["int8_weights"])
+        key = (pt["coding"], pt["spike_head"], pt["int8_weights"], pt["int8_rounding"])
         if key not in models:
             cfg = ConversionConfig(T=pt["T"], mode="full", coding=pt["coding"], spike_head=pt["spike_head"])
             models[key] = convert(ann, cfg).to(device)
             if pt["int8_weights"]:
-                quantize_weights_(models[key], "own", progress=False, head=pt["spike_head"])
+                _quantize(models[key], pt["int8_rounding"], batches, head=pt["spike_head"])
+        if pt["int8_rounding"] not in observations:
+            probe = convert(ann, ConversionConfig(T=4, mode="full", spike_head=True)).to(device)  # sites start on the CPU
+            _quantize(probe, pt["int8_rounding"], batches, head=False)
+            observations[pt["int8_rounding"]] = observe_sites(probe, batches, CalibrationConfig(T=4), progress=False)
+            del probe
+        observers, n = observations[pt["int8_rounding"]]
         snn = models[key]
         names = {name for name, _ in iter_sites(snn)}
         obs = {k: v for k, v in observers.items() if k in names}
@@ -168,11 +183,13 @@ def plot(result: dict, path: Path) -> None:
             for p in pts:
                 budget = p.get("silence_budget", 0.0)
                 name = f"T={p['T']}" + (_P2_LABEL[p.get("step_rounding", "up")] if p.get("power_of_two_steps") else "")
+                name += " GPTQ" if p.get("int8_rounding") == "gptq" else ""
                 cols = " cols" if budget and p.get("silence_weighting", "columns") == "columns" else ""
                 ax.annotate(name + (f" KL{budget:g}{cols}" if budget else " dense"), (_x(p), p[key]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
         default = [p for p in result["points"] if (p["coding"], p["T"], p["percentile"], p["spike_head"],
-                                                   p["int8_weights"], p.get("power_of_two_steps", False),
+                                                   p["int8_weights"] and p.get("int8_rounding", "nearest"),
+                                                   p.get("power_of_two_steps", False),
                                                    p.get("step_rounding", "up"), p.get("silence_budget", 0.0),
                                                    p.get("silence_weighting", "columns")) == DEFAULT_POINT]
         if default:
@@ -196,7 +213,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", default=DEFAULT_POINTS,
-                   help="comma-separated coding:T:percentile[:nohead][:float][:p2|p2n][:cols][:sBUDGET]")
+                   help="comma-separated coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET]")
     p.add_argument("--calib_tokens", type=int, default=8192)
     p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))

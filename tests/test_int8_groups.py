@@ -127,3 +127,19 @@ def test_energy_counts_one_rescale_per_output_and_group_per_token():
     # the ANN has no scales to apply, and the consistency of the MAC equivalents is untouched
     assert count_ops(tiny_llama(), x).rescale_macs == 0
     assert counts.total_macs_equivalent == count_ops(tiny_llama(), x).total_macs_equivalent
+
+
+def test_gptq_is_the_default_rounding_where_the_whole_model_is_in_memory():
+    from stac_lm.convert.options import DEFAULT_SILENCE_BUDGET, NEAREST_SILENCE_BUDGET, ConvertOptions
+
+    whole = ConvertOptions()
+    assert (whole.int8_rounding, whole.silence_budget) == ("gptq", DEFAULT_SILENCE_BUDGET)
+    for layerwise in (ConvertOptions(layerwise=True), ConvertOptions(max_memory="cpu=6GiB")):
+        assert (layerwise.int8_rounding, layerwise.silence_budget) == ("nearest", NEAREST_SILENCE_BUDGET)
+    asked = ConvertOptions(int8_rounding="nearest")
+    assert asked.silence_budget == NEAREST_SILENCE_BUDGET
+    assert ConvertOptions(layerwise=True, int8_rounding="gptq").silence_budget == DEFAULT_SILENCE_BUDGET
+    assert ConvertOptions(quant_backend="bnb").int8_rounding == "nearest"  # GPTQ is built by the own backend
+    assert ConvertOptions(simplified=True).int8_rounding == "nearest"
+    saved = ConvertOptions().to_dict()
+    assert ConvertOptions.from_dict(saved).int8_rounding == "gptq"  # a saved conversion reads back as it ran

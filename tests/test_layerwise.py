@@ -101,13 +101,15 @@ def test_offloaded_source_converts_as_the_loaded_one(tmp_path):
     _assert_same(_layerwise(whole), _layerwise(offloaded))
 
 
-@pytest.mark.parametrize("silence,weighting", [(0.0, None), (0.05, "columns"), (0.05, "fisher")])
-def test_run_layerwise_gives_the_whole_model_report(tmp_path, silence, weighting):
+@pytest.mark.parametrize("silence,weighting,rounding", [(0.0, None, "nearest"), (0.05, "columns", "nearest"),
+                                                         (0.05, "fisher", "gptq")])
+def test_run_layerwise_gives_the_whole_model_report(tmp_path, silence, weighting, rounding):
     # the converted layers live on disk (offloaded) until saved; dead zones are placed through them
-    # (Fisher weights: a backward pass through the offloaded layers, one recomputed at a time)
+    # (Fisher weights: a backward pass through the offloaded layers, one recomputed at a time). The
+    # rounding is given: by default the whole model takes GPTQ's and layer by layer rounds to nearest
     src = save_tiny(tmp_path / "model", "llama")
     common = dict(model_name=str(src), calib_tokens=256, eval_tokens=512, device="cpu", silence_budget=silence,
-                  silence_weighting=weighting)
+                  silence_weighting=weighting, int8_rounding=rounding)
     whole = run(ConvertOptions(output_dir=str(tmp_path / "whole"), **common), progress=False)
     lw = run(ConvertOptions(output_dir=str(tmp_path / "lw"), max_memory="cpu=20GiB", **common), progress=False)
     assert lw.options.layerwise and not whole.options.layerwise
@@ -137,7 +139,7 @@ def test_run_layerwise_fine_tunes_as_the_whole_model(tmp_path):
     # the distillation's backward pass recomputes one offloaded layer at a time: the same steps, the same SNN
     src = save_tiny(tmp_path / "model", "llama")
     common = dict(model_name=str(src), calib_tokens=256, eval_tokens=512, device="cpu", silence_budget=0.0,
-                  finetune_steps=3)
+                  finetune_steps=3, int8_rounding="nearest")  # given: the two paths' default roundings differ
     whole = run(ConvertOptions(output_dir=str(tmp_path / "whole"), **common), progress=False)
     lw = run(ConvertOptions(output_dir=str(tmp_path / "lw"), max_memory="cpu=20GiB", **common), progress=False)
     assert is_offloaded(lw.snn) and lw.finetune["steps"] == 3
@@ -209,7 +211,9 @@ def test_large_model_saves_in_shards_and_loads_empty_first(tmp_path, monkeypatch
 
     monkeypatch.setattr(offload, "SHARD_BYTES", 20_000)  # a tiny model in several shards
     src = save_tiny(tmp_path / "model", "llama")
-    common = dict(model_name=str(src), calib_tokens=256, eval_tokens=512, device="cpu", verify=False)
+    # the same options on both paths (their default roundings differ: GPTQ whole, nearest layer by layer)
+    common = dict(model_name=str(src), calib_tokens=256, eval_tokens=512, device="cpu", verify=False,
+                  int8_rounding="gptq")
     whole = run(ConvertOptions(output_dir=str(tmp_path / "whole"), **common), progress=False)
     run(ConvertOptions(output_dir=str(tmp_path / "lw"), layerwise=True, **common), progress=False)
     shards = sorted(p.name for p in (tmp_path / "lw").glob("snn_model-*.safetensors"))

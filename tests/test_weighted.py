@@ -136,8 +136,8 @@ def test_the_frontier_marks_the_default_conversion():
     from stac_lm.convert.options import ConvertOptions
 
     o = ConvertOptions()
-    assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none", o.power_of_two_steps,
-            o.step_rounding, o.silence_budget, o.silence_weighting) == DEFAULT_POINT
+    assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none" and o.int8_rounding,
+            o.power_of_two_steps, o.step_rounding, o.silence_budget, o.silence_weighting) == DEFAULT_POINT
 
 
 def test_frontier_points_name_their_step_rounding():
@@ -149,7 +149,9 @@ def test_frontier_points_name_their_step_rounding():
     assert not parse_point("rate:16:95")["power_of_two_steps"]
     assert parse_point("weighted:7:99.9:s0.02")["silence_weighting"] == "fisher"
     assert parse_point("weighted:7:99.9:cols:s0.02")["silence_weighting"] == "columns"
-    for bad in ("weighted:7:99.9:p2:p2n", "weighted:7:99.9:p3", "weighted:7"):
+    assert parse_point("weighted:7:99.9:p2:gptq:s0.02")["int8_rounding"] == "gptq"
+    assert parse_point("weighted:7:99.9:p2:s0.02")["int8_rounding"] == "nearest"
+    for bad in ("weighted:7:99.9:p2:p2n", "weighted:7:99.9:p3", "weighted:7", "weighted:7:99.9:float:gptq"):
         with pytest.raises(ValueError, match="expected coding:T:percentile"):
             parse_point(bad)
 
