@@ -74,8 +74,8 @@ windows. 0 turns them off. Only weighted coding keeps dead zones. Options saved 
 ``silence_weighting``: what a channel's input is weighted by, ``fisher`` (the root-mean-square gradient
 of the SNN's sampled next-token log-likelihood in it, one backward pass) or ``columns`` (the norm of
 its weight column over the readers). The default budget is 0.02 with GPTQ's weights and 0.018 with
-weights rounded to nearest (the layer-by-layer default), each the largest budget measured that kept
-top-1 at 0.90 on the report's text. On the embedded SmolLM2 and The Tempest, at an earlier default
+weights rounded to nearest (the layer-by-layer default), chosen on the frontier
+(``docs/results/frontier.json``) and the held-out texts of [4]. On the embedded SmolLM2 and The Tempest, at an earlier default
 budget 0.015, Fisher weights left more bytes unread at better top-1: 0.916 of the int8 ANN's total
 energy at top-1 0.920 against 0.928 at 0.916; budget 0.018 gives 0.897 at 0.915
 (``docs/results/frontier.json``). A layer-by-layer conversion takes the Fisher weights too: their
