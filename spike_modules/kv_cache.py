@@ -79,19 +79,15 @@ def _as_counts(y: torch.Tensor, step: torch.Tensor) -> torch.Tensor | None:
 
 @functools.lru_cache(maxsize=None)
 def _slot_for(levels: int) -> tuple[torch.dtype, int]:
-    """``(dtype, its largest value)``: the narrowest of :data:`SLOT_DTYPES` that holds ``levels``."""
+    """``(dtype, its largest value)``: the narrowest of :data:`SLOT_DTYPES` that holds ``levels`` (int8 for
+    weighted T <= 7)."""
     dtype = next((d for d in SLOT_DTYPES if levels <= torch.iinfo(d).max), SLOT_DTYPES[-1])
     return dtype, torch.iinfo(dtype).max
 
 
-def _slot_dtype(site) -> torch.dtype:
-    """The narrowest of :data:`SLOT_DTYPES` that holds ``site``'s levels (int8 for weighted T <= 7)."""
-    return _slot_for(int(site.levels))[0]
-
-
 def _narrowed(c: torch.Tensor | None, site) -> tuple | None:
     """``(slots, escapes)`` of counts ``c`` from ``site``: each count clamped into a slot that holds the
-    site's levels (:func:`_slot_dtype`), and the counts past it (bursts) as escapes ``(positions [N, 4],
+    site's levels (:func:`_slot_for`), and the counts past it (bursts) as escapes ``(positions [N, 4],
     int32 counts [N])`` (None without any); None where ``c`` is not a tensor of finite counts. A site
     whose counts cannot pass its levels (no bursts) needs no look."""
     if c is None:

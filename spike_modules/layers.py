@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .site import DAQCFSSite, SiteMode
-from .row_groups import RowGroup, tensor_version
+from .row_groups import RowGroup
+from .row_sparse import tensor_version
 from .sparse import event_linear, sparse_supported
 from .temporal import apply_site, rate_op
 

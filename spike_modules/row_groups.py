@@ -34,15 +34,10 @@ import torch
 from torch import nn
 
 from .row_sparse import (_KEY, _TABLE, MAX_ROW_TOKENS, RowReadLinear, _int8_parts, _needs_grad, _split,
-                         packed_table, read_rows, rescaled, row_linear)
+                         packed_table, read_rows, rescaled, row_linear, tensor_version)
 
 JOIN_MAX_OUT = 1024  # joined tables with more outputs than this are not joined (see the module docstring)
 _SCALE = "_row_group_scale"
-
-
-def tensor_version(x: torch.Tensor) -> int | None:
-    """In-place change counter; inference-mode tensors have none (identity must do)."""
-    return None if x.is_inference() else x._version
 
 
 def _ver(t: torch.Tensor) -> tuple:

@@ -104,6 +104,11 @@ def row_readable(linear: nn.Module) -> bool:
             and linear.weight.dtype == torch.float32)
 
 
+def tensor_version(x: torch.Tensor) -> int | None:
+    """In-place change counter; inference-mode tensors have none (identity must do)."""
+    return None if x.is_inference() else x._version
+
+
 def _weight(linear: nn.Module) -> torch.Tensor:
     return linear.weight_int8 if _is_int8(linear) else linear.weight
 
@@ -132,7 +137,7 @@ def row_table(linear: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
     w = _weight(linear) if w is None else w
     if isinstance(linear, Conv1D):
         return w.detach()
-    key = (w.data_ptr(), None if w.is_inference() else w._version, w.shape, w.dtype)
+    key = (w.data_ptr(), tensor_version(w), w.shape, w.dtype)
     d = linear.__dict__
     if d.get(_KEY) != key:
         d[_TABLE], d[_KEY] = _build(linear, w), key

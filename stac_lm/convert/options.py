@@ -299,12 +299,19 @@ class ConvertOptions:
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if self.max_memory is not None:  # before the rounding, whose default follows the path
+            set_("max_memory", parse_max_memory(self.max_memory))
+        if self.layerwise is None:
+            set_("layerwise", self.max_memory is not None)  # a memory budget converts layer by layer
+        if not isinstance(self.layerwise, bool):
+            raise ValueError(f"layerwise must be true or false, got {self.layerwise!r}")
+        if self.max_memory is not None and not self.layerwise:
+            raise ValueError("--max_memory bounds a layer-by-layer conversion; drop --no-layerwise or --max_memory")
         if self.quant_backend is None:
             set_("quant_backend", "own" if full else "none")
         _check_choice("quant_backend", self.quant_backend, QUANT_BACKENDS)
         if self.int8_rounding is None:  # see [4]: GPTQ where the whole model is in memory
-            layerwise = self.layerwise if self.layerwise is not None else self.max_memory is not None
-            set_("int8_rounding", "nearest" if layerwise or self.quant_backend != "own" else "gptq")
+            set_("int8_rounding", "nearest" if self.layerwise or self.quant_backend != "own" else "gptq")
         _check_choice("int8_rounding", self.int8_rounding, INT8_ROUNDINGS)
         if self.int8_group_size is None:
             set_("int8_group_size", DEFAULT_INT8_GROUP if self.quant_backend == "own" else 0)
@@ -359,14 +366,6 @@ class ConvertOptions:
         if self.use_sparse and not self.verify:
             raise ValueError("--use_sparse applies to the sequential simulation, which only verification runs; "
                              "drop --no-verify or --use_sparse")
-        if self.max_memory is not None:
-            set_("max_memory", parse_max_memory(self.max_memory))
-        if self.layerwise is None:
-            set_("layerwise", self.max_memory is not None)  # a memory budget converts layer by layer
-        if not isinstance(self.layerwise, bool):
-            raise ValueError(f"layerwise must be true or false, got {self.layerwise!r}")
-        if self.max_memory is not None and not self.layerwise:
-            raise ValueError("--max_memory bounds a layer-by-layer conversion; drop --no-layerwise or --max_memory")
         if self.silence_weighting is None:
             few = self.calib_tokens < FISHER_MIN_CALIB_TOKENS  # too few windows to keep statistics and budget apart
             set_("silence_weighting", "columns" if few or not self.silence_budget else DEFAULT_SILENCE_WEIGHTING)
