@@ -28,14 +28,16 @@ class SharedInput:
         self._left = 0
         self._version = -1
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, lean: tuple | None = None) -> torch.Tensor:
+        """The site's output for ``x`` (``lean``: the site's :meth:`~DAQCFSSite.lean` parameters, generation's
+        path without the checks)."""
         version = tensor_version(x)
         if self._left and x is self._x and version == self._version:
             y, self._left = self._y, self._left - 1
             if not self._left:
                 self._x = self._y = None  # do not keep activations alive past the last reader
             return y
-        y = apply_site(self.site, x)
+        y = apply_site(self.site, x) if lean is None else self.site.lean_values(x, lean)
         self._x, self._y, self._version, self._left = x, y, version, self.readers - 1
         if not self._left:
             self._x = self._y = None
@@ -72,10 +74,16 @@ class SpikeLinear(nn.Module):
         self.row_sparse = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._shared(x)
-        mode = self._shared.site.mode
+        shared = self._shared
+        site = shared.site
+        if self.row_sparse:  # generation (frozen sites, deployed): the site's lean path, the rows read as planned
+            lean = site.lean()
+            if lean is not None and x.dim() and x.shape[-1] == site.num_channels:
+                return shared.rows.product(self, shared(x, lean), token=lean)
+        y = shared(x)
+        mode = site.mode
         if mode is SiteMode.PARALLEL and self.row_sparse:
-            return self._shared.rows.product(self, y)
+            return shared.rows.product(self, y)
         if self.sparse and mode is SiteMode.SEQUENTIAL:
             return event_linear(self.linear, y)
         return self.linear(y)

@@ -23,13 +23,15 @@ value, with an embedding-bag kernel that reads those rows and nothing else:
   it is still faster than the dense float product on one token (``bench/decode.py`` runs the int8
   ANN through it with every row). Whether a layer looks for its zero inputs or reads every row is
   decided from the zeros it saw (:func:`_skip_zeros`); both give the same bits. The kernel runs one
-  bag on one thread, so a table over :data:`SPLIT_BYTES` is read in one run of input rows per
-  thread, the runs' sums added after; with one token, each run's bag starts where its first column
-  falls among the nonzero inputs (one ``searchsorted``). On the idle 2-core machine, splitting the
-  block tables of 256 KB and up (SmolLM2: all but k and v) took a decoding step from 42.5 to 39.5 ms
-  (an earlier measurement on a shared, loaded machine had the waiting threads burn twice the CPU
-  time: time decoding on a quiet machine). The split depends on the thread count, so the last bits
-  do too.
+  bag on one thread, so a table over :data:`SPLIT_BYTES` is cut into one run of outputs per thread
+  (:func:`packed_table`, the runs' tables stacked), each run's bag reading the same input rows. Each
+  output is then still one bag's sum over the fired rows in ascending order: the same bits whatever
+  the thread count. Splitting the block tables of 256 KB and up (SmolLM2: all but k and v) took a
+  decoding step from 42.5 to 39.5 ms on the idle 2-core machine, when the runs were of input rows and
+  their sums were added after; runs of outputs leave out that addition (1.5-2 ms per token faster
+  with the row plans of :mod:`spike_modules.row_groups`, alternating runs of the two codes) and made
+  the last bits independent of the thread count. Time decoding on a quiet machine: an earlier
+  measurement on a shared, loaded machine had the waiting threads burn twice the CPU time.
 - ``nn.Linear`` (a transposed float copy, kept) and GPT-2's ``Conv1D`` (its own ``[in, out]``
   weight, no copy): ``F.embedding_bag`` in sum mode. A float row costs as many bytes as the dense
   product's, so it only wins when few inputs fired: above :data:`FLOAT_MAX_SHARE` nonzero inputs
@@ -113,34 +115,39 @@ def _weight(linear: nn.Module) -> torch.Tensor:
     return linear.weight_int8 if _is_int8(linear) else linear.weight
 
 
-def packed_table(q: torch.Tensor) -> torch.Tensor:
-    """An int8 weight ``q`` ``[out, in]`` as the kernel's packed ``[in, out + 8]`` table: row ``j`` is
-    ``q[:, j] + 128`` as uint8, then the float32 scale 1.0 and offset -128.0 (so a byte reads as ``q``)."""
+def packed_table(q: torch.Tensor, parts: int = 1) -> torch.Tensor:
+    """An int8 weight ``q`` ``[out, in]`` as the kernel's packed table: row ``j`` is ``q[:, j] + 128`` as uint8,
+    then the float32 scale 1.0 and offset -128.0 (so a byte reads as ``q``); ``[in, out + 8]``. With ``parts``
+    > 1, the outputs are cut into ``parts`` runs of ``ceil(out / parts)`` (the last padded with zero weights)
+    and the runs' tables stacked: ``[parts * in, ceil(out / parts) + 8]``, part ``p``'s row ``j`` at ``p * in + j``."""
     with torch.no_grad():
         out, width = q.shape
-        table = torch.empty(width, out + 8, dtype=torch.uint8, device=q.device)
-        table[:, :out] = (q.t().to(torch.int16) + 128).to(torch.uint8)
-        table[:, out:] = _SCALE_OFFSET.to(q.device)
-        return table
+        cols = -(-out // parts)
+        if cols * parts != out:
+            q = torch.cat([q, q.new_zeros(cols * parts - out, width)])
+        table = torch.empty(parts, width, cols + 8, dtype=torch.uint8, device=q.device)
+        table[..., :cols] = (q.view(parts, cols, width).transpose(1, 2).to(torch.int16) + 128).to(torch.uint8)
+        table[..., cols:] = _SCALE_OFFSET.to(q.device)
+        return table.view(parts * width, cols + 8)
 
 
-def _build(linear: nn.Module, w: torch.Tensor) -> torch.Tensor:
+def _build(linear: nn.Module, w: torch.Tensor, parts: int) -> torch.Tensor:
     if _is_int8(linear):
-        return packed_table(w)
+        return packed_table(w, parts)
     return w.detach().t().contiguous()  # nn.Linear: [out, in] -> [in, out]
 
 
-def row_table(linear: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
+def row_table(linear: nn.Module, w: torch.Tensor | None = None, parts: int = 1) -> torch.Tensor:
     """``linear``'s weight (``w``, if the caller has it at hand) as an ``[in, out]`` table (packed
-    uint8 for int8 layers), built on first use and kept until the weight changes. ``Conv1D``'s weight
-    already is one."""
+    uint8 for int8 layers, in ``parts`` runs of outputs: :func:`packed_table`), built on first use and kept
+    until the weight changes. ``Conv1D``'s weight already is one."""
     w = _weight(linear) if w is None else w
     if isinstance(linear, Conv1D):
         return w.detach()
-    key = (w.data_ptr(), tensor_version(w), w.shape, w.dtype)
+    key = (w.data_ptr(), tensor_version(w), w.shape, w.dtype, parts)
     d = linear.__dict__
     if d.get(_KEY) != key:
-        d[_TABLE], d[_KEY] = _build(linear, w), key
+        d[_TABLE], d[_KEY] = _build(linear, w, parts), key
     return d[_TABLE]
 
 
@@ -162,23 +169,31 @@ def _needs_grad(linear: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _bags(flat: torch.Tensor, span: int, parts: int, all_rows: bool):
-    """``(indices, weights, offsets)`` of one bag per token and part (``parts`` runs of ``span`` input
-    columns each; one part: the whole row). Indices stay ascending within a bag, so a bag's sum adds
-    its rows in the same order whether zero inputs are left out or not (a zero adds nothing)."""
+    """``(indices, weights, offsets)`` of the bags of ``flat`` ``[n, in]``: per token, either one bag per run of
+    ``span`` input rows (scale groups; ``parts`` 1) or one bag per part of a table in ``parts`` runs of outputs
+    (:func:`packed_table`; ``span`` the whole row): part ``p`` reads rows ``p * in + j``. Indices stay ascending
+    within a bag, so a bag adds its rows in the same order whether zero inputs are left out or not (a zero adds
+    nothing). Zero inputs are looked for with one token only (``all_rows`` otherwise)."""
     n, width = flat.shape
+    runs = -(-width // span)
     dev = flat.device
-    if all_rows:
+    if all_rows or (n > 1 and parts > 1):
         idx, offsets = _every_row(dev, n, width, span, parts)
-        return idx, flat.reshape(-1), offsets
-    if n == 1:  # one token: each part's bag starts where its first column falls among the nonzero ones
+        return idx, (flat if parts == 1 else flat[:, None].expand(n, parts, width)).reshape(-1), offsets
+    if n == 1:
         idx = flat[0].nonzero().squeeze(1)
-        starts = _every_row(dev, 1, width, span, parts)[1]
-        return idx, flat[0].index_select(0, idx), starts if parts == 1 else torch.searchsorted(idx, starts)
+        vals = flat[0].index_select(0, idx)
+        if parts > 1:  # the same rows of every part, one bag each
+            k = idx.numel()
+            idx = (idx + _every_row(dev, 1, width, width, parts)[1][:, None]).reshape(-1)
+            return idx, vals.repeat(parts), torch.arange(parts, device=dev) * k
+        starts = _every_row(dev, 1, width, span, 1)[1]  # each run's bag starts where its first row falls
+        return idx, vals, starts if runs == 1 else torch.searchsorted(idx, starts)
     nz = flat.nonzero()
     idx = nz[:, 1]
     vals = flat[nz[:, 0], idx]
-    bag = nz[:, 0] * parts + idx // span if parts > 1 else nz[:, 0]
-    counts = torch.bincount(bag, minlength=n * parts)
+    bag = nz[:, 0] * runs + idx // span if runs > 1 else nz[:, 0]
+    counts = torch.bincount(bag, minlength=n * runs)
     return idx, vals, counts.cumsum(0) - counts
 
 
@@ -186,14 +201,21 @@ _EVERY_ROW: dict = {}
 
 
 def _every_row(device: torch.device, n: int, width: int, span: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices, offsets)`` of every row of ``n`` tokens in ``parts`` bags of ``span`` columns each,
-    made once per shape and device (read only): a decoding step makes a few hundred calls."""
+    """``(indices, offsets)`` of every row of ``n`` tokens, each in runs of ``span`` rows (``parts`` 1) or in
+    ``parts`` bags over the parts' rows (``span`` the whole row), made once per shape and device (read only): a
+    decoding step makes a few hundred calls. With one token and ``parts`` > 1, the offsets are the parts'
+    first rows (``p * width``)."""
     key = (device, n, width, span, parts)
     got = _EVERY_ROW.get(key)
     if got is None:
-        idx = torch.arange(width, device=device).repeat(n)
-        starts = torch.arange(parts, device=device) * span
-        offsets = (starts[None] + width * torch.arange(n, device=device)[:, None]).reshape(-1)
+        if parts > 1:
+            idx = (torch.arange(width, device=device) + width * torch.arange(parts, device=device)[:, None])
+            idx = idx.reshape(-1).repeat(n)
+            offsets = torch.arange(n * parts, device=device) * width
+        else:
+            idx = torch.arange(width, device=device).repeat(n)
+            starts = torch.arange(-(-width // span), device=device) * span
+            offsets = (starts[None] + width * torch.arange(n, device=device)[:, None]).reshape(-1)
         got = _EVERY_ROW[key] = (idx, offsets)
     return got
 
@@ -217,14 +239,15 @@ def _note_zeros(d: dict, found: int, n: int, width: int, out: int) -> None:
     d["_row_skip"] = (n * width - found) * out > FIND_COST_BYTES
 
 
-def _split(width: int, out: int) -> int:
-    """Input columns per bag of an int8 table without groups: the whole row, or, for a table over
-    :data:`SPLIT_BYTES`, one run per thread: the kernel runs bags in parallel and one bag on one
-    thread. The runs' sums are added after, a fixed order (same bits every call)."""
+def _column_parts(width: int, out: int) -> int:
+    """Runs of outputs an int8 table without groups is cut into (:func:`packed_table`): one, or, for a table
+    over :data:`SPLIT_BYTES`, one per thread, since the kernel runs bags in parallel and one bag on one thread.
+    Each output is still one bag's sum over every input row in ascending order, so the bits do not depend on
+    the cut."""
     threads = torch.get_num_threads()
     if threads < 2 or width * out < SPLIT_BYTES:
-        return width
-    return -(-width // threads)
+        return 1
+    return min(threads, out)
 
 
 def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> torch.Tensor:
@@ -251,31 +274,49 @@ def row_linear(linear: nn.Module, x: torch.Tensor, all_rows: bool = False) -> to
     q, scale = int8
     if q.dtype != torch.int8 or q.dim() != 2:
         return linear(x)
-    bias = linear.bias
-    grouped = scale.dim() == 2
-    span = (getattr(linear, "group_size", 0) or width) if grouped else _split(width, scale.shape[0])
-    parts = -(-width // span)
-    out = scale.shape[0]
-    y = read_rows(row_table(linear, q), flat, span, out, linear.__dict__, all_rows)
-    if grouped:  # [n * groups, out] partial sums, each group scaled by its own [out] scale
-        y = (y.view(n, parts, -1) * scale.t()).sum(1)
-        y = y if bias is None else y + bias
-    else:  # the dense layer's own formula, after adding the runs of a split table
-        y = rescaled(y.view(n, parts, -1).sum(1) if parts > 1 else y, scale, bias)
+    y = int8_rows(int8_plan(linear, q, scale, width), flat, linear.__dict__, all_rows)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def read_rows(table: torch.Tensor, flat: torch.Tensor, span: int, out: int, d: dict, all_rows: bool) -> torch.Tensor:
-    """``[n * runs, out]``: per token and run of ``span`` input columns, the sum of the packed ``table``'s
-    rows weighted by the token's inputs ``flat`` ``[n, in]``; the zero inputs looked for or not as
+def int8_plan(linear: nn.Module, q: torch.Tensor, scale: torch.Tensor, width: int) -> tuple:
+    """``(table, scale, bias, span, parts)`` of an int8 layer (``q`` ``[out, in]`` int8, its ``scale``) read by
+    rows from inputs of ``width`` columns: what :func:`int8_rows` reads. Grouped scales: one bag per group of
+    ``span`` input rows; else the whole row (``span = width``) in ``parts`` runs of outputs (:func:`_column_parts`)."""
+    if scale.dim() == 2:
+        return row_table(linear, q), scale, linear.bias, getattr(linear, "group_size", 0) or width, 1
+    parts = _column_parts(width, scale.shape[0])
+    return row_table(linear, q, parts), scale, linear.bias, width, parts
+
+
+def int8_rows(plan: tuple, flat: torch.Tensor, d: dict, all_rows: bool) -> torch.Tensor:
+    """``[n, out]``: the int8 layer of :func:`int8_plan`'s ``plan`` applied to ``flat`` ``[n, in]``, read by rows
+    (the zero inputs looked for as the calls recorded in ``d`` decide, :func:`read_rows`)."""
+    table, scale, bias, span, parts = plan
+    n, width = flat.shape
+    y = read_rows(table, flat, span, parts, scale.shape[0], d, all_rows)
+    if scale.dim() == 2:  # [n * groups, out] partial sums, each group scaled by its own [out] scale
+        y = (y.view(n, -(-width // span), -1) * scale.t()).sum(1)
+        return y if bias is None else y + bias
+    return rescaled(y, scale, bias)  # the dense layer's own formula
+
+
+def read_rows(table: torch.Tensor, flat: torch.Tensor, span: int, parts: int, out: int, d: dict,
+              all_rows: bool) -> torch.Tensor:
+    """The sums of the packed ``table``'s rows weighted by the inputs ``flat`` ``[n, in]``: ``[n * runs, out]``
+    per token and run of ``span`` input rows (a table in one part), or ``[n, out]`` from a table in ``parts``
+    runs of outputs (:func:`packed_table`, ``span = in``). The zero inputs are looked for or not as
     :func:`_skip_zeros` decides from the calls recorded in ``d`` (``all_rows``: never)."""
     n, width = flat.shape
     look = not all_rows and _skip_zeros(d)
-    idx, vals, offsets = _bags(flat, span, -(-width // span), not look)
+    idx, vals, offsets = _bags(flat, span, parts, not look)
     if look:
-        _note_zeros(d, idx.numel(), n, width, out)
-    return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, idx, offsets, False, 0, False, vals, None,
-                                                                  False)
+        _note_zeros(d, idx.numel() // parts, n, width, out)
+    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(table, idx, offsets, False, 0, False, vals, None,
+                                                               False)
+    if parts == 1:
+        return y
+    y = y.view(n, -1)  # the parts' outputs side by side
+    return y if y.shape[1] == out else y[:, :out]
 
 
 def rescaled(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -203,12 +203,9 @@ class DAQCFSSite(nn.Module):
             self.observer.update(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fz = self.__dict__.get("_frozen")
-        if (fz is not None and self._mode is SiteMode.PARALLEL and not self.count_spikes and self.observer is None
-                and not torch.is_grad_enabled() and x.dim() and x.shape[-1] == self.num_channels):
-            # generation (frozen, deployed): the inference path below without its checks, counts decoded in place
-            scale, shift, step, lo, hi = fz
-            return self._silence(self._counts(x, scale, shift, lo, hi)).mul_(step)
+        fz = self.lean()
+        if fz is not None and x.dim() and x.shape[-1] == self.num_channels:
+            return self.lean_values(x, fz)
         self._seen(x)
         mode = self._mode
         if mode is SiteMode.ANN:
@@ -261,6 +258,21 @@ class DAQCFSSite(nn.Module):
         if not c.requires_grad:
             return c.masked_fill_(c.abs() < dead, 0.0)
         return c.masked_fill(c.detach().abs() < dead, 0.0)
+
+    def lean(self) -> tuple | None:
+        """The frozen ``(scale, shift, step, lo, hi)`` where this site takes generation's lean path (within
+        :func:`frozen`, parallel mode, spike counting off, no observer, no gradients), else None."""
+        fz = self.__dict__.get("_frozen")
+        if (fz is None or self._mode is not SiteMode.PARALLEL or self.count_spikes or self.observer is not None
+                or torch.is_grad_enabled()):
+            return None
+        return fz
+
+    def lean_values(self, x: torch.Tensor, fz: tuple) -> torch.Tensor:
+        """The decoded values of ``x`` (its last dimension this site's channels) from :meth:`lean`'s ``fz``:
+        the inference path of :meth:`forward` without its checks, counts decoded in place (same bits)."""
+        scale, shift, step, lo, hi = fz
+        return self._silence(self._counts(x, scale, shift, lo, hi)).mul_(step)
 
     @torch.no_grad()
     def parallel_counts(self, x: torch.Tensor, silence: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,10 +372,14 @@ def frozen(model: nn.Module) -> Iterator[None]:
     without comparing them with a snapshot on each call as :meth:`DAQCFSSite._fused` does (a
     decoded token makes a few hundred site calls, and the comparisons took 2 ms of a SmolLM2
     token). For generation, where nothing edits a site: an edit inside the block is not seen
-    until it ends. Nested blocks keep the outer block's parameters."""
+    until it ends. Nested blocks keep the outer block's parameters.
+
+    The same holds for the weights of the spiking layers behind the sites: they read their rows as
+    planned on their first call in the block (:meth:`spike_modules.row_groups.RowGroup.product`), so
+    a weight edited inside the block is not seen until it ends either."""
     sites = [site for _, site in iter_sites(model) if "_frozen" not in site.__dict__]
     for site in sites:
-        site.__dict__["_frozen"] = site._fused()
+        site.__dict__["_frozen"] = (*site._fused(),)  # a new object per block: what the row plans are keyed on
     try:
         yield
     finally:

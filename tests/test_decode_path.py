@@ -12,7 +12,8 @@ from spike_modules import iter_sites
 from spike_modules.kv_cache import SpikeKVCache
 from spike_modules.kv_layer import GrowingLayer
 from spike_modules.row_sparse import row_linear
-from spike_modules.site import DAQCFSSite, frozen
+from spike_modules.layers import SpikeLinear
+from spike_modules.site import DAQCFSSite, frozen, set_spike_counting
 from tests.test_row_sparse import int_linear, sparse_ints
 from tests.test_silence import tiny_snn  # noqa: F401  (fixture)
 
@@ -100,8 +101,40 @@ def test_one_token_split_into_runs_gives_the_whole_tables_numbers(monkeypatch):
                 m.setattr(row_sparse, "SPLIT_BYTES", 1)
                 m.setattr(torch, "get_num_threads", lambda: 2)
                 runs, every = row_linear(layer, x), row_linear(layer, x, all_rows=True)
-        torch.testing.assert_close(runs, whole, rtol=1e-6, atol=0)
+        assert torch.equal(runs, whole)  # each output is still one bag over every row, in the same order
         assert torch.equal(runs, every)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_generation_reads_rows_as_planned_with_the_plain_paths_bits(tiny_snn, monkeypatch, threads):  # noqa: F811
+    # within frozen, spiking layers read their rows as planned once per block (tables cut into runs of outputs,
+    # padded where the outputs do not divide); outside, every call works it out: the same bits either way
+    import copy
+
+    snn, batches = tiny_snn
+    snn = copy.deepcopy(snn)
+    set_spike_counting(snn, False)
+    monkeypatch.setattr(row_sparse, "SPLIT_BYTES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    ids = batches[0][:1, :12]
+
+    def decode():
+        cache = SpikeKVCache(snn)
+        snn(ids[:, :8], past_key_values=cache, use_cache=True)
+        return torch.cat([snn(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(8, 12)], 1)
+
+    with torch.no_grad():
+        plain = decode()
+        with frozen(snn):
+            planned = decode()
+            assert all(m._shared.rows._plan is not None for m in snn.modules() if isinstance(m, SpikeLinear))
+        assert torch.equal(planned, plain)
+        layer = next(m for m in snn.modules() if isinstance(m, SpikeLinear)).linear
+        layer.weight_int8.mul_(-1)  # edited between blocks: the next block plans again and reads the new weight
+        changed = decode()
+        with frozen(snn):
+            assert torch.equal(decode(), changed)
+        assert not torch.equal(changed, plain)
 
 
 def test_every_site_of_a_model_is_frozen_within_the_block(tiny_snn):  # noqa: F811
