@@ -28,10 +28,11 @@ value, with an embedding-bag kernel that reads those rows and nothing else:
   output is then still one bag's sum over the fired rows in ascending order: the same bits whatever
   the thread count. Splitting the block tables of 256 KB and up (SmolLM2: all but k and v) took a
   decoding step from 42.5 to 39.5 ms on the idle 2-core machine, when the runs were of input rows and
-  their sums were added after; runs of outputs leave out that addition (1.5-2 ms per token faster
-  with the row plans of :mod:`spike_modules.row_groups`, alternating runs of the two codes) and made
-  the last bits independent of the thread count. Time decoding on a quiet machine: an earlier
-  measurement on a shared, loaded machine had the waiting threads burn twice the CPU time.
+  their sums were added after; runs of outputs leave out that addition and made the last bits
+  independent of the thread count (with the row plans of :mod:`spike_modules.row_groups`, 0.2-5.6 ms
+  per token faster in four alternating pairs of runs of the two codes). With several tokens a split
+  table reads every row. Time decoding on a quiet machine: an earlier measurement on a shared,
+  loaded machine had the waiting threads burn twice the CPU time.
 - ``nn.Linear`` (a transposed float copy, kept) and GPT-2's ``Conv1D`` (its own ``[in, out]``
   weight, no copy): ``F.embedding_bag`` in sum mode. A float row costs as many bytes as the dense
   product's, so it only wins when few inputs fired: above :data:`FLOAT_MAX_SHARE` nonzero inputs
@@ -307,7 +308,7 @@ def read_rows(table: torch.Tensor, flat: torch.Tensor, span: int, parts: int, ou
     runs of outputs (:func:`packed_table`, ``span = in``). The zero inputs are looked for or not as
     :func:`_skip_zeros` decides from the calls recorded in ``d`` (``all_rows``: never)."""
     n, width = flat.shape
-    look = not all_rows and _skip_zeros(d)
+    look = not all_rows and (n == 1 or parts == 1) and _skip_zeros(d)  # _bags looks with one token only
     idx, vals, offsets = _bags(flat, span, parts, not look)
     if look:
         _note_zeros(d, idx.numel() // parts, n, width, out)

@@ -105,15 +105,23 @@ def test_one_token_split_into_runs_gives_the_whole_tables_numbers(monkeypatch):
         assert torch.equal(runs, every)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_generation_reads_rows_as_planned_with_the_plain_paths_bits(tiny_snn, monkeypatch, threads):  # noqa: F811
+@pytest.mark.parametrize("threads,group_size", [(1, 0), (2, 0), (3, 0), (2, 8)])
+def test_generation_reads_rows_as_planned_with_the_plain_paths_bits(tiny_snn, monkeypatch, threads,  # noqa: F811
+                                                                    group_size):
     # within frozen, spiking layers read their rows as planned once per block (tables cut into runs of outputs,
-    # padded where the outputs do not divide); outside, every call works it out: the same bits either way
+    # padded where the outputs do not divide; per-group scales read in runs of rows); outside, every call works
+    # it out: the same bits either way
     import copy
 
     snn, batches = tiny_snn
     snn = copy.deepcopy(snn)
     set_spike_counting(snn, False)
+    if group_size:
+        for m in snn.modules():
+            if isinstance(m, SpikeLinear):
+                float_layer = torch.nn.Linear(m.linear.in_features, m.linear.out_features, bias=False)
+                float_layer.weight.data.copy_(m.linear.dequantize())
+                m.linear = Int8Linear.from_linear(float_layer, group_size=group_size)
     monkeypatch.setattr(row_sparse, "SPLIT_BYTES", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     ids = batches[0][:1, :12]
