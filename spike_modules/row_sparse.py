@@ -65,8 +65,9 @@ from transformers.pytorch_utils import Conv1D
 MAX_ROW_TOKENS = 4  # beyond this many tokens per call, the dense product (a GEMM) is faster
 FLOAT_MAX_SHARE = 0.3  # float layers: the row kernel above this share of nonzero inputs is slower than dense
 SPLIT_BYTES = 256 << 10  # int8 tables of this size and up are read by all threads, one bag each
-# looking for the nonzero inputs (nonzero, index_select, searchsorted: about 10 us) costs about as long as
-# reading this many weight bytes. Measured decoding the embedded SmolLM2 (make demo's SNN, 256-token prompt,
+# looking for the nonzero inputs (nonzero, index_select, and then a search or the indices repeated per run:
+# about 10 us) costs about as long as reading this many weight bytes. Measured, when tables were split by input rows,
+# decoding the embedded SmolLM2 (make demo's SNN, 256-token prompt,
 # the 2-core CPU, alone): 64 KB had every block layer with 6-13% zeros look, 1-1.5 ms per token slower than
 # reading every row; 256 KB looks only at the LM head (13% zeros), as fast as never looking or faster
 FIND_COST_BYTES = 256 << 10
