@@ -115,14 +115,13 @@ def _parts(members: list[nn.Module], x: torch.Tensor) -> list | None:
         if not getattr(m, "row_sparse", True):
             return None
         lin = m.linear
-        parts = _int8_parts(lin)
-        if parts is None or "_hf_hook" in lin.__dict__ or _needs_grad(lin, x):
+        parts = _readable(lin, x)
+        if parts is None:
             return None
         q, scale = parts
         out += q.shape[0]
-        if (out > JOIN_MAX_OUT or q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != width or scale.dim() != 1
-                or q.device != x.device):  # too wide to gain (gate/up: known at the first member) or not joinable
-            return None
+        if out > JOIN_MAX_OUT or q.shape[1] != width or scale.dim() != 1:
+            return None  # too wide to gain (gate/up: known at the first member) or not joinable
         got.append((lin, q, scale))
     return got
 
@@ -173,15 +172,21 @@ def _joined_products(members: list[nn.Module], x: torch.Tensor, all_rows: bool) 
     return None if plan is None else _joined_run(plan, x, all_rows)
 
 
+def _readable(lin: nn.Module, x: torch.Tensor) -> tuple | None:
+    """``(weight_int8, scale)`` of an int8 layer the row kernel can read for ``x`` (a 2-d int8 weight on
+    ``x``'s device, not offloaded, no gradients needed), else None."""
+    parts = _int8_parts(lin)
+    if parts is None or "_hf_hook" in lin.__dict__ or _needs_grad(lin, x):
+        return None
+    q = parts[0]
+    return parts if q.dtype == torch.int8 and q.dim() == 2 and q.device == x.device else None
+
+
 def _member_plan(member: nn.Module, x: torch.Tensor) -> tuple | None:
     """:func:`~spike_modules.row_sparse.int8_plan` of a member read alone, or None where
     :func:`~spike_modules.row_sparse.row_linear` must look at it (not int8, offloaded, needs gradients)."""
-    lin = member.linear
-    parts = _int8_parts(lin)
-    if parts is None or "_hf_hook" in lin.__dict__ or _needs_grad(lin, x) or parts[0].dtype != torch.int8 \
-            or parts[0].dim() != 2 or parts[0].device != x.device:
-        return None
-    return int8_plan(lin, parts[0], parts[1], x.shape[-1])
+    parts = _readable(member.linear, x)
+    return None if parts is None else int8_plan(member.linear, parts[0], parts[1], x.shape[-1])
 
 
 class _Reads:
