@@ -78,7 +78,7 @@ clean:
 # chitchat); the first run converts and verifies it (a few minutes);
 # exit 3 means saved but a verification check failed (the report says which): chat anyway
 chat: setup
-	test -d out/chat_smollm2_T7 || $(PY) run_conversion.py --calib_text chitchat --output_dir out/chat_smollm2_T7 || [ $$? -eq 3 ]
+	test -d out/chat_smollm2_T7 || $(PY) run_conversion.py --calib_text chitchat --timesteps 7 --output_dir out/chat_smollm2_T7 || [ $$? -eq 3 ]
 	$(PY) chat.py --model_dir out/chat_smollm2_T7 --float_weights
 
 # on a machine with CUDA: the main job, the conversational checks, generation fidelity and the frontier on the GPU

@@ -83,9 +83,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_options_resolve_mode_defaults_and_round_trip_through_json():
     full, simple = ConvertOptions(), ConvertOptions(simplified=True, timesteps=8)
     assert (full.coding, full.timesteps, full.spike_head, simple.coding, simple.timesteps, simple.spike_head) == \
-        ("weighted", 7, True, "rate", 8, False)
+        ("weighted", 8, True, "rate", 8, False)
     assert (full.threshold_rule, full.percentile, full.max_burst, full.quant_backend, full.activation,
-            full.calib_tokens, full.burst_budget) == ("percentile", 99.9, 2**24 // 127, "own", "keep", 8192, 64)
+            full.calib_tokens, full.burst_budget) == ("percentile", 99.9, 2**24 // 255, "own", "keep", 8192, 64)
     rate = ConvertOptions(coding="rate")
     assert (rate.timesteps, rate.percentile, rate.max_burst) == (16, 95.0, 2**24 // 16)
     assert (simple.threshold_rule, simple.percentile, simple.max_burst, simple.quant_backend, simple.activation,
@@ -104,7 +104,7 @@ def test_options_resolve_mode_defaults_and_round_trip_through_json():
     assert ConvertOptions(calib_text="chitchat", percentile=97.5).percentile == 97.5
     assert ConvertOptions(calib_text="chitchat", simplified=True).percentile == 85.0
     assert simple.output_dir == "out/snn_SmolLM2-135M-Instruct_T8_simplified"
-    assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T7_full"
+    assert ConvertOptions(model_name="/models/my gpt/").output_dir == "out/snn_my-gpt_T8_full"
     for opts in (full, simple):
         again = ConvertOptions.from_json(opts.to_json())
         assert again == opts and again.to_dict() == opts.to_dict()

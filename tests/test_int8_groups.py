@@ -130,15 +130,18 @@ def test_energy_counts_one_rescale_per_output_and_group_per_token():
 
 
 def test_gptq_is_the_default_rounding_where_the_whole_model_is_in_memory():
-    from stac_lm.convert.options import DEFAULT_SILENCE_BUDGET, NEAREST_SILENCE_BUDGET, ConvertOptions
+    from stac_lm.convert.options import ConvertOptions
 
     whole = ConvertOptions()
-    assert (whole.int8_rounding, whole.silence_budget) == ("gptq", DEFAULT_SILENCE_BUDGET)
+    assert (whole.int8_rounding, whole.timesteps, whole.silence_budget) == ("gptq", 8, 0.014)
     for layerwise in (ConvertOptions(layerwise=True), ConvertOptions(max_memory="cpu=6GiB")):
-        assert (layerwise.int8_rounding, layerwise.silence_budget) == ("nearest", NEAREST_SILENCE_BUDGET)
-    asked = ConvertOptions(int8_rounding="nearest")
-    assert asked.silence_budget == NEAREST_SILENCE_BUDGET
-    assert ConvertOptions(layerwise=True, int8_rounding="gptq").silence_budget == DEFAULT_SILENCE_BUDGET
+        assert (layerwise.int8_rounding, layerwise.timesteps, layerwise.silence_budget) == ("nearest", 8, 0.012)
+    asked = ConvertOptions(int8_rounding="nearest", timesteps=7)
+    assert asked.silence_budget == 0.018  # rounded to nearest at T=7: that T's own measured budget
+    assert ConvertOptions(layerwise=True, int8_rounding="gptq").silence_budget == 0.014
+    assert ConvertOptions(timesteps=7).silence_budget == 0.02  # GPTQ at T=7: that T's own measured budget
+    assert ConvertOptions(coding="rate").timesteps == 16
+    assert ConvertOptions(timesteps=8).max_burst == ConvertOptions().max_burst  # resolved after T
     assert ConvertOptions(quant_backend="bnb").int8_rounding == "nearest"  # GPTQ is built by the own backend
     assert ConvertOptions(simplified=True).int8_rounding == "nearest"
     saved = ConvertOptions().to_dict()

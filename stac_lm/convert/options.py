@@ -114,7 +114,7 @@ CHITCHAT = "chitchat"  # --calib_text keyword: the embedded chit-chat data in th
 CHAT_PERCENTILE = 85.0  # full mode's default threshold percentile with --calib_text chitchat (see [1] above)
 
 DEFAULT_CODING = {"full": "weighted", "simplified": "rate"}
-DEFAULT_TIMESTEPS = {"rate": 16, "weighted": 7}  # weighted: 2**7 - 1 = 127 levels per sign
+DEFAULT_TIMESTEPS = {"rate": 16, "weighted": 8}  # weighted: 2**8 - 1 = 255 levels per sign (see [1])
 DEVICES = ("auto", "cpu", "cuda")
 THRESHOLD_RULES = ("max", "percentile", "mse")
 QUANT_BACKENDS = ("own", "bnb", "torchao", "none")
@@ -123,8 +123,16 @@ INT8_ROUNDINGS = ("nearest", "gptq")
 STEP_ROUNDINGS = ("up", "nearest")  # calibration.thresholds.STEP_ROUNDINGS, here without importing torch
 DEFAULT_STEP_ROUNDING = "up"  # see [8]
 FINETUNE_TEXTS = ("calib", "replies")  # replies: the ANN's greedy chat replies (stac_lm.convert.replies)
-DEFAULT_SILENCE_BUDGET = 0.02  # mean KL, nats per token, that dead zones may add, GPTQ's weights (see [6])
-NEAREST_SILENCE_BUDGET = 0.018  # the same with weights rounded to nearest (layer by layer, or asked)
+DEFAULT_SILENCE_BUDGET = 0.014  # mean KL, nats per token, that dead zones may add: GPTQ's weights, T=8 (see [6])
+# the default budget by (int8 rounding, T), each measured on the held-out texts of [4]; other T take the
+# rounding's entry under None
+SILENCE_BUDGETS = {("gptq", 8): DEFAULT_SILENCE_BUDGET, ("gptq", None): 0.02, ("nearest", 8): 0.012,
+                   ("nearest", None): 0.018}
+
+
+def default_silence_budget(rounding: str, timesteps: int) -> float:
+    """The default dead-zone budget for weights rounded by ``rounding`` at ``timesteps`` (weighted coding)."""
+    return SILENCE_BUDGETS.get((rounding, timesteps), SILENCE_BUDGETS[(rounding, None)])
 SILENCE_WEIGHTINGS = ("columns", "fisher")  # calibration.silence.WEIGHTINGS, here without importing torch
 DEFAULT_SILENCE_WEIGHTING = "fisher"  # see [6]
 FISHER_MIN_CALIB_TOKENS = 4096  # Fisher weights read 4 + 4 windows of 512 calibration tokens (calibration.silence.WINDOWS)
@@ -257,10 +265,6 @@ class ConvertOptions:
         if self.coding is None:
             set_("coding", DEFAULT_CODING[self.mode])
         _check_choice("coding", self.coding, CODINGS)
-        if self.timesteps is None:
-            set_("timesteps", DEFAULT_TIMESTEPS[self.coding])
-        _check_int("timesteps", self.timesteps, 1, MAX_CLI_TIMESTEPS)
-        coding_levels(self.timesteps, self.coding)  # weighted coding takes at most 16 steps
         if self.spike_head is None:
             set_("spike_head", full)
         if not isinstance(self.spike_head, bool):
@@ -278,14 +282,6 @@ class ConvertOptions:
             # chat text; weighted coding gets its finer steps from more levels
             rate = self.coding == "rate"
             set_("percentile", (CHAT_PERCENTILE if self.calib_text == CHITCHAT else 95.0) if rate else 99.9)
-        if self.max_burst is None:
-            # both modes: bursts carry the rare huge activations that plain IF neurons (1) would clip
-            set_("max_burst", max_exact_burst(self.timesteps, self.coding))
-        check_max_burst(self.max_burst, self.timesteps, self.coding)
-        if self.burst_budget is None:
-            set_("burst_budget", min(64, self.max_burst))
-        if self.burst_budget is not None:
-            _check_int("burst_budget", self.burst_budget, 0, self.max_burst)  # 0: no budget
         if self.power_of_two_steps is None:
             set_("power_of_two_steps", full and self.coding == "weighted")  # see [8]
         if not isinstance(self.power_of_two_steps, bool):
@@ -320,12 +316,24 @@ class ConvertOptions:
             raise ValueError(f"--int8_rounding gptq and --int8_group_size are built by --quant_backend own only "
                              f"(asked: backend {self.quant_backend}, rounding {self.int8_rounding}, group size "
                              f"{self.int8_group_size}); use --quant_backend own or drop them")
+        if self.timesteps is None:
+            set_("timesteps", DEFAULT_TIMESTEPS[self.coding])
+        _check_int("timesteps", self.timesteps, 1, MAX_CLI_TIMESTEPS)
+        coding_levels(self.timesteps, self.coding)  # weighted coding takes at most 16 steps
+        if self.max_burst is None:
+            # both modes: bursts carry the rare huge activations that plain IF neurons (1) would clip
+            set_("max_burst", max_exact_burst(self.timesteps, self.coding))
+        check_max_burst(self.max_burst, self.timesteps, self.coding)
+        if self.burst_budget is None:
+            set_("burst_budget", min(64, self.max_burst))
+        if self.burst_budget is not None:
+            _check_int("burst_budget", self.burst_budget, 0, self.max_burst)  # 0: no budget
         if self.simplified and self.quant_backend != "none":
             raise ValueError(f"--simplified does not quantize weights (quant_backend {self.quant_backend!r} asked); "
                              "drop --quant_backend, or drop --simplified for 8-bit weights")
         if self.silence_budget is None:
-            budget = DEFAULT_SILENCE_BUDGET if self.int8_rounding == "gptq" else NEAREST_SILENCE_BUDGET  # see [6]
-            set_("silence_budget", budget if self.coding == "weighted" else 0.0)
+            set_("silence_budget", default_silence_budget(self.int8_rounding, self.timesteps)
+                 if self.coding == "weighted" else 0.0)
         if isinstance(self.silence_budget, bool) or not isinstance(self.silence_budget, (int, float)) \
                 or not 0.0 <= self.silence_budget < 1.0:
             raise ValueError(f"silence_budget is a KL divergence in nats per token in [0, 1), got {self.silence_budget!r}")
