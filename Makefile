@@ -38,7 +38,7 @@ install: setup
 install-check:
 	scripts/install_check.sh
 
-# the main job: convert the embedded SmolLM2 (full mode, weighted spikes, T=7), verify it, save it, print the report
+# the main job: convert the embedded SmolLM2 (full mode, weighted spikes, T=8), verify it, save it, print the report
 demo: setup
 	$(PY) run_conversion.py --output_dir out/demo_smollm2 --overwrite
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Convert a causal language model into a spiking network, verify it against the original, save it.
 
-  python run_conversion.py                                   # embedded SmolLM2-135M-Instruct, full mode, weighted spikes, T=7
+  python run_conversion.py                                   # embedded SmolLM2-135M-Instruct, full mode, weighted spikes, T=8
   python run_conversion.py --simplified --timesteps 8
   python run_conversion.py --model_name_or_path distilgpt2 --output_dir out/distilgpt2_T16
-  python run_conversion.py --verify --model_dir out/snn_SmolLM2-135M-Instruct_T7_full
+  python run_conversion.py --verify --model_dir out/snn_SmolLM2-135M-Instruct_T8_full
 
 Every flag also takes dashes (--model-name-or-path). Exit codes: 0 done, 3 done but a verification check
 failed (report.json says which), 2 bad input (one line on stderr), 1 a STAC component missing from
@@ -44,7 +44,7 @@ def build_parser() -> Parser:
     flag(g, "simplified", action="store_true", help="fast conversion: float weights, 2048 calibration "
                                                      "tokens, percentile thresholds without the psi/phi fit")
     stac_cli.timesteps_flag(g, unset=True, help=f"spike timesteps, {TIMESTEPS_RANGE}; default 16 for rate "
-                                                "coding, 7 for weighted")
+                                                "coding, 8 for weighted")
     flag(g, "coding", choices=("rate", "weighted"),
          help="spike coding of every site: rate (a level costs one spike per unit, T levels) or weighted (step k "
               "weighs 2**(T-1-k): 2**T - 1 levels, a level costs the nonzero digits of its signed-digit form) "
@@ -96,8 +96,8 @@ def build_parser() -> Parser:
     flag(g, "silence_budget", type=float, metavar="KL",
          help="dead zones: the most mean KL divergence (nats per token) silent channels may add to the SNN's "
               "next-token distribution on held calibration windows; the silence is spread over the sites for the "
-              "most weight bytes left unread (default with weighted coding: 0.02, 0.018 with weights rounded to "
-              "nearest; 0: none; rate coding: refused)")
+              "most weight bytes left unread (default with weighted coding at T=8: 0.014, 0.012 with weights "
+              "rounded to nearest; at other T 0.02 and 0.018; 0: none; rate coding: refused)")
     flag(g, "silence_weighting", choices=SILENCE_WEIGHTINGS,
          help="what weighs a channel's input when dead zones are placed: fisher (the gradient of the SNN's own "
               "next-token log-likelihood, one backward pass, one decoder layer recomputed at a time; the default) or "

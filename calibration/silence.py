@@ -2,8 +2,8 @@
 against a quality budget (docs/design.md section 5).
 
 An SNN beats an ANN of the same width only by silence: a channel that fires nothing in a token
-costs neither its accumulates nor the read of its weight row. With 127 levels almost every
-channel fires. A dead zone (``DAQCFSSite.dead``, in counts) silences channel ``c`` when
+costs neither its accumulates nor the read of its weight row. With 127 (or 255) levels almost
+every channel fires. A dead zone (``DAQCFSSite.dead``, in counts) silences channel ``c`` when
 
     |y_c| * w_c < tau_s        (y_c the decoded input, w_c the channel's weight, tau_s one
                                 threshold per site)

@@ -47,7 +47,7 @@ adds), the LM head's argmax, control.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .energy_table import EnergyTable
 
@@ -233,6 +233,27 @@ def scenario_table(profile: TokenProfile, table: EnergyTable) -> dict:
     return out
 
 
+def crossing_context(profile: TokenProfile, table: EnergyTable, baseline: str, scenario: str = HEADLINE) -> dict:
+    """Where the SNN's and ``baseline``'s energy per token in ``scenario`` cross as the context grows.
+
+    Both are affine in the context (the KV cache read per token and the attention products grow with
+    it, nothing else does), so two contexts give the lines. Returns ``{"context": keys attended where
+    the two cost the same, or None where they do not cross at a longer context than the profile's,
+    "snn_cheaper_beyond": whether the SNN is the cheaper one past it (or, without a crossing, at every
+    longer context), "snn_pj_per_context_token", "baseline_pj_per_context_token"}``: the slopes."""
+    def totals(context: float) -> tuple[float, float]:
+        p = replace(profile, attention=replace(profile.attention, context=context))
+        return tuple(price(token_actions(p, m, scenario), table)["total"] for m in ("snn", baseline))
+    c0 = float(profile.attention.context)
+    (s0, b0), (s1, b1) = totals(c0), totals(c0 + 1.0)
+    slope_snn, slope_base = s1 - s0, b1 - b0
+    gap, closing = s0 - b0, slope_base - slope_snn   # the gap shrinks by ``closing`` per context token
+    crosses = gap != 0.0 and closing != 0.0 and gap / closing > 0.0
+    return {"context": c0 + gap / closing if crosses else None,
+            "snn_cheaper_beyond": closing > 0.0 if closing != 0.0 else gap < 0.0,
+            "snn_pj_per_context_token": slope_snn, "baseline_pj_per_context_token": slope_base}
+
+
 CONVENTION = (
     "total energy per token = arithmetic + data movement, each model at the widths it stores and computes with "
     "(ann_fp32: 4-byte weights, fp32 MACs, fp32 KV cache; ann_bf16: 2-byte weights, bf16 MACs accumulating in fp32, "
@@ -255,6 +276,7 @@ def energy_total(profile: TokenProfile, table: EnergyTable | None = None) -> dic
     head = scenarios[HEADLINE]
     return {"scenario": HEADLINE, "convention": CONVENTION,
             **{f"snn_over_{b}": head[f"snn_over_{b}"] for b in BASELINES},
+            "crossing_context": {b: crossing_context(profile, table, b) for b in BASELINES},
             "pj_per_token": head["pj_per_token"], "scenarios": scenarios, "table": table.to_dict(),
             "profile": {"attention": asdict(profile.attention), "hidden": profile.hidden,
                         "embedding_bytes": profile.embedding_bytes, "site_elements": profile.site_elements,

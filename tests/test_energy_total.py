@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from spike_modules.energy_table import DEFAULT_TABLE, EnergyTable
-from spike_modules.energy_total import (AttentionUse, LinearUse, TokenProfile, energy_total, price, scenario_table,
-                                        token_actions)
+from dataclasses import replace
+
+from spike_modules.energy_total import (AttentionUse, LinearUse, TokenProfile, crossing_context, energy_total, price,
+                                        scenario_table, token_actions)
 
 OPS = {"add_int8": 0.03, "add_int32": 0.1, "add_int64": 0.2, "add_fp16": 0.4, "add_fp32": 0.9, "mult_int8": 0.2,
        "mult_fp16": 1.1, "mult_fp32": 3.7, "shift_int32": 0.1, "shift_int64": 0.2}
@@ -104,6 +106,32 @@ def test_ratios_and_report_keys():
     assert t["snn_over_ann_int8"] == pytest.approx(5776.4 / (112.2 + 3200 + 4800 + 10))
     assert t["snn_over_ann_fp32"] == pytest.approx(5776.4 / 16267.2)
     assert set(scenario_table(profile(), TABLE)) == {"decode_dram", "prefill_dram", "decode_sram"}
+
+
+def test_crossing_context_by_hand():
+    """The context where the SNN's decode energy meets a baseline's, from the slopes per context token."""
+    # as test_snn_decode_by_hand: the SNN cheaper at context 5 (5776.4 against the int8 ANN's 8122.2), its
+    # slope 4 elements x 1 byte x 100 + 20 / 5 pairs x 0.75 fired x 4.6 = 413.8 against 4 x (1 + 2 / 2) x 100 +
+    # 8 bf16 MACs x 2.0 = 816: cheaper at every longer context, no crossing
+    got = crossing_context(profile(), TABLE, "ann_int8")
+    assert got["context"] is None and got["snn_cheaper_beyond"]
+    assert got["snn_pj_per_context_token"] == pytest.approx(413.8)
+    assert got["baseline_pj_per_context_token"] == pytest.approx(816.0)
+    # one fired row (weights 2300, arithmetic 13.8 less), q and v dense, 1.95 bytes per cached element:
+    # 3177.6 + 2400 x 1.95 = 7857.6 at context 5, slope 780 + 36.8 = 816.8: the int8 ANN's 816 catches up
+    # by 0.8 per key over the 264.6 between them, at 5 + 330.75 keys
+    p = profile()
+    p = replace(p, linears=(replace(p.linears[0], active_rows=1.0),),
+                attention=replace(p.attention, snn_kv_bytes=1.95, q_active=None, v_active=None))
+    got = crossing_context(p, TABLE, "ann_int8")
+    assert got["context"] == pytest.approx(335.75) and not got["snn_cheaper_beyond"]
+    at = replace(p, attention=replace(p.attention, context=got["context"]))
+    assert price(token_actions(at, "snn"), TABLE)["total"] == pytest.approx(
+        price(token_actions(at, "ann_int8"), TABLE)["total"])
+    # dearer at context 5 and steeper (3 bytes per element): no crossing, and never cheaper
+    got = crossing_context(replace(p, attention=replace(p.attention, snn_kv_bytes=3.0)), TABLE, "ann_int8")
+    assert got["context"] is None and not got["snn_cheaper_beyond"]
+    assert set(energy_total(profile(), TABLE)["crossing_context"]) == {"ann_fp32", "ann_bf16", "ann_int8"}
 
 
 def test_default_table_loads_and_bad_tables_are_refused(tmp_path):

@@ -51,6 +51,16 @@ def _total(t: dict | None) -> str:
     return f"{t['snn_over_ann_int8']:.2f}x / {t['snn_over_ann_bf16']:.2f}x / {t['snn_over_ann_fp32']:.2f}x"
 
 
+def _crossing(t: dict | None) -> str:
+    """Where the SNN's decode energy meets the int8 ANN's as the context grows (older reports have none)."""
+    if not t or "crossing_context" not in t:
+        return "-"
+    c = t["crossing_context"]["ann_int8"]
+    cheaper = "SNN" if c["snn_cheaper_beyond"] else "int8 ANN"
+    return f"{cheaper} cheaper at every longer context" if c["context"] is None else \
+        f"{c['context']:,.0f} keys; past it the {cheaper} is cheaper"
+
+
 def _silent(t: dict | None) -> str:
     if not t:
         return "-"
@@ -87,6 +97,7 @@ def report_table(report: dict) -> Table:
         ("coverage (spike-driven MACs)", report["coverage"]),
         ("total energy / token SNN over int8 / bf16 / fp32 ANN (batch-1 decode, DRAM)",
          _total(report.get("energy_total"))),
+        ("total energy equal to the int8 ANN's at context", _crossing(report.get("energy_total"))),
         ("weight bytes left unread per token (silent channels)", _silent(report.get("energy_total"))),
         ("operation energy SNN / fp32 ANN (op counts)", report["energy_ratio"]),
         ("memory traffic SNN / float ANN / int8 ANN (est.)", _traffic(report["energy"].get("memory_traffic"))),
