@@ -28,9 +28,9 @@ calib_tokens       8192                   2048
 =================  =====================  ==============
 
 [1] Weighted spikes at T=8 (255 levels per sign, a level costs its signed-digit spikes). With dead
-zones ([6]) the finer levels buy the silence: on the embedded SmolLM2, GPTQ at KL 0.014, every target of
-the six held-out texts of [4] holds (0.887-0.892 of the int8 ANN's total energy, top-1 0.903-0.921,
-``docs/results/held_out_t8_kl014.json``), where T=7 at KL 0.02 missed top-1 0.90 on the sonnets (0.897,
+zones ([6]) at KL 0.014 and GPTQ's weights, on the embedded SmolLM2, every target of the six held-out
+texts of [4] holds (0.887-0.892 of the int8 ANN's total energy, top-1 0.903-0.921,
+``docs/results/held_out_demo.json``), where T=7 at KL 0.02 missed top-1 0.90 on the sonnets (0.897,
 ``docs/results/held_out_demo_t7.json``). The price: a KV cache of int16 counts (2 bytes per element
 against 1.002), op energy 0.48 of the float32 ANN's against 0.42, and batched prefill 2.05 of the int8
 ANN's energy against 1.67 (``docs/results/report_demo.json``, ``report_demo_t7.json``). Without dead
