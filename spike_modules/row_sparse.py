@@ -4,10 +4,10 @@ Decoding one token at a time, a linear layer is bound by memory, not arithmetic:
 reads every weight once per token. Behind a spiking site the input is a vector of decoded spike
 counts, and ``W @ y`` needs only the columns ``W[:, j]`` of the channels ``j`` with ``y_j != 0``
 (docs/design.md section 5 counts exactly these bytes). How many are zero depends on the coding and
-the calibration: the embedded SmolLM2 converted by an earlier ``make demo`` (weighted coding, T=7, 127 levels, no dead zones)
-fires on 98% of the channels at the q/k/v, o and gate/up inputs and 90% at the down projection's,
-per decoded token (measured on its evaluation text), so there the speed comes from the int8 row
-kernel itself, and a sparser site (dead zones, fewer levels) reads fewer rows. :func:`row_linear` computes
+the calibration: the embedded SmolLM2 converted by an earlier ``make demo`` (weighted coding, T=7,
+127 levels, no dead zones) fires on 98% of the channels at the q/k/v, o and gate/up inputs and 90%
+at the down projection's, per decoded token (measured on its evaluation text), so there the speed
+comes from the int8 row kernel itself, and a sparser site (dead zones, fewer levels) reads fewer rows. :func:`row_linear` computes
 ``linear(x)`` that way for a few tokens: it stores the weight once as an ``[in, out]`` table (row
 ``j`` = column ``j`` of the weight) and sums the rows of the nonzero inputs, each weighted by its
 value, with an embedding-bag kernel that reads those rows and nothing else:
