@@ -8,7 +8,8 @@ the calibration: the embedded SmolLM2 converted by an earlier ``make demo`` (wei
 127 levels, no dead zones) fires on 98% of the channels at the q/k/v, o and gate/up inputs and 90%
 at the down projection's, per decoded token (measured on its evaluation text), so there the speed
 comes from the int8 row kernel itself, and a sparser site (dead zones, fewer levels) reads fewer
-rows. :func:`row_linear` computes ``linear(x)`` that way for a few tokens: it stores the weight once as an ``[in, out]`` table (row
+rows. :func:`row_linear` computes ``linear(x)`` that way for a few tokens: it stores the weight
+once as an ``[in, out]`` table (row
 ``j`` = column ``j`` of the weight) and sums the rows of the nonzero inputs, each weighted by its
 value, with an embedding-bag kernel that reads those rows and nothing else:
 
