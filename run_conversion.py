@@ -102,6 +102,9 @@ def build_parser() -> Parser:
          help="what weighs a channel's input when dead zones are placed: fisher (the gradient of the SNN's own "
               "next-token log-likelihood, one backward pass, one decoder layer recomputed at a time; the default) or "
               "columns (the norm of its weight column over the readers; the default under 4096 calibration tokens)")
+    flag(g, "kv_levels", type=int, metavar="N",
+         help="weighted coding: the attention's key and value sites quantise to at most N levels per sign, what the "
+              "KV cache stores (127: int8 counts at any T; default 0: all 2**T - 1 levels, int16 past T=7)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_text", choices=("calib", "replies"), help="what the distillation reads: calib (the calibration "
          "text, default) or replies (the ANN's greedy chat replies to chit-chat openings calibration reads)")

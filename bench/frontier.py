@@ -55,24 +55,27 @@ DEFAULT_POINT = ("weighted", 8, 99.9, True, "gptq", True, DEFAULT_STEP_ROUNDING,
 
 
 def parse_point(spec: str) -> dict:
-    """``coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET]`` -> a point's settings (``nohead``:
+    """``coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET][:kvN]`` -> a point's settings (``nohead``:
     LM head dense; ``float``: float weights instead of 8-bit; ``gptq``: 8-bit block weights rounded with
     GPTQ's error compensation on the calibration text, as the conversion's default; ``p2``: power-of-two steps rounded up, ``p2n``:
     to the nearest; ``cols``: dead zones weighted by weight-column norms instead of Fisher information;
-    ``sBUDGET``: dead zones within that KL budget, default none); ``ValueError`` on a bad spec."""
+    ``sBUDGET``: dead zones within that KL budget, default none; ``kvN``: k and v sites at most N levels per
+    sign, default every level); ``ValueError`` on a bad spec."""
     parts = spec.split(":")
     budgets = [p for p in parts[3:] if p.startswith("s")]
-    flags = set(parts[3:]) - set(budgets)
+    caps = [p for p in parts[3:] if p.startswith("kv") and p[2:].isdigit() and int(p[2:]) > 0]
+    flags = set(parts[3:]) - set(budgets) - set(caps)
     if (len(parts) < 3 or flags - {"nohead", "float", "p2", "p2n", "cols", "gptq"} or len(budgets) > 1
-            or {"p2", "p2n"} <= flags or {"float", "gptq"} <= flags):
-        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET], "
-                         "e.g. weighted:7:99.9:s0.015")
+            or len(caps) > 1 or {"p2", "p2n"} <= flags or {"float", "gptq"} <= flags):
+        raise ValueError(f"point {spec!r}: expected coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET]"
+                         "[:kvN], e.g. weighted:8:99.9:s0.015:kv127")
     return {"spec": spec, "coding": parts[0], "T": int(parts[1]), "percentile": float(parts[2]),
             "spike_head": "nohead" not in flags, "int8_weights": "float" not in flags,
             "int8_rounding": "gptq" if "gptq" in flags else "nearest",
             "power_of_two_steps": bool(flags & {"p2", "p2n"}), "step_rounding": "nearest" if "p2n" in flags else "up",
             "silence_budget": float(budgets[0][1:]) if budgets else 0.0,
-            "silence_weighting": "columns" if "cols" in flags else "fisher"}
+            "silence_weighting": "columns" if "cols" in flags else "fisher",
+            "kv_levels": int(caps[0][2:]) if caps else None}
 
 
 def _quantize(model, rounding: str, batches: list, head: bool) -> None:
@@ -111,9 +114,10 @@ def run(args) -> dict:
     models, rows = {}, []
     t_start = time.perf_counter()
     for pt in points:
-        key = (pt["coding"], pt["spike_head"], pt["int8_weights"], pt["int8_rounding"])
+        key = (pt["coding"], pt["spike_head"], pt["int8_weights"], pt["int8_rounding"], pt["kv_levels"])
         if key not in models:
-            cfg = ConversionConfig(T=pt["T"], mode="full", coding=pt["coding"], spike_head=pt["spike_head"])
+            cfg = ConversionConfig(T=pt["T"], mode="full", coding=pt["coding"], spike_head=pt["spike_head"],
+                                   kv_levels=pt["kv_levels"])
             models[key] = convert(ann, cfg).to(device)
             if pt["int8_weights"]:
                 _quantize(models[key], pt["int8_rounding"], batches, head=pt["spike_head"])
@@ -129,7 +133,8 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         ccfg = CalibrationConfig(T=pt["T"], coding=pt["coding"], rule="percentile", percentile=pt["percentile"],
                                  max_burst=max_exact_burst(pt["T"], pt["coding"]), burst_budget=64, n_samples=n,
-                                 power_of_two_steps=pt["power_of_two_steps"], step_rounding=pt["step_rounding"])
+                                 power_of_two_steps=pt["power_of_two_steps"], step_rounding=pt["step_rounding"],
+                                 kv_levels=pt["kv_levels"])
         fit_calibration(obs, ccfg).apply_to(snn)  # dead zones of an earlier point are cleared here
         set_mode(snn, "parallel")
         silence = None
@@ -184,6 +189,7 @@ def plot(result: dict, path: Path) -> None:
                 budget = p.get("silence_budget", 0.0)
                 name = f"T={p['T']}" + (_P2_LABEL[p.get("step_rounding", "up")] if p.get("power_of_two_steps") else "")
                 name += " GPTQ" if p.get("int8_rounding") == "gptq" else ""
+                name += f" kv{p['kv_levels']}" if p.get("kv_levels") else ""
                 cols = " cols" if budget and p.get("silence_weighting", "columns") == "columns" else ""
                 ax.annotate(name + (f" KL{budget:g}{cols}" if budget else " dense"), (_x(p), p[key]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -213,7 +219,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", default=DEFAULT_POINTS,
-                   help="comma-separated coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET]")
+                   help="comma-separated coding:T:percentile[:nohead][:float|gptq][:p2|p2n][:cols][:sBUDGET][:kvN]")
     p.add_argument("--calib_tokens", type=int, default=8192)
     p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))

@@ -13,7 +13,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spike_modules.quantizer import check_init_mem, check_max_burst, check_timesteps, coding_levels
+from spike_modules.attention import KV_SITES
+from spike_modules.quantizer import (capped_levels, check_init_mem, check_max_burst, check_max_levels, check_timesteps,
+                                     coding_levels)
 from spike_modules.site import iter_sites
 from stac_common.io import atomic_dir, sha256_file, write_json
 
@@ -68,10 +70,12 @@ class CalibrationConfig:
     coding: str = "rate"
     power_of_two_steps: bool = False
     step_rounding: str = "up"
+    kv_levels: int | None = None
 
     def __post_init__(self):
         check_timesteps(self.T)
         coding_levels(self.T, self.coding)
+        check_max_levels(self.kv_levels, self.coding)
         check_rule(self.rule, self.percentile)
         check_init_mem(self.init_mem)
         if self.n_samples < 0 or self.reservoir_rows < 0 or not self.bias_weight >= 0:
@@ -90,6 +94,12 @@ class CalibrationConfig:
     def levels(self) -> int:
         """Quantisation levels per sign of the coding at T (``spike_modules.quantizer.coding_levels``)."""
         return coding_levels(self.T, self.coding)
+
+    def levels_of(self, site: str) -> int:
+        """The levels per sign of the site named ``site``: :attr:`levels`, capped at ``kv_levels`` for an
+        attention's k and v sites (``spike_modules.attention.KV_SITES``)."""
+        cap = self.kv_levels if site.rpartition(".")[2] in KV_SITES else None
+        return capped_levels(self.T, self.coding, cap)
 
 
 @dataclass
@@ -140,6 +150,9 @@ class Calibration:
                 problems.append(f"site {name!r}: calibrated signed={p.signed}, model site signed={s.signed}")
             if s.coding != self.config.coding:
                 problems.append(f"site {name!r}: calibrated for {self.config.coding} coding, model site codes {s.coding}")
+            elif capped_levels(self.config.T, s.coding, s.max_levels) != self.config.levels_of(name):
+                problems.append(f"site {name!r}: calibrated for {self.config.levels_of(name)} levels per sign at "
+                                f"T={self.config.T}, model site caps them at {s.max_levels} (kv_levels differ)")
         if problems:
             head = f"calibration (model {self.model_id!r}) does not match this model/config:\n  - "
             raise ValueError(head + "\n  - ".join(problems) + "\nre-run calibration for this model and T")

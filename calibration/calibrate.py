@@ -96,7 +96,8 @@ def fit_calibration(observers: dict[str, tuple[ChannelObserver, bool]], config: 
 
 def fit_site(obs: ChannelObserver, config: CalibrationConfig, signed: bool) -> tuple[SiteParams, dict]:
     """Thresholds by the configured rule, then (optionally) the ``psi``/``phi`` fit on the reservoir."""
-    theta = choose_thresholds(obs, config.rule, config.levels, signed, config.percentile, config.init_mem)
+    L = config.levels_of(obs.name)
+    theta = choose_thresholds(obs, config.rule, L, signed, config.percentile, config.init_mem)
     raised = 0
     if config.burst_budget is not None:
         floor = (obs.absmax(signed) / config.burst_budget).to(theta.dtype)
@@ -107,13 +108,13 @@ def fit_site(obs: ChannelObserver, config: CalibrationConfig, signed: bool) -> t
     psi, phi = torch.zeros_like(theta), torch.ones_like(theta)
     burst = torch.full_like(theta, float(config.max_burst))
     if config.fit_affine:
-        psi, phi = fit_affine(obs.reservoir, theta, config.levels, signed, config.init_mem, config.bias_weight,
+        psi, phi = fit_affine(obs.reservoir, theta, L, signed, config.init_mem, config.bias_weight,
                               burst=burst)
     stats = {"rows": obs.rows, "batches": obs.batches,
              "silent_channels": int((obs.absmax(signed) <= 0).sum()), "budget_raised_channels": raised,
              "burst_channels_seen": int((burst_needed(obs, theta, psi, phi, signed) > 1).sum())}
     if obs.reservoir.shape[0]:
-        err = site_error(obs.reservoir, theta, psi, phi, config.levels, signed, config.init_mem, burst)
+        err = site_error(obs.reservoir, theta, psi, phi, L, signed, config.init_mem, burst)
         stats["reservoir_mean_abs_error"] = float(err.abs().mean())
     return SiteParams(theta, psi, phi, signed, burst), stats
 

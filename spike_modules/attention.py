@@ -50,6 +50,7 @@ from .temporal import apply_site, rate_op
 ATTN_IMPLEMENTATION = "stac_spike"
 OP_COUNTER = "stac_op_counter"  # set by spike_modules.energy.counting on attention modules while it counts
 QKV = ("q_site", "k_site", "v_site")
+KV_SITES = QKV[1:]  # the sites whose counts a KV cache stores
 PROBS = "p_site"
 PROBS_SCALES = ("sum", "max")
 SCALE_ATTR = "stac_probs_scale"
@@ -266,9 +267,11 @@ def _count_matmuls(module: nn.Module, counter, q: torch.Tensor, v: torch.Tensor,
 
 
 def attach_attention_sites(module: nn.Module, path: str, heads: int, kv_heads: int, head_dim: int, T: int,
-                           spike_qkv: bool, spike_probs: bool, coding: str = "rate") -> list[tuple[str, DAQCFSSite]]:
+                           spike_qkv: bool, spike_probs: bool, coding: str = "rate",
+                           kv_levels: int | None = None) -> list[tuple[str, DAQCFSSite]]:
     """Register the attention sites on ``module`` (at ``path`` in the model) and mark it for
-    :func:`spike_attention_forward`. Returns ``[(qualified name, site)]`` of the new sites."""
+    :func:`spike_attention_forward`. Returns ``[(qualified name, site)]`` of the new sites.
+    ``kv_levels``: the k and v sites' ``max_levels`` (what a KV cache stores; None: the coding's)."""
     if heads % kv_heads:
         raise ValueError(f"{path}: {heads} query heads are not a multiple of {kv_heads} key/value heads")
     for name in (*QKV, PROBS):
@@ -277,7 +280,9 @@ def attach_attention_sites(module: nn.Module, path: str, heads: int, kv_heads: i
     added = []
     if spike_qkv:
         for name, h in zip(QKV, (heads, kv_heads, kv_heads)):
-            added.append((name, DAQCFSSite(h * head_dim, T, signed=True, name=f"{path}.{name}", coding=coding)))
+            cap = kv_levels if name in KV_SITES else None
+            added.append((name, DAQCFSSite(h * head_dim, T, signed=True, name=f"{path}.{name}", coding=coding,
+                                           max_levels=cap)))
     if spike_probs:
         added.append((PROBS, DAQCFSSite(heads, T, signed=False, name=f"{path}.{PROBS}", coding=coding)))
     for name, site in added:

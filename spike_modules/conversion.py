@@ -21,7 +21,7 @@ from .attention import ATTN_IMPLEMENTATION, attach_attention_sites
 from .layers import SharedInput, SpikeLinear
 from .linear import in_features
 from .norm import SpikeNorm
-from .quantizer import check_coding, coding_levels
+from .quantizer import check_coding, check_max_levels, coding_levels
 from .site import DAQCFSSite, iter_sites
 
 MODES = ("full", "simplified")
@@ -53,6 +53,9 @@ class ConversionConfig:
             mode computes the same float norm either way.
         spike_head: a site at the input of the output head (LM head).
         coding: ``rate`` or ``weighted`` spikes at every site (``spike_modules.site.DAQCFSSite``).
+        kv_levels: weighted coding: the attention's k and v sites quantise to at most this many
+            levels per sign (``DAQCFSSite.max_levels``; 127: a KV cache of int8 counts at any T);
+            None: the coding's ``2**T - 1``.
     """
 
     T: int = 16
@@ -63,10 +66,12 @@ class ConversionConfig:
     spike_norm: bool | None = None
     spike_head: bool | None = None
     coding: str = "rate"
+    kv_levels: int | None = None
 
     def __post_init__(self):
         check_coding(self.coding)
         coding_levels(self.T, self.coding)
+        check_max_levels(self.kv_levels, self.coding)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         for key in STRUCTURE:
@@ -183,7 +188,8 @@ def convert_(model: nn.Module, config: ConversionConfig) -> nn.Module:
     for spec in attentions:
         _, _, attn = _resolve(model, spec.path)
         for name, site in attach_attention_sites(attn, spec.path, spec.heads, spec.kv_heads, spec.head_dim, config.T,
-                                                 config.spike_qkv, config.spike_probs, coding=config.coding):
+                                                 config.spike_qkv, config.spike_probs, coding=config.coding,
+                                                 kv_levels=config.kv_levels):
             log.append(SwapRecord(name, "-", f"DAQCFSSite(channels={site.num_channels}, signed={site.signed})"))
     old = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -13,8 +13,8 @@ from spikingjelly.activation_based import surrogate
 from spikingjelly.activation_based.neuron import IFNode, STBIFNode
 
 from .neuron_registry import register_neuron
-from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
-                        coding_levels, decode, signed_digits, spike_count, weighted_digit_table,
+from .quantizer import (as_burst, as_threshold, capped_levels, check_channels, check_coding, check_init_mem,
+                        check_timesteps, coding_levels, decode, signed_digits, spike_count, weighted_digit_table,
                         weighted_spikes)
 
 
@@ -253,6 +253,7 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         self.register_buffer("burst", as_burst(burst))
         self.keep_counts = True
         self.last_counts: torch.Tensor | None = None
+        self.max_levels: int | None = None  # weighted coding: a cap below 2**T - 1 (set by its site)
         self._init_stats()
 
     def counts(self, x: torch.Tensor, th: torch.Tensor | None = None,
@@ -265,8 +266,8 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
 
     @property
     def levels(self) -> int:
-        """Levels per sign: T (rate) or ``2**T - 1`` (weighted)."""
-        return coding_levels(self.T, self.coding)
+        """Levels per sign: T (rate) or ``2**T - 1`` (weighted), or ``max_levels`` where that is fewer."""
+        return capped_levels(self.T, self.coding, self.max_levels)
 
     def _reduce(self, a: torch.Tensor, hi: float | torch.Tensor) -> tuple[float, float, int, int]:
         """Weighted coding: counts within the levels are histogrammed (one pass) and priced from a
@@ -280,7 +281,7 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         small = a.clamp(max=L)
         if bool(torch.isnan(small).any()):  # a NaN count: no spike figure either
             return float("nan"), float("nan"), 0, 0
-        table = weighted_digit_table(self.T, a.device).double()
+        table = weighted_digit_table(self.T, a.device)[: L + 1].double()  # L below 2**T - 1 where capped
         hist = torch.bincount(small.long().flatten(), minlength=L + 1)
         hist[L] -= n_big  # the bursts, counted below
         spikes = float((hist.double() * table).sum())
@@ -327,7 +328,7 @@ class ParaInfNeuron(torch.nn.Module, SpikeStats):
         burst = self.burst if burst is None else burst
         check_channels(x, th, "ParaInfNeuron")
         if self.coding == "weighted":
-            return weighted_train(self.counts(x, th, burst), self.T, burst) * th
+            return weighted_train(self.counts(x, th, burst), self.T, burst, self.levels) * th
         t = torch.arange(0, self.T + 1, dtype=x.dtype, device=x.device).view(-1, *([1] * x.dim()))
         c = spike_count((x / th).unsqueeze(0), t, self.signed, self.init_mem, burst)
         # c_0 = floor(init_mem) = 0 for init_mem in [0, 1), so the diff starts from zero spikes
@@ -345,10 +346,11 @@ def step_weights(T: int, like: torch.Tensor) -> torch.Tensor:
     return w.view(-1, *([1] * like.dim()))
 
 
-def weighted_train(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0) -> torch.Tensor:
+def weighted_train(counts: torch.Tensor, T: int, burst: float | torch.Tensor = 1.0,
+                   levels: int | None = None) -> torch.Tensor:
     """The spike train ``[T, ...]`` of ``counts`` in weighted coding, as multiples of one level each:
-    step ``k`` carries ``S[k] * 2**(T-1-k) * T / L`` (``S`` the :func:`signed_digits`), so that the
-    mean over the T steps is ``counts / L`` (the decoded value over ``theta``), as a rate-coded
-    train's mean is."""
+    step ``k`` carries ``S[k] * 2**(T-1-k) * T / L`` (``S`` the :func:`signed_digits`; ``L`` = ``levels``,
+    default ``2**T - 1``), so that the mean over the T steps is ``counts / L`` (the decoded value over
+    ``theta``), as a rate-coded train's mean is."""
     digits = torch.stack(signed_digits(counts, T, burst))
-    return digits * step_weights(T, counts) * (T / coding_levels(T, "weighted"))
+    return digits * step_weights(T, counts) * (T / (levels or coding_levels(T, "weighted")))

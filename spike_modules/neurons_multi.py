@@ -12,8 +12,8 @@ from spikingjelly.activation_based.neuron.base_node import SimpleBaseNode
 
 from .neuron_registry import register_neuron
 from .neurons import SpikeStats, _check_seq, step_weights
-from .quantizer import (as_burst, as_threshold, check_channels, check_init_mem, check_timesteps, coding_levels,
-                        signed_digits)
+from .quantizer import (as_burst, as_threshold, capped_levels, check_channels, check_init_mem, check_timesteps,
+                        coding_levels, signed_digits)
 
 
 @register_neuron(coding="rate", bursts=True)
@@ -102,7 +102,8 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
     A spike at step :math:`k` of the window weighs :math:`w_k = 2^{T-1-k}` levels, so T steps
     reach :math:`L = 2^T - 1` levels per sign where rate coding reaches T, and a level costs
     the nonzero digits of a signed-digit form (about a third of its binary digits), not one
-    spike per level.
+    spike per level. ``max_levels`` (set by its site) caps :math:`L` below :math:`2^T - 1`: the counts
+    stop there, and the T steps still fire them.
 
     Update (normalised membrane :math:`q`, one level = 1; per-channel burst cap :math:`B`):
         charge, over the whole input window (a phase-coded neuron fires after its input
@@ -132,11 +133,12 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
         self.register_buffer("th", as_threshold(th))
         self.register_buffer("burst", as_burst(burst))
         self.dead: torch.Tensor | None = None  # dead zone in counts, set by its site: |r| below it fires nothing
+        self.max_levels: int | None = None  # a cap below 2**T - 1 on the count, set by its site
         self._init_stats()
 
     @property
     def levels(self) -> int:
-        return coding_levels(self.T, "weighted")
+        return capped_levels(self.T, "weighted", self.max_levels)
 
     def multi_step_forward(self, u_seq: torch.Tensor) -> torch.Tensor:
         """Signed digits ``[T, ...]`` (spikes per step, before weighting) of the normalised input ``u_seq``."""
@@ -145,7 +147,11 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
             r = r.clamp(min=0)
         if self.dead is not None:  # the whole window is integrated first, so the count is known before firing
             r = r.masked_fill(r.abs() < self.dead, 0.0)
-        digits = torch.stack(signed_digits(r, self.T, self._b))
+        if self.max_levels is not None:  # T digits reach B (2**T - 1); a capped neuron stops at B L
+            top = self._b * self.levels
+            digits = torch.stack(signed_digits(torch.minimum(torch.maximum(r, -top), top), self.T, self._b))
+        else:
+            digits = torch.stack(signed_digits(r, self.T, self._b))
         self.v = r - (digits * step_weights(self.T, r)).sum(0)  # what the window could not fire (clamped)
         return digits
 

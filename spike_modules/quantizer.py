@@ -50,6 +50,29 @@ def coding_levels(T: int, coding: str = "rate") -> int:
     return 2**T - 1
 
 
+def check_max_levels(max_levels: int | None, coding: str) -> int | None:
+    """Return ``max_levels`` (None: no cap) if it is a whole number >= 1 on a weighted site, else ``ValueError``.
+
+    A weighted neuron reaches every count up to ``2**T - 1`` in T steps, so a site may quantise to
+    fewer levels than its T allows (a KV cache of int8 counts holds 127 per sign); a rate neuron's
+    levels are its steps, so it takes no cap."""
+    if max_levels is None:
+        return None
+    if isinstance(max_levels, bool) or not isinstance(max_levels, int) or max_levels < 1:
+        raise ValueError(f"max_levels must be None or a whole number >= 1, got {max_levels!r}")
+    if check_coding(coding) != "weighted":
+        raise ValueError(f"max_levels caps the counts of weighted spikes; {coding} coding's levels are its "
+                         "timesteps, so lower T instead")
+    return max_levels
+
+
+def capped_levels(T: int, coding: str = "rate", max_levels: int | None = None) -> int:
+    """Levels per sign of a site at ``T`` whose counts are capped at ``max_levels`` (None: the coding's
+    :func:`coding_levels`; a cap at or above them changes nothing)."""
+    full = coding_levels(T, coding)
+    return full if max_levels is None else min(full, check_max_levels(max_levels, coding))
+
+
 def max_exact_burst(T: int, coding: str = "rate") -> int:
     """The largest per-step burst cap ``B`` whose counts ``B * levels`` stay exact in float32."""
     return EXACT_COUNTS // coding_levels(T, coding)

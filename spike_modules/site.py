@@ -12,8 +12,8 @@ from torch import nn
 from .neuron_registry import neuron_kind
 from . import neurons_multi  # noqa: F401  (registers the burst and weighted sequential neurons)
 from .neurons import ParaInfNeuron  # also registers the built-in sequential neurons
-from .quantizer import (as_burst, as_threshold, check_channels, check_coding, check_init_mem, check_timesteps,
-                        coding_levels, levels)
+from .quantizer import (as_burst, as_threshold, capped_levels, check_channels, check_coding, check_init_mem,
+                        check_max_levels, check_timesteps, coding_levels, levels)
 
 
 class SiteMode(str, Enum):
@@ -50,12 +50,15 @@ class DAQCFSSite(nn.Module):
             window weighs ``2**(T-1-k)`` levels: ``2**T - 1`` levels, a level costs the ones of
             its binary form; :class:`~spike_modules.neurons_multi.WeightedIFNeuron`). Everything
             above holds with T replaced by the coding's levels ``L``.
+        max_levels: weighted coding only: quantise to at most this many levels per sign, fewer than
+            the ``2**T - 1`` that T steps reach (None: all of them). A KV cache stores a k or v
+            site's counts, and 127 levels fit them in int8 whatever T the other sites take.
 
     An attached ``observer`` (see ``calibration``) sees every input ``x`` before the mapping.
     """
 
     def __init__(self, num_channels: int, T: int, signed: bool = False, mode: SiteMode | str = SiteMode.ANN,
-                 init_mem: float = 0.5, name: str = "", coding: str = "rate"):
+                 init_mem: float = 0.5, name: str = "", coding: str = "rate", max_levels: int | None = None):
         super().__init__()
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
@@ -65,6 +68,7 @@ class DAQCFSSite(nn.Module):
         self.init_mem = check_init_mem(init_mem)
         self.coding = check_coding(coding)
         self._T = check_timesteps(T)
+        self._max_levels = None
         self._L = coding_levels(T, coding)
         self.theta = nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.psi = nn.Parameter(torch.zeros(num_channels), requires_grad=False)
@@ -87,6 +91,7 @@ class DAQCFSSite(nn.Module):
         self.count_spikes = True  # parallel mode keeps spike statistics (reports, energy); off when deployed
         self.surrogate: nn.Module | None = None  # gradient of the floor in quant mode; None = straight through
         self.mode = mode
+        self.max_levels = max_levels
 
     @property
     def T(self) -> int:
@@ -94,7 +99,7 @@ class DAQCFSSite(nn.Module):
 
     @T.setter
     def T(self, T: int) -> None:
-        self._L = coding_levels(T, self.coding)
+        self._L = capped_levels(T, self.coding, self._max_levels)
         self.parallel._flush()  # pending counts are priced with the T they were fired at
         self._T = self.parallel.T = T
         for attr in self._kinds:
@@ -102,8 +107,27 @@ class DAQCFSSite(nn.Module):
 
     @property
     def levels(self) -> int:
-        """Quantisation levels per sign: T (rate coding) or ``2**T - 1`` (weighted)."""
+        """Quantisation levels per sign: T (rate coding) or ``2**T - 1`` (weighted), or ``max_levels``
+        where that is fewer."""
         return self._L
+
+    @property
+    def max_levels(self) -> int | None:
+        """The cap on the levels per sign (weighted coding), None for none; see the class docstring."""
+        return self._max_levels
+
+    @max_levels.setter
+    def max_levels(self, cap: int | None) -> None:
+        cap = check_max_levels(cap, self.coding)
+        for attr in ("parallel", *self._kinds):
+            neuron = getattr(self, attr)
+            if hasattr(neuron, "max_levels"):
+                neuron.max_levels = cap
+            elif cap is not None:
+                raise ValueError(f"site {self.name!r}: its {type(neuron).__name__} takes no max_levels, so it cannot "
+                                 "cap the levels")
+        self._max_levels = cap
+        self.T = self._T  # the levels follow
 
     @property
     def mode(self) -> SiteMode:
@@ -169,7 +193,7 @@ class DAQCFSSite(nn.Module):
             self.__dict__["_dead_cache"] = _dead_or_none(self.dead)
             return self._fused_values()
         params = (p["theta"], p["psi"], p["phi"], p["burst"], p["dead"])
-        key = (self._T, *(t.data_ptr() for t in params))
+        key = (self._T, self._L, *(t.data_ptr() for t in params))
         d = self.__dict__
         snap = d.get("_fused_snap")
         if d.get("_fused_key") != key or snap is None or not all(map(torch.equal, params, snap)):
@@ -349,8 +373,9 @@ class DAQCFSSite(nn.Module):
             getattr(self, attr).reset_stats()
 
     def extra_repr(self) -> str:
+        cap = "" if self._max_levels is None else f", max_levels={self._max_levels}"
         return (f"name={self.name!r}, channels={self.num_channels}, T={self._T}, signed={self.signed}, "
-                f"mode={self._mode.value}, max_burst={float(self.burst.max()):g}, coding={self.coding}")
+                f"mode={self._mode.value}, max_burst={float(self.burst.max()):g}, coding={self.coding}{cap}")
 
 
 def _dead_or_none(dead: torch.Tensor) -> torch.Tensor | None:

@@ -107,6 +107,10 @@ along the same line at budgets 0.018-0.022 (``docs/results/frontier_rounding.jso
 the choice read back as ``up``.
 ``finetune_text='replies'`` distils on the ANN's own greedy chat replies (``stac_lm.convert.replies``)
 instead of the calibration text.
+[9] ``kv_levels``: weighted coding's k and v sites quantise to at most this many levels per sign
+(``spike_modules.attention.KV_SITES``), the counts a KV cache stores: 127 keeps them in int8 slots at
+T=8 as at T=7, where 255 levels need int16 (2 bytes per cached element against the int8 ANN's 1 and
+its scales). 0 (the default): every level T reaches. Options saved before it read back as 0.
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ SILENCE_WEIGHTINGS = ("columns", "fisher")  # calibration.silence.WEIGHTINGS, he
 DEFAULT_SILENCE_WEIGHTING = "fisher"  # see [6]
 FISHER_MIN_CALIB_TOKENS = 4096  # Fisher weights read 4 + 4 windows of 512 calibration tokens (calibration.silence.WINDOWS)
 DEFAULT_INT8_GROUP = 0  # one scale per output row
+DEFAULT_KV_LEVELS = 0  # weighted coding: 0, the coding's 2**T - 1 levels at the k and v sites (see [9])
 EVAL_WINDOW = 512  # the fixed perplexity protocol of stac_lm.eval.perplexity
 FORMAT_VERSION = 1
 
@@ -248,6 +253,7 @@ class ConvertOptions:
     int8_head: bool | None = None
     silence_budget: float | None = None
     silence_weighting: str | None = None
+    kv_levels: int | None = None
     activation: str | None = None
     max_burst: int | None = None
     burst_budget: int | None = None
@@ -349,6 +355,12 @@ class ConvertOptions:
         if self.silence_budget and self.coding != "weighted":
             raise ValueError(f"--silence_budget {self.silence_budget} places dead zones, which need weighted coding (its "
                              "neurons know their count before firing); use --coding weighted or --silence_budget 0")
+        if self.kv_levels is None:
+            set_("kv_levels", DEFAULT_KV_LEVELS if self.coding == "weighted" else 0)  # see [9]
+        _check_int("kv_levels", self.kv_levels, 0)
+        if self.kv_levels and self.coding != "weighted":
+            raise ValueError(f"--kv_levels {self.kv_levels} caps the levels of weighted spikes; {self.coding} coding's "
+                             "levels are its timesteps: use --coding weighted or --kv_levels 0")
         if self.int8_head is None:
             set_("int8_head", self.quant_backend == "own")  # see [5]
         if not isinstance(self.int8_head, bool):
@@ -453,6 +465,8 @@ class ConvertOptions:
             d = dict(d, power_of_two_steps=False)
         if "power_of_two_steps" in d and "step_rounding" not in d:  # saved before the choice: steps rounded up
             d = dict(d, step_rounding="up")
+        if "coding" in d and "kv_levels" not in d:  # saved before the cap: k and v sites took every level
+            d = dict(d, kv_levels=0)
         return cls(**d)
 
     @classmethod

@@ -235,13 +235,15 @@ def run(opts: ConvertOptions, console: Console | None = None, progress: bool = T
         calib, evals = load_streams(tok, opts.calib_text, opts.calib_tokens, opts.eval_text, opts.eval_tokens)
         seq = min(CALIB_SEQ, opts.calib_tokens, positions or CALIB_SEQ)
         batches = calibration_batches(calib.ids, seq)
+    kv_levels = opts.kv_levels or None  # 0: every level
     cfg = ConversionConfig(T=opts.timesteps, mode=opts.mode, activation=opts.activation, coding=opts.coding,
-                           spike_head=opts.spike_head, spike_probs=opts.spike_probs)
+                           spike_head=opts.spike_head, spike_probs=opts.spike_probs, kv_levels=kv_levels)
     # simplified: thresholds only; full: DA-QCFS, the per-channel psi/phi fit as well
     ccfg = CalibrationConfig(T=opts.timesteps, rule=opts.threshold_rule, percentile=opts.percentile,
                              max_burst=opts.max_burst, burst_budget=opts.burst_budget or None,
                              seed=opts.seed, fit_affine=not opts.simplified, coding=opts.coding,
-                             power_of_two_steps=opts.power_of_two_steps, step_rounding=opts.step_rounding)
+                             power_of_two_steps=opts.power_of_two_steps, step_rounding=opts.step_rounding,
+                             kv_levels=kv_levels)
     if opts.layerwise:
         if not hasattr(ann, "hf_device_map"):
             ann = place(ann, device)
