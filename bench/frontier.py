@@ -32,7 +32,8 @@ from calibration.gptq import input_hessians
 from calibration.int8 import find_linears, quantize_weights_
 from calibration.silence import SilenceConfig, calibrate_silence_
 from stac_lm.checks.verify import PROBE_TOKENS, total_energy_section
-from stac_lm.convert.options import DEFAULT_SILENCE_BUDGET, DEFAULT_SILENCE_WEIGHTING, DEFAULT_STEP_ROUNDING
+from stac_lm.convert.options import (DEFAULT_KV_LEVELS, DEFAULT_SILENCE_BUDGET, DEFAULT_SILENCE_WEIGHTING,
+                                     DEFAULT_STEP_ROUNDING)
 from smollm2_converter import ConversionConfig, convert
 from spike_modules import iter_sites, max_exact_burst, set_mode
 from spike_modules.site import reset_spike_stats
@@ -51,7 +52,7 @@ DEFAULT_POINTS = ("rate:16:95,weighted:7:99.9:s0,weighted:7:99.9:p2:s0,weighted:
                   "weighted:7:99.9:p2:gptq:s0.022,weighted:8:99.9:p2:gptq:s0.014")
 PEER_FILE = Path("docs/bench_convert_peer.json")
 DEFAULT_POINT = ("weighted", 8, 99.9, True, "gptq", True, DEFAULT_STEP_ROUNDING, DEFAULT_SILENCE_BUDGET,
-                 DEFAULT_SILENCE_WEIGHTING)  # full mode's defaults (stac_lm.convert.options)
+                 DEFAULT_SILENCE_WEIGHTING, DEFAULT_KV_LEVELS or None)  # full mode's defaults (stac_lm.convert.options)
 
 
 def parse_point(spec: str) -> dict:
@@ -165,6 +166,21 @@ def _peer_rows(peer: dict | None) -> list[dict]:
             for r in peer["peer_spikingjelly"]["results"]]
 
 
+def merged(result: dict, others: list[dict]) -> dict:
+    """``result`` with the points of ``others`` added: runs of the same calibration and evaluation text
+    (``ValueError`` naming what differs otherwise); a point already in ``result`` is not drawn twice."""
+    keys = ("calibration", "evaluation", "calib_tokens", "eval_tokens")
+    points = list(result["points"])
+    for other in others:
+        differ = [k for k in keys if other.get(k) != result.get(k)]
+        if differ:
+            raise ValueError(f"a result file to add was measured on other texts ({', '.join(differ)} differ); "
+                             "draw only runs of the same texts together")
+        seen = {p["spec"] for p in points}
+        points += [p for p in other["points"] if p["spec"] not in seen]
+    return dict(result, points=points)
+
+
 _P2_LABEL = {"up": " p2", "nearest": " p2n"}
 
 
@@ -197,7 +213,8 @@ def plot(result: dict, path: Path) -> None:
                                                    p["int8_weights"] and p.get("int8_rounding", "nearest"),
                                                    p.get("power_of_two_steps", False),
                                                    p.get("step_rounding", "up"), p.get("silence_budget", 0.0),
-                                                   p.get("silence_weighting", "columns")) == DEFAULT_POINT]
+                                                   p.get("silence_weighting", "columns"),
+                                                   p.get("kv_levels")) == DEFAULT_POINT]
         if default:
             ax.scatter([_x(default[0])], [default[0][key]], s=260, facecolors="none", edgecolors="red",
                        label="default (make demo)")
@@ -227,10 +244,15 @@ def main() -> None:
     p.add_argument("--plot", default="docs/frontier.png")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--replot", metavar="JSON", help="only draw --plot from an existing result file")
+    p.add_argument("--add", metavar="JSON", action="append", default=[],
+                   help="with --replot: draw the points of another result file too (a run of the same texts)")
     args = p.parse_args()
+    if args.add and not args.replot:
+        p.error("--add draws the points of another result file beside --replot's; give --replot JSON")
     if args.replot:
         check_output_free(args.plot, args.overwrite)
-        plot(json.loads(Path(args.replot).read_text()), Path(args.plot))
+        plot(merged(json.loads(Path(args.replot).read_text()),
+                    [json.loads(Path(f).read_text()) for f in args.add]), Path(args.plot))
         print(f"wrote {args.plot}")
         return
     for path in (args.out, args.plot):

@@ -137,7 +137,8 @@ def test_the_frontier_marks_the_default_conversion():
 
     o = ConvertOptions()
     assert (o.coding, o.timesteps, o.percentile, o.spike_head, o.quant_backend != "none" and o.int8_rounding,
-            o.power_of_two_steps, o.step_rounding, o.silence_budget, o.silence_weighting) == DEFAULT_POINT
+            o.power_of_two_steps, o.step_rounding, o.silence_budget, o.silence_weighting, o.kv_levels or None) \
+        == DEFAULT_POINT
 
 
 def test_frontier_points_name_their_step_rounding():
@@ -151,9 +152,24 @@ def test_frontier_points_name_their_step_rounding():
     assert parse_point("weighted:7:99.9:cols:s0.02")["silence_weighting"] == "columns"
     assert parse_point("weighted:7:99.9:p2:gptq:s0.02")["int8_rounding"] == "gptq"
     assert parse_point("weighted:7:99.9:p2:s0.02")["int8_rounding"] == "nearest"
-    for bad in ("weighted:7:99.9:p2:p2n", "weighted:7:99.9:p3", "weighted:7", "weighted:7:99.9:float:gptq"):
+    assert parse_point("weighted:8:99.9:p2:gptq:s0.01:kv127")["kv_levels"] == 127
+    assert parse_point("weighted:8:99.9:p2:gptq:s0.01")["kv_levels"] is None
+    for bad in ("weighted:7:99.9:p2:p2n", "weighted:7:99.9:p3", "weighted:7", "weighted:7:99.9:float:gptq",
+                "weighted:8:99.9:kv0", "weighted:8:99.9:kv127:kv63"):
         with pytest.raises(ValueError, match="expected coding:T:percentile"):
             parse_point(bad)
+
+
+def test_frontier_draws_points_of_other_runs_only_on_the_same_texts():
+    from bench.frontier import merged
+
+    texts = {"calibration": {"name": "hamlet"}, "evaluation": {"name": "tempest"}, "calib_tokens": 8, "eval_tokens": 4}
+    one = dict(texts, points=[{"spec": "a"}, {"spec": "b"}])
+    two = dict(texts, points=[{"spec": "b", "new": 1}, {"spec": "c"}])
+    assert [p["spec"] for p in merged(one, [two])["points"]] == ["a", "b", "c"]
+    assert merged(one, [two])["points"][1] == {"spec": "b"}, "a point of the first file is kept as measured there"
+    with pytest.raises(ValueError, match="evaluation differ"):
+        merged(one, [dict(two, evaluation={"name": "lear"})])
 
 
 @pytest.mark.parametrize("burst", [1.0, 4.0])
