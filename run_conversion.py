@@ -96,15 +96,15 @@ def build_parser() -> Parser:
     flag(g, "silence_budget", type=float, metavar="KL",
          help="dead zones: the most mean KL divergence (nats per token) silent channels may add to the SNN's "
               "next-token distribution on held calibration windows; the silence is spread over the sites for the "
-              "most weight bytes left unread (default with weighted coding at T=8: 0.014, 0.012 with weights "
-              "rounded to nearest; at other T 0.02 and 0.018; 0: none; rate coding: refused)")
+              "most weight bytes left unread (default with weighted coding at T=8: 0.012, with GPTQ's weights or "
+              "rounded to nearest; at other T 0.02 with GPTQ's, 0.018 rounded to nearest; 0: none; rate coding: refused)")
     flag(g, "silence_weighting", choices=SILENCE_WEIGHTINGS,
          help="what weighs a channel's input when dead zones are placed: fisher (the gradient of the SNN's own "
               "next-token log-likelihood, one backward pass, one decoder layer recomputed at a time; the default) or "
               "columns (the norm of its weight column over the readers; the default under 4096 calibration tokens)")
     flag(g, "kv_levels", type=int, metavar="N",
          help="weighted coding: the attention's key and value sites quantise to at most N levels per sign, what the "
-              "KV cache stores (127: int8 counts at any T; default 0: all 2**T - 1 levels, int16 past T=7)")
+              "KV cache stores (default 127: int8 counts at any T; 0: all 2**T - 1 levels, int16 past T=7)")
     flag(g, "finetune_steps", type=int, metavar="N", help="spike-aware distillation steps from the ANN (default 0)")
     flag(g, "finetune_text", choices=("calib", "replies"), help="what the distillation reads: calib (the calibration "
          "text, default) or replies (the ANN's greedy chat replies to chit-chat openings calibration reads)")

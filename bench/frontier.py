@@ -49,7 +49,9 @@ BASELINE = "rate:16:95:nohead"
 DEFAULT_POINTS = ("rate:16:95,weighted:7:99.9:s0,weighted:7:99.9:p2:s0,weighted:7:99.9:p2:cols:s0.015,"
                   "weighted:7:99.9:p2:s0.015,weighted:7:99.9:p2:s0.018,weighted:7:99.9:p2:s0.025,weighted:8:99.9:p2:s0.018,"
                   "weighted:7:99.9:p2:gptq:s0,weighted:7:99.9:p2:gptq:s0.018,weighted:7:99.9:p2:gptq:s0.02,"
-                  "weighted:7:99.9:p2:gptq:s0.022,weighted:8:99.9:p2:gptq:s0.014")
+                  "weighted:7:99.9:p2:gptq:s0.022,weighted:8:99.9:p2:gptq:s0.014,weighted:8:99.9:p2:gptq:s0.014:kv127,"
+                  "weighted:8:99.9:p2:gptq:s0.012:kv127,weighted:8:99.9:p2:gptq:s0.01:kv127,weighted:8:99.9:p2:s0.012:kv127,"
+                  "weighted:8:99.9:p2:s0.01:kv127")
 PEER_FILE = Path("docs/bench_convert_peer.json")
 DEFAULT_POINT = ("weighted", 8, 99.9, True, "gptq", True, DEFAULT_STEP_ROUNDING, DEFAULT_SILENCE_BUDGET,
                  DEFAULT_SILENCE_WEIGHTING, DEFAULT_KV_LEVELS or None)  # full mode's defaults (stac_lm.convert.options)
@@ -198,9 +200,12 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "ppl_ratio", "perplexity ratio SNN/ANN"),
                            (axes[1], "top1_agreement", "top-1 agreement with the ANN")):
-        for coding, marker in (("rate", "o"), ("weighted", "s")):
-            pts = [p for p in result["points"] if p["coding"] == coding and p["int8_weights"]]
-            ax.scatter([_x(p) for p in pts], [p[key] for p in pts], marker=marker, label=f"{coding} coding")
+        for coding, capped, marker, legend in (("rate", False, "o", "rate coding"), ("weighted", False, "s", "weighted coding"),
+                                               ("weighted", True, "D", "weighted, k and v at kvN levels")):
+            pts = [p for p in result["points"]
+                   if p["coding"] == coding and p["int8_weights"] and bool(p.get("kv_levels")) == capped]
+            if pts:
+                ax.scatter([_x(p) for p in pts], [p[key] for p in pts], marker=marker, label=legend)
             for p in pts:
                 budget = p.get("silence_budget", 0.0)
                 name = f"T={p['T']}" + (_P2_LABEL[p.get("step_rounding", "up")] if p.get("power_of_two_steps") else "")

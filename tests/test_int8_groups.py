@@ -133,12 +133,12 @@ def test_gptq_is_the_default_rounding_where_the_whole_model_is_in_memory():
     from stac_lm.convert.options import ConvertOptions
 
     whole = ConvertOptions()
-    assert (whole.int8_rounding, whole.timesteps, whole.silence_budget) == ("gptq", 8, 0.014)
+    assert (whole.int8_rounding, whole.timesteps, whole.silence_budget) == ("gptq", 8, 0.012)
     for layerwise in (ConvertOptions(layerwise=True), ConvertOptions(max_memory="cpu=6GiB")):
         assert (layerwise.int8_rounding, layerwise.timesteps, layerwise.silence_budget) == ("nearest", 8, 0.012)
     asked = ConvertOptions(int8_rounding="nearest", timesteps=7)
     assert asked.silence_budget == 0.018  # rounded to nearest at T=7: that T's own measured budget
-    assert ConvertOptions(layerwise=True, int8_rounding="gptq").silence_budget == 0.014
+    assert ConvertOptions(layerwise=True, int8_rounding="gptq").silence_budget == 0.012
     assert ConvertOptions(timesteps=7).silence_budget == 0.02  # GPTQ at T=7: that T's own measured budget
     assert ConvertOptions(coding="rate").timesteps == 16
     assert ConvertOptions(timesteps=8).max_burst == ConvertOptions().max_burst  # resolved after T
