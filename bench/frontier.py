@@ -200,8 +200,9 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "ppl_ratio", "perplexity ratio SNN/ANN"),
                            (axes[1], "top1_agreement", "top-1 agreement with the ANN")):
-        for coding, capped, marker, legend in (("rate", False, "o", "rate coding"), ("weighted", False, "s", "weighted coding"),
-                                               ("weighted", True, "D", "weighted, k and v at kvN levels")):
+        kinds = (("rate", False, "o", "rate coding"), ("weighted", False, "s", "weighted coding"),
+                 ("weighted", True, "D", "weighted, k and v at kvN levels"))
+        for coding, capped, marker, legend in kinds:
             pts = [p for p in result["points"]
                    if p["coding"] == coding and p["int8_weights"] and bool(p.get("kv_levels")) == capped]
             if pts:

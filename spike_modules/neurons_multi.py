@@ -147,11 +147,8 @@ class WeightedIFNeuron(SimpleBaseNode, SpikeStats):
             r = r.clamp(min=0)
         if self.dead is not None:  # the whole window is integrated first, so the count is known before firing
             r = r.masked_fill(r.abs() < self.dead, 0.0)
-        if self.max_levels is not None:  # T digits reach B (2**T - 1); a capped neuron stops at B L
-            top = self._b * self.levels
-            digits = torch.stack(signed_digits(torch.minimum(torch.maximum(r, -top), top), self.T, self._b))
-        else:
-            digits = torch.stack(signed_digits(r, self.T, self._b))
+        top = self._b * self.levels  # T digits reach B (2**T - 1); a capped neuron (max_levels) stops at B L
+        digits = torch.stack(signed_digits(torch.minimum(torch.maximum(r, -top), top), self.T, self._b))
         self.v = r - (digits * step_weights(self.T, r)).sum(0)  # what the window could not fire (clamped)
         return digits
 
