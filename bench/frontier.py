@@ -49,9 +49,9 @@ BASELINE = "rate:16:95:nohead"
 DEFAULT_POINTS = ("rate:16:95,weighted:7:99.9:s0,weighted:7:99.9:p2:s0,weighted:7:99.9:p2:cols:s0.015,"
                   "weighted:7:99.9:p2:s0.015,weighted:7:99.9:p2:s0.018,weighted:7:99.9:p2:s0.025,weighted:8:99.9:p2:s0.018,"
                   "weighted:7:99.9:p2:gptq:s0,weighted:7:99.9:p2:gptq:s0.018,weighted:7:99.9:p2:gptq:s0.02,"
-                  "weighted:7:99.9:p2:gptq:s0.022,weighted:8:99.9:p2:gptq:s0.014,weighted:8:99.9:p2:gptq:s0.014:kv127,"
-                  "weighted:8:99.9:p2:gptq:s0.012:kv127,weighted:8:99.9:p2:gptq:s0.01:kv127,weighted:8:99.9:p2:s0.012:kv127,"
-                  "weighted:8:99.9:p2:s0.01:kv127")
+                  "weighted:7:99.9:p2:gptq:s0.022,weighted:8:99.9:p2:gptq:s0.014,weighted:8:99.9:p2:gptq:s0:kv127,"
+                  "weighted:8:99.9:p2:gptq:s0.014:kv127,weighted:8:99.9:p2:gptq:s0.012:kv127,"
+                  "weighted:8:99.9:p2:gptq:s0.01:kv127,weighted:8:99.9:p2:s0.012:kv127,weighted:8:99.9:p2:s0.01:kv127")
 PEER_FILE = Path("docs/bench_convert_peer.json")
 DEFAULT_POINT = ("weighted", 8, 99.9, True, "gptq", True, DEFAULT_STEP_ROUNDING, DEFAULT_SILENCE_BUDGET,
                  DEFAULT_SILENCE_WEIGHTING, DEFAULT_KV_LEVELS or None)  # full mode's defaults (stac_lm.convert.options)
