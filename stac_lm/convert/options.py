@@ -118,7 +118,7 @@ its scales). On the embedded SmolLM2 at T=8 with GPTQ's weights the KV cache the
 per element against 2.0, and the int8 ANN's decode energy meets the SNN's at 80,768 keys of context
 instead of 1,587 (``docs/results/report_demo.json``, ``report_demo_kv255.json``); at the same dead-zone
 budget the coarser keys and values cost top-1 (KL 0.014: 0.914 at 0.874 of the int8 ANN's energy
-against 0.923 at 0.885, ``docs/results/frontier_kv.json``, ``frontier_t8.json``), so the default budget
+against 0.923 at 0.885, ``docs/results/frontier.json``), so the default budget
 is 0.012 ([6]). 0: every level T reaches. Options saved before it read back as 0.
 """
 
