@@ -132,7 +132,6 @@ def test_calibration_fits_capped_sites_at_their_levels_and_must_match_the_model(
 def test_options_cap_kv_for_weighted_coding_and_old_files_read_back_uncapped():
     assert ConvertOptions().kv_levels == DEFAULT_KV_LEVELS == 127 and ConvertOptions(kv_levels=0).kv_levels == 0
     assert ConvertOptions(simplified=True).kv_levels == 0
-    assert ConvertOptions(kv_levels=0).kv_levels == 0
     with pytest.raises(ValueError, match="--kv_levels 127 caps the levels of weighted spikes"):
         ConvertOptions(simplified=True, kv_levels=127)
     old = {k: v for k, v in ConvertOptions().to_dict().items() if k != "kv_levels"}

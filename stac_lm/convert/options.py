@@ -82,7 +82,7 @@ its weight column over the readers). The default budget depends on the weights' 
 default; held-out 0.882-0.887 of the int8 ANN's energy, top-1 0.904-0.935,
 ``docs/results/held_out_layerwise_kv127.json``; with every level at the key and value sites 0.893-0.899,
 top-1 0.905-0.923, ``held_out_t8_nearest_kl012.json``); at other T, 0.02 and 0.018, measured at T=7.
-Each was chosen on the frontier (``docs/results/frontier*.json``) and the held-out texts of [4], which
+Each was chosen on the frontier (``docs/results/frontier.json``) and the held-out texts of [4], which
 therefore took part in the choice: at T=8 with GPTQ, KL 0.02 was tried first (top-1 0.880-0.907), then 0.014 with every level at
 the key and value sites (0.887-0.892 of the int8 ANN's energy, top-1 0.903-0.921,
 ``docs/results/held_out_t8_kl014.json``). On the embedded SmolLM2 and The Tempest, at an earlier default
