@@ -88,21 +88,26 @@ def _slot_for(levels: int) -> tuple[torch.dtype, int]:
 def _narrowed(c: torch.Tensor | None, site) -> tuple | None:
     """``(slots, escapes)`` of counts ``c`` from ``site``: each count clamped into a slot that holds the
     site's levels (:func:`_slot_for`), and the counts past it (bursts) as escapes ``(positions [N, 4],
-    int32 counts [N])`` (None without any); None where ``c`` is not a tensor of finite counts. A site
-    whose counts cannot pass its levels (no bursts) needs no look."""
-    if c is None:
-        return None
-    dtype, top_slot = _slot_for(int(site.levels))
-    bound = (site.__dict__.get("_frozen") or site._fused())[4]
+    int32 counts [N])`` (None without any); None where ``c`` is not a tensor of finite counts."""
+    got = None if c is None else _bursts(c, site, site.__dict__.get("_frozen") or site._fused())
+    return None if got is None else (got[0].to(_slot_for(int(site.levels))[0]), got[1])
+
+
+def _bursts(c: torch.Tensor, site, fz: tuple) -> tuple | None:
+    """``(c, None)`` where the counts ``c`` of ``site`` (its fused parameters ``fz``) fit its slots, else ``(c``
+    clamped to them, ``escapes)`` as :func:`_narrowed` gives them; None where ``c`` holds a count that is not
+    finite or past int32. A site whose counts cannot pass its levels (no bursts) needs no look."""
+    top_slot = _slot_for(int(site.levels))[1]
+    bound = fz[4]
     if isinstance(bound, float) and bound <= top_slot or c.numel() == 0:
-        return c.to(dtype), None
+        return c, None
     top = float(torch.linalg.vector_norm(c, math.inf))  # the largest |count| in one call; NaN stays NaN
     if not math.isfinite(top) or top > torch.iinfo(torch.int32).max:
         return None
     if top <= top_slot:
-        return c.to(dtype), None
+        return c, None
     big = c.abs() > top_slot
-    return c.clamp(-top_slot, top_slot).to(dtype), (big.nonzero(), c[big].to(torch.int32))
+    return c.clamp(-top_slot, top_slot), (big.nonzero(), c[big].to(torch.int32))
 
 
 def _site_counts(site, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +129,24 @@ class SpikeKVCache(DynamicCache):
     layers are :class:`~spike_modules.kv_layer.GrowingLayer`, which append in place. A count that is
     not exact in the decode (or a site in ANN mode) keeps that layer in float.
 
+    Attention kernels (torch's ``scaled_dot_product_attention``) read float keys and values, so each
+    layer also keeps a decoded working copy (``float_copy``, the default) to which a token adds only
+    its own decoded slots: the float bytes an ANN's cache holds, beside the slots. Without it each
+    call decodes the whole cache anew (no float bytes kept between calls, but every slot read and
+    decoded at every token, a cost that grows with the context). The energy model prices the
+    slots (:meth:`stored_bytes_per_element`), as hardware that decodes them on the way to its
+    arithmetic would read them.
+
     Args:
         model: the converted model the cache belongs to (its attention layers give the sites).
         data: optional ``[(keys, values)]`` per layer, already decoded (used to rebuild a cache).
+        float_copy: keep the decoded working copy (faster decoding, 4 more bytes per element in float32).
     """
 
-    def __init__(self, model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def __init__(self, model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 float_copy: bool = True):
         super().__init__()
+        self.float_copy = bool(float_copy)
         self.layer_class_to_replicate = GrowingLayer
         self._attn = attention_layers(model)
         self._steps: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
@@ -144,6 +160,9 @@ class SpikeKVCache(DynamicCache):
         module.__dict__[ENCODED_FLAG] = True  # what setattr would do for a plain value, without nn.Module's checks
         sites = _counted(module)
         if sites is not None and self._steps.get(layer_idx, ()) is not None and not torch.is_grad_enabled():
+            lean = self._lean_update(layer_idx, sites, key_states, value_states)
+            if lean is not None:
+                return lean
             (kc, k_step), (vc, v_step) = _site_counts(sites[0], key_states), _site_counts(sites[1], value_states)
             k, v = _narrowed(kc, sites[0]), _narrowed(vc, sites[1])
             if k is not None and v is not None:
@@ -152,6 +171,29 @@ class SpikeKVCache(DynamicCache):
         key_states = _encode(getattr(module, "k_site", None), key_states)
         value_states = _encode(getattr(module, "v_site", None), value_states)
         return self._store(layer_idx, key_states, value_states, module)
+
+    def _lean_update(self, idx: int, sites: tuple, key_states: torch.Tensor, value_states: torch.Tensor):
+        """What the general path of :meth:`update` returns (and stores), bit for bit, in fewer tensor
+        operations, for a layer whose slots and working copy hold its cache and whose sites take the lean
+        path (:meth:`~spike_modules.site.DAQCFSSite.lean`: generation); None where that does not hold."""
+        if not self.float_copy or self.offloading or idx >= len(self.layers) or self._steps.get(idx) is None:
+            return None
+        parts = []
+        for site, x in zip(sites, (key_states, value_states)):
+            fz = site.lean()
+            if fz is None or fz[2].dtype != x.dtype:
+                return None
+            B, h, S, D = x.shape
+            c = site.lean_counts(x.transpose(1, 2).reshape(B, S, h * D), fz).view(B, S, h, D).transpose(1, 2)
+            got = _bursts(c, site, fz)
+            if got is None:
+                return None
+            parts.append((c, *got, fz[2].view(1, h, 1, D)))
+        counts, slots, escapes, steps = zip(*parts)
+        got = self.layers[idx].lean_append(counts, slots, escapes, steps)
+        if got is not None:
+            self._steps[idx] = steps
+        return got
 
     def _store(self, idx: int, k: torch.Tensor, v: torch.Tensor, module: nn.Module | None):
         """Append decoded ``k``, ``v`` to layer ``idx`` (as counts where exact); return the layer's decoded keys, values."""
@@ -167,6 +209,7 @@ class SpikeKVCache(DynamicCache):
             if idx in self._steps and self._steps[idx] is not None and layer is not None:
                 layer.keys, layer.values = self._decoded(idx, layer.keys, layer.values, k.dtype)
                 layer.clear_escapes()
+                layer.drop_copy()
             self._steps[idx] = None
             keys, values = super().update(k, v, idx)
             return keys, values
@@ -179,7 +222,10 @@ class SpikeKVCache(DynamicCache):
         start = layer.get_seq_length() if layer is not None else 0
         self._steps[idx] = steps
         keys, values = super().update(k[0], v[0], idx)
-        self.layers[idx].add_escapes(start, k[1], v[1], steps)
+        layer = self.layers[idx]
+        layer.add_escapes(start, k[1], v[1], steps)
+        if self.float_copy:
+            return layer.decoded_copy(start, steps, dtype)
         return self._decoded(idx, keys, values, dtype)
 
     def _decoded(self, idx: int, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype | None = None):

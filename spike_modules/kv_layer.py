@@ -120,21 +120,89 @@ class GrowingLayer(DynamicLayer):
     def clear_escapes(self) -> None:
         self.__dict__.pop("_escape", None)
 
-    def escaped(self, name: str, decoded: torch.Tensor) -> torch.Tensor:
-        """``decoded`` (the layer's ``name`` times its step) with each escaped slot set to its count times
-        its step, decoded once when recorded: the site's decode of that count bit for bit; in place."""
-        got = _within(self._escapes()[name], decoded.shape[-2])
-        if got is None:
+    def escaped(self, name: str, decoded: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``decoded`` (the layer's ``name`` from slot ``start`` on, times its step) with each escaped slot set
+        to its count times its step, decoded once when recorded: the site's decode of that count bit for
+        bit; in place."""
+        got = _within(self._escapes()[name], start + decoded.shape[-2])
+        if got is None or got[3] < start:
             return decoded
         index, value = got[4], got[2]
+        if start:
+            keep = got[0][:, 2] >= start
+            pos = got[0][keep]  # a copy
+            pos[:, 2] -= start
+            index, value = tuple(pos.unbind(1)), value[keep]
         if value.device != decoded.device or value.dtype != decoded.dtype:
             index, value = tuple(i.to(decoded.device) for i in index), value.to(decoded.device, decoded.dtype)
         return decoded.index_put_(index, value)
+
+    def decoded_copy(self, start: int, steps: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values decoded in ``dtype`` (each slot times its step from ``steps``, the
+        keys' and values' ``[1, heads, 1, D]``; each escape its decoded count), as views into a working copy
+        kept beside the slots, which grows as they do: a decoded token decodes only its own slots (from
+        ``start``), where decoding the whole cache anew reads every slot at every token. A copy that does
+        not hold exactly the slots before ``start`` (the first call, after a crop, another dtype or
+        device; batch operations drop it) is decoded whole again. Like the slots, a slot of the copy is
+        written once, so tensors handed out earlier never change."""
+        copy = self.__dict__.get("_copy")
+        keys = self.keys
+        if (copy is None or copy[0][1] != start or copy[0][0].dtype != dtype or copy[0][0].device != keys.device
+                or copy[0][0].shape[:-2] != keys.shape[:-2]):
+            copy, start = (None, None), 0
+        out, rooms = [], []
+        for name, step, room in zip(NAMES, steps, copy):
+            slots = getattr(self, name)[..., start:, :]
+            new = self.escaped(name, slots * step if dtype == step.dtype else slots.to(dtype) * step, start)
+            held = new[..., :0, :] if room is None else room[0][..., :start, :]
+            view, room = _appended(held, new, room)
+            out.append(view)
+            rooms.append(room)
+        self.__dict__["_copy"] = tuple(rooms)
+        return out[0], out[1]
+
+    def lean_append(self, counts: tuple, slots: tuple, escapes: tuple, steps: tuple) -> tuple | None:
+        """Append the keys' and values' float ``counts`` ``[B, heads, S, D]``: ``slots`` (the counts, or them
+        clamped where ``escapes`` hold the bursts, as :func:`spike_modules.kv_cache._bursts` gives them) into
+        the slots, ``counts * steps`` into the working copy, each written once, in place. The same slots,
+        escapes and copy as an append through :meth:`update` and :meth:`decoded_copy`, in fewer tensor
+        operations: a decoded token appends once per layer. Returns the decoded keys and values, or None
+        (nothing written) where the layer's buffers lack room or do not hold exactly its slots and their
+        copy (then append the general way)."""
+        rooms, copy = self.__dict__.get("_rooms"), self.__dict__.get("_copy")
+        if rooms is None or copy is None or rooms[0] is None or rooms[1] is None:
+            return None
+        length = self.keys.shape[-2]
+        total = length + counts[0].shape[-2]
+        for room, held, c, made in zip(rooms, (self.keys, self.values), counts, copy):
+            buffer, decoded = room[0], made[0]
+            if (room[1] != length or made[1] != length or held.data_ptr() != buffer.data_ptr()
+                    or total > buffer.shape[-2] or total > decoded.shape[-2] or decoded.dtype != c.dtype
+                    or decoded.device != c.device or buffer.shape[:-2] != c.shape[:-2] or buffer.shape[-1] != c.shape[-1]):
+                return None
+        if any(e is not None and e[3] >= length for e in self._escapes().values()):
+            return None
+        out = []
+        for name, room, made, c, s, step in zip(NAMES, rooms, copy, counts, slots, steps):
+            room[0][..., length:total, :].copy_(s)
+            torch.mul(c, step, out=made[0][..., length:total, :])
+            setattr(self, name, room[0][..., :total, :])
+            out.append(made[0][..., :total, :])
+        self._rooms = tuple((room[0], total) for room in rooms)
+        self.__dict__["_copy"] = tuple((made[0], total) for made in copy)
+        if escapes[0] is not None or escapes[1] is not None:
+            self.add_escapes(length, escapes[0], escapes[1], steps)
+        return out[0], out[1]
+
+    def drop_copy(self) -> None:
+        """Forget the working copy :meth:`decoded_copy` keeps (the next call decodes the whole layer)."""
+        self.__dict__.pop("_copy", None)
 
     def escape_count(self) -> int:
         return sum(0 if (got := self.escapes(name)) is None else int(got[1].numel()) for name in NAMES)
 
     def _rebatch(self, order: torch.Tensor) -> None:
+        self.drop_copy()
         held = self._escapes()
         for name in NAMES:
             held[name] = _rebatched(held[name], order)
@@ -154,6 +222,11 @@ class GrowingLayer(DynamicLayer):
             self._rebatch(beam_idx.cpu())
         super().reorder_cache(beam_idx)
 
+    def crop(self, tokens_to_remove: int) -> None:
+        self.drop_copy()
+        super().crop(tokens_to_remove)
+
     def reset(self) -> None:
         self.clear_escapes()
+        self.drop_copy()
         super().reset()

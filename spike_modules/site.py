@@ -295,8 +295,12 @@ class DAQCFSSite(nn.Module):
     def lean_values(self, x: torch.Tensor, fz: tuple) -> torch.Tensor:
         """The decoded values of ``x`` (its last dimension this site's channels) from :meth:`lean`'s ``fz``:
         the inference path of :meth:`forward` without its checks, counts decoded in place (same bits)."""
-        scale, shift, step, lo, hi = fz
-        return self._silence(self._counts(x, scale, shift, lo, hi)).mul_(step)
+        return self.lean_counts(x, fz).mul_(fz[2])
+
+    def lean_counts(self, x: torch.Tensor, fz: tuple) -> torch.Tensor:
+        """The counts :meth:`lean_values` decodes (``fz[2]`` is their step)."""
+        scale, shift, _, lo, hi = fz
+        return self._silence(self._counts(x, scale, shift, lo, hi))
 
     @torch.no_grad()
     def parallel_counts(self, x: torch.Tensor, silence: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,3 +192,68 @@ def test_escapes_follow_beam_reordering_and_crops():
     layer.update(c[:, :, :1], c[:, :, :1])
     layer.add_escapes(3, None, None, (step, step))
     assert float(layer.escaped("keys", layer.keys * step)[0, 0, 3, 1]) == 0.0
+
+
+def test_lean_appends_store_and_return_what_the_general_path_does(tiny_snn, monkeypatch):  # noqa: F811
+    # generation appends each decoded token's counts and decoded values in place (GrowingLayer.lean_append); the
+    # general path (no working copy, sites not frozen) decodes the whole cache at each call: the same bits,
+    # with escapes on decoded tokens, a crop and a beam reordering on the way
+    import copy
+
+    snn, batches = tiny_snn
+    snn = copy.deepcopy(snn)
+    set_spike_counting(snn, False)
+    for module in snn.modules():
+        site = getattr(module, "k_site", None)
+        if isinstance(site, DAQCFSSite):  # a fine step and room for bursts: counts past 127
+            site.set_params(site.theta / 40, site.psi, site.phi, torch.full_like(site.burst, 64.0), site.dead)
+    ids = batches[0][:2, :20]
+    seen = {"lean": 0, "escapes": 0}
+    append = GrowingLayer.lean_append
+
+    def counted(self, counts, slots, escapes, steps):
+        got = append(self, counts, slots, escapes, steps)
+        seen["lean"] += got is not None
+        seen["escapes"] += got is not None and escapes[0] is not None
+        return got
+
+    monkeypatch.setattr(GrowingLayer, "lean_append", counted)
+
+    def run(cache):
+        logits = [snn(ids[:, :8], past_key_values=cache, use_cache=True).logits]
+        for i in range(8, 20):
+            if i == 14:
+                cache.crop(-2)  # back to 12 tokens
+            if i == 17:
+                cache.reorder_cache(torch.tensor([1, 0]))
+            logits.append(snn(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+        slots = [(layer.keys, layer.values, layer.escape_count()) for layer in cache.layers]
+        return logits, cache.layer_tensors(), slots
+
+    with torch.no_grad():
+        plain = run(SpikeKVCache(snn, float_copy=False))
+        assert seen["lean"] == 0
+        with frozen(snn):
+            lean = run(SpikeKVCache(snn))
+    layers = len(lean[2])
+    assert seen["lean"] >= 9 * layers and seen["escapes"] > 0  # the crop and the reordering each cost one whole decode
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], lean[0]))
+    for (k0, v0), (k1, v1) in zip(plain[1], lean[1]):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    for (k0, v0, e0), (k1, v1, e1) in zip(plain[2], lean[2]):
+        assert k1.dtype == torch.int8 and torch.equal(k0, k1) and torch.equal(v0, v1) and e0 == e1
+
+
+def test_a_working_copy_is_dropped_by_batch_operations_and_rebuilt_whole():
+    layer = GrowingLayer()
+    c = torch.arange(24, dtype=torch.int8).view(2, 1, 3, 4)
+    step = torch.full((1, 1, 1, 4), 0.5)
+    layer.update(c, -c)
+    first = layer.decoded_copy(0, (step, step), torch.float32)
+    assert torch.equal(first[0], c * step) and torch.equal(first[1], -c * step)
+    layer.batch_select_indices(torch.tensor([1]))
+    assert "_copy" not in layer.__dict__
+    layer.update(c[:1, :, :1], c[:1, :, :1])
+    keys, values = layer.decoded_copy(3, (step, step), torch.float32)
+    assert torch.equal(keys, layer.keys * step) and torch.equal(values, layer.values * step)
+    assert torch.equal(first[0], c * step)  # handed out earlier: unchanged
