@@ -190,7 +190,7 @@ class DAQCFSSite(nn.Module):
         While distillation parametrises theta or psi they are computed afresh."""
         p = self._parameters
         if "theta" not in p or "psi" not in p:
-            self.__dict__["_dead_cache"] = _dead_or_none(self.dead)
+            self._keep_dead_zone(self.dead)
             return self._fused_values()
         params = (p["theta"], p["psi"], p["phi"], p["burst"], p["dead"])
         key = (self._T, self._L, *(t.data_ptr() for t in params))
@@ -199,8 +199,15 @@ class DAQCFSSite(nn.Module):
         if d.get("_fused_key") != key or snap is None or not all(map(torch.equal, params, snap)):
             d["_fused_cache"], d["_fused_key"] = self._fused_values(), key
             d["_fused_snap"] = tuple(t.detach().clone() for t in params)
-            d["_dead_cache"] = _dead_or_none(p["dead"])
+            self._keep_dead_zone(p["dead"])
         return d["_fused_cache"]
+
+    def _keep_dead_zone(self, dead: torch.Tensor) -> None:
+        """Keep a copy of the dead zone (None without one) and, for :meth:`_silence`, ``ceil(dead) - 1`` where a
+        channel has one and -1 where not: a whole count ``c`` keeps its value iff ``|c|`` minus it is >= 1."""
+        kept = _dead_or_none(dead)
+        self.__dict__["_dead_cache"] = kept
+        self.__dict__["_dead_keep"] = None if kept is None else torch.where(kept > 0, kept.ceil() - 1, -1.0)
 
     def _fused_values(self) -> tuple:
         with torch.no_grad():
@@ -279,8 +286,8 @@ class DAQCFSSite(nn.Module):
         dead = self.__dict__.get("_dead_cache")
         if dead is None:
             return c
-        if not c.requires_grad:
-            return c.masked_fill_(c.abs() < dead, 0.0)
+        if not c.requires_grad:  # whole counts: |c| < dead iff |c| <= ceil(dead) - 1, in float operations only
+            return c.mul_(c.abs().sub_(self.__dict__["_dead_keep"]).clamp_(0.0, 1.0))
         return c.masked_fill(c.detach().abs() < dead, 0.0)
 
     def lean(self) -> tuple | None:

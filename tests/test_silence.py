@@ -31,6 +31,18 @@ def test_dead_zone_silences_small_counts_in_both_modes(signed):
     assert torch.allclose(seq, c1 * step, atol=1e-5)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_dead_zone_between_whole_counts_keeps_the_counts_at_and_past_it(signed):
+    # silencing is computed in float operations (|c| - (ceil(dead) - 1) clamped to [0, 1]); the counts on either
+    # side of an integer or fractional dead zone, and a zone below 1 (silences nothing), as |c| < dead says
+    x = torch.linspace(-2.5, 2.5, 4001).view(-1, 1).expand(-1, 4)
+    dead = torch.tensor([2.0, 2.5, 0.4, 0.0])
+    c0, _ = weighted_site(0.0, signed).parallel_counts(x)
+    c1, _ = weighted_site(dead, signed).parallel_counts(x)
+    assert all(bool((c0[:, j].abs() == k).any()) for j, k in ((0, 2), (0, 1), (1, 3), (1, 2)))
+    assert torch.equal(c1, c0.masked_fill(c0.abs() < dead, 0.0))
+
+
 def test_rate_coding_refuses_a_dead_zone():
     site = DAQCFSSite(4, T=5, coding="rate")
     with pytest.raises(ValueError, match="needs weighted coding"):
