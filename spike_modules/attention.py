@@ -69,7 +69,9 @@ def _head_site(site: DAQCFSSite | None, x: torch.Tensor) -> torch.Tensor:
     if site is None:
         return x
     N, h, S, D = x.shape
-    y = apply_site(site, x.transpose(1, 2).reshape(N, S, h * D))
+    flat = x.transpose(1, 2).reshape(N, S, h * D)
+    lean = site.lean()  # generation: the site's lean path without the module call (as the spiking layers take it)
+    y = site.lean_values(flat, lean) if lean is not None and h * D == site.num_channels else apply_site(site, flat)
     return y.reshape(N, S, h, D).transpose(1, 2)
 
 
@@ -116,8 +118,9 @@ def _check_prepared(module: nn.Module) -> int | None:
                          f"STAC's conversion; {type(module).__name__} was not (convert the model with "
                          "smollm2_converter.convert)")
     T = module.stac_sim_T
+    sites = module._modules  # the sites are submodules (or None set over them): a dict lookup, not __getattr__
     for name in (*QKV, PROBS):
-        site = getattr(module, name, None)
+        site = sites.get(name)
         if site is not None and (site.mode is SiteMode.SEQUENTIAL) != (T is not None):
             raise ValueError(f"{site.name}: site mode {site.mode.value!r} does not match the simulation state "
                              f"(T={T}); switch modes with smollm2_converter.sequential_mode / run_sequential, not by hand")
@@ -179,9 +182,10 @@ def spike_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if sliding_window is not None:
         _check_window(attention_mask, query.shape[2], key.shape[2], int(sliding_window))
     n_rep = query.shape[1] // key.shape[1]
-    q = _head_site(getattr(module, "q_site", None), query)
+    sites = module._modules
+    q = _head_site(sites.get("q_site"), query)
     matmul = torch.matmul
-    site = getattr(module, PROBS, None)
+    site = sites.get(PROBS)
     if module.__dict__.pop(ENCODED_FLAG, False):  # a SpikeKVCache encoded (and stored) them already
         if T is None and OP_COUNTER not in module.__dict__:  # the counter reads repeated heads
             if site is None and softcap is None and not (dropout and module.training):

@@ -84,6 +84,7 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.__dict__.pop("_lean", None)  # the slots change here: lean_append waits for decoded_copy
         rooms = self.__dict__.get("_rooms", (None, None))
         self.keys, k_room = _appended(self.keys, key_states, rooms[0])
         self.values, v_room = _appended(self.values, value_states, rooms[1])
@@ -159,6 +160,7 @@ class GrowingLayer(DynamicLayer):
             out.append(view)
             rooms.append(room)
         self.__dict__["_copy"] = tuple(rooms)
+        self._note_lean()
         return out[0], out[1]
 
     def lean_append(self, counts: tuple, slots: tuple, escapes: tuple, steps: tuple) -> tuple | None:
@@ -167,36 +169,54 @@ class GrowingLayer(DynamicLayer):
         the slots, ``counts * steps`` into the working copy, each written once, in place. The same slots,
         escapes and copy as an append through :meth:`update` and :meth:`decoded_copy`, in fewer tensor
         operations: a decoded token appends once per layer. Returns the decoded keys and values, or None
-        (nothing written) where the layer's buffers lack room or do not hold exactly its slots and their
-        copy (then append the general way)."""
-        rooms, copy = self.__dict__.get("_rooms"), self.__dict__.get("_copy")
-        if rooms is None or copy is None or rooms[0] is None or rooms[1] is None:
+        (nothing written) unless the last append left the slots and their copy in step with room for these
+        (:meth:`_note_lean`; then append the general way)."""
+        lean = self.__dict__.get("_lean")
+        if lean is None:
             return None
-        length = self.keys.shape[-2]
-        total = length + counts[0].shape[-2]
-        for room, held, c, made in zip(rooms, (self.keys, self.values), counts, copy):
-            buffer, decoded = room[0], made[0]
-            if (room[1] != length or made[1] != length or held.data_ptr() != buffer.data_ptr()
-                    or total > buffer.shape[-2] or total > decoded.shape[-2] or decoded.dtype != c.dtype
-                    or decoded.device != c.device or buffer.shape[:-2] != c.shape[:-2] or buffer.shape[-1] != c.shape[-1]):
-                return None
-        if any(e is not None and e[3] >= length for e in self._escapes().values()):
+        length, room, k_ptr, v_ptr, dtype, device, lead, k_dim, v_dim, k_slots, v_slots, k_copy, v_copy = lean
+        kc, vc = counts
+        total = length + kc.shape[-2]
+        keys, values = self.keys, self.values
+        if (total > room or keys.shape[-2] != length or keys.data_ptr() != k_ptr or values.data_ptr() != v_ptr
+                or kc.dtype != dtype or vc.dtype != dtype or kc.device != device or kc.shape[:-2] != lead
+                or vc.shape[:-2] != lead or kc.shape[-1] != k_dim or vc.shape[-1] != v_dim
+                or vc.shape[-2] != kc.shape[-2]):
             return None
-        out = []
-        for name, room, made, c, s, step in zip(NAMES, rooms, copy, counts, slots, steps):
-            room[0][..., length:total, :].copy_(s)
-            torch.mul(c, step, out=made[0][..., length:total, :])
-            setattr(self, name, room[0][..., :total, :])
-            out.append(made[0][..., :total, :])
-        self._rooms = tuple((room[0], total) for room in rooms)
-        self.__dict__["_copy"] = tuple((made[0], total) for made in copy)
+        k_slots[..., length:total, :].copy_(slots[0])
+        v_slots[..., length:total, :].copy_(slots[1])
+        torch.mul(kc, steps[0], out=k_copy[..., length:total, :])
+        torch.mul(vc, steps[1], out=v_copy[..., length:total, :])
+        self.keys, self.values = k_slots[..., :total, :], v_slots[..., :total, :]
+        self._rooms = ((k_slots, total), (v_slots, total))
+        self.__dict__["_copy"] = ((k_copy, total), (v_copy, total))
+        self.__dict__["_lean"] = (total, *lean[1:])
         if escapes[0] is not None or escapes[1] is not None:
             self.add_escapes(length, escapes[0], escapes[1], steps)
-        return out[0], out[1]
+        return k_copy[..., :total, :], v_copy[..., :total, :]
+
+    def _note_lean(self) -> None:
+        """After :meth:`decoded_copy`: where the slots and their working copy hold exactly the layer's tokens in
+        buffers with room, note what :meth:`lean_append` needs to append in place (and checks); else nothing."""
+        d = self.__dict__
+        d.pop("_lean", None)
+        rooms, copy = d.get("_rooms"), d.get("_copy")
+        if rooms is None or copy is None or rooms[0] is None or rooms[1] is None:
+            return
+        keys, values = self.keys, self.values
+        length = keys.shape[-2]
+        held = (*rooms, *copy)
+        if (any(n != length for _, n in held) or keys.data_ptr() != rooms[0][0].data_ptr()
+                or values.data_ptr() != rooms[1][0].data_ptr() or keys.shape[:-2] != values.shape[:-2]):
+            return
+        d["_lean"] = (length, min(t.shape[-2] for t, _ in held), keys.data_ptr(), values.data_ptr(),
+                      copy[0][0].dtype, copy[0][0].device, keys.shape[:-2], keys.shape[-1], values.shape[-1],
+                      rooms[0][0], rooms[1][0], copy[0][0], copy[1][0])
 
     def drop_copy(self) -> None:
         """Forget the working copy :meth:`decoded_copy` keeps (the next call decodes the whole layer)."""
         self.__dict__.pop("_copy", None)
+        self.__dict__.pop("_lean", None)
 
     def escape_count(self) -> int:
         return sum(0 if (got := self.escapes(name)) is None else int(got[1].numel()) for name in NAMES)
