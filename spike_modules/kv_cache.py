@@ -110,6 +110,24 @@ def _bursts(c: torch.Tensor, site, fz: tuple) -> tuple | None:
     return c.clamp(-top_slot, top_slot), (big.nonzero(), c[big].to(torch.int32))
 
 
+def _joined_sites(k_site, v_site, fk: tuple, fv: tuple) -> tuple:
+    """``(scale, shift, lo, hi, keep, top_slot)`` over the k site's channels then the v site's, from their
+    frozen parameters ``fk``, ``fv`` (:meth:`~spike_modules.site.DAQCFSSite.lean`): what each computes its
+    counts and dead zone with (``keep`` None without a dead zone at either; -1 where a channel has none, as
+    ``DAQCFSSite._silence`` reads it), and ``top_slot``, the smaller slot bound where a site's counts may pass
+    its slot (bursts), else None."""
+    def joined(a, b):
+        return torch.cat([torch.as_tensor(t, dtype=fk[0].dtype, device=fk[0].device).expand(n)
+                          for t, n in ((a, k_site.num_channels), (b, v_site.num_channels))])
+
+    keeps = [site.__dict__.get("_dead_keep") for site in (k_site, v_site)]
+    keep = None if keeps[0] is None and keeps[1] is None else joined(*(-1.0 if k is None else k for k in keeps))
+    tops = [_slot_for(int(site.levels))[1] for site in (k_site, v_site)]
+    bursts = [not (isinstance(f[4], float) and f[4] <= top) for f, top in ((fk, tops[0]), (fv, tops[1]))]
+    return (joined(fk[0], fv[0]), joined(fk[1], fv[1]), joined(fk[3], fv[3]), joined(fk[4], fv[4]), keep,
+            min(tops) if any(bursts) else None)
+
+
 def _site_counts(site, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(counts [B, heads, S, D], step [1, heads, 1, D])`` of ``x [B, heads, S, D]`` through a
     per-(head, dim) site (:meth:`DAQCFSSite.counts`): ``counts * step`` is what :func:`_encode` gives."""
@@ -147,6 +165,7 @@ class SpikeKVCache(DynamicCache):
                  float_copy: bool = True):
         super().__init__()
         self.float_copy = bool(float_copy)
+        self._joined: dict[int, tuple] = {}  # layer -> (k site's frozen parameters, v site's, _joined_sites of them)
         self.layer_class_to_replicate = GrowingLayer
         self._attn = attention_layers(model)
         self._steps: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
@@ -175,22 +194,38 @@ class SpikeKVCache(DynamicCache):
     def _lean_update(self, idx: int, sites: tuple, key_states: torch.Tensor, value_states: torch.Tensor):
         """What the general path of :meth:`update` returns (and stores), bit for bit, in fewer tensor
         operations, for a layer whose slots and working copy hold its cache and whose sites take the lean
-        path (:meth:`~spike_modules.site.DAQCFSSite.lean`: generation); None where that does not hold."""
+        path (:meth:`~spike_modules.site.DAQCFSSite.lean`: generation); None where that does not hold. The k
+        and v sites count in one pass over their joined channels (:func:`_joined_sites`): each channel's
+        counts are its own site's, element for element."""
         if not self.float_copy or self.offloading or idx >= len(self.layers) or self._steps.get(idx) is None:
             return None
-        parts = []
-        for site, x in zip(sites, (key_states, value_states)):
-            fz = site.lean()
-            if fz is None or fz[2].dtype != x.dtype:
+        (ks, vs), fk, fv = sites, sites[0].lean(), sites[1].lean()
+        B, h, S, D = key_states.shape
+        hv, Dv = value_states.shape[1], value_states.shape[-1]
+        if (fk is None or fv is None or fk[2].dtype != key_states.dtype or fv[2].dtype != value_states.dtype
+                or h * D != ks.num_channels or hv * Dv != vs.num_channels):
+            return None
+        held = self._joined.get(idx)
+        if held is None or held[0] is not fk or held[1] is not fv:
+            held = self._joined[idx] = (fk, fv, _joined_sites(ks, vs, fk, fv))
+        scale, shift, lo, hi, keep, top_slot = held[2]
+        x = torch.cat((key_states.transpose(1, 2).reshape(B, S, h * D),
+                       value_states.transpose(1, 2).reshape(B, S, hv * Dv)), -1)
+        c = torch.addcmul(shift, x, scale).floor_().clamp_(lo, hi)  # DAQCFSSite._counts over both sites' channels
+        if keep is not None:  # DAQCFSSite._silence
+            c.mul_(c.abs().sub_(keep).clamp_(0.0, 1.0))
+        kc = c[..., :h * D].view(B, S, h, D).transpose(1, 2)
+        vc = c[..., h * D:].view(B, S, hv, Dv).transpose(1, 2)
+        slots, escapes = (kc, vc), (None, None)
+        if top_slot is not None:  # a site with bursts: counts may pass a slot
+            top = float(torch.linalg.vector_norm(c, math.inf))  # NaN stays NaN
+            if not math.isfinite(top) or top > torch.iinfo(torch.int32).max:
                 return None
-            B, h, S, D = x.shape
-            c = site.lean_counts(x.transpose(1, 2).reshape(B, S, h * D), fz).view(B, S, h, D).transpose(1, 2)
-            got = _bursts(c, site, fz)
-            if got is None:
-                return None
-            parts.append((c, *got, fz[2].view(1, h, 1, D)))
-        counts, slots, escapes, steps = zip(*parts)
-        got = self.layers[idx].lean_append(counts, slots, escapes, steps)
+            if top > top_slot:
+                gk, gv = _bursts(kc, ks, fk), _bursts(vc, vs, fv)
+                slots, escapes = (gk[0], gv[0]), (gk[1], gv[1])
+        steps = (fk[2].view(1, h, 1, D), fv[2].view(1, hv, 1, Dv))
+        got = self.layers[idx].lean_append((kc, vc), slots, escapes, steps)
         if got is not None:
             self._steps[idx] = steps
         return got

@@ -194,10 +194,12 @@ def test_escapes_follow_beam_reordering_and_crops():
     assert float(layer.escaped("keys", layer.keys * step)[0, 0, 3, 1]) == 0.0
 
 
-def test_lean_appends_store_and_return_what_the_general_path_does(tiny_snn, monkeypatch):  # noqa: F811
-    # generation appends each decoded token's counts and decoded values in place (GrowingLayer.lean_append); the
-    # general path (no working copy, sites not frozen) decodes the whole cache at each call: the same bits,
-    # with escapes on decoded tokens, a crop and a beam reordering on the way
+@pytest.mark.parametrize("v_dead", [0.0, 1.5])
+def test_lean_appends_store_and_return_what_the_general_path_does(tiny_snn, monkeypatch, v_dead):  # noqa: F811
+    # generation counts a token's k and v in one pass over both sites' channels and appends the counts and
+    # decoded values in place (GrowingLayer.lean_append); the general path (no working copy, sites not frozen)
+    # counts them site by site and decodes the whole cache at each call: the same bits, with escapes on decoded
+    # tokens, a dead zone at one of the two sites, a crop and a beam reordering on the way
     import copy
 
     snn, batches = tiny_snn
@@ -207,6 +209,8 @@ def test_lean_appends_store_and_return_what_the_general_path_does(tiny_snn, monk
         site = getattr(module, "k_site", None)
         if isinstance(site, DAQCFSSite):  # a fine step and room for bursts: counts past 127
             site.set_params(site.theta / 40, site.psi, site.phi, torch.full_like(site.burst, 64.0), site.dead)
+            v = module.v_site
+            v.set_params(v.theta, v.psi, v.phi, v.burst, torch.full_like(v.dead, v_dead))
     ids = batches[0][:2, :20]
     seen = {"lean": 0, "escapes": 0}
     append = GrowingLayer.lean_append
