@@ -182,14 +182,14 @@ def _bags(flat: torch.Tensor, span: int, parts: int, all_rows: bool):
     dev = flat.device
     if all_rows or (n > 1 and parts > 1):
         idx, offsets = _every_row(dev, n, width, span, parts)
-        return idx, (flat if parts == 1 else flat[:, None].expand(n, parts, width)).reshape(-1), offsets
+        return idx, (flat if parts == 1 else torch.cat((flat,) * parts, 1)).reshape(-1), offsets  # cat: one op
     if n == 1:
         idx = flat[0].nonzero().squeeze(1)
         vals = flat[0].index_select(0, idx)
         if parts > 1:  # the same rows of every part, one bag each
             k = idx.numel()
             idx = (idx + _every_row(dev, 1, width, width, parts)[1][:, None]).reshape(-1)
-            return idx, vals.repeat(parts), torch.arange(parts, device=dev) * k
+            return idx, torch.cat((vals,) * parts), torch.arange(parts, device=dev) * k
         starts = _every_row(dev, 1, width, span, 1)[1]  # each run's bag starts where its first row falls
         return idx, vals, starts if runs == 1 else torch.searchsorted(idx, starts)
     nz = flat.nonzero()
