@@ -23,6 +23,7 @@ _EXPORTS = {
     "TemporalSpikeProcessor": "stac_lm.generate.processor", "Generation": "stac_lm.generate.processor",
     "StepOutput": "stac_lm.generate.processor", "SamplingConfig": "stac_lm.generate.sampling",
     "SpikingCausalLM": "stac_lm.io.hf_native", "from_pretrained": "stac_lm.io.hf_native",
+    "set_spike_counting": "spike_modules.site",
 }
 __all__ = sorted(_EXPORTS)
 

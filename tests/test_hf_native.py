@@ -314,3 +314,24 @@ def test_streamers_see_the_processors_tokens_as_they_come(model, capsys):
 def test_exports(model):
     assert stac_lm.SpikingCausalLM is SpikingCausalLM and stac_lm.from_pretrained is from_pretrained
     assert type(model).__name__ == f"Spiking{model.stac_base_class.__name__}"
+
+
+def test_deployed_generation_gives_the_same_tokens_and_logits_without_spike_statistics(model):
+    # stac_lm.set_spike_counting(model, False): the sites record no spikes and generate() takes the lean decoding
+    # path (frozen sites, the KV cache's in-place appends); what it computes does not change
+    ids = prompt_ids(model.tokenizer, PROMPTS[2])
+
+    def run():
+        return model.generate(ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+                              output_logits=True, pad_token_id=model.tokenizer.pad_token_id)
+
+    counted = run()
+    stac_lm.set_spike_counting(model, False)
+    try:
+        silent = spikes_of(model, lambda: None)
+        deployed = run()
+        assert spikes_of(model, run) == silent  # nothing recorded while deployed
+    finally:
+        stac_lm.set_spike_counting(model, True)
+    assert torch.equal(deployed.sequences, counted.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(deployed.logits, counted.logits))
