@@ -185,7 +185,8 @@ def test_bench_decode_runs_end_to_end(tmp_path):
                           "--new_tokens", "4", "--repeats", "1", "--no_torchao"])
     saved = json.loads(out.read_text())
     assert saved["new_tokens"] == 4 and set(saved["results"]) == {"snn_row_sparse", "snn_dense", "snn_slots_only",
-                                                                   "ann_fp32", "ann_int8_own"}
+                                                                   "ann_fp32", "ann_fp32_static", "ann_int8_own"}
+    assert saved["snn_over_ann_fp32_static"] > 0
     assert saved["float_copy_gain"] > 0 and saved["decode_only"]["float_copy_gain"] > 0
     assert result["snn_over_ann_fp32"] > 0 and 0 <= saved["row_sparse_tokens_equal_dense_share"] <= 1
 
