@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .kv_layer import ESCAPE_BYTES, GrowingLayer
-from .site import SiteMode
+from .kv_layer import ESCAPE_BYTES, GrowingLayer, decoded_slots
+from .site import DAQCFSSite, SiteMode, silence_
 
 ENCODED_FLAG = "stac_kv_encoded"  # set on an attention module for the one attention call that follows
 
@@ -101,13 +101,19 @@ def _bursts(c: torch.Tensor, site, fz: tuple) -> tuple | None:
     bound = fz[4]
     if isinstance(bound, float) and bound <= top_slot or c.numel() == 0:
         return c, None
-    top = float(torch.linalg.vector_norm(c, math.inf))  # the largest |count| in one call; NaN stays NaN
-    if not math.isfinite(top) or top > torch.iinfo(torch.int32).max:
+    top = _largest_count(c)
+    if top is None:
         return None
     if top <= top_slot:
         return c, None
     big = c.abs() > top_slot
     return c.clamp(-top_slot, top_slot), (big.nonzero(), c[big].to(torch.int32))
+
+
+def _largest_count(c: torch.Tensor) -> float | None:
+    """The largest ``|count|`` of ``c`` (one call), or None where a count is not finite or past int32."""
+    top = float(torch.linalg.vector_norm(c, math.inf))  # NaN stays NaN
+    return top if math.isfinite(top) and top <= torch.iinfo(torch.int32).max else None
 
 
 def _joined_sites(k_site, v_site, fk: tuple, fv: tuple) -> tuple:
@@ -211,15 +217,15 @@ class SpikeKVCache(DynamicCache):
         scale, shift, lo, hi, keep, top_slot = held[2]
         x = torch.cat((key_states.transpose(1, 2).reshape(B, S, h * D),
                        value_states.transpose(1, 2).reshape(B, S, hv * Dv)), -1)
-        c = torch.addcmul(shift, x, scale).floor_().clamp_(lo, hi)  # DAQCFSSite._counts over both sites' channels
-        if keep is not None:  # DAQCFSSite._silence
-            c.mul_(c.abs().sub_(keep).clamp_(0.0, 1.0))
+        c = DAQCFSSite._counts(x, scale, shift, lo, hi)  # over both sites' channels
+        if keep is not None:
+            silence_(c, keep)
         kc = c[..., :h * D].view(B, S, h, D).transpose(1, 2)
         vc = c[..., h * D:].view(B, S, hv, Dv).transpose(1, 2)
         slots, escapes = (kc, vc), (None, None)
         if top_slot is not None:  # a site with bursts: counts may pass a slot
-            top = float(torch.linalg.vector_norm(c, math.inf))  # NaN stays NaN
-            if not math.isfinite(top) or top > torch.iinfo(torch.int32).max:
+            top = _largest_count(c)
+            if top is None:
                 return None
             if top > top_slot:
                 gk, gv = _bursts(kc, ks, fk), _bursts(vc, vs, fv)
@@ -269,10 +275,7 @@ class SpikeKVCache(DynamicCache):
         steps = self._steps.get(idx)
         if steps is None or keys.is_floating_point():
             return keys, values
-        if dtype is None or dtype == steps[0].dtype == steps[1].dtype:  # one pass: int * float computes in float
-            k, v = keys * steps[0], values * steps[1]
-        else:
-            k, v = keys.to(dtype) * steps[0], values.to(dtype) * steps[1]
+        k, v = decoded_slots(keys, steps[0], dtype), decoded_slots(values, steps[1], dtype)
         layer = self.layers[idx]
         return layer.escaped("keys", k), layer.escaped("values", v)
 

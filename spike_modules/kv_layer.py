@@ -48,6 +48,12 @@ def _roomy(held: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     return buffer[..., :total, :], (buffer, total)
 
 
+def decoded_slots(slots: torch.Tensor, step: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Integer ``slots`` times their ``step`` in ``dtype`` (None: the step's): one pass where the step has that
+    dtype (an integer times a float computes in float), else converted first."""
+    return slots * step if dtype is None or dtype == step.dtype else slots.to(dtype) * step
+
+
 def _entry(pos: torch.Tensor, count: torch.Tensor, value: torch.Tensor, top: int) -> tuple:
     """Escapes as held: ``(positions [N, 4], counts [N], decoded values [N], last slot, positions as the
     index tuple index_put_ takes)``, the tuple made once rather than at every decode."""
@@ -154,7 +160,7 @@ class GrowingLayer(DynamicLayer):
         out, rooms = [], []
         for name, step, room in zip(NAMES, steps, copy):
             slots = getattr(self, name)[..., start:, :]
-            new = self.escaped(name, slots * step if dtype == step.dtype else slots.to(dtype) * step, start)
+            new = self.escaped(name, decoded_slots(slots, step, dtype), start)
             held = new[..., :0, :] if room is None else room[0][..., :start, :]
             view, room = _appended(held, new, room)
             out.append(view)

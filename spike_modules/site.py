@@ -286,8 +286,8 @@ class DAQCFSSite(nn.Module):
         dead = self.__dict__.get("_dead_cache")
         if dead is None:
             return c
-        if not c.requires_grad:  # whole counts: |c| < dead iff |c| <= ceil(dead) - 1, in float operations only
-            return c.mul_(c.abs().sub_(self.__dict__["_dead_keep"]).clamp_(0.0, 1.0))
+        if not c.requires_grad:
+            return silence_(c, self.__dict__["_dead_keep"])
         return c.masked_fill(c.detach().abs() < dead, 0.0)
 
     def lean(self) -> tuple | None:
@@ -387,6 +387,13 @@ class DAQCFSSite(nn.Module):
         cap = "" if self._max_levels is None else f", max_levels={self._max_levels}"
         return (f"name={self.name!r}, channels={self.num_channels}, T={self._T}, signed={self.signed}, "
                 f"mode={self._mode.value}, max_burst={float(self.burst.max()):g}, coding={self.coding}{cap}")
+
+
+def silence_(c: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Whole counts ``c`` with those inside the dead zone set to 0, in place: ``keep`` is ``ceil(dead) - 1`` per
+    channel (-1 without a zone), so ``|c| < dead`` iff ``|c| - keep < 1``; float operations only (comparisons to
+    booleans and ``masked_fill_`` are slow on the CPU)."""
+    return c.mul_(c.abs().sub_(keep).clamp_(0.0, 1.0))
 
 
 def _dead_or_none(dead: torch.Tensor) -> torch.Tensor | None:
